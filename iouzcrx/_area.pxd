@@ -1,0 +1,26 @@
+from libc.stdint cimport uint32_t, uint64_t
+
+from iouzcrx._ring cimport RingClient
+
+
+cdef class Area:
+    """Page-aligned anonymous memory the kernel writes received data into."""
+    cdef char *base
+    cdef readonly size_t size
+    cdef readonly bint hugepages
+
+
+cdef class BufferOwner(RingClient):
+    """Hands out views over its area; takes each buffer back exactly once."""
+    cdef readonly Area area
+    cdef void give_back(self, uint64_t token, uint32_t length) noexcept
+    cdef object export(self, char *data, Py_ssize_t length, uint64_t token)
+
+
+cdef class Buffer:
+    """Exporter of one received chunk.  The memoryviews handed to users are its
+    only owners; when the last is released the chunk goes back to its owner."""
+    cdef BufferOwner owner
+    cdef char *data
+    cdef Py_ssize_t length
+    cdef uint64_t token

@@ -1,0 +1,101 @@
+# cython: language_level=3
+"""The receive area and the buffer objects exported over it."""
+
+cimport cython
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.memoryview cimport PyMemoryView_FromObject
+from libc.errno cimport errno
+from libc.stdint cimport uint32_t, uint64_t
+from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
+                         PROT_READ, PROT_WRITE, mmap, munmap)
+
+from iouzcrx._ring cimport RingClient
+
+import os as _os
+
+from iouzcrx.errors import InvalidConfiguration, MemoryLimit, kernel_error
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    enum:
+        MAP_HUGETLB
+        MADV_NOHUGEPAGE
+    int madvise(void *addr, size_t length, int advice)
+
+
+cdef enum:
+    PAGE_SIZE = 4096
+    HUGE_PAGE_SIZE = 2 * 1024 * 1024
+
+
+cdef class Area:
+    """Anonymous, page-aligned memory for received data.
+
+    It stays mapped while anything references it: the receive queue and every
+    buffer exported over it, so a view can never outlive its memory.
+    """
+
+    def __cinit__(self, size_t size, bint hugepages=False):
+        cdef size_t unit = HUGE_PAGE_SIZE if hugepages else PAGE_SIZE
+        if size == 0 or size % unit:
+            raise InvalidConfiguration(
+                f"area size {size} must be a positive multiple of {unit} bytes")
+        cdef int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE
+        if hugepages:
+            flags |= MAP_HUGETLB
+        cdef void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0)
+        if base == MAP_FAILED:
+            err = errno
+            if hugepages:
+                raise MemoryLimit(err, f"no {size} bytes of 2 MiB huge pages free: reserve "
+                                  "them with 'sysctl vm.nr_hugepages=N'")
+            raise kernel_error(err, f"mapping a {size}-byte receive area")
+        if not hugepages:
+            # Keep the area in 4 KiB pages: the kernel pins and hands out chunks
+            # page by page, and a later THP collapse would only add work.
+            madvise(base, size, MADV_NOHUGEPAGE)
+        self.base = <char *>base
+        self.size = size
+        self.hugepages = hugepages
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+
+    def __repr__(self):
+        return f"<Area {self.size} bytes{' hugepages' if self.hugepages else ''}>"
+
+
+cdef class BufferOwner(RingClient):
+
+    cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
+        pass
+
+    cdef object export(self, char *data, Py_ssize_t length, uint64_t token):
+        cdef Buffer buf = Buffer.__new__(Buffer)
+        buf.owner = self
+        buf.data = data
+        buf.length = length
+        buf.token = token
+        # The memoryview holds the only reference to buf from here on.
+        return PyMemoryView_FromObject(buf)
+
+
+@cython.final
+@cython.freelist(256)
+@cython.no_gc
+cdef class Buffer:
+    # no_gc: a Buffer references only its owner, which never references
+    # buffers back, so it cannot be part of a cycle.
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        # Read-only: the kernel owns the memory's contents until it is returned.
+        PyBuffer_FillInfo(view, self, self.data, self.length, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        if self.owner is not None:
+            self.owner.give_back(self.token, <uint32_t>self.length)

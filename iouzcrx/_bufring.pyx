@@ -1,0 +1,153 @@
+# cython: language_level=3
+"""bufring: multishot IORING_OP_RECV into a provided buffer ring over an area.
+
+Works on any kernel with buffer rings; the kernel copies from the socket into
+buffers it picks from the ring, and each buffer is re-added when the last view
+over it goes.
+"""
+
+cimport cython
+from libc.errno cimport errno
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memset
+from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
+                         PROT_READ, PROT_WRITE, mmap, munmap)
+
+from iouzcrx._abi cimport *
+from iouzcrx._area cimport Area
+from iouzcrx._receive cimport ReceiveQueue, Receiver
+from iouzcrx._ring cimport Ring
+
+from iouzcrx.errors import InvalidConfiguration, buffer_ring_error, kernel_error
+
+
+cdef enum:
+    PAGE_SIZE = 4096
+    MAX_RING_ENTRIES = 32768
+    DEFAULT_AREA_SIZE = 64 * 1024 * 1024
+    DEFAULT_BUFFER_SIZE = 64 * 1024
+
+
+@cython.final
+cdef class BufRingQueue(ReceiveQueue):
+    """A provided buffer ring of ``area_size // buffer_size`` buffers on ``ring``."""
+
+    def __init__(self, Ring ring not None, *, size_t area_size=DEFAULT_AREA_SIZE,
+                 uint32_t buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False):
+        if buffer_size < 1 or buffer_size % PAGE_SIZE:
+            raise InvalidConfiguration(
+                f"buffer_size {buffer_size} must be a positive multiple of {PAGE_SIZE}")
+        if area_size < buffer_size or area_size % buffer_size:
+            raise InvalidConfiguration(
+                f"area_size {area_size} must be a positive multiple of buffer_size {buffer_size}")
+        cdef uint64_t count = area_size // buffer_size
+        if count > MAX_RING_ENTRIES:
+            raise InvalidConfiguration(
+                f"{count} buffers is more than a buffer ring holds ({MAX_RING_ENTRIES}); "
+                "use a larger buffer_size or a smaller area")
+        cdef uint32_t entries = 1
+        while entries < count:
+            entries <<= 1
+
+        self.ring = ring
+        self.mode = "bufring"
+        self.area = Area(area_size, hugepages)
+        self.buffer_size = buffer_size
+        self.ring_entries = entries
+        self.mask = entries - 1
+        self.bufs_size = (entries * sizeof(iouz_buf) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
+        cdef void *bufs = mmap(NULL, self.bufs_size, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
+        if bufs == MAP_FAILED:
+            raise kernel_error(errno, "mapping the buffer ring")
+        self.bufs = <iouz_buf *>bufs
+        # The ring's tail overlays the reserved field of slot 0.
+        self.ring_tail = <uint16_t *>((<char *>bufs) + IOUZ_BUF_RING_TAIL_OFFSET)
+
+        cdef iouz_buf_reg reg
+        memset(&reg, 0, sizeof(reg))
+        reg.ring_addr = <uintptr_t>bufs
+        reg.ring_entries = entries
+        reg.bgid = ring.allocate_buffer_group()
+        ring.check_owner()
+        cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_PBUF_RING, &reg, 1)
+        if ret < 0:
+            raise buffer_ring_error(-ret)
+        self.buffer_group = reg.bgid
+        self.registered = True
+        self.total_buffers = count
+
+        self.setup_returns(count)
+        cdef uint64_t bid
+        for bid in range(count):
+            self.pending[bid].token = bid
+            self.pending[bid].length = buffer_size
+        self.pending_count = count
+        self.publish_returns()
+        ring.add_client(self)
+
+    def __dealloc__(self):
+        if self.bufs != NULL:
+            munmap(self.bufs, self.bufs_size)
+            self.bufs = NULL
+
+    cdef int publish_returns(self) except -1:
+        cdef size_t i
+        cdef iouz_buf *slot
+        cdef uint64_t bid
+        for i in range(self.pending_count):
+            bid = self.pending[i].token
+            slot = &self.bufs[self.local_tail & self.mask]
+            # Field by field: slot 0's reserved field is the ring tail.
+            slot.addr = <uintptr_t>(self.area.base + bid * self.buffer_size)
+            slot.len = self.buffer_size
+            slot.bid = <uint16_t>bid
+            self.local_tail += 1
+        if self.pending_count:
+            iouz_store_release16(self.ring_tail, self.local_tail)
+            self.pending_count = 0
+            self.refills += 1
+        return 0
+
+    cdef int arm(self, Receiver receiver) except -1:
+        cdef iouz_sqe *sqe = self.ring.prepare(receiver, IOUZ_OP_RECV, receiver.fd)
+        sqe.flags = IOUZ_SQE_BUFFER_SELECT
+        sqe.buf_group = self.buffer_group
+        sqe.ioprio = IOUZ_RECV_MULTISHOT
+        receiver.armed = True
+        return 0
+
+    cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
+                     uint64_t extra) except -1:
+        cdef uint32_t bid
+        if flags & IOUZ_CQE_F_BUFFER:
+            bid = flags >> IOUZ_CQE_BUFFER_SHIFT
+            self.buffers_in_use += 1
+            if res > 0:
+                self.bytes_received += res
+                self.chunks_received += 1
+                receiver.deliver(
+                    self.export(self.area.base + <uint64_t>bid * self.buffer_size, res, bid), res)
+            else:
+                self.give_back(bid, 0)
+        if flags & IOUZ_CQE_F_MORE:
+            return 0
+        receiver.armed = False
+        if res > 0:
+            # A full CQ ended the multishot after this data (kernel-abi §10.4).
+            receiver.rearms += 1
+            self.rearms += 1
+            return self.arm(receiver)
+        if res == -ENOBUFS:
+            return self.starve(receiver)
+        return self.end_by_kernel(receiver, res)
+
+    def stats(self):
+        stats = ReceiveQueue.stats(self)
+        stats.update(buffer_group=self.buffer_group, buffer_size=self.buffer_size,
+                     ring_entries=self.ring_entries)
+        return stats
+
+    def __repr__(self):
+        return (f"<BufRingQueue bgid={self.buffer_group} {self.total_buffers}x"
+                f"{self.buffer_size} in_use={self.buffers_in_use}>")

@@ -1,0 +1,145 @@
+# cython: language_level=3
+"""Kernel feature probing: the one place that asks the kernel what it can do.
+
+Order (kernel-abi §9): IORING_REGISTER_QUERY without a ring (6.18+), the zcrx
+query entry (6.19+), then IORING_REGISTER_PROBE on a real ring for opcodes.
+"""
+
+
+from libc.string cimport memset
+
+from iouzcrx._abi cimport *
+from iouzcrx._ring cimport Ring
+
+import os as _os
+import threading as _threading
+
+OP_RECV = IOUZ_OP_RECV
+OP_RECV_ZC = IOUZ_OP_RECV_ZC
+OP_ACCEPT = IOUZ_OP_ACCEPT
+OP_SEND = IOUZ_OP_SEND
+
+
+def query_opcodes():
+    """IO_URING_QUERY_OPCODES as a dict, or None before Linux 6.18."""
+    cdef iouz_query_opcodes data
+    cdef iouz_query_hdr hdr
+    memset(&data, 0, sizeof(data))
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.query_data = <uint64_t>&data
+    hdr.query_op = IOUZ_QUERY_OPCODES
+    hdr.size = sizeof(data)
+    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
+    if ret < 0 or hdr.result < 0:
+        return None
+    return {
+        "nr_request_opcodes": data.nr_request_opcodes,
+        "nr_register_opcodes": data.nr_register_opcodes,
+        "feature_flags": data.feature_flags,
+        "ring_setup_flags": data.ring_setup_flags,
+        "enter_flags": data.enter_flags,
+        "sqe_flags": data.sqe_flags,
+        "nr_query_opcodes": data.nr_query_opcodes,
+    }
+
+
+def query_zcrx():
+    """IO_URING_QUERY_ZCRX as a dict, or None where the kernel cannot answer
+    (before 6.19; 6.18 has zcrx but only the flags=0 registration)."""
+    cdef iouz_query_zcrx data
+    cdef iouz_query_hdr hdr
+    memset(&data, 0, sizeof(data))
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.query_data = <uint64_t>&data
+    hdr.query_op = IOUZ_QUERY_ZCRX
+    hdr.size = sizeof(data)
+    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
+    if ret < 0 or hdr.result < 0:
+        return None
+    return {
+        "register_flags": data.register_flags,
+        "area_flags": data.area_flags,
+        "nr_ctrl_opcodes": data.nr_ctrl_opcodes,
+        "features": data.features,
+        "rq_hdr_size": data.rq_hdr_size,
+        "rq_hdr_alignment": data.rq_hdr_alignment,
+    }
+
+
+class KernelFeatures:
+    """What the running kernel offers iouzcrx.  Built once per process by
+    kernel_features(); every mode decision reads it."""
+
+    def __init__(self):
+        self.release = _os.uname().release
+        self.io_uring = False
+        self.io_uring_error = None
+        self.setup_flags = []
+        self.opcodes = frozenset()
+        self.query = query_opcodes()
+        self.zcrx_query = query_zcrx()
+        zq = self.zcrx_query or {}
+        self.zcrx_nodev = bool(zq.get("register_flags", 0) & IOUZ_ZCRX_REG_NODEV)
+        self.zcrx_import = bool(zq.get("register_flags", 0) & IOUZ_ZCRX_REG_IMPORT)
+        self.zcrx_ctrl_flush = zq.get("nr_ctrl_opcodes", 0) > IOUZ_ZCRX_CTRL_FLUSH_RQ
+        self.zcrx_rx_buf_len = bool(zq.get("features", 0) & IOUZ_ZCRX_FEATURE_RX_PAGE_SIZE)
+        # Before the query existed the refill-queue header was 8 bytes with the
+        # entries at offset 64; 128 covers every layout so far.
+        self.rq_hdr_size = zq.get("rq_hdr_size", 0)
+        self.rq_hdr_alignment = zq.get("rq_hdr_alignment", 64)
+        self.recvsend_bundle = False
+        cdef Ring ring
+        try:
+            ring = Ring(8, 16)
+        except OSError as exc:
+            self.io_uring_error = exc
+            return
+        try:
+            self.io_uring = True
+            self.setup_flags = ring.setup_flag_names
+            self.opcodes = frozenset(ring.probe_opcodes())
+            self.recvsend_bundle = bool(ring.features & IOUZ_FEAT_RECVSEND_BUNDLE)
+        finally:
+            ring.close()
+
+    @property
+    def recv_zc(self):
+        """IORING_OP_RECV_ZC exists (6.15+); says nothing about a NIC."""
+        return IOUZ_OP_RECV_ZC in self.opcodes
+
+    @property
+    def bufring(self):
+        return self.io_uring and IOUZ_OP_RECV in self.opcodes
+
+    def as_dict(self):
+        return {
+            "release": self.release,
+            "io_uring": self.io_uring,
+            "io_uring_error": str(self.io_uring_error) if self.io_uring_error else None,
+            "setup_flags": list(self.setup_flags),
+            "recv_zc": self.recv_zc,
+            "zcrx_query": self.zcrx_query is not None,
+            "zcrx_nodev": self.zcrx_nodev,
+            "zcrx_import": self.zcrx_import,
+            "zcrx_ctrl_flush": self.zcrx_ctrl_flush,
+            "zcrx_rx_buf_len": self.zcrx_rx_buf_len,
+            "rq_hdr_size": self.rq_hdr_size,
+            "recvsend_bundle": self.recvsend_bundle,
+        }
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"KernelFeatures({fields})"
+
+
+_cached = None
+_lock = _threading.Lock()
+
+
+def kernel_features():
+    """The KernelFeatures of this kernel (probed once per process)."""
+    global _cached
+    with _lock:
+        if _cached is None:
+            _cached = KernelFeatures()
+        return _cached

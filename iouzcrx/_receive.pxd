@@ -1,0 +1,66 @@
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+
+from iouzcrx._area cimport Area, BufferOwner
+from iouzcrx._ring cimport Request, Ring
+
+
+cdef class Receiver
+
+
+ctypedef struct ReturnedBuffer:
+    uint64_t token       # what identifies the buffer to the kernel
+    uint32_t length      # bytes the completion carried
+
+
+cdef class ReceiveQueue(BufferOwner):
+    """What the receive backends share: the area, buffer returns waiting to be
+    published to the kernel, receivers starved of buffers, and statistics."""
+    cdef readonly Ring ring
+    cdef readonly str mode
+    cdef readonly uint64_t total_buffers
+    cdef readonly uint64_t buffers_in_use
+    cdef readonly uint64_t buffers_returned
+    cdef readonly uint64_t bytes_received
+    cdef readonly uint64_t chunks_received
+    cdef readonly uint64_t refills
+    cdef readonly uint64_t rearms
+    cdef readonly bint closed
+
+    cdef ReturnedBuffer *pending
+    cdef size_t pending_count
+    cdef size_t pending_capacity
+    cdef bint wake_requested
+    cdef list starved
+    cdef set receivers
+
+    cdef int setup_returns(self, size_t capacity) except -1
+    cdef int publish_returns(self) except -1
+    cdef uint64_t free_buffers(self) noexcept
+    cdef int arm(self, Receiver receiver) except -1
+    cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
+                     uint64_t extra) except -1
+    cdef int starve(self, Receiver receiver) except -1
+    cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1
+
+
+cdef class Receiver(Request):
+    """Multishot receive on one socket.  Views arrive in ``chunks`` (or go to
+    ``on_data``); the end (EOF, error, cancel) is reported once."""
+    cdef readonly ReceiveQueue queue
+    cdef readonly object sock
+    cdef readonly int fd
+    cdef object chunks
+    cdef public object on_data
+    cdef public object on_end
+    cdef readonly bint armed
+    cdef readonly bint starved
+    cdef readonly bint finished
+    cdef readonly bint eof
+    cdef readonly bint cancelling
+    cdef readonly object error
+    cdef readonly uint64_t bytes_received
+    cdef readonly uint64_t chunks_received
+    cdef readonly uint64_t rearms
+
+    cdef int deliver(self, object view, Py_ssize_t length) except -1
+    cdef int finish(self, object error, bint eof) except -1

@@ -1,0 +1,241 @@
+# cython: language_level=3
+"""Receive machinery shared by the zcrx and buffer-ring backends.
+
+Buffer returns may happen on any thread (a view collected elsewhere) but never
+enter the kernel there: they are queued here under the GIL, and the ring's
+owner thread publishes them before its next enter (``before_enter``).
+"""
+
+cimport cython
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.errno cimport errno
+from iouzcrx._abi cimport ECANCELED
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+
+from iouzcrx._area cimport Area, BufferOwner
+from iouzcrx._ring cimport Request, Ring, fileno_of
+
+import collections as _collections
+
+from iouzcrx.errors import kernel_error
+
+
+cdef class ReceiveQueue(BufferOwner):
+
+    def __cinit__(self, *args, **kwargs):
+        self.starved = []
+        self.receivers = set()
+
+    def __dealloc__(self):
+        free(self.pending)
+        self.pending = NULL
+
+    cdef int setup_returns(self, size_t capacity) except -1:
+        self.pending = <ReturnedBuffer *>realloc(self.pending, capacity * sizeof(ReturnedBuffer))
+        if self.pending == NULL:
+            raise MemoryError()
+        self.pending_capacity = capacity
+        return 0
+
+    # -- buffer returns --------------------------------------------------------
+
+    cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
+        cdef ReturnedBuffer *grown
+        self.buffers_in_use -= 1
+        self.buffers_returned += 1
+        if self.closed:
+            # The ring is gone and the kernel reclaimed every buffer itself.
+            return
+        if self.pending_count == self.pending_capacity:
+            grown = <ReturnedBuffer *>realloc(self.pending,
+                                              2 * self.pending_capacity * sizeof(ReturnedBuffer))
+            if grown == NULL:
+                # Losing the return only shrinks the pool; nothing is corrupted.
+                return
+            self.pending = grown
+            self.pending_capacity *= 2
+        self.pending[self.pending_count].token = token
+        self.pending[self.pending_count].length = length
+        self.pending_count += 1
+        if self.pending_count == 1 and not self.ring.draining and not self.wake_requested:
+            # Nothing is going to drain soon (no traffic while the pool is
+            # empty): have the owner thread woken to publish.  Inside a drain
+            # the next pass publishes anyway.
+            self.wake_requested = True
+            self.ring.wake()
+
+    cdef int before_enter(self) except -1:
+        cdef Receiver receiver
+        self.wake_requested = False
+        if self.pending_count:
+            self.publish_returns()
+        if self.starved and self.free_buffers():
+            starved, self.starved = self.starved, []
+            for receiver in starved:
+                receiver.starved = False
+                if not receiver.finished and not receiver.cancelling:
+                    receiver.rearms += 1
+                    self.rearms += 1
+                    self.arm(receiver)
+        return 0
+
+    cdef int ring_closed(self) except -1:
+        cdef Receiver receiver
+        self.closed = True
+        self.pending_count = 0
+        for receiver in list(self.receivers):
+            if not receiver.finished:
+                receiver.finish(None, False)
+        self.receivers.clear()
+        self.starved.clear()
+        return 0
+
+    cdef int publish_returns(self) except -1:
+        raise NotImplementedError
+
+    cdef uint64_t free_buffers(self) noexcept:
+        return self.total_buffers - self.buffers_in_use - self.pending_count
+
+    # -- receives --------------------------------------------------------------
+
+    cdef int arm(self, Receiver receiver) except -1:
+        raise NotImplementedError
+
+    cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
+                     uint64_t extra) except -1:
+        raise NotImplementedError
+
+    cdef int starve(self, Receiver receiver) except -1:
+        """The kernel ended ``receiver`` for want of buffers; the data stays in
+        the socket (TCP flow control holds the sender) until buffers return."""
+        receiver.armed = False
+        receiver.starved = True
+        self.starved.append(receiver)
+        return 0
+
+    cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1:
+        """A final CQE that is neither data nor starvation."""
+        receiver.armed = False
+        if res == 0:
+            return receiver.finish(None, True)
+        if res == -ECANCELED and (receiver.cancelling or self.ring.closed):
+            return receiver.finish(None, False)
+        return receiver.finish(kernel_error(-res, f"{self.mode} receive on fd {receiver.fd}"),
+                               False)
+
+    # -- Python API --------------------------------------------------------------
+
+    def recv_multishot(self, sock, *, on_data=None, on_end=None):
+        """Start a multishot receive on the connected TCP socket ``sock``.
+
+        Returns a Receiver: iterate it for memoryviews (blocking, on the ring's
+        thread), or pass ``on_data(view)`` / ``on_end(exc_or_None)`` callbacks
+        that the ring calls while it drains.
+        """
+        if self.closed:
+            raise ValueError(f"the {self.mode} receive queue is closed")
+        cdef Receiver receiver = Receiver.__new__(Receiver)
+        receiver.queue = self
+        receiver.sock = sock
+        receiver.fd = fileno_of(sock)
+        receiver.chunks = _collections.deque()
+        receiver.on_data = on_data
+        receiver.on_end = on_end
+        self.arm(receiver)
+        self.receivers.add(receiver)
+        return receiver
+
+    @property
+    def buffers_pending_return(self):
+        """Buffers released by the program but not yet handed to the kernel."""
+        return self.pending_count
+
+    def stats(self):
+        """Counters since creation, as a dict."""
+        return {
+            "mode": self.mode,
+            "bytes": self.bytes_received,
+            "chunks": self.chunks_received,
+            "total_buffers": self.total_buffers,
+            "buffers_in_use": self.buffers_in_use,
+            "buffers_returned": self.buffers_returned,
+            "buffers_pending_return": self.pending_count,
+            "refills": self.refills,
+            "rearms": self.rearms,
+        }
+
+
+@cython.final
+cdef class Receiver(Request):
+
+    cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        return self.queue.receive(self, res, flags, extra)
+
+    cdef int deliver(self, object view, Py_ssize_t length) except -1:
+        self.bytes_received += length
+        self.chunks_received += 1
+        if self.on_data is not None:
+            self.on_data(view)
+        else:
+            self.chunks.append(view)
+        return 0
+
+    cdef int finish(self, object error, bint eof) except -1:
+        if self.finished:
+            return 0
+        self.finished = True
+        self.armed = False
+        self.eof = eof
+        self.error = error
+        self.queue.receivers.discard(self)
+        if self.on_end is not None:
+            self.on_end(error)
+        return 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        view = self.get()
+        if view is None:
+            raise StopIteration
+        return view
+
+    def get(self, timeout=None):
+        """The next received view; None at EOF or after cancel; raises the
+        receive's error, or TimeoutError after ``timeout`` seconds."""
+        chunks = self.chunks
+        if not chunks and not self.finished:
+            self.ring.wait_for(lambda: chunks or self.finished, timeout)
+        if chunks:
+            return chunks.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
+
+    @property
+    def queued(self):
+        """Views received but not yet taken with get()/iteration."""
+        return len(self.chunks)
+
+    def cancel(self):
+        """Stop receiving: the multishot is cancelled, queued views stay."""
+        if self.finished or self.cancelling:
+            return
+        self.cancelling = True
+        if self.starved:
+            self.finish(None, False)
+        elif self.armed:
+            self.ring.cancel(self)
+
+    def close(self):
+        """Cancel and drop the views not yet taken (their buffers go back)."""
+        self.cancel()
+        self.chunks.clear()
+
+    def __repr__(self):
+        state = ("finished" if self.finished else "starved" if self.starved
+                 else "armed" if self.armed else "idle")
+        return (f"<Receiver fd={self.fd} {state} bytes={self.bytes_received} "
+                f"chunks={self.chunks_received}>")

@@ -1,0 +1,77 @@
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+
+from iouzcrx._abi cimport iouz_params, iouz_sqe
+
+
+cdef class Ring
+
+
+cdef int fileno_of(object sock) except -1
+
+
+cdef class Request:
+    """One submitted operation; the ring calls complete() for each of its CQEs."""
+    cdef readonly Ring ring
+    cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1
+
+
+cdef class RingClient:
+    """A component attached to a ring (a receive queue): the ring calls
+    before_enter() on its owner thread before every enter of a drain (to
+    publish buffer returns, re-arm starved receives) and ring_closed() once."""
+    cdef int before_enter(self) except -1
+    cdef int ring_closed(self) except -1
+
+
+cdef class Ring:
+    cdef readonly int fd
+    cdef readonly int eventfd
+    cdef readonly uint32_t setup_flags
+    cdef readonly uint32_t features
+    cdef readonly uint32_t sq_entries
+    cdef readonly uint32_t cq_entries
+    cdef readonly bint cqe_mixed
+    cdef readonly bint closed
+    cdef readonly unsigned long owner_thread
+
+    cdef char *ring_map
+    cdef size_t ring_map_size
+    cdef iouz_sqe *sqes
+    cdef size_t sqes_size
+    cdef uint32_t *sq_head
+    cdef uint32_t *sq_tail
+    cdef uint32_t *sq_flags
+    cdef uint32_t sq_mask
+    cdef uint32_t *cq_head
+    cdef uint32_t *cq_tail
+    cdef uint32_t cq_mask
+    cdef char *cqes
+    cdef uint32_t cqe_stride
+    cdef uint32_t local_sq_tail
+    cdef uint32_t submitted_tail
+    cdef uint16_t next_buffer_group
+
+    cdef set inflight
+    cdef list clients
+    cdef list callback_errors
+    cdef readonly uint64_t enters
+    cdef readonly uint64_t cqes_reaped
+
+    cdef bint draining
+
+    cdef int map_rings(self, iouz_params *p) except -1
+    cdef int setup_eventfd(self) except -1
+    cdef void release_resources(self) noexcept
+    cdef int check_owner(self) except -1
+    cdef int check_open(self) except -1
+    cdef iouz_sqe *get_sqe(self) except NULL
+    cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL
+    cdef uint32_t pending_submissions(self) noexcept
+    cdef int enter(self, uint32_t min_complete, bint getevents) except -1
+    cdef int reap(self) except -1
+    cdef int drain_completions(self, int max_passes) except -1
+    cdef int wait_readable(self, double timeout) except -1
+    cdef int register(self, unsigned opcode, void *arg, unsigned nr_args) except? -1
+    cdef int add_client(self, RingClient client) except -1
+    cdef uint16_t allocate_buffer_group(self) noexcept
+    cdef int wake(self) noexcept

@@ -1,0 +1,601 @@
+# cython: language_level=3
+"""The io_uring instance: setup, SQ/CQ rings, submission, completion dispatch.
+
+One Ring belongs to one thread (SINGLE_ISSUER): every io_uring_enter and
+io_uring_register call must come from the thread that created it, so every
+method that enters the kernel checks that first.
+"""
+
+cimport cython
+from cpython.object cimport PyObject_AsFileDescriptor
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.errno cimport errno
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memset
+from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.unistd cimport close, read, write
+
+from iouzcrx._abi cimport *
+
+import errno as _errno
+import socket as _socket
+
+from iouzcrx.errors import WrongThread, kernel_error, setup_error
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+
+cdef enum:
+    DEFAULT_SQ_ENTRIES = 256
+    DEFAULT_CQ_ENTRIES = 8192
+    # One enter runs at most 20 task-work items (kernel-abi §3), so a drain is
+    # bounded in passes rather than in CQEs.
+    DEFAULT_DRAIN_PASSES = 256
+
+SQ_TASKRUN = IOUZ_SQ_TASKRUN
+CQE_F_MORE = IOUZ_CQE_F_MORE
+CQE_F_BUFFER = IOUZ_CQE_F_BUFFER
+
+
+cdef int fileno_of(object sock) except -1:
+    return PyObject_AsFileDescriptor(sock)
+
+
+cdef class Request:
+    """Base of every operation in flight.  While a request may still post CQEs
+    the ring holds a reference to it, and its address is the SQE's user_data."""
+
+    cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        return 0
+
+
+cdef class RingClient:
+    cdef int before_enter(self) except -1:
+        return 0
+
+    cdef int ring_closed(self) except -1:
+        return 0
+
+
+@cython.final
+cdef class Completion(Request):
+    """A request whose CQEs are collected (or passed to a callback).
+
+    ``results`` holds ``(res, flags)`` for every CQE not taken by the callback;
+    ``done`` turns true with the last CQE (the one without IORING_CQE_F_MORE).
+    """
+    cdef readonly list results
+    cdef readonly bint done
+    cdef object callback
+    cdef object keepalive
+
+    def __cinit__(self):
+        self.results = []
+
+    cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        if not (flags & IOUZ_CQE_F_MORE):
+            self.done = True
+            self.keepalive = None
+        if self.callback is not None:
+            self.callback(res, flags)
+        else:
+            self.results.append((res, flags))
+        return 0
+
+    def wait(self, timeout=None):
+        """Drive the ring until the last CQE arrives; return its ``res``.
+
+        A negative ``res`` is raised as OSError; ``TimeoutError`` if the
+        request is still running after ``timeout`` seconds.
+        """
+        self.ring.wait_for(lambda: self.done, timeout)
+        res = self.results[-1][0] if self.results else 0
+        if res < 0:
+            raise kernel_error(-res, "request failed")
+        return res
+
+    def cancel(self):
+        """Ask the kernel to cancel this request (its last CQE says -ECANCELED)."""
+        if not self.done:
+            self.ring.cancel(self)
+
+
+@cython.final
+cdef class Ring:
+    """An io_uring instance set up for zero-copy receive.
+
+    Flags: SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG | SUBMIT_ALL | CQSIZE,
+    plus CQE_MIXED (6.18+) or else CQE32, and NO_SQARRAY where the kernel has it.
+    An eventfd is registered so an event loop can watch it: with DEFER_TASKRUN,
+    polling the ring fd itself does not wake before Linux 7.3.2.
+    """
+
+    def __cinit__(self, unsigned sq_entries=DEFAULT_SQ_ENTRIES,
+                  unsigned cq_entries=DEFAULT_CQ_ENTRIES):
+        self.fd = -1
+        self.eventfd = -1
+        self.closed = True
+        self.inflight = set()
+        self.clients = []
+        self.callback_errors = []
+        self.owner_thread = PyThread_get_thread_ident()
+
+        cdef iouz_params params
+        cdef uint32_t base = (IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_DEFER_TASKRUN
+                              | IOUZ_SETUP_TASKRUN_FLAG | IOUZ_SETUP_SUBMIT_ALL
+                              | IOUZ_SETUP_CQSIZE | IOUZ_SETUP_CLAMP)
+        # Newest layout first; EINVAL means the kernel does not know a flag.
+        cdef uint32_t[3] ladder
+        ladder[0] = base | IOUZ_SETUP_NO_SQARRAY | IOUZ_SETUP_CQE_MIXED   # 6.18+
+        ladder[1] = base | IOUZ_SETUP_NO_SQARRAY | IOUZ_SETUP_CQE32       # 6.6+
+        ladder[2] = base | IOUZ_SETUP_CQE32                                # 6.1+
+        cdef int fd = -EINVAL
+        cdef int i
+        if cq_entries < sq_entries:
+            cq_entries = sq_entries
+        for i in range(3):
+            memset(&params, 0, sizeof(params))
+            params.flags = ladder[i]
+            params.cq_entries = cq_entries
+            fd = iouz_setup(sq_entries, &params)
+            if fd != -EINVAL:
+                break
+        if fd < 0:
+            raise setup_error(-fd)
+        self.fd = fd
+        self.closed = False
+        self.setup_flags = params.flags
+        self.features = params.features
+        self.sq_entries = params.sq_entries
+        self.cq_entries = params.cq_entries
+        self.cqe_mixed = (params.flags & IOUZ_SETUP_CQE_MIXED) != 0
+        self.cqe_stride = 16 if self.cqe_mixed else 32
+        self.next_buffer_group = 1
+        try:
+            self.map_rings(&params)
+            self.setup_eventfd()
+        except BaseException:
+            self.release_resources()
+            raise
+
+    cdef int map_rings(self, iouz_params *p) except -1:
+        if not (p.features & IOUZ_FEAT_SINGLE_MMAP):
+            raise kernel_error(_errno.EOPNOTSUPP, "io_uring without SINGLE_MMAP (Linux < 5.4)")
+        cdef size_t sq_size = 0
+        if not (p.flags & IOUZ_SETUP_NO_SQARRAY):
+            sq_size = p.sq_off.array + p.sq_entries * sizeof(uint32_t)
+        cdef size_t cq_size = p.cq_off.cqes + p.cq_entries * self.cqe_stride
+        self.ring_map_size = sq_size if sq_size > cq_size else cq_size
+        cdef void *ring = mmap(NULL, self.ring_map_size, PROT_READ | PROT_WRITE,
+                               MAP_SHARED | MAP_POPULATE, self.fd, IOUZ_OFF_SQ_RING)
+        if ring == MAP_FAILED:
+            raise kernel_error(errno, "mapping the io_uring SQ/CQ rings")
+        self.ring_map = <char *>ring
+        self.sqes_size = p.sq_entries * sizeof(iouz_sqe)
+        cdef void *sqes = mmap(NULL, self.sqes_size, PROT_READ | PROT_WRITE,
+                               MAP_SHARED | MAP_POPULATE, self.fd, IOUZ_OFF_SQES)
+        if sqes == MAP_FAILED:
+            raise kernel_error(errno, "mapping the io_uring SQE array")
+        self.sqes = <iouz_sqe *>sqes
+
+        self.sq_head = <uint32_t *>(self.ring_map + p.sq_off.head)
+        self.sq_tail = <uint32_t *>(self.ring_map + p.sq_off.tail)
+        self.sq_flags = <uint32_t *>(self.ring_map + p.sq_off.flags)
+        self.sq_mask = (<uint32_t *>(self.ring_map + p.sq_off.ring_mask))[0]
+        self.cq_head = <uint32_t *>(self.ring_map + p.cq_off.head)
+        self.cq_tail = <uint32_t *>(self.ring_map + p.cq_off.tail)
+        self.cq_mask = (<uint32_t *>(self.ring_map + p.cq_off.ring_mask))[0]
+        self.cqes = self.ring_map + p.cq_off.cqes
+        self.local_sq_tail = self.sq_tail[0]
+        self.submitted_tail = self.local_sq_tail
+        cdef uint32_t *array
+        cdef uint32_t i
+        if not (p.flags & IOUZ_SETUP_NO_SQARRAY):
+            # Identity index array, written once: slot i always names SQE i.
+            array = <uint32_t *>(self.ring_map + p.sq_off.array)
+            for i in range(p.sq_entries):
+                array[i] = i
+        return 0
+
+    cdef int setup_eventfd(self) except -1:
+        self.eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.eventfd < 0:
+            raise kernel_error(errno, "creating the ring's eventfd")
+        cdef int32_t efd = self.eventfd
+        self.register(IOUZ_REGISTER_EVENTFD, &efd, 1)
+        return 0
+
+    cdef void release_resources(self) noexcept:
+        if self.sqes != NULL:
+            munmap(self.sqes, self.sqes_size)
+            self.sqes = NULL
+        if self.ring_map != NULL:
+            munmap(self.ring_map, self.ring_map_size)
+            self.ring_map = NULL
+        if self.eventfd >= 0:
+            close(self.eventfd)
+            self.eventfd = -1
+        if self.fd >= 0:
+            # Closing the ring fd cancels whatever is still in flight and
+            # releases zcrx queues (asynchronously, in the kernel).
+            close(self.fd)
+            self.fd = -1
+        self.closed = True
+
+    def __dealloc__(self):
+        self.release_resources()
+
+    # -- guards --------------------------------------------------------------
+
+    cdef int check_open(self) except -1:
+        if self.closed:
+            raise ValueError("the ring is closed")
+        return 0
+
+    cdef int check_owner(self) except -1:
+        self.check_open()
+        if PyThread_get_thread_ident() != self.owner_thread:
+            # The kernel would answer EEXIST (SINGLE_ISSUER); say why instead.
+            raise WrongThread(
+                "this io_uring ring belongs to another thread: with SINGLE_ISSUER "
+                "only the thread that created it may submit, reap or register")
+        return 0
+
+    # -- submission ----------------------------------------------------------
+
+    cdef uint32_t pending_submissions(self) noexcept:
+        return self.local_sq_tail - self.submitted_tail
+
+    cdef iouz_sqe *get_sqe(self) except NULL:
+        cdef uint32_t head = iouz_load_acquire(self.sq_head)
+        if self.local_sq_tail - head >= self.sq_entries:
+            self.enter(0, False)
+            head = iouz_load_acquire(self.sq_head)
+            if self.local_sq_tail - head >= self.sq_entries:
+                raise kernel_error(EBUSY, "the submission queue is full")
+        cdef iouz_sqe *sqe = &self.sqes[self.local_sq_tail & self.sq_mask]
+        memset(sqe, 0, sizeof(iouz_sqe))
+        self.local_sq_tail += 1
+        return sqe
+
+    cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL:
+        """An SQE for ``request``; the ring keeps the request alive until its
+        last CQE."""
+        self.check_owner()
+        cdef iouz_sqe *sqe = self.get_sqe()
+        sqe.opcode = opcode
+        sqe.fd = fd
+        sqe.user_data = <uintptr_t><void *>request
+        request.ring = self
+        self.inflight.add(request)
+        return sqe
+
+    cdef int enter(self, uint32_t min_complete, bint getevents) except -1:
+        cdef uint32_t to_submit = self.local_sq_tail - self.submitted_tail
+        if to_submit == 0 and not getevents:
+            return 0
+        iouz_store_release(self.sq_tail, self.local_sq_tail)
+        cdef unsigned flags = IOUZ_ENTER_GETEVENTS if getevents else 0
+        cdef int ret = iouz_enter(self.fd, to_submit, min_complete, flags, NULL, 8)
+        self.enters += 1
+        if ret < 0:
+            # EAGAIN/EBUSY: no room for more completions right now; the CQ is
+            # reaped and the submission retried on the next pass.
+            if ret == -EINTR or ret == -EAGAIN or ret == -EBUSY:
+                return 0
+            raise kernel_error(-ret, "io_uring_enter")
+        self.submitted_tail += <uint32_t>ret
+        return ret
+
+    cdef int register(self, unsigned opcode, void *arg, unsigned nr_args) except? -1:
+        self.check_owner()
+        cdef int ret = iouz_register(self.fd, opcode, arg, nr_args)
+        if ret < 0:
+            errno_value = -ret
+            raise OSError(errno_value, f"io_uring_register({opcode}): "
+                          f"{_errno.errorcode.get(errno_value, errno_value)}")
+        return ret
+
+    # -- completion ----------------------------------------------------------
+
+    cdef int reap(self) except -1:
+        cdef uint32_t head = self.cq_head[0]
+        cdef uint32_t tail = iouz_load_acquire(self.cq_tail)
+        cdef const iouz_cqe *cqe
+        cdef uint64_t user_data, extra
+        cdef int32_t res
+        cdef uint32_t flags
+        cdef int count = 0
+        cdef Request request
+        while head != tail:
+            cqe = <const iouz_cqe *>(self.cqes + (head & self.cq_mask) * self.cqe_stride)
+            flags = cqe.flags
+            if self.cqe_mixed:
+                if flags & IOUZ_CQE_F_SKIP:
+                    # Filler before a 32-byte CQE that would wrap.
+                    head += 1
+                    continue
+                extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off if flags & IOUZ_CQE_F_32 else 0
+                head += 2 if flags & IOUZ_CQE_F_32 else 1
+            else:
+                extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off
+                head += 1
+            user_data = cqe.user_data
+            res = cqe.res
+            # Release the slot before running handlers: they may drain again.
+            iouz_store_release(self.cq_head, head)
+            count += 1
+            if user_data == 0:
+                continue
+            request = <Request><void *><uintptr_t>user_data
+            if not (flags & IOUZ_CQE_F_MORE):
+                # Before complete(): it may re-arm the same request.
+                self.inflight.discard(request)
+            try:
+                request.complete(res, flags, extra)
+            except BaseException as exc:
+                self.callback_errors.append(exc)
+        self.cqes_reaped += count
+        return count
+
+    cdef int drain_completions(self, int max_passes) except -1:
+        """Submit, run deferred task work and reap until nothing is left.
+
+        Returns 1 if it stopped after ``max_passes`` with work still pending
+        (call again), 0 when the ring is idle.
+        """
+        self.check_owner()
+        if self.draining:
+            raise RuntimeError("the ring is already being drained (re-entrant call)")
+        self.draining = True
+        cdef RingClient client
+        cdef int passes = 0
+        cdef int more = 0
+        try:
+            while True:
+                for client in self.clients:
+                    client.before_enter()
+                self.enter(0, True)
+                if self.reap():
+                    pass
+                elif (iouz_load_acquire(self.sq_flags) & (IOUZ_SQ_TASKRUN | IOUZ_SQ_CQ_OVERFLOW)) == 0 \
+                        and self.pending_submissions() == 0:
+                    break
+                passes += 1
+                if passes >= max_passes:
+                    more = 1
+                    break
+        finally:
+            self.draining = False
+        if self.callback_errors:
+            errors, self.callback_errors = self.callback_errors, []
+            raise errors[0]
+        return more
+
+    cdef int wait_readable(self, double timeout) except -1:
+        """Sleep until the eventfd fires or ``timeout`` (seconds, < 0: forever)
+        passes; 1 if it fired."""
+        cdef pollfd pfd
+        pfd.fd = self.eventfd
+        pfd.events = POLLIN
+        pfd.revents = 0
+        cdef int ms = -1 if timeout < 0 else <int>(timeout * 1000.0 + 0.999)
+        cdef int ret
+        cdef uint64_t counter
+        with nogil:
+            ret = poll(&pfd, 1, ms)
+        if ret < 0:
+            if errno == EINTR:
+                return 0
+            raise kernel_error(errno, "poll on the ring eventfd")
+        if ret > 0:
+            read(self.eventfd, &counter, sizeof(counter))
+            return 1
+        return 0
+
+    cdef int wake(self) noexcept:
+        """Make the eventfd readable; safe from any thread."""
+        cdef uint64_t one = 1
+        if self.eventfd >= 0:
+            write(self.eventfd, &one, sizeof(one))
+        return 0
+
+    cdef int add_client(self, RingClient client) except -1:
+        self.clients.append(client)
+        return 0
+
+    cdef uint16_t allocate_buffer_group(self) noexcept:
+        self.next_buffer_group += 1
+        return self.next_buffer_group - 1
+
+    # -- Python API ------------------------------------------------------------
+
+    @property
+    def in_flight(self):
+        """Number of requests that may still post completions."""
+        return len(self.inflight)
+
+    @property
+    def setup_flag_names(self):
+        names = []
+        for flag, name in ((IOUZ_SETUP_SINGLE_ISSUER, "SINGLE_ISSUER"),
+                           (IOUZ_SETUP_DEFER_TASKRUN, "DEFER_TASKRUN"),
+                           (IOUZ_SETUP_TASKRUN_FLAG, "TASKRUN_FLAG"),
+                           (IOUZ_SETUP_SUBMIT_ALL, "SUBMIT_ALL"),
+                           (IOUZ_SETUP_CQSIZE, "CQSIZE"),
+                           (IOUZ_SETUP_CLAMP, "CLAMP"),
+                           (IOUZ_SETUP_NO_SQARRAY, "NO_SQARRAY"),
+                           (IOUZ_SETUP_CQE_MIXED, "CQE_MIXED"),
+                           (IOUZ_SETUP_CQE32, "CQE32")):
+            if self.setup_flags & flag:
+                names.append(name)
+        return names
+
+    def submit(self):
+        """Hand every queued SQE to the kernel; returns how many it took."""
+        self.check_owner()
+        return self.enter(0, False)
+
+    def drain(self):
+        """Submit, run the kernel's deferred work and dispatch every completion.
+
+        Returns True if work is still pending (call again). An exception raised
+        by a completion handler is re-raised here after the CQ was drained.
+        """
+        return bool(self.drain_completions(DEFAULT_DRAIN_PASSES))
+
+    def on_eventfd_readable(self):
+        """For event loops watching ``eventfd``: consume the wake-up, then drain."""
+        cdef uint64_t counter
+        read(self.eventfd, &counter, sizeof(counter))
+        return bool(self.drain_completions(DEFAULT_DRAIN_PASSES))
+
+    def wait(self, timeout=None):
+        """Drain, then sleep until the kernel signals new work or ``timeout``
+        seconds pass, then drain again. Returns True if woken by the kernel."""
+        self.check_owner()
+        if self.drain_completions(DEFAULT_DRAIN_PASSES):
+            return True
+        woke = self.wait_readable(-1.0 if timeout is None else timeout)
+        self.drain_completions(DEFAULT_DRAIN_PASSES)
+        return bool(woke)
+
+    def wait_for(self, predicate, timeout=None):
+        """Drive the ring until ``predicate()`` is true; TimeoutError after
+        ``timeout`` seconds."""
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.drain()
+        while not predicate():
+            if deadline is None:
+                self.wait(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the ring did not complete the request in time")
+                self.wait(remaining)
+
+    def probe_opcodes(self):
+        """The set of IORING_OP_* numbers this kernel supports."""
+        cdef iouz_probe probe
+        memset(&probe, 0, sizeof(probe))
+        self.register(IOUZ_REGISTER_PROBE, &probe, IOUZ_PROBE_OPS)
+        cdef int i
+        return {probe.ops[i].op for i in range(probe.ops_len)
+                if probe.ops[i].flags & IOUZ_PROBE_OP_SUPPORTED}
+
+    def nop(self):
+        """Queue a no-op; its CQE has res 0. Useful to test the plumbing."""
+        cdef Completion request = Completion()
+        self.prepare(request, IOUZ_OP_NOP, -1)
+        return request
+
+    def read(self, fd, buffer):
+        """Queue a read into ``buffer`` (a writable buffer) from ``fd``."""
+        cdef Completion request = Completion()
+        cdef unsigned char[::1] view = buffer
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_READ, fileno_of(fd))
+        sqe.addr = <uintptr_t>&view[0] if view.shape[0] else 0
+        sqe.len = view.shape[0]
+        sqe.off = <uint64_t>-1    # current file position: works on pipes
+        request.keepalive = view
+        return request
+
+    def send(self, sock, data, *, callback=None, int flags=0):
+        """Queue a send of ``data`` (any buffer; kept alive until done)."""
+        cdef Completion request = Completion()
+        cdef const unsigned char[::1] view = data
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SEND, fileno_of(sock))
+        sqe.addr = <uintptr_t>&view[0] if view.shape[0] else 0
+        sqe.len = view.shape[0]
+        sqe.op_flags = flags
+        request.keepalive = view
+        request.callback = callback
+        return request
+
+    def accept(self, sock, *, multishot=True, callback=None):
+        """Queue an accept (multishot by default): each CQE's res is a new fd."""
+        cdef Completion request = Completion()
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ACCEPT, fileno_of(sock))
+        sqe.op_flags = _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK
+        if multishot:
+            sqe.ioprio = IOUZ_ACCEPT_MULTISHOT
+        request.callback = callback
+        return request
+
+    def shutdown(self, sock, int how=_socket.SHUT_WR):
+        """Queue shutdown(2); SHUT_RD ends pending receives with res 0."""
+        cdef Completion request = Completion()
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SHUTDOWN, fileno_of(sock))
+        sqe.len = how
+        return request
+
+    def close_fd(self, int fd):
+        """Queue close(2) of ``fd`` (cancel its requests first: close does not)."""
+        cdef Completion request = Completion()
+        self.prepare(request, IOUZ_OP_CLOSE, fd)
+        return request
+
+    def cancel(self, Request target):
+        """Queue a cancel of ``target``; the target's last CQE says -ECANCELED."""
+        cdef Completion request = Completion()
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ASYNC_CANCEL, -1)
+        sqe.addr = <uintptr_t><void *>target
+        return request
+
+    def cancel_fd(self, sock):
+        """Queue a cancel of every request on ``sock``."""
+        cdef Completion request = Completion()
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ASYNC_CANCEL, fileno_of(sock))
+        sqe.op_flags = IOUZ_ASYNC_CANCEL_FD | IOUZ_ASYNC_CANCEL_ALL
+        return request
+
+    def close(self, timeout=1.0):
+        """Cancel everything in flight, wait (up to ``timeout`` s) for the
+        cancellations to complete, then unmap the rings and close the fds.
+
+        The kernel reclaims zcrx buffers still held by the program when the
+        ring goes; memoryviews over the area stay readable.
+        """
+        if self.closed:
+            return
+        import time
+        cdef iouz_sqe *sqe
+        cdef RingClient client
+        try:
+            if self.inflight and PyThread_get_thread_ident() == self.owner_thread:
+                sqe = self.get_sqe()
+                sqe.opcode = IOUZ_OP_ASYNC_CANCEL
+                sqe.op_flags = IOUZ_ASYNC_CANCEL_ANY | IOUZ_ASYNC_CANCEL_ALL
+                sqe.fd = -1
+                deadline = time.monotonic() + timeout
+                self.drain()
+                while self.inflight and time.monotonic() < deadline:
+                    self.wait(0.01)
+        finally:
+            self.inflight.clear()
+            self.release_resources()
+            for client in self.clients:
+                client.ring_closed()
+            self.clients.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

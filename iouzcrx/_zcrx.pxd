@@ -1,0 +1,23 @@
+from libc.stdint cimport uint32_t, uint64_t
+
+from iouzcrx._abi cimport iouz_zcrx_rqe
+from iouzcrx._receive cimport ReceiveQueue
+
+
+cdef class ZcrxQueue(ReceiveQueue):
+    cdef readonly uint32_t zcrx_id
+    cdef readonly uint32_t rq_entries
+    cdef readonly uint32_t chunk_size
+    cdef readonly object interface
+    cdef readonly object queue
+    cdef readonly bint can_flush
+    cdef readonly uint64_t flushes
+    cdef char *region
+    cdef size_t region_size
+    cdef uint32_t *rq_head
+    cdef uint32_t *rq_tail
+    cdef iouz_zcrx_rqe *rqes
+    cdef uint32_t rq_mask
+    cdef uint32_t local_rq_tail
+
+    cdef int flush_refill_ring(self) except -1

@@ -1,0 +1,277 @@
+# cython: language_level=3
+"""zcrx: an interface queue (ifq) registered with the ring, its refill ring,
+and multishot RECV_ZC completions.
+
+Two modes share this code: ``zerocopy`` binds the ifq to a NIC RX queue (the
+NIC writes payloads into the area), ``copy`` registers it with ZCRX_REG_NODEV
+(Linux 7.1+) so the kernel copies any TCP socket's data into the area.
+"""
+
+cimport cython
+from libc.errno cimport errno
+from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memmove, memset
+from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
+                         PROT_READ, PROT_WRITE, mmap, munmap)
+
+from iouzcrx._abi cimport *
+from iouzcrx._area cimport Area
+from iouzcrx._receive cimport ReceiveQueue, Receiver
+from iouzcrx._ring cimport Ring
+
+import errno as _errno
+import socket as _socket
+
+from iouzcrx._probe import kernel_features
+from iouzcrx.errors import (InterfaceNotFound, InvalidConfiguration, KernelTooOld,
+                            kernel_error, zcrx_register_error)
+
+
+cdef enum:
+    PAGE_SIZE = 4096
+    RQ_HEADER_RESERVE = 128   # covers the 7.3 layout (entries at 128) and older (64)
+    DEFAULT_AREA_SIZE = 64 * 1024 * 1024
+
+ZCRX_MODES = ("zerocopy", "copy")
+
+
+cdef inline size_t page_align(size_t n) noexcept:
+    return (n + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
+
+
+cdef uint32_t round_up_pow2(uint64_t n) noexcept:
+    cdef uint64_t p = 1
+    while p < n:
+        p <<= 1
+    return <uint32_t>p
+
+
+@cython.final
+cdef class ZcrxQueue(ReceiveQueue):
+    """An ifq on ``ring``: area, refill ring and RECV_ZC receives.
+
+    ``mode="copy"`` needs Linux >= 7.1 and CAP_NET_ADMIN; ``mode="zerocopy"``
+    needs a NIC queue set up for zcrx (``interface``, ``queue``).  Views over
+    the area come out of ``recv_multishot(sock)``.
+    """
+
+    def __init__(self, Ring ring not None, *, str mode="copy", interface=None, queue=None,
+                 size_t area_size=DEFAULT_AREA_SIZE, rq_entries=None,
+                 uint32_t rx_buf_len=0, bint hugepages=False):
+        if mode not in ZCRX_MODES:
+            raise InvalidConfiguration(f"zcrx mode must be one of {ZCRX_MODES}, not {mode!r}")
+        features = kernel_features()
+        cdef uint32_t if_idx = 0
+        cdef uint32_t if_rxq = 0
+        cdef uint32_t reg_flags = 0
+        if mode == "zerocopy":
+            if interface is None or queue is None:
+                raise InvalidConfiguration(
+                    "zerocopy mode needs interface= (e.g. 'eth0') and queue= (the RX "
+                    "queue index your flow is steered to)")
+            if not 0 <= queue < 0xFFFFFFFF:
+                raise InvalidConfiguration(f"queue must be a non-negative RX queue index, not {queue}")
+            try:
+                if_idx = _socket.if_nametoindex(interface)
+            except OSError:
+                raise InterfaceNotFound(
+                    _errno.ENODEV,
+                    f"no network interface {interface!r} in this network namespace "
+                    "(see 'ip link')") from None
+            if_rxq = queue
+        else:
+            if interface is not None or queue is not None:
+                raise InvalidConfiguration("copy mode takes no interface or queue")
+            if features.zcrx_query is not None and not features.zcrx_nodev:
+                raise KernelTooOld(
+                    _errno.EOPNOTSUPP,
+                    f"copy mode needs ZCRX_REG_NODEV (Linux >= 7.1); this kernel "
+                    f"({features.release}) does not offer it")
+            reg_flags = IOUZ_ZCRX_REG_NODEV
+        if rx_buf_len:
+            if rx_buf_len < PAGE_SIZE or rx_buf_len & (rx_buf_len - 1):
+                raise InvalidConfiguration(
+                    f"rx_buf_len must be a power of two >= {PAGE_SIZE}, not {rx_buf_len}")
+            if not features.zcrx_rx_buf_len:
+                raise KernelTooOld(
+                    _errno.EOPNOTSUPP,
+                    f"rx_buf_len needs Linux >= 7.0; this kernel ({features.release}) "
+                    "only has page-sized chunks (leave rx_buf_len=0)")
+        cdef uint32_t chunk = rx_buf_len or PAGE_SIZE
+        if area_size < chunk or area_size % chunk:
+            raise InvalidConfiguration(
+                f"area_size {area_size} must be a positive multiple of the chunk size {chunk}")
+        cdef uint64_t chunks = area_size // chunk
+        cdef uint32_t entries
+        if rq_entries is None:
+            # Room to return every chunk at once (kernel-abi §8.7 sizing).
+            entries = round_up_pow2(chunks if chunks < IOUZ_RQ_MAX_ENTRIES else IOUZ_RQ_MAX_ENTRIES)
+        else:
+            if not 1 <= rq_entries <= IOUZ_RQ_MAX_ENTRIES:
+                raise InvalidConfiguration(
+                    f"rq_entries must be between 1 and {IOUZ_RQ_MAX_ENTRIES}, not {rq_entries}")
+            entries = round_up_pow2(rq_entries)
+
+        self.ring = ring
+        self.mode = mode
+        self.interface = interface
+        self.queue = queue
+        self.area = Area(area_size, hugepages)
+        header = max(RQ_HEADER_RESERVE, features.rq_hdr_size)
+        self.region_size = page_align(header + entries * sizeof(iouz_zcrx_rqe))
+        cdef void *region = mmap(NULL, self.region_size, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
+        if region == MAP_FAILED:
+            raise kernel_error(errno, "mapping the refill ring")
+        self.region = <char *>region
+
+        cdef iouz_zcrx_area_reg area_reg
+        cdef iouz_region_desc region_desc
+        cdef iouz_zcrx_ifq_reg reg
+        memset(&area_reg, 0, sizeof(area_reg))
+        memset(&region_desc, 0, sizeof(region_desc))
+        memset(&reg, 0, sizeof(reg))
+        area_reg.addr = <uintptr_t>self.area.base
+        area_reg.len = self.area.size
+        region_desc.user_addr = <uintptr_t>self.region
+        region_desc.size = self.region_size
+        region_desc.flags = IOUZ_MEM_REGION_TYPE_USER
+        reg.if_idx = if_idx
+        reg.if_rxq = if_rxq
+        reg.rq_entries = entries
+        reg.flags = reg_flags
+        reg.area_ptr = <uintptr_t>&area_reg
+        reg.region_ptr = <uintptr_t>&region_desc
+        reg.rx_buf_len = rx_buf_len
+        ring.check_owner()
+        cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        if ret < 0:
+            raise zcrx_register_error(-ret, mode=mode, interface=interface, queue=queue)
+
+        self.zcrx_id = reg.zcrx_id
+        self.rq_entries = reg.rq_entries
+        self.rq_mask = reg.rq_entries - 1
+        # 6.18/6.19 leave rx_buf_len untouched (reserved): chunks are pages.
+        self.chunk_size = reg.rx_buf_len or chunk
+        self.rq_head = <uint32_t *>(self.region + reg.offsets.head)
+        self.rq_tail = <uint32_t *>(self.region + reg.offsets.tail)
+        self.rqes = <iouz_zcrx_rqe *>(self.region + reg.offsets.rqes)
+        self.local_rq_tail = self.rq_tail[0]
+        self.total_buffers = self.area.size // self.chunk_size
+        self.can_flush = features.zcrx_ctrl_flush
+        self.setup_returns(max(<uint64_t>self.rq_entries, self.total_buffers))
+        ring.add_client(self)
+
+    def __dealloc__(self):
+        if self.region != NULL:
+            munmap(self.region, self.region_size)
+            self.region = NULL
+
+    # -- refill ring ---------------------------------------------------------
+
+    cdef int publish_returns(self) except -1:
+        """Move pending returns into the refill ring and publish the tail once
+        per batch; when the ring is full, ask the kernel to drain it."""
+        cdef size_t done = 0
+        cdef uint32_t head, free, n, i
+        cdef iouz_zcrx_rqe *rqe
+        cdef bint flushed_when_full = False
+        while done < self.pending_count:
+            head = iouz_load_acquire(self.rq_head)
+            free = self.rq_entries - (self.local_rq_tail - head)
+            if free == 0:
+                # Full: in copy mode nothing else will ever drain it, and on a
+                # NIC it only drains when the NIC needs buffers.
+                if not self.can_flush or flushed_when_full:
+                    break
+                self.flush_refill_ring()
+                flushed_when_full = True
+                continue
+            flushed_when_full = False
+            n = <uint32_t>min(<size_t>free, self.pending_count - done)
+            for i in range(n):
+                rqe = &self.rqes[(self.local_rq_tail + i) & self.rq_mask]
+                rqe.off = self.pending[done + i].token
+                rqe.len = self.pending[done + i].length
+                rqe.pad = 0
+            self.local_rq_tail += n
+            iouz_store_release(self.rq_tail, self.local_rq_tail)
+            done += n
+            self.refills += 1
+        if done:
+            self.pending_count -= done
+            if self.pending_count:
+                memmove(self.pending, self.pending + done,
+                        self.pending_count * sizeof(self.pending[0]))
+            if self.mode == "copy" and self.can_flush:
+                self.flush_refill_ring()
+        return 0
+
+    cdef int flush_refill_ring(self) except -1:
+        cdef iouz_zcrx_ctrl ctrl
+        memset(&ctrl, 0, sizeof(ctrl))
+        ctrl.zcrx_id = self.zcrx_id
+        ctrl.op = IOUZ_ZCRX_CTRL_FLUSH_RQ
+        self.ring.check_owner()
+        cdef int ret = iouz_register(self.ring.fd, IOUZ_REGISTER_ZCRX_CTRL, &ctrl, 0)
+        if ret < 0:
+            raise kernel_error(-ret, "ZCRX_CTRL_FLUSH_RQ")
+        self.flushes += 1
+        return 0
+
+    # -- receives ------------------------------------------------------------
+
+    cdef int arm(self, Receiver receiver) except -1:
+        cdef iouz_sqe *sqe = self.ring.prepare(receiver, IOUZ_OP_RECV_ZC, receiver.fd)
+        sqe.ioprio = IOUZ_RECV_MULTISHOT
+        sqe.file_index = self.zcrx_id
+        receiver.armed = True
+        return 0
+
+    cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
+                     uint64_t extra) except -1:
+        cdef uint64_t offset
+        if res > 0:
+            offset = extra & ~IOUZ_ZCRX_AREA_MASK
+            if (extra >> IOUZ_ZCRX_AREA_SHIFT) != 0 or offset + <uint64_t>res > self.area.size:
+                # Never hand out a view outside the area (kernels before 7.3.2
+                # truncate offsets of areas >= 4 GiB).
+                raise kernel_error(_errno.EFAULT,
+                                   f"RECV_ZC completion points outside the area (off={extra:#x}, "
+                                   f"len={res})")
+            self.buffers_in_use += 1
+            self.bytes_received += res
+            self.chunks_received += 1
+            receiver.deliver(self.export(self.area.base + offset, res, extra), res)
+            if not (flags & IOUZ_CQE_F_MORE):
+                self.arm(receiver)
+            return 0
+        if flags & IOUZ_CQE_F_MORE:
+            return 0
+        receiver.armed = False
+        if res == -ENOSPC:
+            # CQ was full; nothing beyond the reported data left the socket.
+            receiver.rearms += 1
+            self.rearms += 1
+            return self.arm(receiver)
+        if res == -ENOMEM:
+            return self.starve(receiver)
+        return self.end_by_kernel(receiver, res)
+
+    def flush(self):
+        """Publish pending returns and have the kernel take the refill ring now
+        (ZCRX_CTRL_FLUSH_RQ, Linux 6.19+)."""
+        self.publish_returns()
+        if self.can_flush:
+            self.flush_refill_ring()
+
+    def stats(self):
+        stats = ReceiveQueue.stats(self)
+        stats.update(zcrx_id=self.zcrx_id, rq_entries=self.rq_entries,
+                     chunk_size=self.chunk_size, flushes=self.flushes)
+        return stats
+
+    def __repr__(self):
+        where = f" {self.interface}:{self.queue}" if self.interface is not None else ""
+        return (f"<ZcrxQueue {self.mode}{where} area={self.area.size} "
+                f"chunks={self.total_buffers} in_use={self.buffers_in_use}>")

@@ -1,0 +1,517 @@
+"""Fetch a Debian amd64 kernel new enough for io_uring zcrx NODEV, for tests/vm/run.
+
+Prints the path of the kernel image (vmlinuz) on stdout and progress on stderr.
+The kernel comes from the machine's own Debian mirror (read from the apt
+configuration), is authenticated through the signed InRelease -> Packages ->
+.deb hash chain, and is unpacked with `dpkg -x` into a cache directory; it is
+never installed.
+
+Standard library only: this runs before anything of the project is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import functools
+import glob
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# Aliases rather than codenames, so the script keeps working across Debian
+# releases; a mirror that lacks one of them is simply skipped.
+SUITES = ("stable-backports", "testing", "unstable")
+INDEX = "main/binary-amd64/Packages.xz"
+RESOLVE_EVERY = 24 * 3600
+HTTP_TIMEOUT = 60
+
+
+class Fatal(Exception):
+    """An error that must stop the run (as opposed to a suite we can skip)."""
+
+
+class Untrusted(Fatal):
+    """A suite whose signing key is not in the stock keyring, or not Debian's archive."""
+
+
+class Offline(Exception):
+    """The mirror could not be reached."""
+
+
+def log(msg: str) -> None:
+    print(f"vm: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- apt configuration
+
+
+def _os_codename() -> str:
+    try:
+        with open("/etc/os-release", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VERSION_CODENAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return ""
+
+
+def _one_line_sources(path: str):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            # Options in brackets ([arch=amd64 signed-by=...]) may contain spaces.
+            line = re.sub(r"\[[^\]]*\]", " ", line)
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                yield parts[1], [parts[2]]
+
+
+def _deb822_sources(path: str):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for line in stanza.splitlines():
+            if line.startswith("#"):
+                continue
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += " " + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        if "deb" not in fields.get("types", "").split():
+            continue
+        for uri in fields.get("uris", "").split():
+            yield uri, fields.get("suites", "").split()
+
+
+def mirror_candidates() -> list[str]:
+    """URIs of apt 'deb' sources that may be Debian's main archive, best first.
+
+    Security and third-party repositories are weeded out here by suite name, and
+    later for good by requiring an InRelease signed with the Debian archive key
+    whose Origin is Debian.
+    """
+    codename = _os_codename()
+    entries = []
+    files = ["/etc/apt/sources.list"] if os.path.exists("/etc/apt/sources.list") else []
+    files += sorted(glob.glob("/etc/apt/sources.list.d/*.list"))
+    for path in files:
+        entries += list(_one_line_sources(path))
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        entries += list(_deb822_sources(path))
+
+    ranked = []
+    for uri, suites in entries:
+        if not uri.startswith(("http://", "https://")):
+            continue
+        if not suites or any(s.endswith(("-security", "/updates")) for s in suites):
+            continue
+        # An entry for the host's own release is the most likely to be the archive.
+        rank = 0 if codename and codename in suites else 1
+        ranked.append((rank, uri.rstrip("/")))
+    seen: list[str] = []
+    for _, uri in sorted(ranked, key=lambda r: r[0]):
+        if uri not in seen:
+            seen.append(uri)
+    return seen
+
+
+# --------------------------------------------------------------------------- download / verify
+
+
+def fetch(url: str, dest: str, expect_sha256: str | None = None, expect_size: int | None = None) -> None:
+    """Download url to dest atomically, checking size and SHA256 when given."""
+    tmp = dest + ".part"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as resp, open(tmp, "wb") as out:
+            while True:
+                block = resp.read(1 << 20)
+                if not block:
+                    break
+                digest.update(block)
+                size += len(block)
+                out.write(block)
+    except urllib.error.HTTPError:
+        _unlink(tmp)
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        _unlink(tmp)
+        raise Offline(f"{url}: {exc}") from exc
+    if expect_size is not None and size != expect_size:
+        _unlink(tmp)
+        raise Fatal(f"{url}: size {size}, expected {expect_size}")
+    if expect_sha256 is not None and digest.hexdigest() != expect_sha256:
+        _unlink(tmp)
+        raise Fatal(f"{url}: SHA256 {digest.hexdigest()} does not match the signed index ({expect_sha256})")
+    os.replace(tmp, dest)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_inrelease(path: str) -> str:
+    """Check the clearsigned InRelease with gpgv; return only the signed text.
+
+    Parsing gpgv's output rather than the file itself ignores anything an
+    attacker might have put outside the signed part.
+    """
+    signed = path + ".verified"
+    proc = subprocess.run(
+        ["gpgv", "--quiet", "--status-fd", "1", "--keyring", KEYRING, "--output", signed, path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    status = proc.stdout
+    if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
+        missing = re.findall(r"\[GNUPG:\] NO_PUBKEY (\S+)", status)
+        if missing:
+            raise Untrusted(
+                f"{path}: signed by key {', '.join(missing)}, which is not in the stock keyring {KEYRING} "
+                "(a newer debian-archive-keyring package may be needed)"
+            )
+        raise Fatal(f"{path}: signature verification failed:\n{proc.stderr.strip()}")
+    with open(signed, encoding="utf-8") as f:
+        text = f.read()
+    os.unlink(signed)
+    return text
+
+
+def parse_stanzas(text: str):
+    """Yield deb822 stanzas as dicts (continuation lines joined with newlines)."""
+    for block in re.split(r"\n[ \t]*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for line in block.splitlines():
+            if line[:1] in (" ", "\t"):
+                if key is not None:
+                    fields[key] += "\n" + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if fields:
+            yield fields
+
+
+def release_hash(release: str, name: str) -> tuple[str, int]:
+    fields = next(parse_stanzas(release))
+    for line in fields.get("SHA256", "").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == name:
+            return parts[0], int(parts[1])
+    raise Fatal(f"the signed Release has no SHA256 for {name}")
+
+
+# --------------------------------------------------------------------------- kernel selection
+
+
+def compare_versions(a: str, b: str) -> int:
+    if a == b:
+        return 0
+    lt = subprocess.run(["dpkg", "--compare-versions", a, "lt", b], check=False).returncode == 0
+    return -1 if lt else 1
+
+
+_IMAGE = re.compile(r"^linux-image-(?P<krel>(?P<base>\d[^ ]*)-amd64)(?P<unsigned>-unsigned)?$")
+
+
+def image_candidates(stanzas, minimum: tuple[int, int]):
+    """Plain amd64-flavour kernel image packages at or above `minimum`."""
+    for st in stanzas:
+        m = _IMAGE.match(st.get("Package", ""))
+        if not m:
+            continue
+        # The flavour is the last dash-separated word before -amd64: a word
+        # like "cloud" or "rt" marks another flavour (cloud has no 9p), while
+        # the plain flavour ends in a version or ABI number.
+        last = m.group("base").rsplit("-", 1)[-1]
+        if not last[:1].isdigit():
+            continue
+        ver = re.match(r"(\d+)\.(\d+)", m.group("base"))
+        if not ver or (int(ver.group(1)), int(ver.group(2))) < minimum:
+            continue
+        yield m.group("krel"), bool(m.group("unsigned")), st
+
+
+def payload_packages(image: dict, index: dict[str, dict], krel: str) -> list[dict]:
+    """The image package plus the same-release packages it depends on.
+
+    Newer Debian kernels split the image into linux-binary-*, linux-modules-*
+    and linux-base-* with linux-image-* only a metapackage; older ones ship
+    everything in linux-image-* itself. Following dependencies that carry the
+    same kernel release covers both layouts.
+    """
+    result = [image]
+    for alt in re.split(r"[,|]", image.get("Depends", "")):
+        name = alt.strip().split(" ", 1)[0].split(":", 1)[0]
+        if krel in name and name in index and index[name] not in result:
+            result.append(index[name])
+    return result
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def ready_kernels(cache: str) -> dict[str, dict]:
+    found = {}
+    for marker in glob.glob(os.path.join(cache, "*", "READY")):
+        try:
+            with open(marker, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if os.path.exists(info.get("vmlinuz", "")):
+            found[info["krel"]] = info
+    return found
+
+
+def newest(infos):
+    return max(infos, key=functools.cmp_to_key(lambda a, b: compare_versions(a["version"], b["version"])))
+
+
+def extract(cache: str, krel: str, pkgs: list[dict], base_uri: str, suite: str, codename: str) -> dict:
+    kdir = os.path.join(cache, krel)
+    os.makedirs(cache, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{krel}.", dir=cache)
+    try:
+        root = os.path.join(work, "root")
+        os.mkdir(root)
+        for st in pkgs:
+            deb = os.path.join(work, os.path.basename(st["Filename"]))
+            size = int(st["Size"])
+            log(f"downloading {st['Package']} {st['Version']} ({size / 1e6:.0f} MB)")
+            try:
+                fetch(f"{base_uri}/{st['Filename']}", deb, st["SHA256"], size)
+            except urllib.error.HTTPError as exc:
+                raise Fatal(f"{st['Filename']}: HTTP {exc.code}") from exc
+            subprocess.run(["dpkg", "-x", deb, root], check=True)
+            os.unlink(deb)
+
+        vmlinuz = os.path.join(root, "boot", f"vmlinuz-{krel}")
+        if not os.path.isfile(vmlinuz):
+            raise Fatal(f"no boot/vmlinuz-{krel} in {', '.join(p['Package'] for p in pkgs)}")
+        moddir = None
+        for sub in ("lib/modules", "usr/lib/modules"):
+            if os.path.isdir(os.path.join(root, sub, krel)):
+                moddir = os.path.join(root, sub, krel)
+        if moddir is None:
+            raise Fatal(f"no lib/modules/{krel} in {', '.join(p['Package'] for p in pkgs)}")
+        # virtme-ng locates modules at <root>/lib/modules next to the image.
+        if not os.path.exists(os.path.join(root, "lib")):
+            os.symlink("usr/lib", os.path.join(root, "lib"))
+        # Packages leave modules.dep to their postinst, which we never run.
+        subprocess.run(["depmod", "-a", "-b", root, krel], check=True)
+
+        info = {
+            "krel": krel,
+            "version": pkgs[0]["Version"],
+            "suite": suite,
+            "codename": codename,
+            "packages": {p["Package"]: p["SHA256"] for p in pkgs},
+            "vmlinuz": os.path.join(kdir, "root", "boot", f"vmlinuz-{krel}"),
+        }
+        with open(os.path.join(work, "READY"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        if os.path.exists(kdir):
+            shutil.rmtree(kdir)
+        os.replace(work, kdir)
+        return info
+    finally:
+        if os.path.exists(work):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def prune(cache: str, keep: set[str]) -> None:
+    """Drop kernels that are neither the chosen one nor its predecessor."""
+    infos = sorted(
+        ready_kernels(cache).values(),
+        key=functools.cmp_to_key(lambda a, b: compare_versions(a["version"], b["version"])),
+    )
+    keep = set(keep) | {i["krel"] for i in infos[-2:]}
+    for info in infos:
+        if info["krel"] not in keep:
+            log(f"removing old cached kernel {info['krel']}")
+            shutil.rmtree(os.path.join(cache, info["krel"]), ignore_errors=True)
+    for stale in glob.glob(os.path.join(cache, ".*.*")):
+        if os.path.isdir(stale) and time.time() - os.path.getmtime(stale) > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def load_index(cache: str, base_uri: str, suite: str) -> tuple[str, list[dict]] | None:
+    """Verified stanzas of one suite's amd64 Packages, or None if the mirror lacks it."""
+    idir = os.path.join(cache, "index", suite)
+    os.makedirs(idir, exist_ok=True)
+    inrelease = os.path.join(idir, "InRelease")
+    try:
+        fetch(f"{base_uri}/dists/{suite}/InRelease", inrelease)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise Offline(f"{base_uri}/dists/{suite}/InRelease: HTTP {exc.code}") from exc
+    release = verify_inrelease(inrelease)
+    head = next(parse_stanzas(release))
+    if head.get("Origin") != "Debian":
+        raise Untrusted(f"{base_uri} {suite}: Origin is {head.get('Origin')!r}, not Debian")
+    codename = head.get("Codename", suite)
+    sha, size = release_hash(release, INDEX)
+    packages = os.path.join(idir, "Packages.xz")
+    # The index is ~10 MB for testing/unstable: reuse it while it still matches.
+    if not (os.path.exists(packages) and sha256_of(packages) == sha):
+        try:
+            fetch(f"{base_uri}/dists/{suite}/{INDEX}", packages, sha, size)
+        except urllib.error.HTTPError as exc:
+            raise Fatal(f"{suite}/{INDEX}: HTTP {exc.code}") from exc
+    with lzma.open(packages, "rt", encoding="utf-8", errors="replace") as f:
+        return codename, list(parse_stanzas(f.read()))
+
+
+def resolve(cache: str, minimum: tuple[int, int]):
+    mirrors = mirror_candidates()
+    if not mirrors:
+        raise Fatal("no http(s) Debian archive found in /etc/apt/sources.list or /etc/apt/sources.list.d/")
+    problems = []
+    for base_uri in mirrors:
+        best = None
+        offline = 0
+        for suite in SUITES:
+            try:
+                loaded = load_index(cache, base_uri, suite)
+            except Offline as exc:
+                offline += 1
+                problems.append(str(exc))
+                continue
+            except Untrusted as exc:
+                # A suite signed by a key we do not have is unusable, but the
+                # others may still provide a kernel. A bad signature, by
+                # contrast, is a Fatal that stops everything.
+                problems.append(str(exc))
+                log(f"warning: skipping {suite}: {exc}")
+                continue
+            if loaded is None:
+                log(f"{base_uri}: no suite {suite}")
+                continue
+            codename, stanzas = loaded
+            index = {st["Package"]: st for st in stanzas if "Package" in st}
+            for krel, unsigned, st in image_candidates(stanzas, minimum):
+                # Prefer the newest version; on a tie prefer the signed package.
+                key = (st["Version"], not unsigned)
+                if best is None or _better(key, best[0]):
+                    best = (key, krel, st, index, suite, codename)
+        if best is not None:
+            return base_uri, best
+        if offline == len(SUITES):
+            raise Offline("; ".join(problems))
+    raise Fatal(
+        f"no linux-image-*-amd64 >= {minimum[0]}.{minimum[1]} in {', '.join(SUITES)} of {', '.join(mirrors)}"
+        + (f" ({'; '.join(problems)})" if problems else "")
+    )
+
+
+def _better(key, than) -> bool:
+    c = compare_versions(key[0], than[0])
+    return c > 0 or (c == 0 and key[1] and not than[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cache", required=True, help="cache directory for kernels and indexes")
+    ap.add_argument("--min", default="7.1", help="minimum kernel version (major.minor)")
+    ap.add_argument("--refresh", action="store_true", help="re-read the mirror even if checked recently")
+    args = ap.parse_args()
+    major, minor = (int(x) for x in args.min.split(".")[:2])
+    cache = os.path.abspath(args.cache)
+    os.makedirs(cache, exist_ok=True)
+    state_path = os.path.join(cache, "resolved.json")
+
+    cached = ready_kernels(cache)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = {}
+    fresh = time.time() - state.get("time", 0) < RESOLVE_EVERY
+    if not args.refresh and fresh and state.get("krel") in cached:
+        info = cached[state["krel"]]
+        log(f"kernel {info['krel']} ({info['version']}, {info['codename']}), cached; mirror checked {_age(state['time'])} ago")
+        print(info["vmlinuz"])
+        return 0
+
+    try:
+        base_uri, (_, krel, image, index, suite, codename) = resolve(cache, (major, minor))
+    except Offline as exc:
+        usable = [i for i in cached.values() if _at_least(i["krel"], (major, minor))]
+        if not usable:
+            raise Fatal(f"cannot reach the Debian mirror and no kernel is cached: {exc}") from exc
+        info = newest(usable)
+        log(f"warning: mirror unreachable ({exc}); using cached kernel {info['krel']}")
+        print(info["vmlinuz"])
+        return 0
+
+    info = cached.get(krel)
+    if info is not None and info["version"] == image["Version"]:
+        log(f"kernel {krel} ({image['Version']}, {codename}), cached")
+    else:
+        log(f"kernel {krel} ({image['Version']}) from {codename} ({suite}) of {base_uri}: downloading")
+        started = time.monotonic()
+        info = extract(cache, krel, payload_packages(image, index, krel), base_uri, suite, codename)
+        log(f"kernel {krel} unpacked in {time.monotonic() - started:.0f} s")
+    with open(state_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"time": time.time(), "krel": krel}, f)
+    os.replace(state_path + ".tmp", state_path)
+    prune(cache, {krel})
+    print(info["vmlinuz"])
+    return 0
+
+
+def _at_least(krel: str, minimum: tuple[int, int]) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", krel)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= minimum
+
+
+def _age(t: float) -> str:
+    s = int(time.time() - t)
+    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min"
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Fatal as exc:
+        log(f"error: {exc}")
+        sys.exit(1)
