@@ -57,6 +57,7 @@ cdef class Receiver(Request):
     cdef readonly bint finished
     cdef readonly bint eof
     cdef readonly bint cancelling
+    cdef readonly bint discarding
     cdef readonly object error
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t chunks_received

@@ -119,7 +119,7 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.armed = False
         if res == 0:
             return receiver.finish(None, True)
-        if res == -ECANCELED and (receiver.cancelling or self.ring.closed):
+        if res == -ECANCELED and (receiver.cancelling or self.ring.closing):
             return receiver.finish(None, False)
         return receiver.finish(kernel_error(-res, f"{self.mode} receive on fd {receiver.fd}"),
                                False)
@@ -175,6 +175,8 @@ cdef class Receiver(Request):
     cdef int deliver(self, object view, Py_ssize_t length) except -1:
         self.bytes_received += length
         self.chunks_received += 1
+        if self.discarding:
+            return 0  # closed: the view dies here and its buffer goes back
         if self.on_data is not None:
             self.on_data(view)
         else:
@@ -230,7 +232,9 @@ cdef class Receiver(Request):
             self.ring.cancel(self)
 
     def close(self):
-        """Cancel and drop the views not yet taken (their buffers go back)."""
+        """Cancel, and drop the views not yet taken and any that arrive before
+        the cancel completes (their buffers go back)."""
+        self.discarding = True
         self.cancel()
         self.chunks.clear()
 

@@ -32,6 +32,7 @@ cdef class Ring:
     cdef readonly uint32_t cq_entries
     cdef readonly bint cqe_mixed
     cdef readonly bint closed
+    cdef readonly bint closing
     cdef readonly unsigned long owner_thread
 
     cdef char *ring_map

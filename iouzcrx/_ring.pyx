@@ -577,6 +577,7 @@ cdef class Ring:
         import time
         cdef iouz_sqe *sqe
         cdef RingClient client
+        self.closing = True
         try:
             if self.inflight and PyThread_get_thread_ident() == self.owner_thread:
                 sqe = self.get_sqe()

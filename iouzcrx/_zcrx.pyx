@@ -24,7 +24,7 @@ import socket as _socket
 
 from iouzcrx._probe import kernel_features
 from iouzcrx.errors import (InterfaceNotFound, InvalidConfiguration, KernelTooOld,
-                            kernel_error, zcrx_register_error)
+                            QueueOutOfRange, kernel_error, zcrx_register_error)
 
 
 cdef enum:
@@ -33,6 +33,16 @@ cdef enum:
     DEFAULT_AREA_SIZE = 64 * 1024 * 1024
 
 ZCRX_MODES = ("zerocopy", "copy")
+
+
+def rx_queue_count(str interface):
+    """The interface's real RX queue count from sysfs, or None if unknown."""
+    import os
+    try:
+        return sum(1 for name in os.listdir(f"/sys/class/net/{interface}/queues")
+                   if name.startswith("rx-"))
+    except OSError:
+        return None
 
 
 cdef inline size_t page_align(size_t n) noexcept:
@@ -78,6 +88,14 @@ cdef class ZcrxQueue(ReceiveQueue):
                     _errno.ENODEV,
                     f"no network interface {interface!r} in this network namespace "
                     "(see 'ip link')") from None
+            rx_queues = rx_queue_count(interface)
+            if rx_queues is not None and queue >= rx_queues:
+                # The kernel checks queue ops before the range, so a NIC
+                # without them would say EOPNOTSUPP; name the real mistake.
+                raise QueueOutOfRange(
+                    _errno.ERANGE,
+                    f"RX queue {queue} does not exist on {interface}, which has "
+                    f"{rx_queues} (valid: 0..{rx_queues - 1}); see 'ethtool -l {interface}'")
             if_rxq = queue
         else:
             if interface is not None or queue is not None:

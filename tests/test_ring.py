@@ -1,0 +1,200 @@
+"""The io_uring instance on the host kernel: setup, probing, the operations the
+server layer needs, task-work draining, the eventfd wake-up, teardown."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+
+import pytest
+from conftest import FEATURES, Pattern, Sender, Verifier, connect_pair, receive_all
+
+import iouzcrx
+from iouzcrx import _probe
+
+CQE_F_MORE = 0x2
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_ring_is_set_up_for_zcrx(ring):
+    names = set(ring.setup_flag_names)
+    assert {"SINGLE_ISSUER", "DEFER_TASKRUN", "TASKRUN_FLAG", "CQSIZE"} <= names
+    # zcrx needs 32-byte completions: either a mixed CQ or an all-32-byte one.
+    assert ("CQE_MIXED" in names) != ("CQE32" in names)
+    assert ring.cqe_mixed == ("CQE_MIXED" in names)
+    assert ring.sq_entries == 256 and ring.cq_entries == 8192
+
+
+def test_probe_reports_the_opcodes_the_engine_uses(ring):
+    ops = ring.probe_opcodes()
+    for op in (_probe.OP_RECV, _probe.OP_ACCEPT, _probe.OP_SEND):
+        assert op in ops
+    assert FEATURES.io_uring and FEATURES.bufring
+    assert FEATURES.recv_zc == (_probe.OP_RECV_ZC in ops)
+
+
+def test_query_answers_on_kernels_that_have_it():
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    opcodes = _probe.query_opcodes()
+    if release >= (6, 18):
+        assert opcodes is not None
+        assert opcodes["nr_request_opcodes"] > _probe.OP_RECV_ZC
+    zcrx = _probe.query_zcrx()
+    if release <= (6, 18):
+        assert zcrx is None  # 6.18 answers the zcrx entry with EOPNOTSUPP
+    else:
+        assert zcrx is not None and zcrx["rq_hdr_size"] > 0
+
+
+def test_nop_completes_with_zero(ring):
+    assert ring.nop().wait(5) == 0
+
+
+def test_send_and_read_move_bytes(ring):
+    a, b = socket.socketpair()
+    with a, b:
+        sent = ring.send(a, b"hello, ring")
+        assert sent.wait(5) == 11
+        buf = bytearray(32)
+        n = ring.read(b, buf).wait(5)
+        assert bytes(buf[:n]) == b"hello, ring"
+
+
+def test_send_failure_raises_oserror(ring):
+    a, b = socket.socketpair()
+    b.close()
+    with a:
+        with pytest.raises(OSError):
+            ring.send(a, b"x" * 4096).wait(5)
+
+
+def test_multishot_accept_yields_each_connection(ring, listener):
+    accepted = ring.accept(listener)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    try:
+        ring.wait_for(lambda: len(accepted.results) >= 3, 5)
+        fds = [res for res, flags in accepted.results]
+        assert all(fd >= 0 for fd in fds)
+        assert all(flags & CQE_F_MORE for res, flags in accepted.results)
+        assert not accepted.done
+        for fd in fds:
+            os.close(fd)
+        accepted.cancel()
+        ring.wait_for(lambda: accepted.done, 5)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_shutdown_ends_a_receive_with_eof(ring, listener):
+    client, server = connect_pair(listener)
+    with client, server:
+        queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=64 << 10)
+        receiver = queue.recv_multishot(server)
+        ring.shutdown(server, socket.SHUT_RD).wait(5)
+        assert receiver.get(5) is None
+        assert receiver.eof and receiver.error is None
+
+
+def test_close_fd_closes_the_descriptor(ring):
+    a, b = socket.socketpair()
+    fd = a.detach()
+    with b:
+        assert ring.close_fd(fd).wait(5) == 0
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_deferred_task_work_signals_the_eventfd(ring):
+    """DEFER_TASKRUN: a completion waits as task work; the registered eventfd
+    must become readable so an event loop wakes (epoll on the ring fd would
+    not before Linux 7.3.2)."""
+    r, w = os.pipe()
+    try:
+        buf = bytearray(8)
+        read = ring.read(r, buf)
+        ring.drain()
+        ring.on_eventfd_readable()  # consume wake-ups from the submission itself
+        os.write(w, b"x")
+        readable, _, _ = select.select([ring.eventfd], [], [], 5)
+        assert readable == [ring.eventfd]
+        assert not read.done  # nothing ran yet: the owner must enter the kernel
+        ring.on_eventfd_readable()
+        assert read.done and read.results[-1][0] == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_one_drain_runs_all_pending_task_work(ring):
+    """An enter runs at most 20 task-work items; drain loops while
+    IORING_SQ_TASKRUN is set so 50 completions all arrive in one call."""
+    pipes = [os.pipe() for _ in range(50)]
+    try:
+        reads = [ring.read(r, bytearray(1)) for r, _ in pipes]
+        ring.drain()
+        for _, w in pipes:
+            os.write(w, b"y")
+        ring.drain()
+        assert all(req.done for req in reads)
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+def test_the_ring_refuses_other_threads(ring):
+    caught: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            ring.nop()
+        except BaseException as exc:
+            caught.append(exc)
+
+    t = threading.Thread(target=use)
+    t.start()
+    t.join()
+    assert len(caught) == 1 and isinstance(caught[0], iouzcrx.WrongThread)
+
+
+def test_close_cancels_in_flight_receives_and_releases_fds(listener):
+    before = open_fds()
+    client, server = connect_pair(listener)
+    ring = iouzcrx.Ring()
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=64 << 10)
+    receivers = [queue.recv_multishot(server)]
+    ring.drain()
+    assert ring.in_flight == 1
+    ring.close()
+    assert ring.closed and ring.in_flight == 0
+    assert receivers[0].finished and receivers[0].error is None
+    client.close()
+    server.close()
+    assert open_fds() == before
+    with pytest.raises(ValueError, match="closed"):
+        ring.nop()
+
+
+def test_receive_through_the_engine_is_byte_exact(ring, listener):
+    client, server = connect_pair(listener)
+    with server:
+        queue = iouzcrx.BufRingQueue(ring, area_size=4 << 20, buffer_size=64 << 10)
+        receiver = queue.recv_multishot(server)
+        sender = Sender(client, seed=7, total=32 << 20)
+        sender.start()
+        verifier = Verifier(7)
+        assert receive_all(receiver, verifier) == 32 << 20
+        sender.join()
+        assert sender.error is None
+        assert receiver.eof
+
+
+def test_pattern_helper_is_deterministic():
+    assert Pattern(1).expected(5, 100) == Pattern(1).expected(5 + Pattern.BLOCK, 100)
+    assert Pattern(1).expected(0, 64) != Pattern(2).expected(0, 64)

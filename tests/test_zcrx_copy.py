@@ -1,0 +1,92 @@
+"""The zcrx protocol for real in copy mode (ZCRX_REG_NODEV, Linux >= 7.1):
+query, refill ring, RECV_ZC completions, FLUSH_RQ.  Runs in the VM."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SCALE, Sender, Verifier, connect_pair, receive_all, requires_copy_mode
+
+import iouzcrx
+from iouzcrx import _probe
+
+pytestmark = [pytest.mark.vm, requires_copy_mode]
+
+
+def test_query_reports_what_copy_mode_relies_on():
+    features = iouzcrx.kernel_features()
+    zcrx = _probe.query_zcrx()
+    assert zcrx is not None
+    assert features.zcrx_nodev and features.zcrx_ctrl_flush
+    assert zcrx["rq_hdr_size"] in (8, 128)
+    assert zcrx["rq_hdr_alignment"] == 64
+    assert features.recv_zc
+
+
+def test_registration_reports_the_ring_geometry(ring):
+    queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20, rq_entries=100)
+    assert queue.mode == "copy"
+    assert queue.rq_entries == 128  # rounded up to a power of two by the kernel
+    assert queue.chunk_size == 4096
+    assert queue.total_buffers == 256
+    assert queue.can_flush
+
+
+def test_copy_mode_chunks_are_at_most_a_page(ring, listener):
+    client, server = connect_pair(listener)
+    queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=4 << 20)
+    receiver = queue.recv_multishot(server)
+    sender = Sender(client, seed=21, total=1 << 20)
+    sender.start()
+    sizes = []
+    verifier = Verifier(21)
+    for view in receiver:
+        sizes.append(len(view))
+        verifier.feed(view)
+        del view
+    assert verifier.pos == 1 << 20
+    assert max(sizes) <= 4096 and len(sizes) >= 256
+    server.close()
+
+
+def test_a_full_refill_ring_is_flushed_without_loss(ring, listener):
+    """More returns than the refill ring holds: the queue publishes what fits,
+    asks the kernel to drain the ring (ZCRX_CTRL_FLUSH_RQ), and goes on."""
+    client, server = connect_pair(listener)
+    queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20, rq_entries=16)
+    assert queue.rq_entries == 16 and queue.total_buffers == 256
+    receiver = queue.recv_multishot(server)
+    total = (64 << 20) // SCALE
+    sender = Sender(client, seed=22, total=total)
+    sender.start()
+    verifier = Verifier(22)
+    held = []
+    # Hold many buffers, then drop them at once: 100 returns for 16 slots.
+    while len(held) < 100:
+        held.append(receiver.get(30))
+    for view in held:
+        verifier.feed(view)
+    flushes_before = queue.flushes
+    held.clear()
+    assert queue.buffers_pending_return == 100
+    receive_all(receiver, verifier)
+    sender.join(30)
+    assert sender.error is None
+    assert verifier.pos == total
+    assert queue.flushes > flushes_before + 100 // 16
+    server.close()
+
+
+def test_an_unread_receiver_closed_returns_its_buffers(ring, listener):
+    client, server = connect_pair(listener)
+    queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20)
+    receiver = queue.recv_multishot(server)
+    sender = Sender(client, seed=23, total=256 << 10)
+    sender.start()
+    ring.wait_for(lambda: receiver.queued >= 8, 30)
+    receiver.close()
+    ring.wait_for(lambda: receiver.finished, 30)
+    assert queue.buffers_in_use == 0
+    ring.drain()
+    assert queue.buffers_pending_return == 0
+    sender.join(30)
+    server.close()

@@ -1,0 +1,118 @@
+"""Every zcrx registration error this kernel can produce reaches the caller as
+a clear exception naming the problem and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import FEATURES
+
+import iouzcrx
+
+
+def test_zerocopy_on_loopback_says_the_nic_has_no_queue_api(ring):
+    with pytest.raises(iouzcrx.NicUnsupported, match="no queue API") as info:
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="lo", queue=0, area_size=1 << 20)
+    assert isinstance(info.value, OSError) and info.value.errno == 95  # EOPNOTSUPP
+    assert "mode='copy'" in str(info.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/class/net/eth0"), reason="no eth0 here")
+def test_zerocopy_on_a_virtual_nic_says_the_nic_has_no_queue_api(ring):
+    with pytest.raises(iouzcrx.NicUnsupported, match="no queue API"):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="eth0", queue=0, area_size=1 << 20)
+
+
+def test_unknown_interface(ring):
+    with pytest.raises(iouzcrx.InterfaceNotFound, match="nosuchif0"):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="nosuchif0", queue=0)
+
+
+def test_queue_out_of_range(ring):
+    queues = len([n for n in os.listdir("/sys/class/net/lo/queues") if n.startswith("rx-")])
+    with pytest.raises(iouzcrx.QueueOutOfRange, match=f"has {queues}") as info:
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="lo", queue=queues + 7)
+    assert info.value.errno == 34  # ERANGE
+
+
+def test_zerocopy_needs_interface_and_queue(ring):
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="interface="):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy")
+
+
+def test_invalid_sizes_are_refused_before_the_kernel(ring):
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="multiple"):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="lo", queue=0, area_size=5000)
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="rq_entries"):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="lo", queue=0, rq_entries=0)
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="rx_buf_len"):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="lo", queue=0, rx_buf_len=5000)
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="mode"):
+        iouzcrx.ZcrxQueue(ring, mode="fast")
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="buffer_size"):
+        iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=1000)
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="buffer ring holds"):
+        iouzcrx.BufRingQueue(ring, area_size=1 << 30, buffer_size=4096)
+
+
+@pytest.mark.skipif(FEATURES.zcrx_rx_buf_len, reason="this kernel supports rx_buf_len")
+def test_rx_buf_len_on_a_kernel_without_it_says_kernel_too_old(ring):
+    with pytest.raises(iouzcrx.KernelTooOld, match="7.0"):
+        iouzcrx.ZcrxQueue(ring, mode="zerocopy", interface="lo", queue=0, rx_buf_len=8192)
+
+
+@pytest.mark.skipif(FEATURES.zcrx_nodev, reason="this kernel has copy mode")
+def test_copy_mode_on_a_kernel_without_nodev_says_kernel_too_old(ring):
+    with pytest.raises(iouzcrx.KernelTooOld, match="7.1"):
+        iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20)
+
+
+DROP_CAP_NET_ADMIN = textwrap.dedent(
+    """
+    import ctypes, sys
+    CAP_NET_ADMIN = 12
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = Header(0x20080522, 0)
+    data = (Data * 2)()
+    assert libc.capget(ctypes.byref(header), data) == 0
+    for field in ("effective", "permitted", "inheritable"):
+        setattr(data[0], field, getattr(data[0], field) & ~(1 << CAP_NET_ADMIN))
+    assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+
+    import iouzcrx
+    ring = iouzcrx.Ring()
+    for kwargs in ({"mode": "zerocopy", "interface": "lo", "queue": 0}, {"mode": "copy"}):
+        try:
+            iouzcrx.ZcrxQueue(ring, area_size=1 << 20, **kwargs)
+        except iouzcrx.MissingCapability as exc:
+            print(kwargs["mode"], "MissingCapability", exc.errno, exc)
+        except Exception as exc:
+            print(kwargs["mode"], "other", type(exc).__name__, exc)
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hold CAP_NET_ADMIN first")
+def test_missing_cap_net_admin_is_named_with_the_fix():
+    out = subprocess.run(
+        [sys.executable, "-c", DROP_CAP_NET_ADMIN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    assert len(out) == 2, out
+    for line in out:
+        mode, kind, errno_value, message = line.split(" ", 3)
+        assert kind == "MissingCapability", line
+        assert errno_value == "1"  # EPERM
+        assert "CAP_NET_ADMIN" in message and "setcap" in message
