@@ -1,0 +1,25 @@
+"""Command line: ``python -m iouzcrx demo|features``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "help"
+    if command == "demo":
+        from iouzcrx.demo import main as demo
+
+        return demo(argv[1:])
+    if command == "features":
+        from iouzcrx._probe import kernel_features
+
+        print(json.dumps(kernel_features().as_dict(), indent=2))
+        return 0
+    print("usage: python -m iouzcrx {demo,features} [options]", file=sys.stderr)
+    return 0 if command in ("help", "-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
