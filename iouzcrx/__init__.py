@@ -10,14 +10,14 @@ The engine, synchronously::
 
 from iouzcrx._bufring import BufRingQueue
 from iouzcrx._probe import KernelFeatures, kernel_features
-from iouzcrx._receive import Receiver, ReceiveQueue
+from iouzcrx._receive import ReceiveQueue, Receiver
 from iouzcrx._ring import Completion, Ring
 from iouzcrx._zcrx import ZcrxQueue
 from iouzcrx.errors import (
     InterfaceNotFound,
     InvalidConfiguration,
-    IouzcrxError,
     IoUringUnavailable,
+    IouzcrxError,
     KernelTooOld,
     MemoryLimit,
     MissingCapability,

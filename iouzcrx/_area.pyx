@@ -11,7 +11,6 @@ from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
 
 from iouzcrx._ring cimport RingClient
 
-import os as _os
 
 from iouzcrx.errors import InvalidConfiguration, MemoryLimit, kernel_error
 

@@ -7,14 +7,12 @@ owner thread publishes them before its next enter (``before_enter``).
 """
 
 cimport cython
-from cpython.pythread cimport PyThread_get_thread_ident
-from libc.errno cimport errno
 from iouzcrx._abi cimport ECANCELED
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
-from iouzcrx._area cimport Area, BufferOwner
-from iouzcrx._ring cimport Request, Ring, fileno_of
+from iouzcrx._area cimport BufferOwner
+from iouzcrx._ring cimport Request, fileno_of
 
 import collections as _collections
 

@@ -366,16 +366,17 @@ cdef class Ring:
         cdef RingClient client
         cdef int passes = 0
         cdef int more = 0
+        cdef uint32_t kernel_flags
         try:
             while True:
                 for client in self.clients:
                     client.before_enter()
                 self.enter(0, True)
-                if self.reap():
-                    pass
-                elif (iouz_load_acquire(self.sq_flags) & (IOUZ_SQ_TASKRUN | IOUZ_SQ_CQ_OVERFLOW)) == 0 \
-                        and self.pending_submissions() == 0:
-                    break
+                if not self.reap() and self.pending_submissions() == 0:
+                    # Idle only once no task work or overflowed CQE is left.
+                    kernel_flags = iouz_load_acquire(self.sq_flags)
+                    if not (kernel_flags & (IOUZ_SQ_TASKRUN | IOUZ_SQ_CQ_OVERFLOW)):
+                        break
                 passes += 1
                 if passes >= max_passes:
                     more = 1

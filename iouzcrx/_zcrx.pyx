@@ -80,7 +80,8 @@ cdef class ZcrxQueue(ReceiveQueue):
                     "zerocopy mode needs interface= (e.g. 'eth0') and queue= (the RX "
                     "queue index your flow is steered to)")
             if not 0 <= queue < 0xFFFFFFFF:
-                raise InvalidConfiguration(f"queue must be a non-negative RX queue index, not {queue}")
+                raise InvalidConfiguration(
+                    f"queue must be a non-negative RX queue index, not {queue}")
             try:
                 if_idx = _socket.if_nametoindex(interface)
             except OSError:

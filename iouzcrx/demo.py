@@ -11,6 +11,7 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from iouzcrx._bufring import BufRingQueue
 from iouzcrx._probe import kernel_features
@@ -105,15 +106,17 @@ def run(size_gib: float, connections: int, mode: str, area_mib: int) -> int:
 
     with Ring() as ring:
         queue, refused = open_queue(ring, mode, area_mib << 20)
-        print(f"iouzcrx demo: mode={queue.mode} kernel={features.release} "
-              f"connections={connections} bytes={total}")
+        print(
+            f"iouzcrx demo: mode={queue.mode} kernel={features.release} "
+            f"connections={connections} bytes={total}"
+        )
         for reason in refused:
             print(f"  not {reason}")
         checks: list[StreamCheck | None] = [None] * connections
         seeds = {pattern_block(seed)[:64]: seed for seed in range(connections)}
         received = [0]
 
-        def on_data_for(index: int):
+        def on_data_for(index: int) -> Callable[[memoryview], None]:
             def on_data(view: memoryview) -> None:
                 check = checks[index]
                 if check is None:
@@ -159,8 +162,10 @@ def run(size_gib: float, connections: int, mode: str, area_mib: int) -> int:
     print(f"throughput:       {gb / elapsed:.2f} GB/s ({elapsed:.2f} s)")
     print(f"receiver CPU:     {cpu / gb:.3f} s/GB (verification included)")
     print(f"chunks:           {stats['chunks']} ({stats['chunks'] / elapsed:,.0f}/s)")
-    print(f"buffers recycled: {stats['buffers_returned']} "
-          f"(area {stats['total_buffers']} buffers, {stats['rearms']} re-arms)")
+    print(
+        f"buffers recycled: {stats['buffers_returned']} "
+        f"(area {stats['total_buffers']} buffers, {stats['rearms']} re-arms)"
+    )
     return 0
 
 

@@ -97,9 +97,7 @@ def test_a_view_in_a_garbage_cycle_returns_when_collected(ring, listener, mode):
     finish(receiver, sender, server)
 
 
-def test_a_view_dropped_on_another_thread_returns_without_entering_the_kernel(
-    ring, listener, mode
-):
+def test_a_view_dropped_on_another_thread_returns_without_entering_the_kernel(ring, listener, mode):
     queue, receiver, sender, server, view = first_view(ring, listener, mode)
     in_use = queue.buffers_in_use
     pending = queue.buffers_pending_return
