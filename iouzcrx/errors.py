@@ -105,12 +105,12 @@ def _seccomp_filtered() -> bool:
     return False
 
 
-def _memlock_hint() -> str:
+def _memlock_hint(smaller: str) -> str:
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
     return (
         f"RLIMIT_MEMLOCK is {limit}; raise it (ulimit -l, LimitMEMLOCK= in systemd, "
-        "--ulimit memlock=-1 in containers), grant CAP_IPC_LOCK, or use a smaller area"
+        f"--ulimit memlock=-1 in containers), grant CAP_IPC_LOCK, or use {smaller}"
     )
 
 
@@ -150,7 +150,9 @@ def setup_error(err: int) -> OSError:
             "io_uring syscalls for this process or use mode='socket'",
         )
     if err == errno.ENOMEM:
-        return MemoryLimit(err, "io_uring_setup could not allocate the rings; " + _memlock_hint())
+        return MemoryLimit(
+            err, "io_uring_setup could not allocate the rings; " + _memlock_hint("smaller rings")
+        )
     if err == errno.EINVAL:
         return KernelTooOld(
             err,
@@ -222,7 +224,9 @@ def zcrx_register_error(
             err, f"{where} is used by AF_XDP or leased to a virtual device; pick another queue"
         )
     if err == errno.ENOMEM:
-        return MemoryLimit(err, "pinning the receive area failed; " + _memlock_hint())
+        return MemoryLimit(
+            err, "pinning the receive area failed; " + _memlock_hint("a smaller area")
+        )
     if err == errno.ENODATA:
         return NicUnsupported(
             err, f"the driver of {interface} restarted the queue without the io_uring page pool"
@@ -238,7 +242,9 @@ def buffer_ring_error(err: int) -> OSError:
             f"provided buffer rings need Linux >= 5.19 (this is {os.uname().release})",
         )
     if err == errno.ENOMEM:
-        return MemoryLimit(err, "registering the buffer ring failed; " + _memlock_hint())
+        return MemoryLimit(
+            err, "registering the buffer ring failed; " + _memlock_hint("a smaller area")
+        )
     return kernel_error(err, "registering the buffer ring")
 
 

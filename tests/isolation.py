@@ -1,0 +1,98 @@
+"""Ways to take a privilege away from a test subprocess: capabilities, an
+RLIMIT, or the io_uring syscalls themselves (seccomp).  Each changes only the
+calling process, so tests run the code under test in a child.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+CAP_NET_ADMIN = 12
+CAP_IPC_LOCK = 14
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_capabilities(*caps: int) -> None:
+    """Remove ``caps`` from this process's capability sets for good."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        for field in ("effective", "permitted", "inheritable"):
+            setattr(data[word], field, getattr(data[word], field) & ~(1 << bit))
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def limit_memlock(limit: int) -> None:
+    """Lower RLIMIT_MEMLOCK; binds only without CAP_IPC_LOCK."""
+    drop_capabilities(CAP_IPC_LOCK)
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def block_io_uring(errno_value: int) -> None:
+    """Install a seccomp filter failing io_uring_setup/enter/register (425-427)
+    with ``errno_value``, as container runtimes' default profiles do."""
+    ld_nr = 0x20  # BPF_LD | BPF_W | BPF_ABS, seccomp_data.nr at offset 0
+    jge, jgt, ret = 0x35, 0x25, 0x06
+    program = (_SockFilter * 5)(
+        _SockFilter(ld_nr, 0, 0, 0),
+        _SockFilter(jge, 0, 2, 425),  # nr < 425: allow
+        _SockFilter(jgt, 1, 0, 427),  # nr > 427: allow
+        _SockFilter(ret, 0, 0, 0x00050000 | errno_value),  # SECCOMP_RET_ERRNO
+        _SockFilter(ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    )
+    fprog = _SockFprog(len(program), program)
+    if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def run_restricted(code: str) -> list[str]:
+    """Run ``code`` (which restricts itself first) in a child process with
+    this module importable; returns its stdout lines."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": TESTS},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()

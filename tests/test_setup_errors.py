@@ -1,0 +1,118 @@
+"""io_uring itself unavailable or limited: each cause gets its own clear
+exception.  The restriction is applied to a child process (tests/isolation.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import IN_VM, requires_copy_mode
+from isolation import run_restricted
+
+import iouzcrx
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+
+
+def test_io_uring_blocked_by_seccomp_is_named_with_the_fix():
+    lines = run_restricted(
+        """
+        import errno, isolation
+        isolation.block_io_uring(errno.ENOSYS)
+        import iouzcrx
+        try:
+            iouzcrx.Ring()
+        except iouzcrx.IoUringUnavailable as exc:
+            print("IoUringUnavailable", exc.errno, exc)
+        features = iouzcrx.kernel_features()
+        print("features", features.io_uring, features.bufring)
+        """
+    )
+    kind, errno_value, message = lines[0].split(" ", 2)
+    assert kind == "IoUringUnavailable" and errno_value == "38"  # ENOSYS
+    assert "seccomp" in message and "mode='socket'" in message
+    assert lines[1] == "features False False"
+
+
+def test_io_uring_refused_with_eperm_is_explained():
+    lines = run_restricted(
+        """
+        import errno, isolation
+        isolation.block_io_uring(errno.EPERM)
+        import iouzcrx
+        try:
+            iouzcrx.Ring()
+        except iouzcrx.IoUringUnavailable as exc:
+            print("IoUringUnavailable", exc.errno, exc)
+        """
+    )
+    kind, errno_value, message = lines[0].split(" ", 2)
+    assert kind == "IoUringUnavailable" and errno_value == "1"
+    assert "seccomp" in message or "io_uring_disabled" in message
+
+
+RINGS_CHARGED_TO_MEMLOCK = tuple(int(x) for x in os.uname().release.split(".")[:2]) < (7, 2)
+
+
+@needs_root
+@pytest.mark.skipif(
+    not RINGS_CHARGED_TO_MEMLOCK, reason="Linux >= 7.2.10 no longer charges rings to the limit"
+)
+def test_a_low_memlock_limit_on_rings_is_named_with_the_fix():
+    lines = run_restricted(
+        """
+        import isolation
+        isolation.limit_memlock(64 * 1024)
+        import iouzcrx
+        for make in (lambda: iouzcrx.Ring(256, 8192),
+                     lambda: iouzcrx.BufRingQueue(iouzcrx.Ring(8, 16), area_size=64 << 20,
+                                                  buffer_size=16384)):
+            try:
+                make()
+                print("no error")
+            except iouzcrx.MemoryLimit as exc:
+                print("MemoryLimit", exc.errno, exc)
+        """
+    )
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert line.startswith("MemoryLimit 12 "), line
+        assert "RLIMIT_MEMLOCK is 64 KiB" in line and "CAP_IPC_LOCK" in line
+
+
+@needs_root
+@pytest.mark.vm
+@requires_copy_mode
+def test_a_low_memlock_limit_on_the_zcrx_area_is_named_with_the_fix():
+    lines = run_restricted(
+        """
+        import isolation
+        isolation.limit_memlock(256 * 1024)
+        import iouzcrx
+        ring = iouzcrx.Ring(8, 16)
+        try:
+            iouzcrx.ZcrxQueue(ring, mode="copy", area_size=16 << 20)
+            print("no error")
+        except iouzcrx.MemoryLimit as exc:
+            print("MemoryLimit", exc.errno, exc)
+        """
+    )
+    assert len(lines) == 1 and lines[0].startswith("MemoryLimit 12 "), lines
+    assert "pinning the receive area" in lines[0] and "RLIMIT_MEMLOCK" in lines[0]
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(not IN_VM, reason="changes a kernel-wide sysctl: only in the VM")
+def test_io_uring_disabled_by_sysctl_is_named_with_the_fix():
+    path = "/proc/sys/kernel/io_uring_disabled"
+    with open(path) as f:
+        saved = f.read()
+    try:
+        with open(path, "w") as f:
+            f.write("2")
+        with pytest.raises(iouzcrx.IoUringUnavailable, match="io_uring_disabled=2"):
+            iouzcrx.Ring()
+    finally:
+        with open(path, "w") as f:
+            f.write(saved)
+    iouzcrx.Ring().close()
