@@ -83,10 +83,11 @@ cdef class BufferOwner(RingClient):
 
 @cython.final
 @cython.freelist(256)
-@cython.no_gc
+@cython.no_gc_clear
 cdef class Buffer:
-    # no_gc: a Buffer references only its owner, which never references
-    # buffers back, so it cannot be part of a cycle.
+    # Traversed so the GC sees the path view -> buffer -> queue -> ring (a ring
+    # abandoned with views queued in a receiver is a collectable cycle), but
+    # never cleared: the owner must still be there when __dealloc__ returns it.
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         # Read-only: the kernel owns the memory's contents until it is returned.

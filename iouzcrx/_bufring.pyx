@@ -29,6 +29,7 @@ cdef enum:
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class BufRingQueue(ReceiveQueue):
     """A provided buffer ring of ``area_size // buffer_size`` buffers on ``ring``."""
 

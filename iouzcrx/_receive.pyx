@@ -19,6 +19,10 @@ import collections as _collections
 from iouzcrx.errors import kernel_error
 
 
+# no_gc_clear: a queue must keep its ring and area while any buffer of it may
+# still be released, even when both sit in the same garbage cycle (the ring's
+# client list and request set, both cleared by the GC, break such cycles).
+@cython.no_gc_clear
 cdef class ReceiveQueue(BufferOwner):
 
     def __cinit__(self, *args, **kwargs):
@@ -42,7 +46,7 @@ cdef class ReceiveQueue(BufferOwner):
         cdef ReturnedBuffer *grown
         self.buffers_in_use -= 1
         self.buffers_returned += 1
-        if self.closed:
+        if self.closed or self.ring is None:
             # The ring is gone and the kernel reclaimed every buffer itself.
             return
         if self.pending_count == self.pending_capacity:

@@ -57,6 +57,7 @@ cdef uint32_t round_up_pow2(uint64_t n) noexcept:
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class ZcrxQueue(ReceiveQueue):
     """An ifq on ``ring``: area, refill ring and RECV_ZC receives.
 
