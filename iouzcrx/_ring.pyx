@@ -306,9 +306,7 @@ cdef class Ring:
         self.check_owner()
         cdef int ret = iouz_register(self.fd, opcode, arg, nr_args)
         if ret < 0:
-            errno_value = -ret
-            raise OSError(errno_value, f"io_uring_register({opcode}): "
-                          f"{_errno.errorcode.get(errno_value, errno_value)}")
+            raise kernel_error(-ret, f"io_uring_register(opcode {opcode})")
         return ret
 
     # -- completion ----------------------------------------------------------
