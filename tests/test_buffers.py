@@ -4,6 +4,8 @@ can run: bufring on the host, copy (RECV_ZC) in the VM."""
 from __future__ import annotations
 
 import gc
+import os
+import socket
 import threading
 
 import pytest
@@ -140,7 +142,11 @@ def test_holding_every_buffer_pauses_delivery_without_loss(ring, listener, mode)
     """With the whole area held by the program the kernel stops receiving,
     TCP flow control holds the sender, and delivery resumes when views go."""
     client, server = connect_pair(listener)
-    total = (32 << 20) // SCALE
+    # Small socket buffers, so the stream is far larger than area + buffers
+    # and the sender really is held back.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 << 10)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 << 10)
+    total = 8 << 20
     queue = make_queue(ring, mode, area_size=1 << 20, buffer_size=64 << 10)
     receiver = queue.recv_multishot(server)
     sender = Sender(client, seed=5, total=total)
@@ -158,6 +164,7 @@ def test_holding_every_buffer_pauses_delivery_without_loss(ring, listener, mode)
         receiver.get(0.2)  # and nothing more arrives while we hold everything
     for view in held:
         verifier.feed(view)
+    del view
     held.clear()
     receive_all(receiver, verifier)
     sender.join(30)
@@ -218,8 +225,7 @@ def test_connection_reset_reaches_the_caller(ring, listener, mode):
 
 
 def test_a_garbage_cycle_of_ring_queue_and_views_collects_safely(listener, mode):
-    import os
-
+    gc.collect()  # earlier tests' garbage must not close fds during this one
     before = set(os.listdir("/proc/self/fd"))
     client, server = connect_pair(listener)
     ring = iouzcrx.Ring()

@@ -65,6 +65,7 @@ def test_a_full_refill_ring_is_flushed_without_loss(ring, listener):
         held.append(receiver.get(30))
     for view in held:
         verifier.feed(view)
+    del view
     flushes_before = queue.flushes
     held.clear()
     assert queue.buffers_pending_return == 100
