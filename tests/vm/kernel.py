@@ -12,10 +12,11 @@ Standard library only: this runs before anything of the project is built.
 from __future__ import annotations
 
 import argparse
-import http.client
+import email.utils
 import functools
 import glob
 import hashlib
+import http.client
 import json
 import lzma
 import os
@@ -34,7 +35,7 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SUITES = ("stable-backports", "testing", "unstable")
 INDEX = "main/binary-amd64/Packages.xz"
 RESOLVE_EVERY = 24 * 3600
-HTTP_TIMEOUT = 60
+HTTP_TIMEOUT = 30
 
 
 class Fatal(Exception):
@@ -138,7 +139,9 @@ def mirror_candidates() -> list[str]:
 # --------------------------------------------------------------------------- download / verify
 
 
-def fetch(url: str, dest: str, expect_sha256: str | None = None, expect_size: int | None = None) -> None:
+def fetch(
+    url: str, dest: str, expect_sha256: str | None = None, expect_size: int | None = None
+) -> None:
     """Download url to dest atomically, checking size and SHA256 when given."""
     tmp = dest + ".part"
     digest = hashlib.sha256()
@@ -163,7 +166,9 @@ def fetch(url: str, dest: str, expect_sha256: str | None = None, expect_size: in
         raise Fatal(f"{url}: size {size}, expected {expect_size}")
     if expect_sha256 is not None and digest.hexdigest() != expect_sha256:
         _unlink(tmp)
-        raise Fatal(f"{url}: SHA256 {digest.hexdigest()} does not match the signed index ({expect_sha256})")
+        raise Fatal(
+            f"{url}: SHA256 {digest.hexdigest()} does not match the signed index ({expect_sha256})"
+        )
     os.replace(tmp, dest)
 
 
@@ -196,11 +201,16 @@ def verify_inrelease(path: str) -> str:
         check=False,
     )
     status = proc.stdout
-    if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
+    # Release files carry several signatures (one per archive key in use). As
+    # apt does, one good signature is enough, provided none is bad: gpgv exits
+    # non-zero when it merely lacks one of the keys.
+    bad = re.search(r"\[GNUPG:\] (BADSIG|REVKEYSIG|EXPKEYSIG) ", status)
+    if bad or "[GNUPG:] VALIDSIG" not in status:
         missing = re.findall(r"\[GNUPG:\] NO_PUBKEY (\S+)", status)
         if missing:
             raise Untrusted(
-                f"{path}: signed by key {', '.join(missing)}, which is not in the stock keyring {KEYRING} "
+                f"{path}: signed by key {', '.join(missing)}, "
+                f"which is not in the stock keyring {KEYRING} "
                 "(a newer debian-archive-keyring package may be needed)"
             )
         raise Fatal(f"{path}: signature verification failed:\n{proc.stderr.strip()}")
@@ -293,16 +303,22 @@ def ready_kernels(cache: str) -> dict[str, dict]:
                 info = json.load(f)
         except (OSError, ValueError):
             continue
-        if os.path.exists(info.get("vmlinuz", "")):
+        # Stored relative so the cache directory can move.
+        info["vmlinuz"] = os.path.join(os.path.dirname(marker), "root", info.get("image", "-"))
+        if os.path.isfile(info["vmlinuz"]):
             found[info["krel"]] = info
     return found
 
 
 def newest(infos):
-    return max(infos, key=functools.cmp_to_key(lambda a, b: compare_versions(a["version"], b["version"])))
+    return max(
+        infos, key=functools.cmp_to_key(lambda a, b: compare_versions(a["version"], b["version"]))
+    )
 
 
-def extract(cache: str, krel: str, pkgs: list[dict], base_uri: str, suite: str, codename: str) -> dict:
+def extract(
+    cache: str, krel: str, pkgs: list[dict], base_uri: str, suite: str, codename: str
+) -> None:
     kdir = os.path.join(cache, krel)
     os.makedirs(cache, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{krel}.", dir=cache)
@@ -312,7 +328,7 @@ def extract(cache: str, krel: str, pkgs: list[dict], base_uri: str, suite: str, 
         for st in pkgs:
             deb = os.path.join(work, os.path.basename(st["Filename"]))
             size = int(st["Size"])
-            log(f"downloading {st['Package']} {st['Version']} ({size / 1e6:.0f} MB)")
+            log(f"downloading {st['Package']} {st['Version']} ({size / 1e6:.1f} MB)")
             try:
                 fetch(f"{base_uri}/{st['Filename']}", deb, st["SHA256"], size)
             except urllib.error.HTTPError as exc:
@@ -320,15 +336,21 @@ def extract(cache: str, krel: str, pkgs: list[dict], base_uri: str, suite: str, 
             subprocess.run(["dpkg", "-x", deb, root], check=True)
             os.unlink(deb)
 
-        vmlinuz = os.path.join(root, "boot", f"vmlinuz-{krel}")
-        if not os.path.isfile(vmlinuz):
-            raise Fatal(f"no boot/vmlinuz-{krel} in {', '.join(p['Package'] for p in pkgs)}")
+        names = ", ".join(p["Package"] for p in pkgs)
         moddir = None
         for sub in ("lib/modules", "usr/lib/modules"):
-            if os.path.isdir(os.path.join(root, sub, krel)):
-                moddir = os.path.join(root, sub, krel)
+            if os.path.isdir(os.path.join(root, sub, krel, "kernel")):
+                moddir = os.path.join(sub, krel)
         if moddir is None:
-            raise Fatal(f"no lib/modules/{krel} in {', '.join(p['Package'] for p in pkgs)}")
+            raise Fatal(f"no modules (lib/modules/{krel}/kernel) in {names}")
+        # Older packages install the image in /boot, newer ones (7.x split
+        # packages) next to the modules.
+        for rel in (f"boot/vmlinuz-{krel}", f"{moddir}/vmlinuz"):
+            if os.path.isfile(os.path.join(root, rel)):
+                vmlinuz = rel
+                break
+        else:
+            raise Fatal(f"no kernel image (boot/vmlinuz-{krel} or {moddir}/vmlinuz) in {names}")
         # virtme-ng locates modules at <root>/lib/modules next to the image.
         if not os.path.exists(os.path.join(root, "lib")):
             os.symlink("usr/lib", os.path.join(root, "lib"))
@@ -341,14 +363,13 @@ def extract(cache: str, krel: str, pkgs: list[dict], base_uri: str, suite: str, 
             "suite": suite,
             "codename": codename,
             "packages": {p["Package"]: p["SHA256"] for p in pkgs},
-            "vmlinuz": os.path.join(kdir, "root", "boot", f"vmlinuz-{krel}"),
+            "image": vmlinuz,
         }
         with open(os.path.join(work, "READY"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         if os.path.exists(kdir):
             shutil.rmtree(kdir)
         os.replace(work, kdir)
-        return info
     finally:
         if os.path.exists(work):
             shutil.rmtree(work, ignore_errors=True)
@@ -373,49 +394,80 @@ def prune(cache: str, keep: set[str]) -> None:
 # --------------------------------------------------------------------------- resolution
 
 
-def load_index(cache: str, base_uri: str, suite: str) -> tuple[str, list[dict]] | None:
-    """Verified stanzas of one suite's amd64 Packages, or None if the mirror lacks it."""
-    idir = os.path.join(cache, "index", suite)
+def signed_release(cache: str, base_uri: str, dist: str) -> tuple[str, dict] | None:
+    """Verified Release text and its header for dists/<dist>, or None if absent."""
+    idir = os.path.join(cache, "index", dist)
     os.makedirs(idir, exist_ok=True)
     inrelease = os.path.join(idir, "InRelease")
     try:
-        fetch(f"{base_uri}/dists/{suite}/InRelease", inrelease)
+        fetch(f"{base_uri}/dists/{dist}/InRelease", inrelease)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
-        raise Offline(f"{base_uri}/dists/{suite}/InRelease: HTTP {exc.code}") from exc
+        raise Offline(f"{base_uri}/dists/{dist}/InRelease: HTTP {exc.code}") from exc
     release = verify_inrelease(inrelease)
     head = next(parse_stanzas(release))
-    if head.get("Origin") != "Debian":
-        raise Untrusted(f"{base_uri} {suite}: Origin is {head.get('Origin')!r}, not Debian")
+    # Backports carry their own Origin but the same archive signing key.
+    if head.get("Origin") not in ("Debian", "Debian Backports"):
+        raise Untrusted(f"{base_uri} {dist}: Origin is {head.get('Origin')!r}, not Debian")
+    return release, head
+
+
+def _release_date(head: dict) -> float:
+    try:
+        return email.utils.parsedate_to_datetime(head.get("Date", "")).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def load_index(cache: str, base_uri: str, suite: str) -> tuple[str, str, list[dict]] | None:
+    """(codename, dist, verified stanzas) of a suite's amd64 Packages, or None if absent."""
+    found = signed_release(cache, base_uri, suite)
+    if found is None:
+        return None
+    release, head = found
+    dist = suite
     codename = head.get("Codename", suite)
+    # Mirrors can serve an alias (stable-backports) from an older snapshot than
+    # the codename it points to (trixie-backports), so read both and keep the
+    # newer.
+    if codename != suite:
+        by_name = signed_release(cache, base_uri, codename)
+        if by_name is not None and _release_date(by_name[1]) > _release_date(head):
+            release, head = by_name
+            dist = codename
     sha, size = release_hash(release, INDEX)
-    packages = os.path.join(idir, "Packages.xz")
+    packages = os.path.join(cache, "index", dist, "Packages.xz")
     # The index is ~10 MB for testing/unstable: reuse it while it still matches.
     if not (os.path.exists(packages) and sha256_of(packages) == sha):
         try:
-            fetch(f"{base_uri}/dists/{suite}/{INDEX}", packages, sha, size)
+            fetch(f"{base_uri}/dists/{dist}/{INDEX}", packages, sha, size)
         except urllib.error.HTTPError as exc:
-            raise Fatal(f"{suite}/{INDEX}: HTTP {exc.code}") from exc
+            raise Fatal(f"{dist}/{INDEX}: HTTP {exc.code}") from exc
     with lzma.open(packages, "rt", encoding="utf-8", errors="replace") as f:
-        return codename, list(parse_stanzas(f.read()))
+        return codename, dist, list(parse_stanzas(f.read()))
 
 
 def resolve(cache: str, minimum: tuple[int, int]):
     mirrors = mirror_candidates()
     if not mirrors:
-        raise Fatal("no http(s) Debian archive found in /etc/apt/sources.list or /etc/apt/sources.list.d/")
+        raise Fatal(
+            "no http(s) Debian archive found in /etc/apt/sources.list or /etc/apt/sources.list.d/"
+        )
     problems = []
+    unreachable = 0
     for base_uri in mirrors:
         best = None
-        offline = 0
         for suite in SUITES:
             try:
                 loaded = load_index(cache, base_uri, suite)
             except Offline as exc:
-                offline += 1
                 problems.append(str(exc))
-                continue
+                log(f"warning: {exc}")
+                # A mirror that timed out once will likely do so again: do
+                # not wait out the timeout for every suite.
+                unreachable += 1
+                break
             except Untrusted as exc:
                 # A suite signed by a key we do not have is unusable, but the
                 # others may still provide a kernel. A bad signature, by
@@ -426,19 +478,20 @@ def resolve(cache: str, minimum: tuple[int, int]):
             if loaded is None:
                 log(f"{base_uri}: no suite {suite}")
                 continue
-            codename, stanzas = loaded
+            codename, dist, stanzas = loaded
             index = {st["Package"]: st for st in stanzas if "Package" in st}
             for krel, unsigned, st in image_candidates(stanzas, minimum):
                 # Prefer the newest version; on a tie prefer the signed package.
                 key = (st["Version"], not unsigned)
                 if best is None or _better(key, best[0]):
-                    best = (key, krel, st, index, suite, codename)
+                    best = (key, krel, st, index, dist, codename)
         if best is not None:
             return base_uri, best
-        if offline == len(SUITES):
-            raise Offline("; ".join(problems))
+    if unreachable == len(mirrors):
+        raise Offline("; ".join(problems))
     raise Fatal(
-        f"no linux-image-*-amd64 >= {minimum[0]}.{minimum[1]} in {', '.join(SUITES)} of {', '.join(mirrors)}"
+        f"no linux-image-*-amd64 >= {minimum[0]}.{minimum[1]} "
+        f"in {', '.join(SUITES)} of {', '.join(mirrors)}"
         + (f" ({'; '.join(problems)})" if problems else "")
     )
 
@@ -452,7 +505,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", required=True, help="cache directory for kernels and indexes")
     ap.add_argument("--min", default="7.1", help="minimum kernel version (major.minor)")
-    ap.add_argument("--refresh", action="store_true", help="re-read the mirror even if checked recently")
+    ap.add_argument(
+        "--refresh", action="store_true", help="re-read the mirror even if checked recently"
+    )
     args = ap.parse_args()
     major, minor = (int(x) for x in args.min.split(".")[:2])
     cache = os.path.abspath(args.cache)
@@ -468,7 +523,7 @@ def main() -> int:
     fresh = time.time() - state.get("time", 0) < RESOLVE_EVERY
     if not args.refresh and fresh and state.get("krel") in cached:
         info = cached[state["krel"]]
-        log(f"kernel {info['krel']} ({info['version']}, {info['codename']}), cached; mirror checked {_age(state['time'])} ago")
+        log(f"kernel {_describe(info)}, cached; mirror checked {_age(state['time'])} ago")
         print(info["vmlinuz"])
         return 0
 
@@ -479,29 +534,40 @@ def main() -> int:
         if not usable:
             raise Fatal(f"cannot reach the Debian mirror and no kernel is cached: {exc}") from exc
         info = newest(usable)
-        log(f"warning: mirror unreachable ({exc}); using cached kernel {info['krel']}")
+        log(f"warning: mirror unreachable; using cached kernel {_describe(info)}")
+        # Do not wait on an unreachable mirror again for every run today.
+        _save_state(state_path, info["krel"])
         print(info["vmlinuz"])
         return 0
 
     info = cached.get(krel)
     if info is not None and info["version"] == image["Version"]:
-        log(f"kernel {krel} ({image['Version']}, {codename}), cached")
+        log(f"kernel {_describe(info)}, cached")
     else:
-        log(f"kernel {krel} ({image['Version']}) from {codename} ({suite}) of {base_uri}: downloading")
+        log(f"kernel {krel} ({image['Version']}) from {codename} of {base_uri}: downloading")
         started = time.monotonic()
-        info = extract(cache, krel, payload_packages(image, index, krel), base_uri, suite, codename)
+        extract(cache, krel, payload_packages(image, index, krel), base_uri, suite, codename)
+        info = ready_kernels(cache)[krel]
         log(f"kernel {krel} unpacked in {time.monotonic() - started:.0f} s")
-    with open(state_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"time": time.time(), "krel": krel}, f)
-    os.replace(state_path + ".tmp", state_path)
+    _save_state(state_path, krel)
     prune(cache, {krel})
     print(info["vmlinuz"])
     return 0
 
 
+def _save_state(path: str, krel: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"time": time.time(), "krel": krel}, f)
+    os.replace(path + ".tmp", path)
+
+
 def _at_least(krel: str, minimum: tuple[int, int]) -> bool:
     m = re.match(r"(\d+)\.(\d+)", krel)
     return bool(m) and (int(m.group(1)), int(m.group(2))) >= minimum
+
+
+def _describe(info: dict) -> str:
+    return f"{info['krel']} ({info['version']}, {info['codename']})"
 
 
 def _age(t: float) -> str:
