@@ -91,3 +91,29 @@ def test_an_unread_receiver_closed_returns_its_buffers(ring, listener):
     assert queue.buffers_pending_return == 0
     sender.join(30)
     server.close()
+
+
+def test_a_huge_page_area_receives_correctly(ring, listener):
+    """hugepages=True maps the area from reserved 2 MiB pages (reserved here:
+    the VM's kernel is the test's own)."""
+    path = "/proc/sys/vm/nr_hugepages"
+    with open(path) as f:
+        saved = f.read()
+    with open(path, "w") as f:
+        f.write("8")
+    try:
+        client, server = connect_pair(listener)
+        queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=4 << 20, hugepages=True)
+        assert queue.area.hugepages and queue.total_buffers == 1024
+        receiver = queue.recv_multishot(server)
+        sender = Sender(client, seed=24, total=8 << 20)
+        sender.start()
+        verifier = Verifier(24)
+        assert receive_all(receiver, verifier) == 8 << 20
+        sender.join(30)
+        server.close()
+        del queue, receiver
+        ring.close()
+    finally:
+        with open(path, "w") as f:
+            f.write(saved)

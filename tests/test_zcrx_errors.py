@@ -93,3 +93,11 @@ def test_missing_cap_net_admin_is_named_with_the_fix():
         assert kind == "MissingCapability", line
         assert errno_value == "1"  # EPERM
         assert "CAP_NET_ADMIN" in message and "setcap" in message
+
+
+@pytest.mark.skipif(
+    open("/proc/sys/vm/nr_hugepages").read().strip() != "0", reason="huge pages are reserved here"
+)
+def test_a_huge_page_area_without_reserved_pages_says_how_to_reserve(ring):
+    with pytest.raises(iouzcrx.MemoryLimit, match="nr_hugepages"):
+        iouzcrx.BufRingQueue(ring, area_size=4 << 20, hugepages=True)
