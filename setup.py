@@ -8,7 +8,7 @@ from setuptools import Extension, setup
 if not sys.platform.startswith("linux"):
     sys.exit("iouzcrx needs Linux: it is built on io_uring")
 
-MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_probe"]
+MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe"]
 
 extensions = [
     Extension(

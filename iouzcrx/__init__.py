@@ -8,6 +8,9 @@ The engine, synchronously::
             consume(view)                                 # a memoryview over the area
 """
 
+import asyncio as _asyncio
+from typing import Any as _Any
+
 from iouzcrx._bufring import BufRingQueue
 from iouzcrx._probe import KernelFeatures, kernel_features
 from iouzcrx._receive import ReceiveQueue, Receiver
@@ -27,11 +30,45 @@ from iouzcrx.errors import (
     QueueOutOfRange,
     WrongThread,
 )
+from iouzcrx.loop import EventLoopPolicy, install, new_event_loop, run
+from iouzcrx.modes import MODES, ModeSelection, select_mode
+from iouzcrx.protocols import ZeroCopyProtocol
+from iouzcrx.server import ZcrxServer
+from iouzcrx.transport import ZcrxTransport
 
 __version__ = "0.1.0"
 
+
+async def create_zcrx_server(
+    protocol_factory: _Any,
+    host: _Any = None,
+    port: int | None = None,
+    *,
+    loop: _asyncio.AbstractEventLoop | None = None,
+    **kwargs: _Any,
+) -> ZcrxServer:
+    """``loop.create_server`` with zero-copy receive, on any running loop
+    (stock asyncio or uvloop); options as in :mod:`iouzcrx.server`."""
+    from iouzcrx.server import create_zcrx_server as _create
+
+    return await _create(
+        loop or _asyncio.get_running_loop(), protocol_factory, host, port, **kwargs
+    )
+
+
 __all__ = [
+    "MODES",
     "BufRingQueue",
+    "EventLoopPolicy",
+    "ModeSelection",
+    "ZcrxServer",
+    "ZcrxTransport",
+    "ZeroCopyProtocol",
+    "create_zcrx_server",
+    "install",
+    "new_event_loop",
+    "run",
+    "select_mode",
     "Completion",
     "InterfaceNotFound",
     "InvalidConfiguration",

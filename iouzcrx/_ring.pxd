@@ -55,6 +55,7 @@ cdef class Ring:
     cdef set inflight
     cdef list clients
     cdef list callback_errors
+    cdef public object error_handler
     cdef readonly uint64_t enters
     cdef readonly uint64_t cqes_reaped
 

@@ -36,6 +36,7 @@ class Ring:
     owner_thread: int
     enters: int
     cqes_reaped: int
+    error_handler: Callable[[Exception], object] | None
     def __init__(self, sq_entries: int = 256, cq_entries: int = 8192) -> None: ...
     @property
     def in_flight(self) -> int: ...

@@ -346,6 +346,12 @@ cdef class Ring:
                 self.inflight.discard(request)
             try:
                 request.complete(res, flags, extra)
+            except Exception as exc:
+                # User code raised inside a completion: report it, keep going.
+                if self.error_handler is not None:
+                    self.error_handler(exc)
+                else:
+                    self.callback_errors.append(exc)
             except BaseException as exc:
                 self.callback_errors.append(exc)
         self.cqes_reaped += count
@@ -454,7 +460,9 @@ cdef class Ring:
         """Submit, run the kernel's deferred work and dispatch every completion.
 
         Returns True if work is still pending (call again). An exception raised
-        by a completion handler is re-raised here after the CQ was drained.
+        by a completion handler goes to ``error_handler(exc)`` if set (an event
+        loop's exception handler, say), else is re-raised here after the CQ
+        was drained.
         """
         return bool(self.drain_completions(DEFAULT_DRAIN_PASSES))
 

@@ -1,0 +1,115 @@
+"""Event loops that have ``create_zcrx_server``, without patching asyncio.
+
+``new_event_loop()`` gives a uvloop loop when uvloop is installed (unless
+``use_uvloop=False``), else asyncio's selector loop; ``run(main())`` and
+``install()`` follow uvloop's shape. ``iouzcrx.create_zcrx_server(...)``
+works on any running loop, these or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from iouzcrx.reactor import _reactors
+from iouzcrx.server import ZcrxServer, create_zcrx_server
+
+__all__ = [
+    "EventLoopPolicy",
+    "SelectorEventLoop",
+    "install",
+    "new_event_loop",
+    "run",
+    "uvloop_available",
+]
+
+T = TypeVar("T")
+
+try:
+    import uvloop as _uvloop
+except ImportError:  # pragma: no cover - uvloop is optional
+    _uvloop = None  # type: ignore[assignment]
+
+
+class ZcrxLoopMethods:
+    """What iouzcrx adds to an event loop class."""
+
+    async def create_zcrx_server(
+        self, protocol_factory: Any, host: Any = None, port: int | None = None, **kwargs: Any
+    ) -> ZcrxServer:
+        """``loop.create_server`` with zero-copy receive; see
+        :func:`iouzcrx.server.create_zcrx_server` for the options."""
+        loop: asyncio.AbstractEventLoop = self  # type: ignore[assignment]
+        return await create_zcrx_server(loop, protocol_factory, host, port, **kwargs)
+
+    def close(self) -> None:
+        # The ring must be closed while the loop can still drop its reader.
+        reactor = _reactors.get(self)  # type: ignore[call-overload]
+        if reactor is not None:
+            reactor.close()
+        super().close()  # type: ignore[misc]
+
+
+class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
+    """asyncio's selector loop with ``create_zcrx_server``."""
+
+
+if _uvloop is not None:
+
+    class UVLoop(ZcrxLoopMethods, _uvloop.Loop):  # type: ignore[misc]
+        """uvloop's loop with ``create_zcrx_server``."""
+
+
+def uvloop_available() -> bool:
+    return _uvloop is not None
+
+
+def new_event_loop(*, use_uvloop: bool | None = None) -> asyncio.AbstractEventLoop:
+    """A new loop with ``create_zcrx_server``: uvloop's if installed and not
+    refused (``use_uvloop=False``), else asyncio's selector loop."""
+    if use_uvloop is None:
+        use_uvloop = _uvloop is not None
+    if use_uvloop:
+        if _uvloop is None:
+            raise RuntimeError("use_uvloop=True but uvloop is not installed (pip install uvloop)")
+        return UVLoop()
+    return SelectorEventLoop()
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """A policy whose loops have ``create_zcrx_server``."""
+
+    def __init__(self, *, use_uvloop: bool | None = None) -> None:
+        super().__init__()
+        self._use_uvloop = use_uvloop
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return new_event_loop(use_uvloop=self._use_uvloop)
+
+
+def install(*, use_uvloop: bool | None = None) -> None:
+    """Make iouzcrx's loops the default for this process."""
+    asyncio.set_event_loop_policy(EventLoopPolicy(use_uvloop=use_uvloop))
+
+
+def run(
+    main: Coroutine[Any, Any, T], *, debug: bool | None = None, use_uvloop: bool | None = None
+) -> T:
+    """``asyncio.run`` on a loop with ``create_zcrx_server``."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(
+            debug=debug, loop_factory=lambda: new_event_loop(use_uvloop=use_uvloop)
+        ) as runner:
+            return runner.run(main)
+    loop = new_event_loop(use_uvloop=use_uvloop)  # pragma: no cover - Python 3.10
+    try:
+        asyncio.set_event_loop(loop)
+        if debug is not None:
+            loop.set_debug(debug)
+        return loop.run_until_complete(main)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -1,0 +1,92 @@
+"""The Reactor: one io_uring ring per event loop, driven by the loop.
+
+It watches the ring's eventfd with ``loop.add_reader`` (works on the stock
+selector loop and on uvloop alike): with DEFER_TASKRUN, polling the ring fd
+itself does not wake before Linux 7.3.2, the eventfd does. SQEs queued during
+one loop iteration are submitted together by one ``schedule()``d drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+from iouzcrx._ring import Ring
+
+__all__ = ["Reactor"]
+
+_reactors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Reactor] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class Reactor:
+    """Owns the ring of one event loop. Get it with ``Reactor.for_loop(loop)``
+    from the loop's thread (the ring is SINGLE_ISSUER)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ring: Ring | None = None
+        self.ring_error: OSError | None = None
+        self._drain_scheduled = False
+        try:
+            self.ring = Ring()
+        except OSError as exc:
+            self.ring_error = exc  # the socket mode still works
+            return
+        self.ring.error_handler = self._report
+        loop.add_reader(self.ring.eventfd, self._on_eventfd)
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> Reactor:
+        loop = loop or asyncio.get_running_loop()
+        reactor = _reactors.get(loop)
+        if reactor is None or (reactor.ring is not None and reactor.ring.closed):
+            reactor = _reactors[loop] = cls(loop)
+        return reactor
+
+    def _on_eventfd(self) -> None:
+        assert self.ring is not None
+        try:
+            more = self.ring.on_eventfd_readable()
+        except Exception as exc:
+            self._report(exc)
+            more = False
+        if more:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Drain (submit and reap) once before the loop next waits: called
+        whenever SQEs were queued outside a drain."""
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        if self.ring is None or self.ring.closed:
+            return
+        try:
+            more = self.ring.drain()
+        except Exception as exc:
+            self._report(exc)
+            more = False
+        if more:
+            self.schedule()
+
+    def _report(self, exc: BaseException) -> None:
+        self.loop.call_exception_handler(
+            {"message": "exception in an iouzcrx completion callback", "exception": exc}
+        )
+
+    def close(self) -> None:
+        """Cancel everything in flight and close the ring (views stay valid)."""
+        if self.ring is None or self.ring.closed:
+            return
+        try:
+            self.loop.remove_reader(self.ring.eventfd)
+        except (RuntimeError, ValueError):
+            pass  # the loop is already closed
+        self.ring.close()
+        if _reactors.get(self.loop) is self:
+            del _reactors[self.loop]

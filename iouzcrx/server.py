@@ -1,0 +1,391 @@
+"""``create_zcrx_server``: an asyncio server whose connections receive through
+zero-copy receive (or the best fallback the machine allows)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from iouzcrx.modes import DEFAULT_AREA_SIZE, DEFAULT_BUFFER_SIZE, ModeSelection, select_mode
+from iouzcrx.reactor import Reactor
+from iouzcrx.socket_transport import AreaReadingProtocol
+from iouzcrx.transport import ZcrxTransport
+
+__all__ = ["ZcrxServer", "create_zcrx_server"]
+
+log = logging.getLogger("iouzcrx")
+
+_CQE_F_MORE = 0x2
+# Accept errors that mean "out of resources for now": retry after a pause,
+# as asyncio's own accept loop does.
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_RETRY_DELAY = 1.0
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class ZcrxServer(asyncio.AbstractServer):
+    """Listening sockets plus the receive backend their connections share.
+
+    ``mode`` is the receive mode in use and ``refused`` maps each better mode
+    to the reason it could not be used.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        reactor: Reactor,
+        protocol_factory: ProtocolFactory,
+        sockets: list[socket.socket],
+        selection: ModeSelection,
+    ) -> None:
+        self._loop = loop
+        self._reactor = reactor
+        self._protocol_factory = protocol_factory
+        self._sockets: list[socket.socket] | None = sockets
+        self._selection = selection
+        self._serving = False
+        self._closed = False
+        self._accepts: dict[socket.socket, Any] = {}
+        self._connections: set[Any] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._serving_forever: asyncio.Future[None] | None = None
+        if self.mode == "socket":
+            selection.backend.on_available = functools.partial(
+                loop.call_soon_threadsafe, self._resume_starved
+            )
+
+    def __repr__(self) -> str:
+        return f"<ZcrxServer mode={self.mode} sockets={self.sockets!r}>"
+
+    # -- facts -------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._selection.mode
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Better modes that were tried and why each could not be used."""
+        return dict(self._selection.refused)
+
+    @property
+    def backend(self) -> Any:
+        """The receive queue (or socket-mode buffer pool) of the connections."""
+        return self._selection.backend
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets or ())
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    # -- accepting -----------------------------------------------------------------
+
+    async def start_serving(self) -> None:
+        self._start_serving()
+        await asyncio.sleep(0)
+
+    def _start_serving(self) -> None:
+        if self._serving or self._closed:
+            return
+        self._serving = True
+        for sock in self.sockets:
+            self._arm_accept(sock)
+
+    def _arm_accept(self, sock: socket.socket) -> None:
+        if not self._serving:
+            return
+        if self.mode == "socket":
+            self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
+            return
+        ring = self._reactor.ring
+        assert ring is not None
+        self._accepts[sock] = ring.accept(
+            sock, multishot=True, callback=functools.partial(self._on_accept, sock)
+        )
+        self._reactor.schedule()
+
+    def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
+        if res >= 0:
+            self._new_connection(socket.socket(fileno=res))
+        if flags & _CQE_F_MORE:
+            return
+        self._accepts.pop(sock, None)
+        if not self._serving or res == -errno.ECANCELED:
+            return
+        if -res in _ACCEPT_RETRY_ERRNOS:
+            log.error(
+                "iouzcrx: accept failed (%s); retrying in %.1f s",
+                errno.errorcode.get(-res),
+                _ACCEPT_RETRY_DELAY,
+            )
+            self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
+        else:
+            self._arm_accept(sock)  # a full CQ or a one-off error ended the multishot
+
+    def _accept_ready(self, sock: socket.socket) -> None:
+        for _ in range(100):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    self._loop.remove_reader(sock.fileno())
+                    self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
+                    log.error("iouzcrx: accept failed (%s); retrying", exc)
+                    return
+                raise
+            self._new_connection(conn)
+
+    def _new_connection(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            protocol = self._protocol_factory()
+        except Exception as exc:
+            conn.close()
+            self._loop.call_exception_handler(
+                {"message": "the server's protocol factory failed", "exception": exc}
+            )
+            return
+        if self.mode == "socket":
+            reader = AreaReadingProtocol(self.backend, protocol, on_closed=self._detach)
+            self._connections.add(reader)
+            self._loop.create_task(self._connect_socket_mode(conn, reader))
+        else:
+            transport = ZcrxTransport(
+                self._reactor, self.backend, conn, protocol, on_closed=self._detach
+            )
+            self._connections.add(transport)
+
+    async def _connect_socket_mode(self, conn: socket.socket, reader: AreaReadingProtocol) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: reader, conn)
+        except Exception as exc:
+            self._detach(reader)
+            conn.close()
+            self._loop.call_exception_handler(
+                {"message": "socket-mode connection set-up failed", "exception": exc}
+            )
+
+    def _resume_starved(self) -> None:
+        for connection in list(self._connections):
+            if isinstance(connection, AreaReadingProtocol):
+                connection.on_buffers_available()
+
+    def _detach(self, connection: Any) -> None:
+        self._connections.discard(connection)
+        self._wake_waiters()
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; open connections
+        stay (close_clients() / abort_clients() end them)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._serving = False
+        for sock in self.sockets:
+            if self.mode == "socket":
+                self._loop.remove_reader(sock.fileno())
+            accept = self._accepts.pop(sock, None)
+            if accept is not None:
+                accept.cancel()
+        if self._reactor.ring is not None and not self._reactor.ring.closed:
+            self._reactor.schedule()
+        for sock in self.sockets:
+            sock.close()
+        self._sockets = None
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.cancel()
+        self._wake_waiters()
+
+    def close_clients(self) -> None:
+        for connection in list(self._connections):
+            _transport_of(connection).close()
+
+    def abort_clients(self) -> None:
+        for connection in list(self._connections):
+            _transport_of(connection).abort()
+
+    def _wake_waiters(self) -> None:
+        if not self._closed or self._connections:
+            return
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed and every connection has ended."""
+        if self._closed and not self._connections:
+            return
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def serve_forever(self) -> None:
+        if self._serving_forever is not None:
+            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
+        if self._closed:
+            raise RuntimeError(f"server {self!r} is closed")
+        self._start_serving()
+        self._serving_forever = self._loop.create_future()
+        try:
+            await self._serving_forever
+        except asyncio.CancelledError:
+            try:
+                self.close()
+                await self.wait_closed()
+            finally:
+                raise
+        finally:
+            self._serving_forever = None
+
+    async def __aenter__(self) -> ZcrxServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+def _transport_of(connection: Any) -> asyncio.Transport:
+    if isinstance(connection, AreaReadingProtocol):
+        assert connection.transport is not None
+        return connection.transport
+    return connection  # type: ignore[no-any-return]
+
+
+def _listening_sockets(
+    host: str | Iterable[str] | None,
+    port: int | None,
+    *,
+    family: int,
+    flags: int,
+    backlog: int,
+    reuse_address: bool | None,
+    reuse_port: bool | None,
+) -> list[socket.socket]:
+    hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
+    infos = []
+    for h in hosts:
+        infos.extend(
+            socket.getaddrinfo(None if h == "" else h, port, family, socket.SOCK_STREAM, 0, flags)
+        )
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for af, socktype, proto, _name, address in infos:
+            if (af, address) in seen:
+                continue
+            seen.add((af, address))
+            sock = socket.socket(af, socktype, proto)
+            sockets.append(sock)
+            if reuse_address is not False:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"error while attempting to bind on address {address!r}: {exc}"
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def create_zcrx_server(
+    loop: asyncio.AbstractEventLoop,
+    protocol_factory: ProtocolFactory,
+    host: str | Iterable[str] | None = None,
+    port: int | None = None,
+    *,
+    interface: str | None = None,
+    queue: int | None = None,
+    mode: str = "auto",
+    area_size: int = DEFAULT_AREA_SIZE,
+    rq_entries: int | None = None,
+    rx_buf_len: int = 0,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    hugepages: bool = False,
+    family: int = socket.AF_UNSPEC,
+    flags: int = socket.AI_PASSIVE,
+    sock: socket.socket | None = None,
+    backlog: int = 100,
+    ssl: Any = None,
+    reuse_address: bool | None = None,
+    reuse_port: bool | None = None,
+    start_serving: bool = True,
+) -> ZcrxServer:
+    """Like ``loop.create_server``, receiving through zero-copy receive.
+
+    ``mode`` is ``"auto"`` (zerocopy when ``interface`` and ``queue`` are
+    given, then copy, bufring, socket), or one of those to insist on it.
+    """
+    if ssl is not None:
+        raise ValueError(
+            "ssl= is not supported by create_zcrx_server: zero-copy receive hands over "
+            "the TCP payload as the NIC wrote it, and io_uring cannot receive kTLS "
+            "sockets this way; terminate TLS in front of the server"
+        )
+    if sock is not None:
+        if host is not None or port is not None:
+            raise ValueError("host/port and sock can not be specified at the same time")
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+        sock.setblocking(False)
+        sockets = [sock]
+    else:
+        sockets = _listening_sockets(
+            host,
+            port,
+            family=family,
+            flags=flags,
+            backlog=backlog,
+            reuse_address=reuse_address,
+            reuse_port=reuse_port,
+        )
+    try:
+        reactor = Reactor.for_loop(loop)
+        selection = select_mode(
+            reactor.ring,
+            mode=mode,
+            interface=interface,
+            queue=queue,
+            area_size=area_size,
+            rq_entries=rq_entries,
+            rx_buf_len=rx_buf_len,
+            buffer_size=buffer_size,
+            hugepages=hugepages,
+            ring_error=reactor.ring_error,
+        )
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    server = ZcrxServer(loop, reactor, protocol_factory, sockets, selection)
+    if start_serving:
+        await server.start_serving()
+    return server

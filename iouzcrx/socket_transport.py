@@ -1,0 +1,177 @@
+"""socket mode: the event loop's own transport reads into area buffers.
+
+Where io_uring is missing or blocked, the loop's socket transport does the
+I/O: an ``asyncio.BufferedProtocol`` adapter lends it area buffers for
+``recv_into``, and the user's protocol gets the same read-only views as in
+the ring modes. Writing, flow control and closing are the loop's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, cast
+
+from iouzcrx._socket_pool import SocketBufferPool
+from iouzcrx.protocols import delivery_for
+
+__all__ = ["SocketModeTransport", "AreaReadingProtocol"]
+
+
+class SocketModeTransport(asyncio.Transport):
+    """The user's view of a socket-mode connection: the loop's transport, with
+    reading also paused while the area has no free buffer."""
+
+    def __init__(self, inner: asyncio.Transport, reader: AreaReadingProtocol) -> None:
+        super().__init__({"zcrx_mode": "socket", "interface": None, "queue": None})
+        self._extra: dict[str, Any]  # set by asyncio.BaseTransport
+        self._inner = inner
+        self._reader = reader
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in self._extra:
+            return self._extra[name]
+        return self._inner.get_extra_info(name, default)
+
+    def is_reading(self) -> bool:
+        return not self._reader.user_paused and not self.is_closing()
+
+    def pause_reading(self) -> None:
+        self._reader.user_paused = True
+        self._reader.update_reading()
+
+    def resume_reading(self) -> None:
+        self._reader.user_paused = False
+        self._reader.update_reading()
+
+    def write(self, data: Any) -> None:
+        self._inner.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._inner.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._inner.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._inner.set_write_buffer_limits(high, low)
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._reader.protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._reader.set_user_protocol(protocol)
+
+
+class AreaReadingProtocol(asyncio.BufferedProtocol):
+    """Lends area buffers to the loop's transport and passes the filled views
+    on to the user's protocol."""
+
+    def __init__(
+        self,
+        pool: SocketBufferPool,
+        protocol: asyncio.BaseProtocol,
+        on_closed: Callable[[AreaReadingProtocol], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.protocol = protocol
+        self._deliver = delivery_for(protocol)
+        self._on_closed = on_closed
+        self.user_paused = False
+        self.starved = False
+        self._inner: asyncio.Transport | None = None
+        self.transport: SocketModeTransport | None = None
+        self._filling: int | None = None
+        self._spare: bytearray | None = None
+
+    def set_user_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+        self._deliver = delivery_for(protocol)
+
+    def update_reading(self) -> None:
+        """The loop's transport reads only while the user wants data and the
+        area has a free buffer."""
+        inner = self._inner
+        if inner is None or inner.is_closing():
+            return
+        if self.user_paused or self.starved:
+            inner.pause_reading()
+        else:
+            inner.resume_reading()
+
+    def on_buffers_available(self) -> None:
+        if self.starved and self.pool.free_buffers:
+            self.starved = False
+            self.update_reading()
+
+    # -- asyncio.BufferedProtocol -------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self._inner = cast(asyncio.Transport, transport)
+        self.transport = SocketModeTransport(self._inner, self)
+        self.protocol.connection_made(self.transport)
+
+    def get_buffer(self, sizehint: int) -> Any:
+        taken = self.pool.take()
+        if taken is None:
+            # Only between the last buffer going and reading being paused.
+            self._filling = None
+            if self._spare is None:
+                self._spare = bytearray(64 * 1024)
+            return self._spare
+        self._filling, slot = taken
+        return slot
+
+    def buffer_updated(self, nbytes: int) -> None:
+        index, self._filling = self._filling, None
+        if index is None:
+            assert self._spare is not None
+            view = memoryview(bytes(self._spare[:nbytes]))
+        else:
+            view = self.pool.filled(index, nbytes)
+        if not self.pool.free_buffers:
+            self.starved = True
+            self.update_reading()
+        self._deliver(view)
+
+    def eof_received(self) -> bool | None:
+        self._put_back_unfilled()
+        return self.protocol.eof_received()  # type: ignore[attr-defined, no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._put_back_unfilled()
+        try:
+            self.protocol.connection_lost(exc)
+        finally:
+            if self._on_closed is not None:
+                self._on_closed(self)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def _put_back_unfilled(self) -> None:
+        if self._filling is not None:
+            self.pool.put_back(self._filling)
+            self._filling = None

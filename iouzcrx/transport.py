@@ -1,0 +1,355 @@
+"""``ZcrxTransport``: an ``asyncio.Transport`` receiving through a zcrx or
+buffer-ring queue (multishot receive on the ring) and sending with ring SENDs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Any
+
+from iouzcrx._receive import ReceiveQueue, Receiver
+from iouzcrx._ring import Completion
+from iouzcrx.protocols import delivery_for
+from iouzcrx.reactor import Reactor
+
+__all__ = ["ZcrxTransport"]
+
+_DEFAULT_HIGH_WATER = 64 * 1024
+_MAX_SEND = 1 << 20  # small writes are joined into sends of at most this
+
+
+class ZcrxTransport(asyncio.Transport):
+    """One TCP connection served by the ring's receive queue."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        queue: ReceiveQueue,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        extra: dict[str, Any] | None = None,
+        waiter: asyncio.Future[None] | None = None,
+        on_closed: Any = None,
+    ) -> None:
+        super().__init__(extra)
+        assert reactor.ring is not None, "ring modes need the reactor's ring"
+        self._loop = reactor.loop
+        self._reactor = reactor
+        self._ring = reactor.ring
+        self._queue = queue
+        self._sock = sock
+        self._protocol = protocol
+        self._deliver = delivery_for(protocol)
+        self._on_closed = on_closed
+        self._extra: dict[str, Any]  # set by asyncio.BaseTransport
+        self._extra.update(
+            socket=sock,
+            sockname=sock.getsockname(),
+            peername=_peername(sock),
+            zcrx_mode=queue.mode,
+            interface=getattr(queue, "interface", None),
+            queue=getattr(queue, "queue", None),
+        )
+        self._receiver: Receiver | None = None
+        self._generation = 0  # bumps when a receiver is retired (pause, close)
+        self._paused = False
+        self._backlog: collections.deque[memoryview] = collections.deque()
+        self._eof_seen = False
+        self._closing = False
+        self._connection_lost = False
+        self._write_queue: collections.deque[bytes | memoryview] = collections.deque()
+        self._write_size = 0
+        self._sending: Completion | None = None
+        self._eof_requested = False
+        self._protocol_paused = False
+        self._high_water = _DEFAULT_HIGH_WATER
+        self._low_water = _DEFAULT_HIGH_WATER // 4
+        self._loop.call_soon(self._protocol.connection_made, self)
+        self._loop.call_soon(self._start_reading)
+        if waiter is not None:
+            self._loop.call_soon(_set_result_unless_cancelled, waiter)
+
+    def __repr__(self) -> str:
+        state = "closing" if self._closing else "paused" if self._paused else "reading"
+        return f"<ZcrxTransport {self._queue.mode} fd={self._sock.fileno()} {state}>"
+
+    # -- reading ---------------------------------------------------------------
+
+    def _start_reading(self) -> None:
+        if self._closing or self._paused or self._eof_seen or self._receiver is not None:
+            return
+        generation = self._generation
+        self._receiver = self._queue.recv_multishot(
+            self._sock,
+            on_data=self._on_view,
+            on_end=lambda error: self._on_receive_end(generation, error),
+        )
+        self._reactor.schedule()
+
+    def _on_view(self, view: memoryview) -> None:
+        if self._paused or self._backlog:
+            self._backlog.append(view)
+            return
+        try:
+            self._deliver(view)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol failed to take received data")
+
+    def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
+        if generation != self._generation:
+            return  # a receiver retired by pause_reading() or close()
+        self._receiver = None
+        if error is not None:
+            self._fatal_error(error, "Fatal read error on zcrx transport")
+            return
+        if self._closing:
+            return
+        if self._queue.ring.closing:
+            self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
+            return
+        # EOF (a cancelled receive ends without error only through pause/close).
+        self._eof_seen = True
+        if not self._paused and not self._backlog:
+            self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._retire_receiver(discard=False)
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        while self._backlog and not self._paused and not self._closing:
+            self._on_view_backlogged(self._backlog.popleft())
+        if self._paused or self._closing:
+            return
+        if self._eof_seen:
+            self._deliver_eof()
+        else:
+            self._start_reading()
+
+    def _on_view_backlogged(self, view: memoryview) -> None:
+        try:
+            self._deliver(view)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol failed to take received data")
+
+    def _retire_receiver(self, *, discard: bool) -> None:
+        """Stop the current multishot; data already in flight lands in the
+        backlog (pause) or is dropped (close)."""
+        receiver, self._receiver = self._receiver, None
+        self._generation += 1
+        if receiver is None or receiver.finished:
+            return
+        if discard:
+            receiver.close()
+        else:
+            receiver.cancel()
+        self._reactor.schedule()
+
+    # -- writing ---------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_requested:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._closing or self._connection_lost:
+            return
+        if not data:
+            return
+        # The kernel reads the buffer after write() returns: keep an immutable copy
+        # unless it already is one.
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._write_queue.append(chunk)
+        self._write_size += len(chunk)
+        self._start_send()
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _start_send(self) -> None:
+        if self._sending is not None or not self._write_queue:
+            return
+        if len(self._write_queue) > 1:
+            parts: list[bytes | memoryview] = []
+            size = 0
+            while self._write_queue and size < _MAX_SEND:
+                part = self._write_queue.popleft()
+                parts.append(part)
+                size += len(part)
+            self._write_queue.appendleft(b"".join(parts))
+        self._sending = self._ring.send(self._sock, self._write_queue[0], callback=self._on_sent)
+        self._reactor.schedule()
+
+    def _on_sent(self, res: int, flags: int) -> None:
+        self._sending = None
+        if res < 0:
+            import os
+
+            self._fatal_error(
+                OSError(-res, os.strerror(-res)), "Fatal write error on zcrx transport"
+            )
+            return
+        head = self._write_queue[0]
+        if res < len(head):
+            self._write_queue[0] = memoryview(head)[res:]
+        else:
+            self._write_queue.popleft()
+        self._write_size -= res
+        self._maybe_resume_protocol()
+        if self._write_queue:
+            self._start_send()
+            return
+        if self._eof_requested:
+            self._ring.shutdown(self._sock, socket.SHUT_WR)
+            self._reactor.schedule()
+        if self._closing:
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_requested:
+            return
+        self._eof_requested = True
+        if not self._write_queue and self._sending is None:
+            self._ring.shutdown(self._sock, socket.SHUT_WR)
+            self._reactor.schedule()
+
+    def get_write_buffer_size(self) -> int:
+        return self._write_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low_water, self._high_water
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = _DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water, self._low_water = high, low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._protocol_paused or self._write_size <= self._high_water:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report(exc, "protocol.pause_writing() failed")
+
+    def _maybe_resume_protocol(self) -> None:
+        if not self._protocol_paused or self._write_size > self._low_water:
+            return
+        self._protocol_paused = False
+        try:
+            self._protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report(exc, "protocol.resume_writing() failed")
+
+    # -- closing ---------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop reading, send what is queued, then close the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        self._retire_receiver(discard=True)
+        self._backlog.clear()
+        if self._sending is None and not self._write_queue:
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._connection_lost:
+            return
+        self._closing = True
+        self._retire_receiver(discard=True)
+        self._backlog.clear()
+        self._write_queue.clear()
+        self._write_size = 0
+        if self._sending is not None:
+            self._sending.cancel()
+            self._sending = None
+            self._reactor.schedule()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if not isinstance(exc, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            self._report(exc, message)
+        self._force_close(exc)
+
+    def _report(self, exc: BaseException, message: str) -> None:
+        self._loop.call_exception_handler(
+            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+        )
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        if self._connection_lost:
+            return
+        self._connection_lost = True
+        try:
+            self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+        finally:
+            self._sock.close()
+            if self._on_closed is not None:
+                self._on_closed(self)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._deliver = delivery_for(protocol)
+
+
+def _peername(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.set_result(None)
