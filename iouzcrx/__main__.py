@@ -1,4 +1,4 @@
-"""Command line: ``python -m iouzcrx demo|features``."""
+"""Command line: ``python -m iouzcrx demo|doctor|features``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ def main(argv: list[str]) -> int:
         from iouzcrx.demo import main as demo
 
         return demo(argv[1:])
+    if command == "doctor":
+        from iouzcrx.doctor import main as doctor
+
+        return doctor(argv[1:])
     if command == "features":
         from iouzcrx._probe import kernel_features
 
         print(json.dumps(kernel_features().as_dict(), indent=2))
         return 0
-    print("usage: python -m iouzcrx {demo,features} [options]", file=sys.stderr)
+    print("usage: python -m iouzcrx {demo,doctor,features} [options]", file=sys.stderr)
     return 0 if command in ("help", "-h", "--help") else 2
 
 
