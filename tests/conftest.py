@@ -153,3 +153,20 @@ def receive_all(receiver: iouzcrx.Receiver, verifier: Verifier, timeout: float =
         verifier.feed(view)
         total += len(view)
         view.release()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Every asyncio test runs on the stock selector loop and on uvloop."""
+    return {
+        "asyncio": lambda: iouzcrx.new_event_loop(use_uvloop=False),
+        "uvloop": lambda: iouzcrx.new_event_loop(use_uvloop=True),
+    }
+
+
+# Modes of the asyncio layer: socket works anywhere, bufring wherever
+# io_uring does, copy in the VM.
+SERVER_MODES = [
+    pytest.param("bufring", id="bufring"),
+    pytest.param("socket", id="socket"),
+    pytest.param("copy", id="copy", marks=[pytest.mark.vm, requires_copy_mode]),
+]

@@ -1,0 +1,74 @@
+"""Mode selection at the server layer: auto picks the best mode that works and
+says why better ones were refused; an explicit mode that cannot work raises
+the error naming what is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from conftest import FEATURES
+
+import iouzcrx
+
+
+class Sink(iouzcrx.ZeroCopyProtocol):
+    pass
+
+
+async def test_auto_takes_the_best_mode_and_says_why_better_ones_were_refused(caplog):
+    caplog.set_level(logging.INFO, logger="iouzcrx")
+    loop = asyncio.get_running_loop()
+    async with await loop.create_zcrx_server(
+        Sink, "127.0.0.1", 0, interface="lo", queue=0, area_size=4 << 20
+    ) as server:
+        assert server.mode == ("copy" if FEATURES.zcrx_nodev else "bufring")
+        assert "no queue API" in server.refused["zerocopy"]
+        if not FEATURES.zcrx_nodev:
+            assert "7.1" in server.refused["copy"]
+        assert f"mode {server.mode} (refused zerocopy:" in caplog.text
+
+
+async def test_explicit_zerocopy_on_a_nic_without_support_raises_the_clear_error():
+    loop = asyncio.get_running_loop()
+    with pytest.raises(iouzcrx.NicUnsupported, match="no queue API"):
+        await loop.create_zcrx_server(
+            Sink, "127.0.0.1", 0, mode="zerocopy", interface="lo", queue=0
+        )
+
+
+@pytest.mark.skipif(FEATURES.zcrx_nodev, reason="this kernel has copy mode")
+async def test_explicit_copy_mode_on_an_old_kernel_says_which_kernel_it_needs():
+    loop = asyncio.get_running_loop()
+    with pytest.raises(iouzcrx.KernelTooOld, match="7.1"):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode="copy")
+
+
+async def test_an_unknown_mode_is_refused():
+    loop = asyncio.get_running_loop()
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="mode must be"):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode="fastest")
+
+
+def test_the_module_function_works_on_a_stock_asyncio_loop():
+    """iouzcrx.create_zcrx_server needs no iouzcrx loop: any running loop."""
+
+    async def main() -> str:
+        assert not hasattr(asyncio.get_running_loop(), "create_zcrx_server")
+        async with await iouzcrx.create_zcrx_server(Sink, "127.0.0.1", 0) as server:
+            _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+            writer.write(b"x" * 1000)
+            writer.close()
+            return server.mode
+
+    assert asyncio.run(main()) in ("copy", "bufring")
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_run_gives_a_loop_with_create_zcrx_server(use_uvloop):
+    async def main() -> str:
+        return type(asyncio.get_running_loop()).__name__
+
+    name = iouzcrx.run(main(), use_uvloop=use_uvloop)
+    assert name == ("UVLoop" if use_uvloop else "SelectorEventLoop")

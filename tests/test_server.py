@@ -1,0 +1,345 @@
+"""create_zcrx_server, transports and protocols, on the stock loop and on
+uvloop (tests/conftest.py runs each test on both), in every mode the kernel
+can run."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import resource
+import socket
+
+import pytest
+from conftest import SERVER_MODES, Pattern, Verifier
+
+import iouzcrx
+
+pytestmark = pytest.mark.parametrize("mode", SERVER_MODES)
+
+TIMEOUT = 60
+
+
+class Recorder(iouzcrx.ZeroCopyProtocol):
+    """Verifies the stream against a pattern; keeps views if asked to."""
+
+    def __init__(self, seed: int = 1, keep: bool = False) -> None:
+        self.verifier = Verifier(seed)
+        self.keep = keep
+        self.views: list[memoryview] = []
+        self.transport: asyncio.Transport | None = None
+        self.eof = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def view_received(self, view: memoryview) -> None:
+        assert view.readonly
+        self.verifier.feed(view)
+        if self.keep:
+            self.views.append(view)
+
+    def eof_received(self) -> None:
+        self.eof.set_result(self.verifier.pos)
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def start(mode: str, factory, **kwargs) -> iouzcrx.ZcrxServer:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    return await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode=mode, **kwargs)
+
+
+def port_of(server: iouzcrx.ZcrxServer) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def send_pattern(port: int, seed: int, total: int, *, eof: bool = True):  # type: ignore[no-untyped-def]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for chunk in Pattern(seed).chunks(total):
+        writer.write(chunk)
+        await writer.drain()
+    if eof:
+        writer.write_eof()
+    return reader, writer
+
+
+async def test_server_lifecycle_and_async_with(mode):
+    server = await start(mode, Recorder)
+    assert server.is_serving() and server.mode == mode
+    assert len(server.sockets) == 1 and server.get_loop() is asyncio.get_running_loop()
+    async with server:
+        _, writer = await send_pattern(port_of(server), 1, 1000)
+        writer.close()
+    assert not server.is_serving() and server.sockets == ()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+
+async def test_a_zero_copy_protocol_receives_every_byte_as_views(mode):
+    protocols: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocols.append(Recorder(seed=3))
+        return protocols[-1]
+
+    async with await start(mode, factory) as server:
+        total = 24 << 20
+        _, writer = await send_pattern(port_of(server), 3, total)
+        assert await asyncio.wait_for(protocols[0].eof, TIMEOUT) == total
+        transport = protocols[0].transport
+        assert transport is not None
+        assert transport.get_extra_info("zcrx_mode") == mode
+        assert transport.get_extra_info("peername") == writer.get_extra_info("sockname")
+        writer.close()
+        await asyncio.wait_for(protocols[0].lost, TIMEOUT)
+        assert server.backend.buffers_in_use == 0
+
+
+class BytesProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        assert type(data) is bytes
+        self.chunks.append(data)
+
+    def eof_received(self) -> None:
+        self.done.set_result(b"".join(self.chunks))
+
+
+class CopyingBufferedProtocol(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        self.buffer = bytearray(10_000)  # smaller than a chunk: several copies each
+        self.data = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self.buffer[:nbytes]
+
+    def eof_received(self) -> None:
+        self.done.set_result(bytes(self.data))
+
+
+@pytest.mark.parametrize("kind", [BytesProtocol, CopyingBufferedProtocol])
+async def test_stock_protocols_get_copies_and_buffers_return_at_once(mode, kind):
+    protocols: list = []
+
+    def factory():  # type: ignore[no-untyped-def]
+        protocols.append(kind())
+        return protocols[-1]
+
+    async with await start(mode, factory) as server:
+        total = 4 << 20
+        _, writer = await send_pattern(port_of(server), 4, total)
+        data = await asyncio.wait_for(protocols[0].done, TIMEOUT)
+        assert data == b"".join(bytes(c) for c in Pattern(4).chunks(total))
+        assert server.backend.buffers_in_use == 0
+        writer.close()
+
+
+class Echo(iouzcrx.ZeroCopyProtocol):
+    def __init__(self, high: int | None = None) -> None:
+        self.high = high
+        self.pauses = 0
+        self.resumes = 0
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+        if self.high is not None:
+            transport.set_write_buffer_limits(high=self.high)
+            # Small kernel buffers, so the echo backs up in the transport.
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+
+    def view_received(self, view: memoryview) -> None:
+        self.transport.write(view)
+
+    def eof_received(self) -> bool:
+        self.transport.write_eof()
+        self.transport.close()  # after the queued echo has gone out
+        return True
+
+    def pause_writing(self) -> None:
+        self.pauses += 1
+
+    def resume_writing(self) -> None:
+        self.resumes += 1
+
+
+async def test_the_write_path_echoes_with_write_flow_control(mode):
+    echoes: list[Echo] = []
+
+    def factory() -> Echo:
+        echoes.append(Echo(high=16 << 10))
+        return echoes[-1]
+
+    async with await start(mode, factory) as server:
+        total = 8 << 20
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+
+        async def feed() -> None:
+            for chunk in Pattern(5).chunks(total):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+
+        # Send everything before reading any of it back, so the echo's writes
+        # pile up in the server's transport and cross the high-water mark.
+        await asyncio.wait_for(feed(), TIMEOUT)
+        verifier = Verifier(5)
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), TIMEOUT):
+            verifier.feed(memoryview(chunk))
+        assert verifier.pos == total
+        assert echoes[0].pauses >= 1 and echoes[0].resumes == echoes[0].pauses
+        writer.close()
+
+
+async def test_pause_reading_stops_delivery_until_resumed(mode):
+    protocols: list[Recorder] = []
+
+    class PausingOnce(Recorder):
+        paused_once = False
+
+        def view_received(self, view: memoryview) -> None:
+            super().view_received(view)
+            if self.verifier.pos >= 64 << 10 and not self.paused_once:
+                self.paused_once = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def factory() -> Recorder:
+        protocols.append(PausingOnce(seed=6))
+        return protocols[-1]
+
+    async with await start(mode, factory) as server:
+        total = 2 << 20
+        _, writer = await send_pattern(port_of(server), 6, total)
+        while not protocols or not protocols[0].paused_once:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+        transport = protocols[0].transport
+        assert transport is not None and not transport.is_reading()
+        paused_at = protocols[0].verifier.pos
+        await asyncio.sleep(0.5)
+        assert protocols[0].verifier.pos == paused_at < total  # nothing while paused
+        transport.resume_reading()
+        assert transport.is_reading()
+        assert await asyncio.wait_for(protocols[0].eof, TIMEOUT) == total
+        writer.close()
+
+
+async def test_half_close_lets_the_server_answer_after_eof(mode):
+    class Answer(iouzcrx.ZeroCopyProtocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            self.transport = transport
+            self.size = 0
+
+        def view_received(self, view: memoryview) -> None:
+            self.size += len(view)
+
+        def eof_received(self) -> bool:
+            self.transport.write(f"got {self.size}".encode())
+            self.transport.close()
+            return True
+
+    async with await start(mode, Answer) as server:
+        reader, writer = await send_pattern(port_of(server), 7, 300_000)
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"got 300000"
+        writer.close()
+
+
+async def test_a_thousand_connections_each_receive_exactly_their_own_bytes(mode):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"needs 4096 file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    results: dict[int, bytes] = {}
+
+    class ByConnection(iouzcrx.ZeroCopyProtocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            self.parts: list[bytes] = []
+
+        def view_received(self, view: memoryview) -> None:
+            self.parts.append(view.tobytes())
+
+        def eof_received(self) -> None:
+            data = b"".join(self.parts)
+            results[int.from_bytes(data[:4], "little")] = data
+
+    count, size = 1000, 3000
+    async with await start(mode, ByConnection, backlog=1024) as server:
+
+        async def client(i: int) -> None:
+            _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+            writer.write(i.to_bytes(4, "little") + Pattern(i).expected(0, size))
+            writer.write_eof()
+            await writer.drain()
+            writer.close()
+
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(count))), TIMEOUT)
+        while len(results) < count:
+            await asyncio.sleep(0.05)
+    assert sorted(results) == list(range(count))
+    for i, data in results.items():
+        assert data[4:] == Pattern(i).expected(0, size)
+
+
+async def test_closing_the_server_while_views_are_held_keeps_them_readable(mode):
+    protocols: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocols.append(Recorder(seed=8, keep=True))
+        return protocols[-1]
+
+    server = await start(mode, factory)
+    backend = server.backend
+    _, writer = await send_pattern(port_of(server), 8, 1 << 20)
+    await asyncio.wait_for(protocols[0].eof, TIMEOUT)
+    server.close()
+    server.abort_clients()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    writer.close()
+    views = protocols[0].views
+    assert backend.buffers_in_use >= 1
+    check = Verifier(8)
+    for view in views:
+        check.feed(view)  # still mapped, still the right bytes
+    assert check.pos == 1 << 20
+    del view
+    views.clear()
+    gc.collect()
+    assert backend.buffers_in_use == 0
+
+
+async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+
+    class Faulty(Recorder):
+        def view_received(self, view: memoryview) -> None:
+            raise ValueError("boom in user code")
+
+    async with await start(mode, lambda: Faulty(seed=9)) as server:
+        _, writer = await send_pattern(port_of(server), 9, 100_000, eof=False)
+        while not reported:
+            await asyncio.sleep(0.01)
+        assert isinstance(reported[0]["exception"], ValueError)
+        writer.close()
+        # The server, and the reactor under it, still serve the next client.
+        loop.set_exception_handler(None)
+        protocols: list[Recorder] = []
+        server._protocol_factory = lambda: protocols.append(Recorder(seed=10)) or protocols[-1]  # type: ignore[attr-defined]
+        _, writer = await send_pattern(port_of(server), 10, 100_000)
+        assert await asyncio.wait_for(protocols[0].eof, TIMEOUT) == 100_000
+        writer.close()
+
+
+async def test_ssl_is_refused_with_the_reason(mode):
+    with pytest.raises(ValueError, match="ssl= is not supported"):
+        await start(mode, Recorder, ssl=object())
