@@ -34,6 +34,7 @@ from iouzcrx.loop import EventLoopPolicy, install, new_event_loop, run
 from iouzcrx.modes import MODES, ModeSelection, select_mode
 from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.server import ZcrxServer
+from iouzcrx.streams import ZcrxStreamReader, ZcrxStreamWriter, open_connection, start_server
 from iouzcrx.transport import ZcrxTransport
 
 __version__ = "0.1.0"
@@ -62,6 +63,10 @@ __all__ = [
     "EventLoopPolicy",
     "ModeSelection",
     "ZcrxServer",
+    "ZcrxStreamReader",
+    "ZcrxStreamWriter",
+    "open_connection",
+    "start_server",
     "ZcrxTransport",
     "ZeroCopyProtocol",
     "create_zcrx_server",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from typing import Any
 
 from iouzcrx._ring import Ring
 
@@ -29,6 +30,8 @@ class Reactor:
         self.ring: Ring | None = None
         self.ring_error: OSError | None = None
         self._drain_scheduled = False
+        # Receive backends of client connections (open_connection), per mode.
+        self.client_backends: dict[str, Any] = {}
         try:
             self.ring = Ring()
         except OSError as exc:

@@ -16,7 +16,7 @@ from iouzcrx.reactor import Reactor
 from iouzcrx.socket_transport import AreaReadingProtocol
 from iouzcrx.transport import ZcrxTransport
 
-__all__ = ["ZcrxServer", "create_zcrx_server"]
+__all__ = ["ZcrxServer", "attach_connection", "create_zcrx_server"]
 
 log = logging.getLogger("iouzcrx")
 
@@ -160,25 +160,9 @@ class ZcrxServer(asyncio.AbstractServer):
                 {"message": "the server's protocol factory failed", "exception": exc}
             )
             return
-        if self.mode == "socket":
-            reader = AreaReadingProtocol(self.backend, protocol, on_closed=self._detach)
-            self._connections.add(reader)
-            self._loop.create_task(self._connect_socket_mode(conn, reader))
-        else:
-            transport = ZcrxTransport(
-                self._reactor, self.backend, conn, protocol, on_closed=self._detach
-            )
-            self._connections.add(transport)
-
-    async def _connect_socket_mode(self, conn: socket.socket, reader: AreaReadingProtocol) -> None:
-        try:
-            await self._loop.connect_accepted_socket(lambda: reader, conn)
-        except Exception as exc:
-            self._detach(reader)
-            conn.close()
-            self._loop.call_exception_handler(
-                {"message": "socket-mode connection set-up failed", "exception": exc}
-            )
+        self._connections.add(
+            attach_connection(self._reactor, self._selection, conn, protocol, self._detach)
+        )
 
     def _resume_starved(self) -> None:
         for connection in list(self._connections):
@@ -261,6 +245,45 @@ class ZcrxServer(asyncio.AbstractServer):
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
         await self.wait_closed()
+
+
+def attach_connection(
+    reactor: Reactor,
+    selection: ModeSelection,
+    conn: socket.socket,
+    protocol: asyncio.BaseProtocol,
+    on_closed: Callable[[Any], None] | None = None,
+    waiter: asyncio.Future[None] | None = None,
+) -> Any:
+    """Serve the connected socket ``conn`` with ``protocol`` in the selected
+    mode; returns the connection's handle (transport, or socket-mode reader).
+    ``waiter`` is resolved once the protocol got connection_made()."""
+    if selection.mode != "socket":
+        return ZcrxTransport(
+            reactor, selection.backend, conn, protocol, on_closed=on_closed, waiter=waiter
+        )
+    reader = AreaReadingProtocol(selection.backend, protocol, on_closed=on_closed)
+    loop = reactor.loop
+
+    async def connect() -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: reader, conn)
+        except BaseException as exc:
+            if on_closed is not None:
+                on_closed(reader)
+            conn.close()
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            else:
+                loop.call_exception_handler(
+                    {"message": "socket-mode connection set-up failed", "exception": exc}
+                )
+            return
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    loop.create_task(connect())
+    return reader
 
 
 def _transport_of(connection: Any) -> asyncio.Transport:

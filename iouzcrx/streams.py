@@ -1,0 +1,379 @@
+"""Streams over zero-copy receive: ``start_server`` and ``open_connection``.
+
+The reader hands out what arrived without copying where it can:
+``async for view in reader`` yields the area views themselves, and
+``read(n)``, ``readexactly(n)`` and ``readuntil(sep)`` return a slice of one
+view when the answer lies inside it, copying into ``bytes`` only when it spans
+chunks. Results are bytes-like either way (``memoryview`` or ``bytes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from iouzcrx.modes import ModeSelection, select_mode
+from iouzcrx.protocols import ZeroCopyProtocol
+from iouzcrx.reactor import Reactor
+from iouzcrx.server import ZcrxServer, attach_connection, create_zcrx_server
+
+__all__ = ["ZcrxStreamReader", "ZcrxStreamWriter", "open_connection", "start_server"]
+
+DEFAULT_LIMIT = 1 << 20  # buffered bytes before the reader pauses the transport
+
+Chunk = memoryview | bytes
+
+
+class ZcrxStreamReader:
+    """Buffered views of one connection, consumed by coroutines."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        self._limit = limit
+        self._views: collections.deque[memoryview] = collections.deque()
+        self._size = 0
+        self._eof = False
+        self._exception: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        return f"<ZcrxStreamReader {self._size} bytes{' eof' if self._eof else ''}>"
+
+    # -- fed by the protocol ---------------------------------------------------------
+
+    def set_transport(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def feed_view(self, view: memoryview) -> None:
+        self._views.append(view)
+        self._size += len(view)
+        self._wake()
+        # Views hold area buffers: stop reading rather than hoard the area.
+        if not self._paused and self._transport is not None and self._size > 2 * self._limit:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._wake()
+
+    def exception(self) -> BaseException | None:
+        return self._exception
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._views
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._exception is not None:
+            raise self._exception
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _consumed(self, n: int) -> None:
+        self._size -= n
+        if self._paused and self._size <= self._limit and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _take(self, n: int) -> Chunk:
+        """Remove the first ``n`` buffered bytes (n <= buffered): a slice of
+        the first view if it holds them all, else a copy."""
+        first = self._views[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._views.popleft()
+            else:
+                self._views[0] = first[n:]
+            self._consumed(n)
+            return first[:n]
+        parts = []
+        remaining = n
+        while remaining:
+            view = self._views[0]
+            if len(view) <= remaining:
+                parts.append(self._views.popleft())
+                remaining -= len(view)
+            else:
+                parts.append(view[:remaining])
+                self._views[0] = view[remaining:]
+                remaining = 0
+        self._consumed(n)
+        return b"".join(parts)
+
+    # -- the coroutine API ---------------------------------------------------------------
+
+    def __aiter__(self) -> ZcrxStreamReader:
+        return self
+
+    async def __anext__(self) -> memoryview:
+        while not self._views:
+            if self._eof:
+                raise StopAsyncIteration
+            await self._wait()
+        view = self._views.popleft()
+        self._consumed(len(view))
+        return view
+
+    async def read(self, n: int = -1) -> Chunk:
+        """Up to ``n`` bytes (all until EOF if ``n < 0``); empty at EOF."""
+        if n == 0:
+            return b""
+        if n < 0:
+            while not self._eof:
+                await self._wait()
+            return self._take(self._size) if self._size else b""
+        while not self._views:
+            if self._eof:
+                return b""
+            await self._wait()
+        return self._take(min(n, len(self._views[0])))
+
+    async def readexactly(self, n: int) -> Chunk:
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        while self._size < n:
+            if self._eof:
+                partial = self._take(self._size) if self._size else b""
+                raise asyncio.IncompleteReadError(bytes(partial), n)
+            await self._wait()
+        return self._take(n) if n else b""
+
+    async def readuntil(self, separator: bytes = b"\n") -> Chunk:
+        if not separator:
+            raise ValueError("Separator should be at least one-byte string")
+        while True:
+            end = self._find(separator)
+            if end >= 0:
+                return self._take(end)
+            if self._size > self._limit:
+                raise asyncio.LimitOverrunError(
+                    "Separator is not found, and chunk exceed the limit", self._size
+                )
+            if self._eof:
+                partial = self._take(self._size) if self._size else b""
+                raise asyncio.IncompleteReadError(bytes(partial), None)
+            await self._wait()
+
+    async def readline(self) -> Chunk:
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    def _find(self, separator: bytes) -> int:
+        """Bytes up to and including the first ``separator``, or -1."""
+        if not self._views:
+            return -1
+        first = self._views[0]
+        index = bytes(first).find(separator) if len(self._views) == 1 else -1
+        if index < 0 and len(self._views) > 1:
+            joined = b"".join(self._views)
+            index = joined.find(separator)
+        return index + len(separator) if index >= 0 else -1
+
+
+class _StreamProtocol(ZeroCopyProtocol):
+    """Feeds a ZcrxStreamReader and lets the writer wait for drain."""
+
+    def __init__(
+        self,
+        reader: ZcrxStreamReader,
+        client_connected_cb: Callable[[ZcrxStreamReader, ZcrxStreamWriter], Any] | None = None,
+    ) -> None:
+        self._reader = reader
+        self._client_connected_cb = client_connected_cb
+        self._loop = asyncio.get_running_loop()
+        self._paused = False
+        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = self._loop.create_future()
+        self._task: asyncio.Task[Any] | None = None
+        self.writer: ZcrxStreamWriter | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._reader.set_transport(transport)  # type: ignore[arg-type]
+        self.writer = ZcrxStreamWriter(transport, self, self._reader)  # type: ignore[arg-type]
+        if self._client_connected_cb is not None:
+            result = self._client_connected_cb(self._reader, self.writer)
+            if asyncio.iscoroutine(result):
+                self._task = self._loop.create_task(result)
+
+    def view_received(self, view: memoryview) -> None:
+        self._reader.feed_view(view)
+
+    def eof_received(self) -> bool:
+        self._reader.feed_eof()
+        return True  # keep the transport open for the writer (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self._reader.feed_eof()
+        else:
+            self._reader.set_exception(exc)
+        if not self._closed.done():
+            if exc is None:
+                self._closed.set_result(None)
+            else:
+                self._closed.set_exception(exc)
+                self._closed.exception()  # retrieved: nobody may wait_closed()
+        self._paused = False
+        self._release_drain_waiters(exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._release_drain_waiters(None)
+
+    def _release_drain_waiters(self, exc: Exception | None) -> None:
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+    async def drain_helper(self) -> None:
+        if not self._paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+
+class ZcrxStreamWriter:
+    """The writing half, shaped like ``asyncio.StreamWriter``."""
+
+    def __init__(
+        self, transport: asyncio.Transport, protocol: _StreamProtocol, reader: ZcrxStreamReader
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._reader = reader
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self._transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._transport.write(data)
+
+    def writelines(self, data: Any) -> None:
+        self._transport.writelines(data)
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    async def wait_closed(self) -> None:
+        await self._protocol._closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    async def drain(self) -> None:
+        exc = self._reader.exception()
+        if exc is not None:
+            raise exc
+        if self._transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost run, as asyncio does
+        await self._protocol.drain_helper()
+
+
+async def start_server(
+    client_connected_cb: Callable[[ZcrxStreamReader, ZcrxStreamWriter], Awaitable[None] | None],
+    host: Any = None,
+    port: int | None = None,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    **kwargs: Any,
+) -> ZcrxServer:
+    """``asyncio.start_server`` with zero-copy receive (options of
+    ``create_zcrx_server``)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> _StreamProtocol:
+        return _StreamProtocol(ZcrxStreamReader(limit), client_connected_cb)
+
+    return await create_zcrx_server(loop, factory, host, port, **kwargs)
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    mode: str = "auto",
+    area_size: int = 16 << 20,
+    **mode_options: Any,
+) -> tuple[ZcrxStreamReader, ZcrxStreamWriter]:
+    """``asyncio.open_connection`` receiving through zero-copy receive.
+
+    The connections a loop opens share one receive backend per mode, made
+    on first use with ``area_size`` and ``mode_options``.
+    """
+    loop = asyncio.get_running_loop()
+    reactor = Reactor.for_loop(loop)
+    selection = _client_backend(reactor, mode, area_size, mode_options)
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, socktype, proto, _name, address in infos:
+        sock = socket.socket(family, socktype, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        break
+    else:
+        raise error or OSError(f"could not connect to {host}:{port}")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = ZcrxStreamReader(limit)
+    protocol = _StreamProtocol(reader)
+    connected: asyncio.Future[None] = loop.create_future()
+    attach_connection(reactor, selection, sock, protocol, waiter=connected)
+    await connected
+    await asyncio.sleep(0)  # connection_made runs before the waiter is resolved
+    assert protocol.writer is not None
+    return reader, protocol.writer
+
+
+def _client_backend(
+    reactor: Reactor, mode: str, area_size: int, options: dict[str, Any]
+) -> ModeSelection:
+    backends = reactor.client_backends
+    selection: ModeSelection | None = backends.get(mode)
+    if selection is None:
+        selection = backends[mode] = select_mode(
+            reactor.ring, mode=mode, area_size=area_size, ring_error=reactor.ring_error, **options
+        )
+    return selection

@@ -1,0 +1,155 @@
+"""Streams: start_server / open_connection and the zero-copy reader, on both
+loops and in every mode the kernel can run."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+from conftest import SERVER_MODES, Pattern, Verifier
+
+import iouzcrx
+
+pytestmark = pytest.mark.parametrize("mode", SERVER_MODES)
+
+TIMEOUT = 60
+
+
+async def serve(mode, handler):  # type: ignore[no-untyped-def]
+    server = await iouzcrx.start_server(handler, "127.0.0.1", 0, mode=mode)
+    host, port = server.sockets[0].getsockname()
+    return server, host, port
+
+
+async def test_async_for_yields_every_byte_as_views(mode):
+    got = asyncio.get_running_loop().create_future()
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        verifier = Verifier(40)
+        async for view in reader:
+            assert isinstance(view, memoryview) and view.readonly
+            verifier.feed(view)
+        got.set_result(verifier.pos)
+        writer.close()
+
+    server, host, port = await serve(mode, handler)
+    async with server:
+        reader, writer = await asyncio.open_connection(host, port)
+        for chunk in Pattern(40).chunks(6 << 20):
+            writer.write(chunk)
+        writer.write_eof()
+        assert await asyncio.wait_for(got, TIMEOUT) == 6 << 20
+        writer.close()
+
+
+async def test_readexactly_copies_only_across_chunk_boundaries(mode):
+    results = asyncio.get_running_loop().create_future()
+    record = 1000  # does not divide the chunk sizes: some records span two chunks
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        kinds = {"view": 0, "copy": 0}
+        verifier = Verifier(41)
+        while True:
+            try:
+                data = await reader.readexactly(record)
+            except asyncio.IncompleteReadError as exc:
+                assert exc.partial == b""
+                break
+            kinds["view" if isinstance(data, memoryview) else "copy"] += 1
+            verifier.feed(memoryview(data))
+        results.set_result((kinds, verifier.pos))
+        writer.close()
+
+    server, host, port = await serve(mode, handler)
+    async with server:
+        _, writer = await asyncio.open_connection(host, port)
+        total = 2000 * record
+        for chunk in Pattern(41).chunks(total):
+            writer.write(chunk)
+        writer.write_eof()
+        kinds, pos = await asyncio.wait_for(results, TIMEOUT)
+        assert pos == total
+        assert kinds["view"] > kinds["copy"] > 0
+        writer.close()
+
+
+async def test_readuntil_readline_read_and_incomplete_read(mode):
+    results = asyncio.get_running_loop().create_future()
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        first = await reader.readuntil(b"\r\n")
+        line = await reader.readline()
+        some = await reader.read(3)
+        try:
+            await reader.readexactly(100)
+        except asyncio.IncompleteReadError as exc:
+            partial = exc.partial
+        results.set_result((bytes(first), bytes(line), bytes(some), partial, reader.at_eof()))
+        writer.close()
+
+    server, host, port = await serve(mode, handler)
+    async with server:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\n")
+        await asyncio.sleep(0.05)
+        writer.write(b"second ")
+        await asyncio.sleep(0.05)
+        writer.write(b"line\nabcdef")
+        writer.write_eof()
+        assert await asyncio.wait_for(results, TIMEOUT) == (
+            b"GET / HTTP/1.1\r\n",
+            b"second line\n",
+            b"abc",
+            b"def",
+            True,
+        )
+        writer.close()
+
+
+async def test_open_connection_receives_zero_copy_on_the_client_side(mode):
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        for chunk in Pattern(42).chunks(3 << 20):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    server, host, port = await serve(mode, handler)
+    async with server:
+        reader, writer = await iouzcrx.open_connection(host, port, mode=mode)
+        assert writer.get_extra_info("zcrx_mode") == mode
+        verifier = Verifier(42)
+        async for view in reader:
+            verifier.feed(view)
+        assert verifier.pos == 3 << 20
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_cancelling_a_handler_mid_stream_returns_its_buffers(mode):
+    started = asyncio.get_running_loop().create_future()
+    tasks: list[asyncio.Task] = []
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            view = await reader.__anext__()
+            started.set_result(len(view))
+            await asyncio.sleep(3600)  # a handler stuck mid-stream
+        finally:
+            writer.close()
+
+    server, host, port = await serve(mode, handler)
+    _, client = await asyncio.open_connection(host, port)
+    for chunk in Pattern(43).chunks(512 << 10):
+        client.write(chunk)
+    await asyncio.wait_for(started, TIMEOUT)
+    tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    client.close()
+    del tasks
+    gc.collect()
+    assert server.backend.buffers_in_use == 0
