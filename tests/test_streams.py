@@ -150,6 +150,6 @@ async def test_cancelling_a_handler_mid_stream_returns_its_buffers(mode):
     server.close()
     await asyncio.wait_for(server.wait_closed(), TIMEOUT)
     client.close()
-    del tasks
+    tasks.clear()
     gc.collect()
     assert server.backend.buffers_in_use == 0
