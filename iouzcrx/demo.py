@@ -4,6 +4,7 @@ receive mode this machine offers, verify every byte, report the figures."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import multiprocessing
 import os
@@ -11,14 +12,12 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable
 
-from iouzcrx._bufring import BufRingQueue
+import iouzcrx
+from iouzcrx import create_zcrx_server
 from iouzcrx._probe import kernel_features
-from iouzcrx._receive import ReceiveQueue
-from iouzcrx._ring import Ring
-from iouzcrx._zcrx import ZcrxQueue
-from iouzcrx.errors import IouzcrxError
+from iouzcrx.modes import MODES
+from iouzcrx.protocols import ZeroCopyProtocol
 
 BLOCK = 1 << 20
 GIB = 1 << 30
@@ -56,20 +55,6 @@ class StreamCheck:
         self.pos += n
 
 
-def open_queue(ring: Ring, mode: str, area_size: int) -> tuple[ReceiveQueue, list[str]]:
-    """The queue for ``mode`` ('auto' takes copy, then bufring) and why better
-    modes were passed over."""
-    refused: list[str] = []
-    if mode in ("auto", "copy"):
-        try:
-            return ZcrxQueue(ring, mode="copy", area_size=area_size), refused
-        except IouzcrxError as exc:
-            if mode == "copy":
-                raise
-            refused.append(f"copy: {exc}")
-    return BufRingQueue(ring, area_size=area_size), refused
-
-
 def progress(done: int, total: int, started: float) -> None:
     if not sys.stderr.isatty():
         return
@@ -83,82 +68,81 @@ def progress(done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
-def run(size_gib: float, connections: int, mode: str, area_mib: int) -> int:
-    total = int(size_gib * GIB)
-    per_connection = total // connections
-    total = per_connection * connections
+class VerifyingProtocol(ZeroCopyProtocol):
+    """Checks each connection byte by byte against its sender's pattern."""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+        self.check: StreamCheck | None = None
+
+    def view_received(self, view: memoryview) -> None:
+        if self.check is None:
+            self.check = StreamCheck(self.demo.seeds[view[:64].tobytes()])
+            self.demo.checks.append(self.check)
+        self.check.feed(view)
+        self.demo.received += len(view)
+
+    def eof_received(self) -> None:
+        self.demo.finished += 1
+        if self.demo.finished == self.demo.connections:
+            self.demo.done.set_result(None)
+
+
+class Demo:
+    def __init__(self, connections: int, per_connection: int) -> None:
+        self.connections = connections
+        self.per_connection = per_connection
+        self.total = connections * per_connection
+        self.seeds = {pattern_block(seed)[:64]: seed for seed in range(connections)}
+        self.checks: list[StreamCheck] = []
+        self.received = 0
+        self.finished = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+async def stream(connections: int, per_connection: int, mode: str, area_mib: int) -> int:
+    demo = Demo(connections, per_connection)
+    loop = asyncio.get_running_loop()
+    server = await create_zcrx_server(
+        lambda: VerifyingProtocol(demo), "127.0.0.1", 0, mode=mode, area_size=area_mib << 20
+    )
     features = kernel_features()
-    if not features.io_uring:
-        print(f"io_uring is unavailable here: {features.io_uring_error}", file=sys.stderr)
-        return 1
-    listener = socket.create_server(("127.0.0.1", 0), backlog=connections)
-    ctx = multiprocessing.get_context("fork")
+    print(
+        f"iouzcrx demo: mode={server.mode} kernel={features.release} "
+        f"loop={type(loop).__name__} connections={connections} bytes={demo.total}"
+    )
+    for refused, reason in server.refused.items():
+        print(f"  not {refused}: {reason}")
+    ctx = multiprocessing.get_context("spawn")
+    address = server.sockets[0].getsockname()
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.monotonic()
     senders = [
-        ctx.Process(target=send_stream, args=(listener.getsockname(), seed, per_connection))
+        ctx.Process(target=send_stream, args=(address, seed, per_connection))
         for seed in range(connections)
     ]
     for p in senders:
         p.start()
-    # Senders connect in any order; each stream is matched to its seed by its
-    # first 64 bytes (the patterns differ there).
-    accepted = [listener.accept()[0] for _ in range(connections)]
-    listener.close()
-
-    with Ring() as ring:
-        queue, refused = open_queue(ring, mode, area_mib << 20)
-        print(
-            f"iouzcrx demo: mode={queue.mode} kernel={features.release} "
-            f"connections={connections} bytes={total}"
-        )
-        for reason in refused:
-            print(f"  not {reason}")
-        checks: list[StreamCheck | None] = [None] * connections
-        seeds = {pattern_block(seed)[:64]: seed for seed in range(connections)}
-        received = [0]
-
-        def on_data_for(index: int) -> Callable[[memoryview], None]:
-            def on_data(view: memoryview) -> None:
-                check = checks[index]
-                if check is None:
-                    check = checks[index] = StreamCheck(seeds[view[:64].tobytes()])
-                check.feed(view)
-                received[0] += len(view)
-
-            return on_data
-
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        started = time.monotonic()
-        receivers = [
-            queue.recv_multishot(sock, on_data=on_data_for(i)) for i, sock in enumerate(accepted)
-        ]
-        last = 0.0
-        while not all(r.finished for r in receivers):
-            ring.wait(0.2)
-            now = time.monotonic()
-            if now - last > 0.2:
-                progress(received[0], total, started)
-                last = now
-        elapsed = time.monotonic() - started
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        progress(received[0], total, started)
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
-        errors = [r.error for r in receivers if r.error is not None]
-        stats = queue.stats()
+    while not demo.done.done():
+        await asyncio.wait([demo.done], timeout=0.2)
+        progress(demo.received, demo.total, started)
+    elapsed = time.monotonic() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
     for p in senders:
         p.join()
-    for sock in accepted:
-        sock.close()
-    if errors:
-        print(f"receive failed: {errors[0]}", file=sys.stderr)
-        return 1
-    if received[0] != total or any(c is None or c.pos != per_connection for c in checks):
-        print(f"lost data: received {received[0]} of {total} bytes", file=sys.stderr)
+    stats = server.backend.stats()
+    server.close()
+    server.abort_clients()
+    await server.wait_closed()
+    if demo.received != demo.total or any(c.pos != per_connection for c in demo.checks):
+        print(f"lost data: received {demo.received} of {demo.total} bytes", file=sys.stderr)
         return 1
     cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
-    gb = total / 1e9
+    gb = demo.total / 1e9
     print(f"mode:             {stats['mode']}")
-    print(f"verified:         {total} bytes, byte-exact, over {connections} connections")
+    print(f"verified:         {demo.total} bytes, byte-exact, over {connections} connections")
     print(f"throughput:       {gb / elapsed:.2f} GB/s ({elapsed:.2f} s)")
     print(f"receiver CPU:     {cpu / gb:.3f} s/GB (verification included)")
     print(f"chunks:           {stats['chunks']} ({stats['chunks'] / elapsed:,.0f}/s)")
@@ -169,13 +153,26 @@ def run(size_gib: float, connections: int, mode: str, area_mib: int) -> int:
     return 0
 
 
+def run(
+    size_gib: float, connections: int, mode: str, area_mib: int, use_uvloop: bool | None
+) -> int:
+    per_connection = int(size_gib * GIB) // connections
+    return iouzcrx.run(stream(connections, per_connection, mode, area_mib), use_uvloop=use_uvloop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iouzcrx demo", description=__doc__)
     parser.add_argument("--size", type=float, default=4.0, help="GiB to stream (default 4)")
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--mode", choices=("auto", "copy", "bufring"), default="auto")
+    parser.add_argument("--mode", choices=("auto",) + MODES, default="auto")
+    parser.add_argument("--interface", help="NIC for zerocopy mode")
+    parser.add_argument("--queue", type=int, help="RX queue for zerocopy mode")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default=None, help="default: uvloop if installed"
+    )
     parser.add_argument("--area", type=int, default=64, help="receive area in MiB")
     args = parser.parse_args(argv)
     if os.environ.get("IOUZCRX_DEMO_SIZE"):
         args.size = float(os.environ["IOUZCRX_DEMO_SIZE"])
-    return run(args.size, args.connections, args.mode, args.area)
+    use_uvloop = None if args.loop is None else args.loop == "uvloop"
+    return run(args.size, args.connections, args.mode, args.area, use_uvloop)

@@ -8,6 +8,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+from conftest import FEATURES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,3 +52,20 @@ def test_receive_to_file_writes_exactly_what_was_sent(tmp_path):
     assert proc.returncode == 0
     assert f"{len(payload)} bytes in" in out
     assert output.read_bytes() == payload
+
+
+@pytest.mark.parametrize("mode", ["auto", "socket"])
+def test_the_demo_streams_verifies_and_reports(mode):
+    out = subprocess.run(
+        [sys.executable, "-m", "iouzcrx", "demo", "--size", "0.25", "--mode", mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    expected = {"socket": "socket", "auto": "copy" if FEATURES.zcrx_nodev else "bufring"}[mode]
+    lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    assert lines["mode"].strip() == expected
+    assert "byte-exact" in lines["verified"] and str(1 << 28) in lines["verified"]
+    assert "GB/s" in lines["throughput"] and "s/GB" in lines["receiver CPU"]
+    assert int(lines["buffers recycled"].split()[0]) > 0
