@@ -52,6 +52,15 @@ async def start(mode: str, factory, **kwargs) -> iouzcrx.ZcrxServer:  # type: ig
     return await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode=mode, **kwargs)
 
 
+async def first(protocols: list):  # type: ignore[no-untyped-def, type-arg]
+    """The first connection's protocol, once the server has accepted it."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not protocols:
+        assert asyncio.get_running_loop().time() < deadline, "no connection was accepted"
+        await asyncio.sleep(0.01)
+    return protocols[0]
+
+
 def port_of(server: iouzcrx.ZcrxServer) -> int:
     return int(server.sockets[0].getsockname()[1])
 
@@ -87,7 +96,7 @@ async def test_a_zero_copy_protocol_receives_every_byte_as_views(mode):
     async with await start(mode, factory) as server:
         total = 24 << 20
         _, writer = await send_pattern(port_of(server), 3, total)
-        assert await asyncio.wait_for(protocols[0].eof, TIMEOUT) == total
+        assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == total
         transport = protocols[0].transport
         assert transport is not None
         assert transport.get_extra_info("zcrx_mode") == mode
@@ -137,7 +146,7 @@ async def test_stock_protocols_get_copies_and_buffers_return_at_once(mode, kind)
     async with await start(mode, factory) as server:
         total = 4 << 20
         _, writer = await send_pattern(port_of(server), 4, total)
-        data = await asyncio.wait_for(protocols[0].done, TIMEOUT)
+        data = await asyncio.wait_for((await first(protocols)).done, TIMEOUT)
         assert data == b"".join(bytes(c) for c in Pattern(4).chunks(total))
         assert server.backend.buffers_in_use == 0
         writer.close()
@@ -229,7 +238,7 @@ async def test_pause_reading_stops_delivery_until_resumed(mode):
         assert protocols[0].verifier.pos == paused_at < total  # nothing while paused
         transport.resume_reading()
         assert transport.is_reading()
-        assert await asyncio.wait_for(protocols[0].eof, TIMEOUT) == total
+        assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == total
         writer.close()
 
 
@@ -299,7 +308,7 @@ async def test_closing_the_server_while_views_are_held_keeps_them_readable(mode)
     server = await start(mode, factory)
     backend = server.backend
     _, writer = await send_pattern(port_of(server), 8, 1 << 20)
-    await asyncio.wait_for(protocols[0].eof, TIMEOUT)
+    await asyncio.wait_for((await first(protocols)).eof, TIMEOUT)
     server.close()
     server.abort_clients()
     await asyncio.wait_for(server.wait_closed(), TIMEOUT)
@@ -336,7 +345,7 @@ async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
         protocols: list[Recorder] = []
         server._protocol_factory = lambda: protocols.append(Recorder(seed=10)) or protocols[-1]  # type: ignore[attr-defined]
         _, writer = await send_pattern(port_of(server), 10, 100_000)
-        assert await asyncio.wait_for(protocols[0].eof, TIMEOUT) == 100_000
+        assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == 100_000
         writer.close()
 
 
