@@ -24,3 +24,6 @@ cdef class Buffer:
     cdef char *data
     cdef Py_ssize_t length
     cdef uint64_t token
+
+
+cdef uint64_t buffer_count(size_t area_size, uint32_t buffer_size) except 0

@@ -66,6 +66,18 @@ cdef class Area:
         return f"<Area {self.size} bytes{' hugepages' if self.hugepages else ''}>"
 
 
+cdef uint64_t buffer_count(size_t area_size, uint32_t buffer_size) except 0:
+    """How many ``buffer_size`` buffers an area of ``area_size`` holds; both
+    must be page multiples and the area a whole number of buffers."""
+    if buffer_size < 1 or buffer_size % PAGE_SIZE:
+        raise InvalidConfiguration(
+            f"buffer_size {buffer_size} must be a positive multiple of {PAGE_SIZE}")
+    if area_size < buffer_size or area_size % buffer_size:
+        raise InvalidConfiguration(
+            f"area_size {area_size} must be a positive multiple of buffer_size {buffer_size}")
+    return area_size // buffer_size
+
+
 cdef class BufferOwner(RingClient):
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:

@@ -14,7 +14,7 @@ from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
                          PROT_READ, PROT_WRITE, mmap, munmap)
 
 from iouzcrx._abi cimport *
-from iouzcrx._area cimport Area
+from iouzcrx._area cimport Area, buffer_count
 from iouzcrx._receive cimport ReceiveQueue, Receiver
 from iouzcrx._ring cimport Ring
 
@@ -35,13 +35,7 @@ cdef class BufRingQueue(ReceiveQueue):
 
     def __init__(self, Ring ring not None, *, size_t area_size=DEFAULT_AREA_SIZE,
                  uint32_t buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False):
-        if buffer_size < 1 or buffer_size % PAGE_SIZE:
-            raise InvalidConfiguration(
-                f"buffer_size {buffer_size} must be a positive multiple of {PAGE_SIZE}")
-        if area_size < buffer_size or area_size % buffer_size:
-            raise InvalidConfiguration(
-                f"area_size {area_size} must be a positive multiple of buffer_size {buffer_size}")
-        cdef uint64_t count = area_size // buffer_size
+        cdef uint64_t count = buffer_count(area_size, buffer_size)
         if count > MAX_RING_ENTRIES:
             raise InvalidConfiguration(
                 f"{count} buffers is more than a buffer ring holds ({MAX_RING_ENTRIES}); "

@@ -9,13 +9,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
-from iouzcrx._area cimport Area, BufferOwner
-
-from iouzcrx.errors import InvalidConfiguration
-
-
-cdef enum:
-    PAGE_SIZE = 4096
+from iouzcrx._area cimport Area, BufferOwner, buffer_count
 
 
 @cython.final
@@ -39,16 +33,11 @@ cdef class SocketBufferPool(BufferOwner):
     most recently returned buffer is still warm in the cache)."""
 
     def __init__(self, *, size_t area_size, uint32_t buffer_size, bint hugepages=False):
-        if buffer_size < 1 or buffer_size % PAGE_SIZE:
-            raise InvalidConfiguration(
-                f"buffer_size {buffer_size} must be a positive multiple of {PAGE_SIZE}")
-        if area_size < buffer_size or area_size % buffer_size:
-            raise InvalidConfiguration(
-                f"area_size {area_size} must be a positive multiple of buffer_size {buffer_size}")
+        cdef uint64_t count = buffer_count(area_size, buffer_size)
         self.mode = "socket"
         self.area = Area(area_size, hugepages)
         self.buffer_size = buffer_size
-        self.total_buffers = area_size // buffer_size
+        self.total_buffers = count
         self.free_stack = <uint32_t *>malloc(self.total_buffers * sizeof(uint32_t))
         if self.free_stack == NULL:
             raise MemoryError()

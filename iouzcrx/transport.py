@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 from typing import Any
 
@@ -211,8 +212,6 @@ class ZcrxTransport(asyncio.Transport):
     def _on_sent(self, res: int, flags: int) -> None:
         self._sending = None
         if res < 0:
-            import os
-
             self._fatal_error(
                 OSError(-res, os.strerror(-res)), "Fatal write error on zcrx transport"
             )
