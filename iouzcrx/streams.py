@@ -81,6 +81,11 @@ class ZcrxStreamReader:
     async def _wait(self) -> None:
         if self._exception is not None:
             raise self._exception
+        if self._paused and self._transport is not None:
+            # The caller needs more than is buffered (readexactly of more than
+            # the limit, say): reading must go on or this waits forever.
+            self._paused = False
+            self._transport.resume_reading()
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter

@@ -153,3 +153,23 @@ async def test_cancelling_a_handler_mid_stream_returns_its_buffers(mode):
     tasks.clear()
     gc.collect()
     assert server.backend.buffers_in_use == 0
+
+
+async def test_readexactly_beyond_the_reader_limit_does_not_stall(mode):
+    """The reader pauses the transport past 2 x limit; a read that needs more
+    than that must resume it."""
+    got = asyncio.get_running_loop().create_future()
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        data = await reader.readexactly(3 << 20)
+        got.set_result(bytes(data))
+        writer.close()
+
+    server = await iouzcrx.start_server(handler, "127.0.0.1", 0, mode=mode, limit=256 << 10)
+    async with server:
+        _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        for chunk in Pattern(44).chunks(3 << 20):
+            writer.write(chunk)
+        expected = b"".join(bytes(c) for c in Pattern(44).chunks(3 << 20))
+        assert await asyncio.wait_for(got, TIMEOUT) == expected
+        writer.close()
