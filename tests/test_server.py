@@ -352,3 +352,49 @@ async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
 async def test_ssl_is_refused_with_the_reason(mode):
     with pytest.raises(ValueError, match="ssl= is not supported"):
         await start(mode, Recorder, ssl=object())
+
+
+async def test_views_released_on_another_thread_resume_a_starved_connection(mode):
+    """Holding every buffer stops reading (TCP holds the sender); releasing
+    them on another thread resumes it, and nothing is lost."""
+    import threading
+
+    protocols: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocols.append(Recorder(seed=12, keep=True))
+        return protocols[-1]
+
+    server = await start(mode, factory, area_size=1 << 20, buffer_size=64 << 10)
+    async with server:
+        total = 16 << 20
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+
+        async def feed() -> None:
+            for chunk in Pattern(12).chunks(total):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+
+        feeding = asyncio.ensure_future(feed())
+        protocol = await first(protocols)
+        backend = server.backend
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while backend.buffers_in_use < backend.total_buffers:
+            assert asyncio.get_running_loop().time() < deadline, "the area never filled up"
+            await asyncio.sleep(0.01)
+        held_at = protocol.verifier.pos
+        await asyncio.sleep(0.3)
+        assert protocol.verifier.pos == held_at < total  # starved: nothing arrives
+        assert not feeding.done()  # and the sender is held back
+
+        protocol.keep = False
+        views, protocol.views = protocol.views, []
+        releaser = threading.Thread(target=views.clear)
+        releaser.start()
+        del views
+        releaser.join()
+        assert await asyncio.wait_for(protocol.eof, TIMEOUT) == total
+        await feeding
+        writer.close()
