@@ -72,3 +72,31 @@ def test_run_gives_a_loop_with_create_zcrx_server(use_uvloop):
 
     name = iouzcrx.run(main(), use_uvloop=use_uvloop)
     assert name == ("UVLoop" if use_uvloop else "SelectorEventLoop")
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "socket"])
+def test_a_loop_lifetime_leaves_no_file_descriptors_behind(use_uvloop, mode):
+    import gc
+    import os
+
+    class Count(iouzcrx.ZeroCopyProtocol):
+        pass
+
+    async def main() -> None:
+        async with await iouzcrx.create_zcrx_server(Count, "127.0.0.1", 0, mode=mode) as server:
+            for _ in range(3):
+                _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+                writer.write(b"y" * 100_000)
+                writer.close()
+                await writer.wait_closed()
+            server.close_clients()
+
+    # One warm-up lifetime: libuv opens process-wide fds (its threadpool's
+    # wake-up pipe) on first use and keeps them; a leak of ours would recur.
+    iouzcrx.run(main(), use_uvloop=use_uvloop)
+    gc.collect()
+    before = set(os.listdir("/proc/self/fd"))
+    iouzcrx.run(main(), use_uvloop=use_uvloop)
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) == before  # ring, eventfd, sockets all closed
