@@ -72,18 +72,32 @@ def select_mode(
     refused: dict[str, str] = {}
     for candidate in candidates:
         try:
-            backend = _open(
-                ring,
-                candidate,
-                interface=interface,
-                queue=queue,
-                area_size=area_size,
-                rq_entries=rq_entries,
-                rx_buf_len=rx_buf_len,
-                buffer_size=buffer_size,
-                hugepages=hugepages,
-                ring_error=ring_error,
-            )
+            if candidate == "socket":
+                backend: Any = SocketBufferPool(
+                    area_size=area_size, buffer_size=buffer_size, hugepages=hugepages
+                )
+            elif ring is None:
+                raise (
+                    ring_error
+                    if isinstance(ring_error, OSError)
+                    else OSError(f"io_uring is unavailable: {ring_error}")
+                )
+            elif candidate == "bufring":
+                backend = BufRingQueue(
+                    ring, area_size=area_size, buffer_size=buffer_size, hugepages=hugepages
+                )
+            else:
+                zerocopy = candidate == "zerocopy"
+                backend = ZcrxQueue(
+                    ring,
+                    mode=candidate,
+                    interface=interface if zerocopy else None,
+                    queue=queue if zerocopy else None,
+                    rq_entries=rq_entries,
+                    area_size=area_size,
+                    rx_buf_len=rx_buf_len,
+                    hugepages=hugepages,
+                )
         except (IouzcrxError, OSError) as exc:
             if mode != "auto":
                 raise
@@ -94,36 +108,3 @@ def select_mode(
             log.info("iouzcrx: %s", selection.describe())
         return selection
     raise AssertionError("socket mode cannot be refused")  # pragma: no cover
-
-
-def _open(
-    ring: Ring | None,
-    mode: str,
-    *,
-    interface: str | None,
-    queue: int | None,
-    area_size: int,
-    rq_entries: int | None,
-    rx_buf_len: int,
-    buffer_size: int,
-    hugepages: bool,
-    ring_error: BaseException | None,
-) -> Any:
-    if mode == "socket":
-        return SocketBufferPool(area_size=area_size, buffer_size=buffer_size, hugepages=hugepages)
-    if ring is None:
-        if isinstance(ring_error, OSError):
-            raise ring_error
-        raise OSError(f"io_uring is unavailable: {ring_error}")
-    if mode == "bufring":
-        return BufRingQueue(ring, area_size=area_size, buffer_size=buffer_size, hugepages=hugepages)
-    return ZcrxQueue(
-        ring,
-        mode=mode,
-        interface=interface if mode == "zerocopy" else None,
-        queue=queue if mode == "zerocopy" else None,
-        area_size=area_size,
-        rq_entries=rq_entries,
-        rx_buf_len=rx_buf_len,
-        hugepages=hugepages,
-    )
