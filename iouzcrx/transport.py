@@ -92,7 +92,10 @@ class ZcrxTransport(asyncio.Transport):
     def _on_view(self, view: memoryview) -> None:
         if self._paused or self._backlog:
             self._backlog.append(view)
-            return
+        else:
+            self._deliver_guarded(view)
+
+    def _deliver_guarded(self, view: memoryview) -> None:
         try:
             self._deliver(view)
         except (SystemExit, KeyboardInterrupt):
@@ -103,19 +106,18 @@ class ZcrxTransport(asyncio.Transport):
     def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
         if generation != self._generation:
             return  # a receiver retired by pause_reading() or close()
-        self._receiver = None
+        receiver, self._receiver = self._receiver, None
         if error is not None:
             self._fatal_error(error, "Fatal read error on zcrx transport")
+        elif self._closing:
             return
-        if self._closing:
-            return
-        if self._queue.ring.closing:
+        elif receiver is not None and receiver.eof:
+            self._eof_seen = True
+            if not self._paused and not self._backlog:
+                self._deliver_eof()
+        else:
+            # Ended neither by EOF, an error nor this transport: the ring closed.
             self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
-            return
-        # EOF (a cancelled receive ends without error only through pause/close).
-        self._eof_seen = True
-        if not self._paused and not self._backlog:
-            self._deliver_eof()
 
     def _deliver_eof(self) -> None:
         try:
@@ -145,21 +147,13 @@ class ZcrxTransport(asyncio.Transport):
 
     def _resume(self) -> None:
         while self._backlog and not self._paused and not self._closing:
-            self._on_view_backlogged(self._backlog.popleft())
+            self._deliver_guarded(self._backlog.popleft())
         if self._paused or self._closing:
             return
         if self._eof_seen:
             self._deliver_eof()
         else:
             self._start_reading()
-
-    def _on_view_backlogged(self, view: memoryview) -> None:
-        try:
-            self._deliver(view)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     def _retire_receiver(self, *, discard: bool) -> None:
         """Stop the current multishot; data already in flight lands in the

@@ -398,3 +398,25 @@ async def test_views_released_on_another_thread_resume_a_starved_connection(mode
         assert await asyncio.wait_for(protocol.eof, TIMEOUT) == total
         await feeding
         writer.close()
+
+
+async def test_closing_the_loops_ring_aborts_its_connections(mode):
+    if mode == "socket":
+        pytest.skip("socket mode has no ring")
+    protocols: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocols.append(Recorder(seed=13))
+        return protocols[-1]
+
+    server = await start(mode, factory)
+    _, writer = await send_pattern(port_of(server), 13, 100_000, eof=False)
+    protocol = await first(protocols)
+    while protocol.verifier.pos < 100_000:
+        await asyncio.sleep(0.01)
+    iouzcrx.reactor.Reactor.for_loop().close()
+    lost = await asyncio.wait_for(protocol.lost, TIMEOUT)
+    assert isinstance(lost, ConnectionAbortedError)
+    assert not protocol.eof.done()  # an abort, not an end of stream
+    server.close()
+    writer.close()
