@@ -11,8 +11,15 @@ cdef class Area:
 
 
 cdef class BufferOwner(RingClient):
-    """Hands out views over its area; takes each buffer back exactly once."""
+    """Hands out views over its area; takes each buffer back exactly once.
+    The counters are kept by the backends (they know when a buffer is lent)."""
     cdef readonly Area area
+    cdef readonly str mode
+    cdef readonly uint64_t total_buffers
+    cdef readonly uint64_t buffers_in_use
+    cdef readonly uint64_t buffers_returned
+    cdef readonly uint64_t bytes_received
+    cdef readonly uint64_t chunks_received
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept
     cdef object export(self, char *data, Py_ssize_t length, uint64_t token)
 

@@ -1,3 +1,5 @@
+from typing import Any
+
 from iouzcrx._ring import RingClient
 
 class Area:
@@ -6,8 +8,15 @@ class Area:
     def __init__(self, size: int, hugepages: bool = False) -> None: ...
 
 class BufferOwner(RingClient):
+    mode: str
+    total_buffers: int
+    buffers_in_use: int
+    buffers_returned: int
+    bytes_received: int
+    chunks_received: int
     @property
     def area(self) -> Area: ...
+    def stats(self) -> dict[str, Any]: ...
 
 class Buffer:
     def __buffer__(self, flags: int, /) -> memoryview: ...

@@ -83,6 +83,20 @@ cdef class BufferOwner(RingClient):
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
         pass
 
+    def stats(self):
+        """Counters since creation, as a dict (the same keys in every mode)."""
+        return {
+            "mode": self.mode,
+            "bytes": self.bytes_received,
+            "chunks": self.chunks_received,
+            "total_buffers": self.total_buffers,
+            "buffers_in_use": self.buffers_in_use,
+            "buffers_returned": self.buffers_returned,
+            "buffers_pending_return": 0,
+            "refills": 0,
+            "rearms": 0,
+        }
+
     cdef object export(self, char *data, Py_ssize_t length, uint64_t token):
         cdef Buffer buf = Buffer.__new__(Buffer)
         buf.owner = self

@@ -16,12 +16,6 @@ cdef class ReceiveQueue(BufferOwner):
     """What the receive backends share: the area, buffer returns waiting to be
     published to the kernel, receivers starved of buffers, and statistics."""
     cdef readonly Ring ring
-    cdef readonly str mode
-    cdef readonly uint64_t total_buffers
-    cdef readonly uint64_t buffers_in_use
-    cdef readonly uint64_t buffers_returned
-    cdef readonly uint64_t bytes_received
-    cdef readonly uint64_t chunks_received
     cdef readonly uint64_t refills
     cdef readonly uint64_t rearms
     cdef readonly bint closed

@@ -6,12 +6,6 @@ from iouzcrx._ring import Request, Ring
 
 class ReceiveQueue(BufferOwner):
     ring: Ring
-    mode: str
-    total_buffers: int
-    buffers_in_use: int
-    buffers_returned: int
-    bytes_received: int
-    chunks_received: int
     refills: int
     rearms: int
     closed: bool

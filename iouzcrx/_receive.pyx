@@ -154,18 +154,10 @@ cdef class ReceiveQueue(BufferOwner):
         return self.pending_count
 
     def stats(self):
-        """Counters since creation, as a dict."""
-        return {
-            "mode": self.mode,
-            "bytes": self.bytes_received,
-            "chunks": self.chunks_received,
-            "total_buffers": self.total_buffers,
-            "buffers_in_use": self.buffers_in_use,
-            "buffers_returned": self.buffers_returned,
-            "buffers_pending_return": self.pending_count,
-            "refills": self.refills,
-            "rearms": self.rearms,
-        }
+        stats = BufferOwner.stats(self)
+        stats.update(buffers_pending_return=self.pending_count, refills=self.refills,
+                     rearms=self.rearms)
+        return stats
 
 
 @cython.final

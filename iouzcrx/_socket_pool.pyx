@@ -91,16 +91,3 @@ cdef class SocketBufferPool(BufferOwner):
     def put_back(self, uint32_t index):
         """Return a buffer taken but never filled."""
         self.give_back(index, 0)
-
-    def stats(self):
-        return {
-            "mode": self.mode,
-            "bytes": self.bytes_received,
-            "chunks": self.chunks_received,
-            "total_buffers": self.total_buffers,
-            "buffers_in_use": self.buffers_in_use,
-            "buffers_returned": self.buffers_returned,
-            "buffers_pending_return": 0,
-            "refills": 0,
-            "rearms": 0,
-        }
