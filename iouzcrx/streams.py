@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -184,15 +185,29 @@ class ZcrxStreamReader:
             return exc.partial
 
     def _find(self, separator: bytes) -> int:
-        """Bytes up to and including the first ``separator``, or -1."""
-        if not self._views:
-            return -1
-        first = self._views[0]
-        index = bytes(first).find(separator) if len(self._views) == 1 else -1
-        if index < 0 and len(self._views) > 1:
-            joined = b"".join(self._views)
-            index = joined.find(separator)
-        return index + len(separator) if index >= 0 else -1
+        """Bytes up to and including the first ``separator``, or -1.
+
+        Each view is searched in place (re reads the buffer without copying);
+        only the few bytes around a seam between views are copied, so a
+        separator split across chunks is still found.
+        """
+        pattern = re.compile(re.escape(separator))
+        width = len(separator) - 1
+        offset = 0
+        carry = b""  # the last `width` bytes before the current view
+        for view in self._views:
+            if carry:
+                seam = carry + view[:width].tobytes()
+                index = seam.find(separator)
+                if index >= 0:
+                    return offset - len(carry) + index + len(separator)
+            match = pattern.search(view)
+            if match is not None:
+                return offset + match.end()
+            if width:
+                carry = (carry + view[-width:].tobytes())[-width:]
+            offset += len(view)
+        return -1
 
 
 class _StreamProtocol(ZeroCopyProtocol):
