@@ -34,6 +34,7 @@ from iouzcrx.loop import EventLoopPolicy, install, new_event_loop, run
 from iouzcrx.modes import MODES, ModeSelection, select_mode
 from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.server import ZcrxServer
+from iouzcrx.server import create_zcrx_server as _create_on_loop
 from iouzcrx.streams import ZcrxStreamReader, ZcrxStreamWriter, open_connection, start_server
 from iouzcrx.transport import ZcrxTransport
 
@@ -50,9 +51,7 @@ async def create_zcrx_server(
 ) -> ZcrxServer:
     """``loop.create_server`` with zero-copy receive, on any running loop
     (stock asyncio or uvloop); options as in :mod:`iouzcrx.server`."""
-    from iouzcrx.server import create_zcrx_server as _create
-
-    return await _create(
+    return await _create_on_loop(
         loop or _asyncio.get_running_loop(), protocol_factory, host, port, **kwargs
     )
 

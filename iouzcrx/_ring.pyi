@@ -3,9 +3,7 @@ from typing import Any
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
-SQ_TASKRUN: int
 CQE_F_MORE: int
-CQE_F_BUFFER: int
 
 _Fd = int | Any  # an int or anything with fileno()
 

@@ -19,6 +19,7 @@ from iouzcrx._abi cimport *
 
 import errno as _errno
 import socket as _socket
+import time
 
 from iouzcrx.errors import WrongThread, kernel_error, setup_error
 
@@ -47,9 +48,7 @@ cdef enum:
     # bounded in passes rather than in CQEs.
     DEFAULT_DRAIN_PASSES = 256
 
-SQ_TASKRUN = IOUZ_SQ_TASKRUN
 CQE_F_MORE = IOUZ_CQE_F_MORE
-CQE_F_BUFFER = IOUZ_CQE_F_BUFFER
 
 
 cdef int fileno_of(object sock) except -1:
@@ -485,7 +484,6 @@ cdef class Ring:
     def wait_for(self, predicate, timeout=None):
         """Drive the ring until ``predicate()`` is true; TimeoutError after
         ``timeout`` seconds."""
-        import time
         deadline = None if timeout is None else time.monotonic() + timeout
         self.drain()
         while not predicate():
@@ -581,7 +579,6 @@ cdef class Ring:
         """
         if self.closed:
             return
-        import time
         cdef iouz_sqe *sqe
         cdef RingClient client
         self.closing = True

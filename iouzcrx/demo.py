@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import hashlib
 import multiprocessing
-import os
 import resource
 import socket
 import sys
@@ -172,7 +171,5 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--area", type=int, default=64, help="receive area in MiB")
     args = parser.parse_args(argv)
-    if os.environ.get("IOUZCRX_DEMO_SIZE"):
-        args.size = float(os.environ["IOUZCRX_DEMO_SIZE"])
     use_uvloop = None if args.loop is None else args.loop == "uvloop"
     return run(args.size, args.connections, args.mode, args.area, use_uvloop)

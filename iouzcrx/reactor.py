@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from iouzcrx._ring import Ring
@@ -50,13 +51,7 @@ class Reactor:
 
     def _on_eventfd(self) -> None:
         assert self.ring is not None
-        try:
-            more = self.ring.on_eventfd_readable()
-        except Exception as exc:
-            self._report(exc)
-            more = False
-        if more:
-            self.schedule()
+        self._run(self.ring.on_eventfd_readable)
 
     def schedule(self) -> None:
         """Drain (submit and reap) once before the loop next waits: called
@@ -67,10 +62,13 @@ class Reactor:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        if self.ring is None or self.ring.closed:
-            return
+        if self.ring is not None and not self.ring.closed:
+            self._run(self.ring.drain)
+
+    def _run(self, drain: Callable[[], bool]) -> None:
+        """One drain step; if it stopped with work left, another is scheduled."""
         try:
-            more = self.ring.drain()
+            more = drain()
         except Exception as exc:
             self._report(exc)
             more = False

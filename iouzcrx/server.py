@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from iouzcrx._ring import CQE_F_MORE
 from iouzcrx.modes import DEFAULT_AREA_SIZE, DEFAULT_BUFFER_SIZE, ModeSelection, select_mode
 from iouzcrx.reactor import Reactor
 from iouzcrx.socket_transport import AreaReadingProtocol
@@ -20,7 +21,6 @@ __all__ = ["ZcrxServer", "attach_connection", "create_zcrx_server"]
 
 log = logging.getLogger("iouzcrx")
 
-_CQE_F_MORE = 0x2
 # Accept errors that mean "out of resources for now": retry after a pause,
 # as asyncio's own accept loop does.
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -118,7 +118,7 @@ class ZcrxServer(asyncio.AbstractServer):
     def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
         if res >= 0:
             self._new_connection(socket.socket(fileno=res))
-        if flags & _CQE_F_MORE:
+        if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
         if not self._serving or res == -errno.ECANCELED:
