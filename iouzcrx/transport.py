@@ -177,6 +177,23 @@ class ZcrxTransport(asyncio.Transport):
             return
         if not data:
             return
+        if self._sending is None and not self._write_queue:
+            # Nothing queued: try the socket first, as the stock transports do.
+            # A response then leaves in this call, without an SQE and a later
+            # enter and completion; only what the socket does not take now goes
+            # through a ring SEND.
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal write error on zcrx transport")
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         # The kernel reads the buffer after write() returns: keep an immutable copy
         # unless it already is one.
         chunk = data if isinstance(data, bytes) else bytes(data)
