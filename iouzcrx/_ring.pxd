@@ -69,6 +69,7 @@ cdef class Ring:
     cdef iouz_sqe *get_sqe(self) except NULL
     cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL
     cdef uint32_t pending_submissions(self) noexcept
+    cdef bint kernel_has_work(self) noexcept
     cdef int enter(self, uint32_t min_complete, bint getevents) except -1
     cdef int reap(self) except -1
     cdef int drain_completions(self, int max_passes) except -1

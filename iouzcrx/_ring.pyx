@@ -260,6 +260,11 @@ cdef class Ring:
     cdef uint32_t pending_submissions(self) noexcept:
         return self.local_sq_tail - self.submitted_tail
 
+    cdef bint kernel_has_work(self) noexcept:
+        """Deferred task work waits for an enter, or CQEs overflowed the CQ."""
+        return (iouz_load_acquire(self.sq_flags)
+                & (IOUZ_SQ_TASKRUN | IOUZ_SQ_CQ_OVERFLOW)) != 0
+
     cdef iouz_sqe *get_sqe(self) except NULL:
         cdef uint32_t head = iouz_load_acquire(self.sq_head)
         if self.local_sq_tail - head >= self.sq_entries:
@@ -369,17 +374,19 @@ cdef class Ring:
         cdef RingClient client
         cdef int passes = 0
         cdef int more = 0
-        cdef uint32_t kernel_flags
         try:
             while True:
                 for client in self.clients:
                     client.before_enter()
-                self.enter(0, True)
-                if not self.reap() and self.pending_submissions() == 0:
-                    # Idle only once no task work or overflowed CQE is left.
-                    kernel_flags = iouz_load_acquire(self.sq_flags)
-                    if not (kernel_flags & (IOUZ_SQ_TASKRUN | IOUZ_SQ_CQ_OVERFLOW)):
-                        break
+                # The first pass always enters: that runs the deferred task work
+                # the caller was woken for. Later passes enter only when there
+                # is something to submit or the kernel flags more work; returned
+                # buffers are published in shared memory and need no syscall.
+                if passes == 0 or self.pending_submissions() or self.kernel_has_work():
+                    self.enter(0, True)
+                if (not self.reap() and self.pending_submissions() == 0
+                        and not self.kernel_has_work()):
+                    break  # idle: no completion, submission, task work or overflow
                 passes += 1
                 if passes >= max_passes:
                     more = 1

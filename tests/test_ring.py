@@ -55,6 +55,15 @@ def test_nop_completes_with_zero(ring):
     assert ring.nop().wait(5) == 0
 
 
+def test_a_drain_enters_the_kernel_once_when_nothing_follows(ring):
+    # The enter that submits also reaps; a second one would find nothing.
+    done = [ring.nop() for _ in range(4)]
+    before = ring.enters
+    assert ring.drain() is False
+    assert ring.enters - before == 1
+    assert all(c.done and c.results == [(0, 0)] for c in done)
+
+
 def test_send_and_read_move_bytes(ring):
     a, b = socket.socketpair()
     with a, b:
