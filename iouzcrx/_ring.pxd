@@ -56,6 +56,7 @@ cdef class Ring:
     cdef list clients
     cdef list callback_errors
     cdef public object error_handler
+    cdef public object more_work_handler
     cdef readonly uint64_t enters
     cdef readonly uint64_t cqes_reaped
 

@@ -35,6 +35,7 @@ class Ring:
     enters: int
     cqes_reaped: int
     error_handler: Callable[[Exception], object] | None
+    more_work_handler: Callable[[], object] | None
     def __init__(self, sq_entries: int = 256, cq_entries: int = 8192) -> None: ...
     @property
     def in_flight(self) -> int: ...

@@ -473,10 +473,20 @@ cdef class Ring:
         return bool(self.drain_completions(DEFAULT_DRAIN_PASSES))
 
     def on_eventfd_readable(self):
-        """For event loops watching ``eventfd``: consume the wake-up, then drain."""
+        """For event loops watching ``eventfd``: consume the wake-up, then drain.
+
+        Meant to be the reader callback itself, so a wake-up costs no Python
+        frame of its own: when work is left after the drain, it calls
+        ``more_work_handler()`` (to schedule another drain) if set, and returns
+        True.
+        """
         cdef uint64_t counter
         read(self.eventfd, &counter, sizeof(counter))
-        return bool(self.drain_completions(DEFAULT_DRAIN_PASSES))
+        if self.drain_completions(DEFAULT_DRAIN_PASSES):
+            if self.more_work_handler is not None:
+                self.more_work_handler()
+            return True
+        return False
 
     def wait(self, timeout=None):
         """Drain, then sleep until the kernel signals new work or ``timeout``

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from iouzcrx._ring import Ring
@@ -39,7 +38,10 @@ class Reactor:
             self.ring_error = exc  # the socket mode still works
             return
         self.ring.error_handler = self._report
-        loop.add_reader(self.ring.eventfd, self._on_eventfd)
+        self.ring.more_work_handler = self.schedule
+        # The ring's method is the reader callback itself: no Python frame
+        # between the loop and the drain on the receive path.
+        loop.add_reader(self.ring.eventfd, self.ring.on_eventfd_readable)
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> Reactor:
@@ -48,10 +50,6 @@ class Reactor:
         if reactor is None or (reactor.ring is not None and reactor.ring.closed):
             reactor = _reactors[loop] = cls(loop)
         return reactor
-
-    def _on_eventfd(self) -> None:
-        assert self.ring is not None
-        self._run(self.ring.on_eventfd_readable)
 
     def schedule(self) -> None:
         """Drain (submit and reap) once before the loop next waits: called
@@ -62,18 +60,15 @@ class Reactor:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        if self.ring is not None and not self.ring.closed:
-            self._run(self.ring.drain)
-
-    def _run(self, drain: Callable[[], bool]) -> None:
-        """One drain step; if it stopped with work left, another is scheduled."""
+        if self.ring is None or self.ring.closed:
+            return
         try:
-            more = drain()
+            more = self.ring.drain()
         except Exception as exc:
             self._report(exc)
             more = False
         if more:
-            self.schedule()
+            self.schedule()  # it stopped with work left
 
     def _report(self, exc: BaseException) -> None:
         self.loop.call_exception_handler(
