@@ -209,11 +209,13 @@ def _nodelay(transport: Any) -> None:
 
 async def serve_stock(api: str, figures: Figures, args: argparse.Namespace) -> Any:
     loop = asyncio.get_running_loop()
-    if api == "protocol":
-        factory: Callable[[], asyncio.BaseProtocol] = lambda: CountingProtocol(figures, args)
-    else:
-        aligned = api == "buffered-aligned"
-        factory = lambda: CountingBufferedProtocol(figures, args, aligned)  # noqa: E731
+    aligned = api == "buffered-aligned"
+
+    def factory() -> asyncio.BaseProtocol:
+        if api == "protocol":
+            return CountingProtocol(figures, args)
+        return CountingBufferedProtocol(figures, args, aligned)
+
     return await loop.create_server(factory, "127.0.0.1", 0, backlog=4096)
 
 
@@ -227,12 +229,12 @@ async def serve_iouzcrx(mode: str, api: str, figures: Figures, args: argparse.Na
             mode=mode,
             backlog=4096,
         )
-    if api == "zerocopy":
-        factory: Callable[[], asyncio.BaseProtocol] = lambda: CountingZeroCopyProtocol(
-            figures, args
-        )
-    else:
-        factory = lambda: CountingBufferedProtocol(figures, args, False)  # noqa: E731
+
+    def factory() -> asyncio.BaseProtocol:
+        if api == "zerocopy":
+            return CountingZeroCopyProtocol(figures, args)
+        return CountingBufferedProtocol(figures, args, False)
+
     return await iouzcrx.create_zcrx_server(
         factory, "127.0.0.1", 0, loop=loop, mode=mode, backlog=4096
     )

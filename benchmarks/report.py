@@ -24,11 +24,19 @@ def median(results: dict[str, Any], scenario: str, receiver: str, key: str) -> f
     return run[key]["median"]  # type: ignore[no-any-return]
 
 
-def best(results: dict[str, Any], scenario: str, key: str, pick: Callable[[str], bool],
-         lowest: bool = False) -> tuple[str, float] | None:
+def best(
+    results: dict[str, Any],
+    scenario: str,
+    key: str,
+    pick: Callable[[str], bool],
+    lowest: bool = False,
+) -> tuple[str, float] | None:
     """The receiver matching ``pick`` with the best median of ``key``."""
-    found = [(name, run[key]["median"]) for name, run in
-             results["runs"].get(scenario, {}).items() if pick(name) and key in run]
+    found = [
+        (name, run[key]["median"])
+        for name, run in results["runs"].get(scenario, {}).items()
+        if pick(name) and key in run
+    ]
     if not found:
         return None
     return min(found, key=lambda x: x[1]) if lowest else max(found, key=lambda x: x[1])
@@ -52,10 +60,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ref = REFERENCE[in_vm]
     rows: list[dict[str, Any]] = []
 
-    def add(number: int, text: str, value: float | None, goal: str, ok: bool | None,
-            detail: str) -> None:
-        rows.append({"target": number, "text": text, "value": value, "goal": goal,
-                     "met": ok, "detail": detail})
+    def add(
+        number: int, text: str, value: float | None, goal: str, ok: bool | None, detail: str
+    ) -> None:
+        rows.append(
+            {
+                "target": number,
+                "text": text,
+                "value": value,
+                "goal": goal,
+                "met": ok,
+                "detail": detail,
+            }
+        )
 
     if not in_vm:
         top = best(results, "bulk8", "gbps", is_iouzcrx)
@@ -63,58 +80,107 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         c = median(results, "bulk8", ref, "gbps")
         if top:
             r = _ratio(top[1], c)
-            add(1, "bulk 8 conns: throughput vs C recv()", r, ">= 0.9",
-                None if r is None else r >= 0.9, f"{top[0]} {top[1]:.2f} GB/s vs {c} GB/s")
+            add(
+                1,
+                "bulk 8 conns: throughput vs C recv()",
+                r,
+                ">= 0.9",
+                None if r is None else r >= 0.9,
+                f"{top[0]} {top[1]:.2f} GB/s vs {c} GB/s",
+            )
             if stock:
                 r = _ratio(top[1], stock[1])
-                add(1, "bulk 8 conns: throughput vs best stock asyncio/uvloop", r, ">= 1.4",
+                add(
+                    1,
+                    "bulk 8 conns: throughput vs best stock asyncio/uvloop",
+                    r,
+                    ">= 1.4",
                     None if r is None else r >= 1.4,
-                    f"{top[0]} vs {stock[0]} {stock[1]:.2f} GB/s")
+                    f"{top[0]} vs {stock[0]} {stock[1]:.2f} GB/s",
+                )
             cpu = median(results, "bulk8", top[0], "total_cpu_s_per_gb")
             c_cpu = median(results, "bulk8", ref, "total_cpu_s_per_gb")
             r = _ratio(cpu, c_cpu)
-            add(1, "bulk 8 conns: sender+receiver CPU/GB vs C recv()", r, "<= 1.1",
-                None if r is None else r <= 1.1, f"{top[0]} {cpu} s/GB vs {c_cpu} s/GB")
+            add(
+                1,
+                "bulk 8 conns: sender+receiver CPU/GB vs C recv()",
+                r,
+                "<= 1.1",
+                None if r is None else r <= 1.1,
+                f"{top[0]} {cpu} s/GB vs {c_cpu} s/GB",
+            )
         top = best(results, "bulk1", "gbps", is_iouzcrx)
         c = median(results, "bulk1", ref, "gbps")
         if top:
             r = _ratio(top[1], c)
-            add(2, "bulk 1 conn: throughput vs C recv()", r, ">= 0.95",
-                None if r is None else r >= 0.95, f"{top[0]} {top[1]:.2f} GB/s vs {c} GB/s")
+            add(
+                2,
+                "bulk 1 conn: throughput vs C recv()",
+                r,
+                ">= 0.95",
+                None if r is None else r >= 0.95,
+                f"{top[0]} {top[1]:.2f} GB/s vs {c} GB/s",
+            )
         top = best(results, "rr1k", "p50_us", is_iouzcrx, lowest=True)
         uv = median(results, "rr1k", "uvloop-protocol", "p50_us")
         if top:
             r = _ratio(top[1], uv)
-            add(3, "1 KiB req/resp: p50 latency vs uvloop Protocol", r, "<= 1.0",
-                None if r is None else r <= 1.0, f"{top[0]} {top[1]:.1f} us vs {uv} us")
+            add(
+                3,
+                "1 KiB req/resp: p50 latency vs uvloop Protocol",
+                r,
+                "<= 1.0",
+                None if r is None else r <= 1.0,
+                f"{top[0]} {top[1]:.1f} us vs {uv} us",
+            )
     else:
         for scenario in ("bulk1", "bulk8"):
-            top = best(results, scenario, "gbps",
-                       lambda n: is_iouzcrx(n) and n.startswith("iouzcrx-copy-"))
+            top = best(
+                results, scenario, "gbps", lambda n: is_iouzcrx(n) and n.startswith("iouzcrx-copy-")
+            )
             c = median(results, scenario, ref, "gbps")
             if top:
                 r = _ratio(top[1], c)
-                add(4, f"VM copy mode, {scenario}: throughput vs C RECV_ZC", r, ">= 0.9",
-                    None if r is None else r >= 0.9, f"{top[0]} vs {ref}")
+                add(
+                    4,
+                    f"VM copy mode, {scenario}: throughput vs C RECV_ZC",
+                    r,
+                    ">= 0.9",
+                    None if r is None else r >= 0.9,
+                    f"{top[0]} vs {ref}",
+                )
     counts = results.get("instructions")
     if isinstance(counts, dict) and counts.get("rows"):
-        lib = [row for row in counts["rows"] if row.get("consumer") == "builtin"]
+        lib = [row for row in counts["rows"] if row.get("consumer") == "len"]
         if lib:
-            low = min(lib, key=lambda row: row["instructions_per_chunk_library"])
+            low = min(lib, key=lambda row: row["instructions_per_chunk_library"] or 1e9)
             value = low["instructions_per_chunk_library"]
-            add(5, "instructions per 4 KiB chunk in the library", value, "<= 300",
-                value <= 300, f"{low['mode']} on {low['loop']}")
-    growth = [(name, run["rss_growth_mib"]["max"], run.get("rss_second_half_mib", {}).get("max"))
-              for sc in ("bulk1", "bulk8", "bulk64")
-              for name, run in results["runs"].get(sc, {}).items()
-              if is_iouzcrx(name) and "rss_growth_mib" in run]
+            add(
+                5,
+                "instructions per 4 KiB chunk in the library",
+                value,
+                "<= 300",
+                value <= 300,
+                f"{low['mode']} on {low['loop']}",
+            )
+    growth = [
+        (name, run["rss_growth_mib"]["max"], run.get("rss_second_half_mib", {}).get("max"))
+        for sc in ("bulk1", "bulk8", "bulk64")
+        for name, run in results["runs"].get(sc, {}).items()
+        if is_iouzcrx(name) and "rss_growth_mib" in run
+    ]
     if growth:
         worst = max(growth, key=lambda g: g[1])
         second = max((g[2] for g in growth if g[2] is not None), default=None)
         ok = worst[1] <= AREA_MIB + RSS_SLACK_MIB and (second is None or second <= 1)
-        add(6, "peak RSS growth while receiving (MiB)", worst[1],
-            f"<= area {AREA_MIB} + {RSS_SLACK_MIB}, none in the second half", ok,
-            f"worst {worst[0]}; most growth in a run's second half: {second} MiB")
+        add(
+            6,
+            "peak RSS growth while receiving (MiB)",
+            worst[1],
+            f"<= area {AREA_MIB} + {RSS_SLACK_MIB}, none in the second half",
+            ok,
+            f"worst {worst[0]}; most growth in a run's second half: {second} MiB",
+        )
     return rows
 
 
@@ -156,11 +222,12 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     where = "VM (qemu TCG)" if m.get("in_vm") else "host"
     ref = REFERENCE[bool(m.get("in_vm"))]
+    quick = " Quick run: sizes too small to compare." if results["quick"] else ""
     lines = [
         f"Benchmarks of {results['date']} on the {where}: Linux {m['kernel']}, {m['cpu']}, "
         f"{m['cores']} cores, Python {m['python']}, uvloop {m.get('uvloop', '–')}, "
         f"iouzcrx {m['iouzcrx']}. Loopback TCP; C sender; medians of {results['repeat']} "
-        f"interleaved runs (min–max).{' Quick run: sizes too small to compare.' if results['quick'] else ''}",
+        f"interleaved runs (min–max).{quick}",
         "",
     ]
     for sc in results["scenarios"]:
@@ -183,32 +250,51 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     counts = results.get("instructions")
     if isinstance(counts, dict) and counts.get("rows"):
-        lines += ["### Instructions per chunk (callgrind, user space)", ""]
-        lines += ["| mode | loop | consumer | chunk bytes | library | whole process |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["### Instructions per 4 KiB chunk (callgrind, user space)", ""]
+        lines += [
+            "| mode | loop | consumer | conns | chunks | deliveries | library | whole process |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in counts["rows"]:
-            lines.append(f"| {row['mode']} | {row['loop']} | {row['consumer']} | "
-                         f"{row['chunk_size']} | {row['instructions_per_chunk_library']:.0f} | "
-                         f"{row['instructions_per_chunk_process']:.0f} |")
+            lib = row["instructions_per_chunk_library"]
+            lines.append(
+                f"| {row['mode']} | {row['loop']} | {row['consumer']} | "
+                f"{row['connections']} | {row['chunks']} | {row['deliveries']} | "
+                f"{'–' if lib is None else f'{lib:,.0f}'} | "
+                f"{row['instructions_per_chunk_process']:,.0f} |"
+            )
         lines.append("")
     elif isinstance(counts, dict) and counts.get("error"):
         lines += [f"Instruction counts not measured: {counts['error'].splitlines()[-1]}", ""]
     rows = targets(results)
     if rows:
-        lines += ["### Targets", "", "| # | target | measured | goal | met | detail |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "### Targets",
+            "",
+            "| # | target | measured | goal | met | detail |",
+            "|---|---|---|---|---|---|",
+        ]
         for t in rows:
             value = "–" if t["value"] is None else f"{t['value']:.2f}"
             met = {True: "yes", False: "no", None: "–"}[t["met"]]
-            lines.append(f"| {t['target']} | {t['text']} | {value} | {t['goal']} | {met} | "
-                         f"{t['detail']} |")
+            lines.append(
+                f"| {t['target']} | {t['text']} | {value} | {t['goal']} | {met} | {t['detail']} |"
+            )
         lines.append("")
     if results["unavailable"]:
-        lines += ["Not available here: " + "; ".join(
-            f"{n} ({why})" for n, why in results["unavailable"].items()), ""]
+        lines += [
+            "Not available here: "
+            + "; ".join(f"{n} ({why})" for n, why in results["unavailable"].items()),
+            "",
+        ]
     if results["failures"]:
-        lines += ["Failed runs: " + "; ".join(
-            f"{f['scenario']} {f['receiver']}: {f['error']}" for f in results["failures"]), ""]
+        lines += [
+            "Failed runs: "
+            + "; ".join(
+                f"{f['scenario']} {f['receiver']}: {f['error']}" for f in results["failures"]
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -239,29 +325,38 @@ def chart(results: dict[str, Any], path: Path) -> bool:
             panels.append((sc, "recv_cpu_us_per_connection", "receiver CPU µs/conn (lower)"))
     if not panels:
         return False
-    names = list(dict.fromkeys(n for sc in results["scenarios"]
-                               for n in results["runs"].get(sc["name"], {})))
+    names = list(
+        dict.fromkeys(n for sc in results["scenarios"] for n in results["runs"].get(sc["name"], {}))
+    )
     rows = (len(panels) + 1) // 2
-    fig, axes = plt.subplots(rows, 2, figsize=(14, 0.23 * len(names) * rows + 1.2 * rows),
-                             squeeze=False)
-    for ax, (sc, key, label) in zip(axes.flat, panels):
+    fig, axes = plt.subplots(
+        rows, 2, figsize=(14, 0.23 * len(names) * rows + 1.2 * rows), squeeze=False
+    )
+    for ax, (sc, key, label) in zip(axes.flat, panels, strict=False):
         runs = results["runs"][sc["name"]]
         shown = [n for n in names if n in runs and key in runs[n]]
         med = [runs[n][key]["median"] for n in shown]
-        err = [[runs[n][key]["median"] - runs[n][key]["min"] for n in shown],
-               [runs[n][key]["max"] - runs[n][key]["median"] for n in shown]]
-        colours = ["#d62728" if n.startswith("c-") else "#1f77b4" if is_iouzcrx(n)
-                   else "#7f7f7f" for n in shown]
+        err = [
+            [runs[n][key]["median"] - runs[n][key]["min"] for n in shown],
+            [runs[n][key]["max"] - runs[n][key]["median"] for n in shown],
+        ]
+        colours = [
+            "#d62728" if n.startswith("c-") else "#1f77b4" if is_iouzcrx(n) else "#7f7f7f"
+            for n in shown
+        ]
         ax.barh(range(len(shown)), med, xerr=err, color=colours)
         ax.set_yticks(range(len(shown)), shown, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{sc['title']}: {label}", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     m = results["machine"]
-    fig.suptitle(f"iouzcrx benchmarks, {results['date']}, Linux {m['kernel']}, {m['cpu']} "
-                 "(red: C, blue: iouzcrx, grey: stock asyncio/uvloop)", fontsize=10)
+    fig.suptitle(
+        f"iouzcrx benchmarks, {results['date']}, Linux {m['kernel']}, {m['cpu']} "
+        "(red: C, blue: iouzcrx, grey: stock asyncio/uvloop)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,0 +1,110 @@
+"""The benchmark suite's quick run, as a smoke test: every receiver this
+machine can run serves every scenario with every byte accounted for, and the
+report files are written. No figure is judged here (speed is the suite's
+business, never a test's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iouzcrx._probe import kernel_features
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = REPO / "benchmarks" / "suite.py"
+
+
+def run_suite(tmp_path: Path, *args: str) -> dict:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SUITE),
+            "--quick",
+            "--output",
+            str(tmp_path),
+            "--name",
+            "smoke",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    if "--stdout" in args:
+        return json.loads(done.stdout.splitlines()[-1])
+    for suffix in (".json", ".md", ".png"):
+        assert (tmp_path / f"smoke{suffix}").stat().st_size > 0
+    return json.loads((tmp_path / "smoke.json").read_text())
+
+
+def listed_receivers() -> list[str]:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "receivers.py"), "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)["receivers"]
+
+
+@pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
+def test_quick_suite_on_the_host(tmp_path: Path) -> None:
+    results = run_suite(tmp_path)
+    assert results["failures"] == []
+    expected = set(listed_receivers()) | {"c-recv"}
+    assert {s["name"] for s in results["scenarios"]} == {
+        "bulk1",
+        "bulk8",
+        "bulk64",
+        "rr1k",
+        "rr16k",
+        "short",
+    }
+    for scenario, runs in results["runs"].items():
+        assert set(runs) == expected, scenario
+    # The RECV_ZC receiver needs copy mode, which this kernel may lack.
+    if "c-recv-zc" not in results["unavailable"]:
+        assert all("c-recv-zc" in runs for runs in results["runs"].values())
+    assert "c-recv" not in results["unavailable"]
+    counts = results["instructions"]
+    assert "rows" in counts, counts
+    assert {row["mode"] for row in counts["rows"]} >= {"bufring", "socket", "stock"}
+    for row in counts["rows"]:
+        assert row["instructions_per_chunk_process"] > 0
+        if row["mode"] != "stock":  # the library's share is measured for iouzcrx only
+            assert row["instructions_per_chunk_library"] > 0
+    table = (tmp_path / "smoke.md").read_text()
+    for name in expected:
+        assert f"| {name} |" in table
+
+
+@pytest.mark.vm
+def test_quick_suite_in_copy_mode(tmp_path: Path) -> None:
+    if not kernel_features().zcrx_nodev:
+        pytest.skip("RECV_ZC copy mode needs Linux >= 7.1 (run by tests/vm/run)")
+    # JSON on stdout: the report and chart are the host's job (matplotlib's
+    # first start is slow under emulation).
+    results = run_suite(
+        tmp_path,
+        "--in-vm",
+        "--stdout",
+        "--scenarios",
+        "bulk1,bulk8",
+        "--receivers",
+        "c-recv-zc,c-recv,iouzcrx-copy-zerocopy-*",
+        "--no-instructions",
+    )
+    assert results["failures"] == [] and results["unavailable"] == {}
+    for runs in results["runs"].values():
+        assert set(runs) == {
+            "c-recv-zc",
+            "c-recv",
+            "iouzcrx-copy-zerocopy-asyncio",
+            "iouzcrx-copy-zerocopy-uvloop",
+        }
