@@ -39,13 +39,15 @@ cdef class ReceiveQueue(BufferOwner):
 
 cdef class Receiver(Request):
     """Multishot receive on one socket.  Views arrive in ``chunks`` (or go to
-    ``on_data``); the end (EOF, error, cancel) is reported once."""
+    ``on_data``, whose exceptions go to ``on_error``); the end (EOF, error,
+    cancel) is reported once."""
     cdef readonly ReceiveQueue queue
     cdef readonly object sock
     cdef readonly int fd
     cdef object chunks
     cdef public object on_data
     cdef public object on_end
+    cdef public object on_error
     cdef readonly bint armed
     cdef readonly bint starved
     cdef readonly bint finished
@@ -58,4 +60,5 @@ cdef class Receiver(Request):
     cdef readonly uint64_t rearms
 
     cdef int deliver(self, object view, Py_ssize_t length) except -1
+    cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1

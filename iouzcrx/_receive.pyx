@@ -128,12 +128,14 @@ cdef class ReceiveQueue(BufferOwner):
 
     # -- Python API --------------------------------------------------------------
 
-    def recv_multishot(self, sock, *, on_data=None, on_end=None):
+    def recv_multishot(self, sock, *, on_data=None, on_end=None, on_error=None):
         """Start a multishot receive on the connected TCP socket ``sock``.
 
         Returns a Receiver: iterate it for memoryviews (blocking, on the ring's
         thread), or pass ``on_data(view)`` / ``on_end(exc_or_None)`` callbacks
-        that the ring calls while it drains.
+        that the ring calls while it drains.  An exception raised by
+        ``on_data`` goes to ``on_error(exc)`` if given (KeyboardInterrupt and
+        SystemExit excepted), else to the ring's error handling.
         """
         if self.closed:
             raise ValueError(f"the {self.mode} receive queue is closed")
@@ -144,6 +146,7 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.chunks = _collections.deque()
         receiver.on_data = on_data
         receiver.on_end = on_end
+        receiver.on_error = on_error
         self.arm(receiver)
         self.receivers.add(receiver)
         return receiver
@@ -171,10 +174,26 @@ cdef class Receiver(Request):
         self.chunks_received += 1
         if self.discarding:
             return 0  # closed: the view dies here and its buffer goes back
-        if self.on_data is not None:
-            self.on_data(view)
-        else:
+        on_data = self.on_data
+        if on_data is None:
             self.chunks.append(view)
+            return 0
+        try:
+            on_data(view)
+        except BaseException as exc:
+            self.callback_failed(exc)
+        return 0
+
+    cdef int callback_failed(self, object exc) except -1:
+        # Caught here rather than in the caller so that the receive's own
+        # bookkeeping (re-arm, buffer counts) always runs to the end.
+        on_error = self.on_error
+        if on_error is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return self.queue.ring.report_callback_error(exc)
+        try:
+            on_error(exc)
+        except BaseException as error:
+            self.queue.ring.report_callback_error(error)
         return 0
 
     cdef int finish(self, object error, bint eof) except -1:

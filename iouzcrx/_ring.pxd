@@ -77,3 +77,4 @@ cdef class Ring:
     cdef int add_client(self, RingClient client) except -1
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept
+    cdef int report_callback_error(self, object exc) except -1

@@ -345,16 +345,20 @@ cdef class Ring:
                 self.inflight.discard(request)
             try:
                 request.complete(res, flags, extra)
-            except Exception as exc:
-                # User code raised inside a completion: report it, keep going.
-                if self.error_handler is not None:
-                    self.error_handler(exc)
-                else:
-                    self.callback_errors.append(exc)
             except BaseException as exc:
-                self.callback_errors.append(exc)
+                self.report_callback_error(exc)
         self.cqes_reaped += count
         return count
+
+    cdef int report_callback_error(self, object exc) except -1:
+        """User code raised inside a completion: report it and keep going.
+        Anything but an Exception (KeyboardInterrupt, SystemExit) is raised
+        again once the drain is over."""
+        if self.error_handler is not None and isinstance(exc, Exception):
+            self.error_handler(exc)
+        else:
+            self.callback_errors.append(exc)
+        return 0
 
     cdef int drain_completions(self, int max_passes) except -1:
         """Submit, run deferred task work and reap until nothing is left.

@@ -242,3 +242,29 @@ def test_a_garbage_cycle_of_ring_queue_and_views_collects_safely(listener, mode)
     sender.join(10)
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) == before  # the ring's fds went with it
+
+
+def test_an_on_data_exception_goes_to_on_error_and_every_buffer_still_returns(ring, listener, mode):
+    client, server = connect_pair(listener)
+    queue = make_queue(ring, mode)
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def on_data(view: memoryview) -> None:
+        seen.append(len(view))
+        if len(seen) % 2:
+            raise ValueError(len(seen))
+
+    receiver = queue.recv_multishot(server, on_data=on_data, on_error=errors.append)
+    sender = Sender(client, seed=4, total=1 << 20)
+    sender.start()
+    while not receiver.finished:
+        ring.wait(1.0)  # on_error took every exception: the drain never raises
+    sender.join(10)
+    assert receiver.eof and sum(seen) == 1 << 20
+    assert [e.args[0] for e in errors] == list(range(1, len(seen) + 1, 2))
+    for error in errors:
+        error.__traceback__ = None  # the failing frame held its view
+    gc.collect()
+    assert queue.buffers_in_use == 0
+    server.close()

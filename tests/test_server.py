@@ -349,6 +349,51 @@ async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
         writer.close()
 
 
+async def test_an_exception_in_view_received_is_a_fatal_error_of_its_transport(mode):
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    protocols: list[Recorder] = []
+
+    class FailsOnSecondView(Recorder):
+        calls = 0
+
+        def view_received(self, view: memoryview) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyError("second view")
+            super().view_received(view)
+
+    def factory() -> Recorder:
+        protocols.append(FailsOnSecondView(seed=11))
+        return protocols[-1]
+
+    try:
+        async with await start(mode, factory) as server:
+            _, writer = await send_pattern(port_of(server), 11, 4 << 20, eof=False)
+            protocol = await first(protocols)
+            lost = await asyncio.wait_for(protocol.lost, TIMEOUT)
+            # The transport's fatal-error path: reported with the transport,
+            # closed, and the protocol told why.
+            assert isinstance(lost, KeyError)
+            assert protocol.transport is not None and protocol.transport.is_closing()
+            (context,) = [c for c in reported if c.get("exception") is lost]
+            if mode != "socket":  # socket mode: the loop's own transport reports
+                assert context["transport"] is protocol.transport
+                assert context["protocol"] is protocol
+            assert protocol.calls == 2  # nothing delivered after the failure
+            writer.close()
+            # The traceback holds the failing call's frame, and its view.
+            lost.__traceback__ = None
+            gc.collect()
+            deadline = loop.time() + TIMEOUT
+            while server.backend.buffers_in_use and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert server.backend.buffers_in_use == 0
+    finally:
+        loop.set_exception_handler(None)
+
+
 async def test_ssl_is_refused_with_the_reason(mode):
     with pytest.raises(ValueError, match="ssl= is not supported"):
         await start(mode, Recorder, ssl=object())
