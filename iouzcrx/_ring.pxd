@@ -18,8 +18,11 @@ cdef class Request:
 cdef class RingClient:
     """A component attached to a ring (a receive queue): the ring calls
     before_enter() on its owner thread before every enter of a drain (to
-    publish buffer returns, re-arm starved receives) and ring_closed() once."""
+    publish buffer returns, re-arm starved receives), after_reap() once a
+    batch of completions was dispatched (to deliver what it gathered), and
+    ring_closed() once."""
     cdef int before_enter(self) except -1
+    cdef int after_reap(self) except -1
     cdef int ring_closed(self) except -1
 
 

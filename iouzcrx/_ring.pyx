@@ -67,6 +67,9 @@ cdef class RingClient:
     cdef int before_enter(self) except -1:
         return 0
 
+    cdef int after_reap(self) except -1:
+        return 0
+
     cdef int ring_closed(self) except -1:
         return 0
 
@@ -319,6 +322,7 @@ cdef class Ring:
         cdef uint32_t flags
         cdef int count = 0
         cdef Request request
+        cdef RingClient client
         while head != tail:
             cqe = <const iouz_cqe *>(self.cqes + (head & self.cq_mask) * self.cqe_stride)
             flags = cqe.flags
@@ -348,6 +352,9 @@ cdef class Ring:
             except BaseException as exc:
                 self.report_callback_error(exc)
         self.cqes_reaped += count
+        if count:
+            for client in self.clients:
+                client.after_reap()
         return count
 
     cdef int report_callback_error(self, object exc) except -1:

@@ -242,6 +242,43 @@ async def test_pause_reading_stops_delivery_until_resumed(mode):
         writer.close()
 
 
+async def test_pausing_inside_a_coalesced_batch_holds_back_the_rest_without_loss(mode):
+    """4 KiB buffers: one CQE batch holds many adjacent chunks. Pausing from
+    view_received holds back the rest of the batch (runs not yet delivered
+    included) until resume_reading, then delivers it in order."""
+    protocols: list[Recorder] = []
+
+    class PausingOften(Recorder):
+        paused = False
+        pauses = 0
+
+        def view_received(self, view: memoryview) -> None:
+            assert not self.paused, "a view arrived while reading was paused"
+            super().view_received(view)
+            if self.pauses < 50:
+                self.pauses += 1
+                self.paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+                asyncio.get_running_loop().call_later(0.002, self.resume)
+
+        def resume(self) -> None:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def factory() -> Recorder:
+        protocols.append(PausingOften(seed=15))
+        return protocols[-1]
+
+    async with await start(mode, factory, buffer_size=4096, area_size=1 << 20) as server:
+        total = 8 << 20
+        _, writer = await send_pattern(port_of(server), 15, total)
+        assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == total
+        assert protocols[0].pauses >= 2  # type: ignore[attr-defined]
+        writer.close()
+        await asyncio.wait_for(protocols[0].lost, TIMEOUT)
+        assert server.backend.buffers_in_use == 0
+
+
 async def test_half_close_lets_the_server_answer_after_eof(mode):
     class Answer(iouzcrx.ZeroCopyProtocol):
         def connection_made(self, transport):  # type: ignore[no-untyped-def]
