@@ -74,6 +74,8 @@ cdef class Receiver(Request):
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1
+    cdef int start_run(self, char *data, uint32_t length, uint64_t token,
+                       bint fills_buffer) except -1
     cdef object take_run(self)
     cdef int flush_run(self) except -1
     cdef int deliver(self, object view) except -1

@@ -240,18 +240,21 @@ cdef class Receiver(Request):
         is delivered as one view when a chunk does not fit, when its last
         chunk leaves its buffer part-filled, at the end of the CQE batch
         (the queue's after_reap) or before the end is reported."""
-        cdef object previous = None
         self.bytes_received += length
         self.chunks_received += 1
-        if self.run_count:
-            if data == self.run_end and self.run_length + length <= MAX_RUN_BYTES:
-                self.run_count += 1
-                self.run_length += length
-                if fills_buffer:
-                    self.run_end = data + length
-                    return 0
-                return self.flush_run()
-            previous = self.take_run()
+        # run_end is NULL unless a run is pending and can still grow.
+        if data == self.run_end and self.run_length + length <= MAX_RUN_BYTES:
+            self.run_count += 1
+            self.run_length += length
+            if fills_buffer:
+                self.run_end = data + length
+                return 0
+            return self.flush_run()
+        return self.start_run(data, length, token, fills_buffer)
+
+    cdef int start_run(self, char *data, uint32_t length, uint64_t token,
+                       bint fills_buffer) except -1:
+        cdef object previous = self.take_run() if self.run_count else None
         if fills_buffer:
             self.run_data = data
             self.run_end = data + length
