@@ -20,17 +20,26 @@ cdef class BufferOwner(RingClient):
     cdef readonly uint64_t buffers_returned
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t chunks_received
+    cdef readonly uint64_t deliveries
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept
+    cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
+                            Py_ssize_t length) noexcept
     cdef object export(self, char *data, Py_ssize_t length, uint64_t token)
+    cdef object export_run(self, char *data, Py_ssize_t length, uint64_t token,
+                           uint32_t count, uint32_t first_length)
 
 
 cdef class Buffer:
-    """Exporter of one received chunk.  The memoryviews handed to users are its
-    only owners; when the last is released the chunk goes back to its owner."""
+    """Exporter of received data: one chunk, or a run of adjacent chunks
+    (``buffers`` of them, the first identified by ``token``).  The memoryviews
+    handed to users are its only owners; when the last is released every
+    buffer of it goes back to its owner."""
     cdef BufferOwner owner
     cdef char *data
     cdef Py_ssize_t length
     cdef uint64_t token
+    cdef readonly uint32_t buffers
+    cdef uint32_t first_length
 
 
 cdef uint64_t buffer_count(size_t area_size, uint32_t buffer_size) except 0

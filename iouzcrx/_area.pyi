@@ -14,9 +14,11 @@ class BufferOwner(RingClient):
     buffers_returned: int
     bytes_received: int
     chunks_received: int
+    deliveries: int
     @property
     def area(self) -> Area: ...
     def stats(self) -> dict[str, Any]: ...
 
 class Buffer:
+    buffers: int
     def __buffer__(self, flags: int, /) -> memoryview: ...

@@ -83,12 +83,17 @@ cdef class BufferOwner(RingClient):
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
         pass
 
+    cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
+                            Py_ssize_t length) noexcept:
+        pass
+
     def stats(self):
         """Counters since creation, as a dict (the same keys in every mode)."""
         return {
             "mode": self.mode,
             "bytes": self.bytes_received,
             "chunks": self.chunks_received,
+            "deliveries": self.deliveries,
             "total_buffers": self.total_buffers,
             "buffers_in_use": self.buffers_in_use,
             "buffers_returned": self.buffers_returned,
@@ -98,11 +103,20 @@ cdef class BufferOwner(RingClient):
         }
 
     cdef object export(self, char *data, Py_ssize_t length, uint64_t token):
+        return self.export_run(data, length, token, 1, <uint32_t>length)
+
+    cdef object export_run(self, char *data, Py_ssize_t length, uint64_t token,
+                           uint32_t count, uint32_t first_length):
+        """One read-only view over ``count`` adjacent buffers starting at
+        ``data``; the first carries ``first_length`` of the ``length`` bytes."""
         cdef Buffer buf = Buffer.__new__(Buffer)
         buf.owner = self
         buf.data = data
         buf.length = length
         buf.token = token
+        buf.buffers = count
+        buf.first_length = first_length
+        self.deliveries += 1
         # The memoryview holds the only reference to buf from here on.
         return PyMemoryView_FromObject(buf)
 
@@ -123,5 +137,9 @@ cdef class Buffer:
         pass
 
     def __dealloc__(self):
-        if self.owner is not None:
+        if self.owner is None:
+            return
+        if self.buffers == 1:
             self.owner.give_back(self.token, <uint32_t>self.length)
+        else:
+            self.owner.give_back_run(self.token, self.buffers, self.first_length, self.length)

@@ -48,6 +48,7 @@ cdef class BufRingQueue(ReceiveQueue):
         self.mode = "bufring"
         self.area = Area(area_size, hugepages)
         self.buffer_size = buffer_size
+        self.buffer_unit = buffer_size
         self.ring_entries = entries
         self.mask = entries - 1
         self.bufs_size = (entries * sizeof(iouz_buf) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
@@ -121,8 +122,10 @@ cdef class BufRingQueue(ReceiveQueue):
             if res > 0:
                 self.bytes_received += res
                 self.chunks_received += 1
-                receiver.deliver(
-                    self.export(self.area.base + <uint64_t>bid * self.buffer_size, res, bid), res)
+                # The ring hands buffers out in the order they went back, so a
+                # burst of full buffers is mostly adjacent in the area.
+                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size, res, bid,
+                                   <uint32_t>res == self.buffer_size)
             else:
                 self.give_back(bid, 0)
         if flags & IOUZ_CQE_F_MORE:

@@ -26,6 +26,9 @@ cdef class ReceiveQueue(BufferOwner):
     cdef bint wake_requested
     cdef list starved
     cdef set receivers
+    cdef list runs_pending           # receivers holding a run not yet delivered
+    cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
+    cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
 
     cdef int setup_returns(self, size_t capacity) except -1
     cdef int publish_returns(self) except -1
@@ -39,13 +42,15 @@ cdef class ReceiveQueue(BufferOwner):
 
 cdef class Receiver(Request):
     """Multishot receive on one socket.  Views arrive in ``chunks`` (or go to
-    ``on_data``); the end (EOF, error, cancel) is reported once."""
+    ``on_data``, whose exceptions go to ``on_error``); the end (EOF, error,
+    cancel) is reported once."""
     cdef readonly ReceiveQueue queue
     cdef readonly object sock
     cdef readonly int fd
     cdef object chunks
     cdef public object on_data
     cdef public object on_end
+    cdef public object on_error
     cdef readonly bint armed
     cdef readonly bint starved
     cdef readonly bint finished
@@ -55,7 +60,24 @@ cdef class Receiver(Request):
     cdef readonly object error
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t chunks_received
+    cdef readonly uint64_t deliveries
     cdef readonly uint64_t rearms
 
-    cdef int deliver(self, object view, Py_ssize_t length) except -1
+    # The run: adjacent chunks of one CQE batch, delivered as one view.
+    cdef char *run_data
+    cdef char *run_end               # where a chunk must start to join; NULL: closed
+    cdef Py_ssize_t run_length
+    cdef uint64_t run_token
+    cdef uint32_t run_count
+    cdef uint32_t run_first_length
+    cdef bint run_listed
+
+    cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
+                       bint fills_buffer) except -1
+    cdef int start_run(self, char *data, uint32_t length, uint64_t token,
+                       bint fills_buffer) except -1
+    cdef object take_run(self)
+    cdef int flush_run(self) except -1
+    cdef int deliver(self, object view) except -1
+    cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1

@@ -17,6 +17,7 @@ class ReceiveQueue(BufferOwner):
         *,
         on_data: Callable[[memoryview], object] | None = None,
         on_end: Callable[[BaseException | None], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
     ) -> Receiver: ...
     def stats(self) -> dict[str, Any]: ...
 
@@ -26,6 +27,7 @@ class Receiver(Request):
     fd: int
     on_data: Callable[[memoryview], object] | None
     on_end: Callable[[BaseException | None], object] | None
+    on_error: Callable[[BaseException], object] | None
     armed: bool
     starved: bool
     finished: bool

@@ -16,7 +16,14 @@ from iouzcrx._ring cimport Request, fileno_of
 
 import collections as _collections
 
+
 from iouzcrx.errors import kernel_error
+
+
+cdef enum:
+    # Bound on one coalesced view: a run holds all of its buffers until the
+    # program releases the view.
+    MAX_RUN_BYTES = 1024 * 1024
 
 
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
@@ -28,6 +35,7 @@ cdef class ReceiveQueue(BufferOwner):
     def __cinit__(self, *args, **kwargs):
         self.starved = []
         self.receivers = set()
+        self.runs_pending = []
 
     def __dealloc__(self):
         free(self.pending)
@@ -66,6 +74,60 @@ cdef class ReceiveQueue(BufferOwner):
             # the next pass publishes anyway.
             self.wake_requested = True
             self.ring.wake()
+
+    cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
+                            Py_ssize_t length) noexcept:
+        """Return every buffer of a run: one pending return per completion,
+        as if each had come back on its own."""
+        cdef ReturnedBuffer *grown
+        cdef size_t capacity
+        cdef uint32_t i
+        cdef bint was_empty = self.pending_count == 0
+        self.buffers_in_use -= count
+        self.buffers_returned += count
+        if self.closed or self.ring is None:
+            return
+        if self.pending_count + count > self.pending_capacity:
+            capacity = self.pending_capacity
+            while self.pending_count + count > capacity:
+                capacity *= 2
+            grown = <ReturnedBuffer *>realloc(self.pending, capacity * sizeof(ReturnedBuffer))
+            if grown == NULL:
+                return  # as in give_back: the pool shrinks, nothing is corrupted
+            self.pending = grown
+            self.pending_capacity = capacity
+        cdef ReturnedBuffer *entry = self.pending + self.pending_count
+        entry[0].token = token
+        entry[0].length = first_length
+        length -= first_length
+        cdef uint32_t unit = self.buffer_unit
+        if self.tokens_are_offsets:
+            # Every chunk after the first starts at a chunk boundary.
+            token += first_length
+            for i in range(1, count):
+                entry[i].token = token
+                entry[i].length = unit if length > unit else <uint32_t>length
+                token += unit
+                length -= unit
+        else:
+            for i in range(1, count):
+                entry[i].token = token + i
+                entry[i].length = unit if length > unit else <uint32_t>length
+                length -= unit
+        self.pending_count += count
+        if was_empty and not self.ring.draining and not self.wake_requested:
+            self.wake_requested = True
+            self.ring.wake()
+
+    cdef int after_reap(self) except -1:
+        cdef Receiver receiver
+        if not self.runs_pending:
+            return 0
+        runs, self.runs_pending = self.runs_pending, []
+        for receiver in runs:
+            receiver.run_listed = False
+            receiver.flush_run()
+        return 0
 
     cdef int before_enter(self) except -1:
         cdef Receiver receiver
@@ -128,12 +190,14 @@ cdef class ReceiveQueue(BufferOwner):
 
     # -- Python API --------------------------------------------------------------
 
-    def recv_multishot(self, sock, *, on_data=None, on_end=None):
+    def recv_multishot(self, sock, *, on_data=None, on_end=None, on_error=None):
         """Start a multishot receive on the connected TCP socket ``sock``.
 
         Returns a Receiver: iterate it for memoryviews (blocking, on the ring's
         thread), or pass ``on_data(view)`` / ``on_end(exc_or_None)`` callbacks
-        that the ring calls while it drains.
+        that the ring calls while it drains.  An exception raised by
+        ``on_data`` goes to ``on_error(exc)`` if given (KeyboardInterrupt and
+        SystemExit excepted), else to the ring's error handling.
         """
         if self.closed:
             raise ValueError(f"the {self.mode} receive queue is closed")
@@ -144,6 +208,7 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.chunks = _collections.deque()
         receiver.on_data = on_data
         receiver.on_end = on_end
+        receiver.on_error = on_error
         self.arm(receiver)
         self.receivers.add(receiver)
         return receiver
@@ -166,20 +231,91 @@ cdef class Receiver(Request):
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
         return self.queue.receive(self, res, flags, extra)
 
-    cdef int deliver(self, object view, Py_ssize_t length) except -1:
+    cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
+                       bint fills_buffer) except -1:
+        """One data completion (its buffer already counted as in use).
+
+        Chunks that continue the run in memory (the run's last buffer was
+        filled to its end, this one starts right after it) join it; the run
+        is delivered as one view when a chunk does not fit, when its last
+        chunk leaves its buffer part-filled, at the end of the CQE batch
+        (the queue's after_reap) or before the end is reported."""
         self.bytes_received += length
         self.chunks_received += 1
+        # run_end is NULL unless a run is pending and can still grow.
+        if data == self.run_end and self.run_length + length <= MAX_RUN_BYTES:
+            self.run_count += 1
+            self.run_length += length
+            if fills_buffer:
+                self.run_end = data + length
+                return 0
+            return self.flush_run()
+        return self.start_run(data, length, token, fills_buffer)
+
+    cdef int start_run(self, char *data, uint32_t length, uint64_t token,
+                       bint fills_buffer) except -1:
+        cdef object previous = self.take_run() if self.run_count else None
+        if fills_buffer:
+            self.run_data = data
+            self.run_end = data + length
+            self.run_length = length
+            self.run_token = token
+            self.run_count = 1
+            self.run_first_length = length
+            if not self.run_listed:
+                self.run_listed = True
+                self.queue.runs_pending.append(self)
+            if previous is not None:
+                self.deliver(previous)
+            return 0
+        # A part-filled buffer ends any run: deliver it now, in order.
+        if previous is not None:
+            self.deliver(previous)
+        return self.deliver(self.queue.export(data, length, token))
+
+    cdef object take_run(self):
+        """The pending run as one view (the run is empty afterwards)."""
+        cdef uint32_t count = self.run_count
+        self.run_count = 0
+        self.run_end = NULL
+        return self.queue.export_run(self.run_data, self.run_length, self.run_token,
+                                     count, self.run_first_length)
+
+    cdef int flush_run(self) except -1:
+        if self.run_count:
+            self.deliver(self.take_run())
+        return 0
+
+    cdef int deliver(self, object view) except -1:
+        self.deliveries += 1
         if self.discarding:
-            return 0  # closed: the view dies here and its buffer goes back
-        if self.on_data is not None:
-            self.on_data(view)
-        else:
+            return 0  # closed: the view dies here and its buffers go back
+        on_data = self.on_data
+        if on_data is None:
             self.chunks.append(view)
+            return 0
+        try:
+            on_data(view)
+        except BaseException as exc:
+            self.callback_failed(exc)
+        return 0
+
+    cdef int callback_failed(self, object exc) except -1:
+        # Caught here rather than in the caller so that the receive's own
+        # bookkeeping (re-arm, buffer counts) always runs to the end.
+        on_error = self.on_error
+        if on_error is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return self.queue.ring.report_callback_error(exc)
+        try:
+            on_error(exc)
+        except BaseException as error:
+            self.queue.ring.report_callback_error(error)
         return 0
 
     cdef int finish(self, object error, bint eof) except -1:
         if self.finished:
             return 0
+        self.flush_run()  # data first, then the end
         self.finished = True
         self.armed = False
         self.eof = eof
@@ -229,6 +365,7 @@ cdef class Receiver(Request):
         """Cancel, and drop the views not yet taken and any that arrive before
         the cancel completes (their buffers go back)."""
         self.discarding = True
+        self.flush_run()
         self.cancel()
         self.chunks.clear()
 

@@ -18,8 +18,11 @@ cdef class Request:
 cdef class RingClient:
     """A component attached to a ring (a receive queue): the ring calls
     before_enter() on its owner thread before every enter of a drain (to
-    publish buffer returns, re-arm starved receives) and ring_closed() once."""
+    publish buffer returns, re-arm starved receives), after_reap() once a
+    batch of completions was dispatched (to deliver what it gathered), and
+    ring_closed() once."""
     cdef int before_enter(self) except -1
+    cdef int after_reap(self) except -1
     cdef int ring_closed(self) except -1
 
 
@@ -79,3 +82,4 @@ cdef class Ring:
     cdef int add_client(self, RingClient client) except -1
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept
+    cdef int report_callback_error(self, object exc) except -1

@@ -67,6 +67,9 @@ cdef class RingClient:
     cdef int before_enter(self) except -1:
         return 0
 
+    cdef int after_reap(self) except -1:
+        return 0
+
     cdef int ring_closed(self) except -1:
         return 0
 
@@ -324,6 +327,7 @@ cdef class Ring:
         cdef uint32_t flags
         cdef int count = 0
         cdef Request request
+        cdef RingClient client
         while head != tail:
             cqe = <const iouz_cqe *>(self.cqes + (head & self.cq_mask) * self.cqe_stride)
             flags = cqe.flags
@@ -350,16 +354,23 @@ cdef class Ring:
                 self.inflight.discard(request)
             try:
                 request.complete(res, flags, extra)
-            except Exception as exc:
-                # User code raised inside a completion: report it, keep going.
-                if self.error_handler is not None:
-                    self.error_handler(exc)
-                else:
-                    self.callback_errors.append(exc)
             except BaseException as exc:
-                self.callback_errors.append(exc)
+                self.report_callback_error(exc)
         self.cqes_reaped += count
+        if count:
+            for client in self.clients:
+                client.after_reap()
         return count
+
+    cdef int report_callback_error(self, object exc) except -1:
+        """User code raised inside a completion: report it and keep going.
+        Anything but an Exception (KeyboardInterrupt, SystemExit) is raised
+        again once the drain is over."""
+        if self.error_handler is not None and isinstance(exc, Exception):
+            self.error_handler(exc)
+        else:
+            self.callback_errors.append(exc)
+        return 0
 
     cdef int drain_completions(self, int max_passes) except -1:
         """Submit, run deferred task work and reap until nothing is left.

@@ -173,6 +173,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.rq_mask = reg.rq_entries - 1
         # 6.18/6.19 leave rx_buf_len untouched (reserved): chunks are pages.
         self.chunk_size = reg.rx_buf_len or chunk
+        self.buffer_unit = self.chunk_size
+        self.tokens_are_offsets = True
         self.rq_head = <uint32_t *>(self.region + reg.offsets.head)
         self.rq_tail = <uint32_t *>(self.region + reg.offsets.tail)
         self.rqes = <iouz_zcrx_rqe *>(self.region + reg.offsets.rqes)
@@ -262,7 +264,11 @@ cdef class ZcrxQueue(ReceiveQueue):
             self.buffers_in_use += 1
             self.bytes_received += res
             self.chunks_received += 1
-            receiver.deliver(self.export(self.area.base + offset, res, extra), res)
+            # Each completion keeps its own refill entry (one user_ref per
+            # CQE), so joining adjacent ones into one view changes nothing for
+            # the kernel; a chunk joins a run only from a chunk boundary.
+            receiver.add_chunk(self.area.base + offset, res, extra,
+                               (offset + <uint64_t>res) % self.chunk_size == 0)
             if not (flags & IOUZ_CQE_F_MORE):
                 self.arm(receiver)
             return 0

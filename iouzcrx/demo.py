@@ -145,6 +145,7 @@ async def stream(connections: int, per_connection: int, mode: str, area_mib: int
     print(f"throughput:       {gb / elapsed:.2f} GB/s ({elapsed:.2f} s)")
     print(f"receiver CPU:     {cpu / gb:.3f} s/GB (verification included)")
     print(f"chunks:           {stats['chunks']} ({stats['chunks'] / elapsed:,.0f}/s)")
+    print(f"views delivered:  {stats['deliveries']}")
     print(
         f"buffers recycled: {stats['buffers_returned']} "
         f"(area {stats['total_buffers']} buffers, {stats['rearms']} re-arms)"

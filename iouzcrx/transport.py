@@ -82,10 +82,15 @@ class ZcrxTransport(asyncio.Transport):
         if self._closing or self._paused or self._eof_seen or self._receiver is not None:
             return
         generation = self._generation
+        # While reading normally the receiver hands each view straight to the
+        # protocol (no Python frame of ours per delivery); an exception the
+        # protocol raises comes back through on_error.  Pausing swaps on_data
+        # for _on_view, which holds views back.
         self._receiver = self._queue.recv_multishot(
             self._sock,
-            on_data=self._on_view,
+            on_data=self._deliver,
             on_end=lambda error: self._on_receive_end(generation, error),
+            on_error=self._on_protocol_error,
         )
         self._reactor.schedule()
 
@@ -101,7 +106,10 @@ class ZcrxTransport(asyncio.Transport):
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol failed to take received data")
+            self._on_protocol_error(exc)
+
+    def _on_protocol_error(self, exc: BaseException) -> None:
+        self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
         if generation != self._generation:
@@ -162,6 +170,7 @@ class ZcrxTransport(asyncio.Transport):
         self._generation += 1
         if receiver is None or receiver.finished:
             return
+        receiver.on_data = self._on_view
         if discard:
             receiver.close()
         else:
@@ -351,6 +360,8 @@ class ZcrxTransport(asyncio.Transport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
         self._deliver = delivery_for(protocol)
+        if self._receiver is not None:
+            self._receiver.on_data = self._deliver
 
 
 def _peername(sock: socket.socket) -> Any:

@@ -242,6 +242,43 @@ async def test_pause_reading_stops_delivery_until_resumed(mode):
         writer.close()
 
 
+async def test_pausing_inside_a_coalesced_batch_holds_back_the_rest_without_loss(mode):
+    """4 KiB buffers: one CQE batch holds many adjacent chunks. Pausing from
+    view_received holds back the rest of the batch (runs not yet delivered
+    included) until resume_reading, then delivers it in order."""
+    protocols: list[Recorder] = []
+
+    class PausingOften(Recorder):
+        paused = False
+        pauses = 0
+
+        def view_received(self, view: memoryview) -> None:
+            assert not self.paused, "a view arrived while reading was paused"
+            super().view_received(view)
+            if self.pauses < 50:
+                self.pauses += 1
+                self.paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+                asyncio.get_running_loop().call_later(0.002, self.resume)
+
+        def resume(self) -> None:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def factory() -> Recorder:
+        protocols.append(PausingOften(seed=15))
+        return protocols[-1]
+
+    async with await start(mode, factory, buffer_size=4096, area_size=1 << 20) as server:
+        total = 8 << 20
+        _, writer = await send_pattern(port_of(server), 15, total)
+        assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == total
+        assert protocols[0].pauses >= 2  # type: ignore[attr-defined]
+        writer.close()
+        await asyncio.wait_for(protocols[0].lost, TIMEOUT)
+        assert server.backend.buffers_in_use == 0
+
+
 async def test_half_close_lets_the_server_answer_after_eof(mode):
     class Answer(iouzcrx.ZeroCopyProtocol):
         def connection_made(self, transport):  # type: ignore[no-untyped-def]
@@ -347,6 +384,55 @@ async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
         _, writer = await send_pattern(port_of(server), 10, 100_000)
         assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == 100_000
         writer.close()
+
+
+async def test_an_exception_in_view_received_is_a_fatal_error_of_its_transport(mode):
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    protocols: list[Recorder] = []
+
+    class FailsOnSecondView(Recorder):
+        calls = 0
+
+        def view_received(self, view: memoryview) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyError("second view")
+            super().view_received(view)
+
+    def factory() -> Recorder:
+        protocols.append(FailsOnSecondView(seed=11))
+        return protocols[-1]
+
+    try:
+        async with await start(mode, factory) as server:
+            # Written without waiting for drain: the server resets the
+            # connection while the data is still going out.
+            _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+            for chunk in Pattern(11).chunks(1 << 20):
+                writer.write(chunk)
+            protocol = await first(protocols)
+            lost = await asyncio.wait_for(protocol.lost, TIMEOUT)
+            # The transport's fatal-error path: reported with the transport,
+            # closed, and the protocol told why.
+            assert isinstance(lost, KeyError)
+            assert protocol.transport is not None and protocol.transport.is_closing()
+            (context,) = [c for c in reported if c.get("exception") is lost]
+            if mode != "socket":  # socket mode: the loop's own transport reports
+                assert context["transport"] is protocol.transport
+                assert context["protocol"] is protocol
+            assert protocol.calls == 2  # nothing delivered after the failure
+            writer.close()
+            # The traceback holds the failing call's frame, and its view.
+            lost.__traceback__ = None
+            gc.collect()
+            deadline = loop.time() + TIMEOUT
+            while server.backend.buffers_in_use and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert server.backend.buffers_in_use == 0
+    finally:
+        loop.set_exception_handler(None)
 
 
 async def test_ssl_is_refused_with_the_reason(mode):
