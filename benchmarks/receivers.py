@@ -228,6 +228,7 @@ async def serve_iouzcrx(mode: str, api: str, figures: Figures, args: argparse.Na
             0,
             mode=mode,
             backlog=4096,
+            **args.options,
         )
 
     def factory() -> asyncio.BaseProtocol:
@@ -236,7 +237,7 @@ async def serve_iouzcrx(mode: str, api: str, figures: Figures, args: argparse.Na
         return CountingBufferedProtocol(figures, args, False)
 
     return await iouzcrx.create_zcrx_server(
-        factory, "127.0.0.1", 0, loop=loop, mode=mode, backlog=4096
+        factory, "127.0.0.1", 0, loop=loop, mode=mode, backlog=4096, **args.options
     )
 
 
@@ -330,7 +331,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--request-size", type=int, default=1024)
     parser.add_argument("--response-size", type=int, default=64)
     parser.add_argument("--expect-bytes", type=int, default=0)
+    parser.add_argument(
+        "--buffer-size", type=int, help="iouzcrx: buffer_size (default: the library's)"
+    )
     args = parser.parse_args(argv)
+    args.options = {"buffer_size": args.buffer_size} if args.buffer_size else {}
     if not args.list and not args.name:
         parser.error("give a receiver NAME or --list")
     return args

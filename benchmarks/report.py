@@ -1,13 +1,15 @@
 """Turn the suite's results into a markdown table, a JSON file and a PNG chart,
 and check them against the project's performance targets (as ratios).
 
-    python benchmarks/report.py results/host.json    re-render from a JSON file
+    python benchmarks/report.py benchmarks/results/host.json [--readme README.md]
+
+re-renders the markdown and chart from a JSON file and, with ``--readme``,
+puts the summary table and the chart into the README's benchmark block.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -363,6 +365,61 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+SUMMARY_COLUMNS = [
+    ("bulk1", "gbps", "bulk 1 conn GB/s", "{:.2f}"),
+    ("bulk8", "gbps", "bulk 8 conns GB/s", "{:.2f}"),
+    ("bulk64", "gbps", "bulk 64 conns GB/s", "{:.2f}"),
+    ("bulk8", "total_cpu_s_per_gb", "bulk 8 send+recv CPU s/GB", "{:.3f}"),
+    ("rr1k", "p50_us", "1 KiB req p50 µs", "{:.1f}"),
+    ("rr16k", "p50_us", "16 KiB req p50 µs", "{:.1f}"),
+    ("short", "rate", "short conn/s", "{:,.0f}"),
+]
+
+
+def summary(results: dict[str, Any]) -> str:
+    """One compact table (medians) of every receiver across the scenarios."""
+    columns = [c for c in SUMMARY_COLUMNS if results["runs"].get(c[0])]
+    names = list(
+        dict.fromkeys(n for sc in results["scenarios"] for n in results["runs"].get(sc["name"], {}))
+    )
+    lines = [
+        "| receiver | " + " | ".join(c[2] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name in names:
+        cells = []
+        for scenario, key, _, fmt in columns:
+            value = median(results, scenario, name, key)
+            cells.append("–" if value is None else fmt.format(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(results: dict[str, Any], readme: Path, chart_path: str) -> None:
+    """Replace the block between the benchmark markers in ``readme``."""
+    start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} block")
+    m = results["machine"]
+    block = "\n".join(
+        [
+            start,
+            f"Measured {results['date']} on Linux {m['kernel']}, {m['cpu']}, {m['cores']} cores, "
+            f"Python {m['python']}, uvloop {m.get('uvloop', '–')}; medians of "
+            f"{results['repeat']} interleaved runs over loopback. Full tables with min–max, "
+            "CPU, chunks/s, RSS and the targets: `benchmarks/results/host.md`.",
+            "",
+            summary(results),
+            "",
+            f"![benchmark chart]({chart_path})",
+            end,
+        ]
+    )
+    head, rest = text.split(start, 1)
+    readme.write_text(head + block + rest.split(end, 1)[1])
+
+
 def write_report(results: dict[str, Any], directory: Path, stem: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     results["targets"] = targets(results)
@@ -378,7 +435,17 @@ def write_report(results: dict[str, Any], directory: Path, stem: str) -> list[Pa
 
 
 if __name__ == "__main__":
-    source = Path(sys.argv[1])
-    data = json.loads(source.read_text())
-    for written in write_report(data, source.parent, source.stem):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", type=Path, help="a results file written by suite.py")
+    parser.add_argument(
+        "--readme", type=Path, help="also put the summary table and chart into this README"
+    )
+    args = parser.parse_args()
+    data = json.loads(args.json.read_text())
+    for written in write_report(data, args.json.parent, args.json.stem):
         print(written)
+    if args.readme:
+        png = args.json.with_suffix(".png").resolve()
+        update_readme(data, args.readme, str(png.relative_to(args.readme.resolve().parent)))
