@@ -37,8 +37,13 @@ MIB = 1 << 20
 NOT_AVAILABLE = 2  # a C receiver's exit status when this kernel lacks its path
 # Under emulation every run is slow: the VM measures the copy mode against its
 # C reference, with the best stock receivers and one bufring receiver beside.
-VM_RECEIVERS = ["c-*", "uvloop-protocol", "uvloop-buffered-aligned", "iouzcrx-copy-*",
-                "iouzcrx-bufring-zerocopy-uvloop"]
+VM_RECEIVERS = [
+    "c-*",
+    "uvloop-protocol",
+    "uvloop-buffered-aligned",
+    "iouzcrx-copy-*",
+    "iouzcrx-bufring-zerocopy-uvloop",
+]
 
 
 @dataclass(frozen=True)
