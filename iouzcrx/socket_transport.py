@@ -100,6 +100,7 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self._inner: asyncio.Transport | None = None
         self.transport: SocketModeTransport | None = None
         self._filling: int | None = None
+        self._filling_slot: Any = None
         self._spare: bytearray | None = None
 
     def set_user_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -131,6 +132,10 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self.protocol.connection_made(self.transport)
 
     def get_buffer(self, sizehint: int) -> Any:
+        if self._filling is not None:
+            # The buffer lent last time was not filled (the read found nothing
+            # and the loop asks again): lend the same one, or it would leak.
+            return self._filling_slot
         taken = self.pool.take()
         if taken is None:
             # Only between the last buffer going and reading being paused.
@@ -138,11 +143,11 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
             if self._spare is None:
                 self._spare = bytearray(64 * 1024)
             return self._spare
-        self._filling, slot = taken
-        return slot
+        self._filling, self._filling_slot = taken
+        return self._filling_slot
 
     def buffer_updated(self, nbytes: int) -> None:
-        index, self._filling = self._filling, None
+        index, self._filling, self._filling_slot = self._filling, None, None
         if index is None:
             assert self._spare is not None
             view = memoryview(bytes(self._spare[:nbytes]))
@@ -174,4 +179,4 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
     def _put_back_unfilled(self) -> None:
         if self._filling is not None:
             self.pool.put_back(self._filling)
-            self._filling = None
+            self._filling = self._filling_slot = None
