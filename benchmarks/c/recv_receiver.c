@@ -39,9 +39,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#define PROGRAM "recv_receiver"
+#include "bench.h"
+
 #define PAGE 4096
 #define DEFAULT_BUFFER_SIZE (256u * 1024u)
-#define LISTEN_BACKLOG 4096
 
 enum scenario { BULK, RR, SHORT };
 
@@ -63,47 +65,12 @@ static pthread_mutex_t done_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t done_cond = PTHREAD_COND_INITIALIZER;
 static long done_count;
 
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("recv_receiver: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(1);
-}
-
 static void usage(void)
 {
     fputs("usage: recv_receiver --scenario {bulk,rr,short} --connections N\n"
           "                     [--request-size K --response-size R] [--buffer-size S]\n",
           stderr);
     exit(1);
-}
-
-static unsigned long long parse_count(const char *name, const char *text)
-{
-    char *end;
-    errno = 0;
-    if (*text == '\0' || *text == '-')
-        die("%s needs a non-negative integer", name);
-    unsigned long long v = strtoull(text, &end, 10);
-    if (errno || *end != '\0')
-        die("%s: not a non-negative integer: %s", name, text);
-    return v;
-}
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static double timeval_seconds(struct timeval tv)
-{
-    return (double)tv.tv_sec + (double)tv.tv_usec * 1e-6;
 }
 
 static long maxrss_kb(void)
@@ -119,20 +86,6 @@ static void *alloc_buffer(size_t size)
     if (posix_memalign(&p, PAGE, size))
         die("out of memory for a %zu-byte buffer", size);
     return p;
-}
-
-static void send_all(int fd, const unsigned char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die("sending a response: %s", strerror(errno));
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
 }
 
 /* ---- bulk and short: one detached thread per connection -------------------- */
@@ -269,28 +222,6 @@ static void parse_args(int argc, char **argv)
     }
 }
 
-static int listen_loopback(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        die("socket: %s", strerror(errno));
-    struct sockaddr_in addr = {
-        .sin_family = AF_INET,
-        .sin_port = 0,
-        .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
-    };
-    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-        die("bind 127.0.0.1:0: %s", strerror(errno));
-    if (listen(fd, LISTEN_BACKLOG) < 0)
-        die("listen: %s", strerror(errno));
-    socklen_t len = sizeof(addr);
-    if (getsockname(fd, (struct sockaddr *)&addr, &len) < 0)
-        die("getsockname: %s", strerror(errno));
-    printf("READY %d\n", ntohs(addr.sin_port));
-    fflush(stdout);
-    return fd;
-}
-
 static int accept_one(int listen_fd)
 {
     for (;;) {
@@ -307,7 +238,10 @@ int main(int argc, char **argv)
 {
     parse_args(argc, argv);
     signal(SIGPIPE, SIG_IGN);
-    int listen_fd = listen_loopback();
+    int port;
+    int listen_fd = listen_loopback(&port);
+    printf("READY %d\n", port);
+    fflush(stdout);
 
     struct rusage before, after;
     double start = 0;

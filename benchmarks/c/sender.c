@@ -49,6 +49,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define PROGRAM "sender"
+#include "bench.h"
+
 #define PAGE 4096
 #define DEFAULT_SEND_SIZE (1u << 20)
 #define DEFAULT_WARMUP 100
@@ -77,18 +80,6 @@ static pthread_barrier_t start_barrier;
 static atomic_long next_connection;     /* short: next connection to make */
 static atomic_ullong bytes_sent;
 
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("sender: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    /* Other threads may be blocked in send()/recv(): exit takes them down. */
-    exit(1);
-}
-
 static void usage(void)
 {
     fputs("usage:\n"
@@ -100,35 +91,11 @@ static void usage(void)
     exit(1);
 }
 
-static unsigned long long parse_count(const char *name, const char *text)
-{
-    char *end;
-    errno = 0;
-    if (text == NULL || *text == '\0' || *text == '-')
-        die("%s needs a non-negative integer", name);
-    unsigned long long v = strtoull(text, &end, 10);
-    if (errno || *end != '\0')
-        die("%s: not a non-negative integer: %s", name, text);
-    return v;
-}
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static uint64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static double timeval_seconds(struct timeval tv)
-{
-    return (double)tv.tv_sec + (double)tv.tv_usec * 1e-6;
 }
 
 static int connect_to_receiver(void)
@@ -153,22 +120,6 @@ static int connect_to_receiver(void)
             continue;
         }
         die("connect to 127.0.0.1:%d: %s", opt.port, strerror(err));
-    }
-}
-
-static void send_all(int fd, const unsigned char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die("send: %s", strerror(errno));
-        }
-        if (n == 0)
-            die("send: short write (0 bytes accepted)");
-        buf += n;
-        len -= (size_t)n;
     }
 }
 

@@ -52,8 +52,10 @@
 
 #include "../../iouzcrx/_abi.h"
 
+#define PROGRAM "zcrx_receiver"
+#include "bench.h"
+
 #define PAGE 4096u
-#define LISTEN_BACKLOG 4096
 #define SQ_ENTRIES 256u
 /* Copy mode posts one completion per page at most, so a busy connection
  * produces many CQEs per wakeup: a large CQ keeps -ENOSPC re-arms rare. */
@@ -132,17 +134,6 @@ static double window_start;
 static struct rusage usage_start;
 static long rss_mid_kb = -1;
 
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("zcrx_receiver: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(1);
-}
-
 static void unavailable(const char *fmt, ...)
 {
     va_list ap;
@@ -164,30 +155,6 @@ static void usage(void)
           "                     [--area-size A] [--rq-entries E] [--verbose]\n",
           stderr);
     exit(1);
-}
-
-static unsigned long long parse_count(const char *name, const char *text)
-{
-    char *end;
-    errno = 0;
-    if (*text == '\0' || *text == '-')
-        die("%s needs a non-negative integer", name);
-    unsigned long long v = strtoull(text, &end, 10);
-    if (errno || *end != '\0')
-        die("%s: not a non-negative integer: %s", name, text);
-    return v;
-}
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static double timeval_seconds(struct timeval tv)
-{
-    return (double)tv.tv_sec + (double)tv.tv_usec * 1e-6;
 }
 
 static size_t page_align(size_t n)
@@ -468,20 +435,6 @@ static void on_accept(int32_t res, uint32_t flags, int listen_fd)
     }
 }
 
-static void send_all(int fd, const unsigned char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die("sending a response: %s", strerror(errno));
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-}
-
 static void on_recv(long index, int32_t res, uint32_t flags, uint64_t extra)
 {
     struct conn *c = &conns[index];
@@ -653,26 +606,6 @@ static void parse_args(int argc, char **argv)
     }
 }
 
-static int listen_loopback(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        die("socket: %s", strerror(errno));
-    struct sockaddr_in addr = {
-        .sin_family = AF_INET,
-        .sin_port = 0,
-        .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
-    };
-    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-        die("bind 127.0.0.1:0: %s", strerror(errno));
-    if (listen(fd, LISTEN_BACKLOG) < 0)
-        die("listen: %s", strerror(errno));
-    socklen_t len = sizeof(addr);
-    if (getsockname(fd, (struct sockaddr *)&addr, &len) < 0)
-        die("getsockname: %s", strerror(errno));
-    return fd;
-}
-
 int main(int argc, char **argv)
 {
     parse_args(argc, argv);
@@ -693,11 +626,9 @@ int main(int argc, char **argv)
         memset(response, 'r', opt.response_size);
     }
 
-    int listen_fd = listen_loopback();
-    struct sockaddr_in addr;
-    socklen_t len = sizeof(addr);
-    getsockname(listen_fd, (struct sockaddr *)&addr, &len);
-    printf("READY %d\n", ntohs(addr.sin_port));
+    int port;
+    int listen_fd = listen_loopback(&port);
+    printf("READY %d\n", port);
     fflush(stdout);
 
     arm_accept(listen_fd);

@@ -1,0 +1,113 @@
+/*
+ * Helpers shared by the benchmark's C programs: fatal errors, number
+ * parsing, clocks, whole-buffer sends and the loopback listener.
+ *
+ * Each program defines PROGRAM (its name, for error messages) before
+ * including this header; everything here is static, one copy per program.
+ */
+#ifndef IOUZCRX_BENCH_H
+#define IOUZCRX_BENCH_H
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+
+#ifndef PROGRAM
+#error "define PROGRAM before including bench.h"
+#endif
+
+#define LISTEN_BACKLOG 4096
+
+/* Print "PROGRAM: message" and exit 1; exit also stops any other thread
+ * blocked in send() or recv(). */
+__attribute__((format(printf, 1, 2), noreturn, unused))
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs(PROGRAM ": ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+/* A non-negative decimal integer given for option `name`; anything else
+ * (empty, signed, suffixed, out of range) is a usage error. */
+__attribute__((unused))
+static unsigned long long parse_count(const char *name, const char *text)
+{
+    char *end;
+    errno = 0;
+    if (text == NULL || *text == '\0' || *text == '-')
+        die("%s needs a non-negative integer", name);
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno || *end != '\0')
+        die("%s: not a non-negative integer: %s", name, text);
+    return v;
+}
+
+__attribute__((unused))
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+__attribute__((unused))
+static double timeval_seconds(struct timeval tv)
+{
+    return (double)tv.tv_sec + (double)tv.tv_usec * 1e-6;
+}
+
+/* Blocking send of the whole buffer (MSG_NOSIGNAL: a closed peer is an
+ * error message, not a SIGPIPE). */
+__attribute__((unused))
+static void send_all(int fd, const unsigned char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die("send: %s", strerror(errno));
+        }
+        if (n == 0)
+            die("send: short write (0 bytes accepted)");
+        buf += n;
+        len -= (size_t)n;
+    }
+}
+
+/* A socket listening on 127.0.0.1 at a port the kernel picks; *port gets it. */
+__attribute__((unused))
+static int listen_loopback(int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        die("socket: %s", strerror(errno));
+    struct sockaddr_in addr = {
+        .sin_family = AF_INET,
+        .sin_port = 0,
+        .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+    };
+    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+        die("bind 127.0.0.1:0: %s", strerror(errno));
+    if (listen(fd, LISTEN_BACKLOG) < 0)
+        die("listen: %s", strerror(errno));
+    socklen_t len = sizeof(addr);
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) < 0)
+        die("getsockname: %s", strerror(errno));
+    *port = ntohs(addr.sin_port);
+    return fd;
+}
+
+#endif
