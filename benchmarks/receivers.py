@@ -112,8 +112,9 @@ class Responder:
 # -- protocols -----------------------------------------------------------------
 
 
-class CountingProtocol(asyncio.Protocol):
-    """The stock ``asyncio.Protocol``: data arrives as ``bytes``."""
+class Counting:
+    """What every benchmark protocol does around its data callback: count
+    connections and bytes, and answer requests in the rr scenario."""
 
     def __init__(self, figures: Figures, args: argparse.Namespace) -> None:
         self.figures = figures
@@ -126,8 +127,7 @@ class CountingProtocol(asyncio.Protocol):
             _nodelay(transport)
         self.figures.connected()
 
-    def data_received(self, data: bytes) -> None:
-        n = len(data)
+    def count(self, n: int) -> None:
         self.figures.received(n)
         if self.responder.active:
             self.responder.feed(n, self.transport.write)
@@ -139,61 +139,35 @@ class CountingProtocol(asyncio.Protocol):
         self.figures.finished()
 
 
-class CountingBufferedProtocol(asyncio.BufferedProtocol):
+class CountingProtocol(Counting, asyncio.Protocol):
+    """The stock ``asyncio.Protocol``: data arrives as ``bytes``."""
+
+    def data_received(self, data: bytes) -> None:
+        self.count(len(data))
+
+
+class CountingBufferedProtocol(Counting, asyncio.BufferedProtocol):
     """The stock ``asyncio.BufferedProtocol``, reading into one buffer."""
 
     def __init__(self, figures: Figures, args: argparse.Namespace, aligned: bool) -> None:
-        self.figures = figures
-        self.responder = Responder(args)
-        self.transport: Any = None
+        super().__init__(figures, args)
         # A bytearray's data sits just past malloc's header, 16 bytes into a
         # page; an anonymous mapping starts on a page boundary.
         self.buffer = memoryview(mmap.mmap(-1, READ_SIZE) if aligned else bytearray(READ_SIZE))
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        if self.responder.active:
-            _nodelay(transport)
-        self.figures.connected()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.figures.received(nbytes)
-        if self.responder.active:
-            self.responder.feed(nbytes, self.transport.write)
-
-    def eof_received(self) -> None:
-        return None
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.figures.finished()
+        self.count(nbytes)
 
 
-class CountingZeroCopyProtocol(iouzcrx.ZeroCopyProtocol):
+class CountingZeroCopyProtocol(Counting, iouzcrx.ZeroCopyProtocol):
     """iouzcrx's own protocol: each chunk is a view over the receive area,
     dropped (so its buffer goes back) when this method returns."""
 
-    def __init__(self, figures: Figures, args: argparse.Namespace) -> None:
-        self.figures = figures
-        self.responder = Responder(args)
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        if self.responder.active:
-            _nodelay(transport)
-        self.figures.connected()
-
     def view_received(self, view: memoryview) -> None:
-        n = len(view)
-        self.figures.received(n)
-        if self.responder.active:
-            self.responder.feed(n, self.transport.write)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.figures.finished()
+        self.count(len(view))
 
 
 def _nodelay(transport: Any) -> None:

@@ -25,6 +25,8 @@
 
 #define LISTEN_BACKLOG 4096
 
+enum scenario { BULK, RR, SHORT };
+
 /* Print "PROGRAM: message" and exit 1; exit also stops any other thread
  * blocked in send() or recv(). */
 __attribute__((format(printf, 1, 2), noreturn, unused))
@@ -52,6 +54,42 @@ static unsigned long long parse_count(const char *name, const char *text)
     if (errno || *end != '\0')
         die("%s: not a non-negative integer: %s", name, text);
     return v;
+}
+
+/* An option value in lo..hi, or exit naming the range. */
+__attribute__((unused))
+static unsigned long long parse_in_range(const char *name, const char *text,
+                                         unsigned long long lo, unsigned long long hi)
+{
+    unsigned long long v = parse_count(name, text);
+    if (v < lo || v > hi)
+        die("%s must be %llu..%llu", name, lo, hi);
+    return v;
+}
+
+__attribute__((unused))
+static enum scenario scenario_named(const char *name)
+{
+    if (strcmp(name, "bulk") == 0)
+        return BULK;
+    if (strcmp(name, "rr") == 0)
+        return RR;
+    if (strcmp(name, "short") == 0)
+        return SHORT;
+    die("unknown scenario %s (bulk, rr or short)", name);
+}
+
+/* The receivers' --scenario, with what request/response needs. */
+__attribute__((unused))
+static enum scenario receiver_scenario(const char *name, size_t request_size,
+                                       size_t response_size, long connections)
+{
+    enum scenario s = scenario_named(name);
+    if (s == RR && (request_size == 0 || response_size == 0))
+        die("rr needs --request-size and --response-size");
+    if (s == RR && connections != 1)
+        die("rr uses exactly one connection (--connections 1)");
+    return s;
 }
 
 __attribute__((unused))

@@ -45,7 +45,6 @@
 #define PAGE 4096
 #define DEFAULT_BUFFER_SIZE (256u * 1024u)
 
-enum scenario { BULK, RR, SHORT };
 
 static struct {
     enum scenario scenario;
@@ -181,25 +180,13 @@ static void parse_args(int argc, char **argv)
         if (strcmp(name, "--scenario") == 0) {
             scenario = value;
         } else if (strcmp(name, "--connections") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > 1000000)
-                die("--connections must be 1..1000000");
-            opt.connections = (long)n;
+            opt.connections = (long)parse_in_range(name, value, 1, 1000000);
         } else if (strcmp(name, "--request-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--request-size must be 1..1 GiB");
-            opt.request_size = (size_t)n;
+            opt.request_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else if (strcmp(name, "--response-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--response-size must be 1..1 GiB");
-            opt.response_size = (size_t)n;
+            opt.response_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else if (strcmp(name, "--buffer-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--buffer-size must be 1..1 GiB");
-            opt.buffer_size = (size_t)n;
+            opt.buffer_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else {
             fprintf(stderr, "recv_receiver: unknown option %s\n", name);
             usage();
@@ -207,19 +194,8 @@ static void parse_args(int argc, char **argv)
     }
     if (scenario == NULL || opt.connections < 0)
         usage();
-    if (strcmp(scenario, "bulk") == 0) {
-        opt.scenario = BULK;
-    } else if (strcmp(scenario, "short") == 0) {
-        opt.scenario = SHORT;
-    } else if (strcmp(scenario, "rr") == 0) {
-        opt.scenario = RR;
-        if (opt.request_size == 0 || opt.response_size == 0)
-            die("rr needs --request-size and --response-size");
-        if (opt.connections != 1)
-            die("rr uses exactly one connection (--connections 1)");
-    } else {
-        die("unknown scenario %s (bulk, rr or short)", scenario);
-    }
+    opt.scenario = receiver_scenario(scenario, opt.request_size, opt.response_size,
+                                     opt.connections);
 }
 
 static int accept_one(int listen_fd)

@@ -60,7 +60,6 @@
 #define CONNECT_ATTEMPTS 400
 #define CONNECT_BACKOFF_NS 5000000L
 
-enum scenario { BULK, RR, SHORT };
 
 static struct {
     enum scenario scenario;
@@ -301,37 +300,22 @@ static void parse_args(int argc, char **argv)
         }
         const char *value = argv[++i];
         if (strcmp(name, "--port") == 0) {
-            unsigned long long p = parse_count(name, value);
-            if (p == 0 || p > 65535)
-                die("--port must be 1..65535");
-            opt.port = (int)p;
+            opt.port = (int)parse_in_range(name, value, 1, 65535);
             have_port = 1;
         } else if (strcmp(name, "--scenario") == 0) {
             scenario = value;
         } else if (strcmp(name, "--connections") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > 1000000)
-                die("--connections must be 1..1000000");
-            opt.connections = (long)n;
+            opt.connections = (long)parse_in_range(name, value, 1, 1000000);
         } else if (strcmp(name, "--bytes") == 0) {
             opt.bytes = parse_count(name, value);
             have_bytes = 1;
         } else if (strcmp(name, "--send-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--send-size must be 1..1 GiB");
-            opt.send_size = (size_t)n;
+            opt.send_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else if (strcmp(name, "--request-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--request-size must be 1..1 GiB");
-            opt.request_size = (size_t)n;
+            opt.request_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
             have_request_size = 1;
         } else if (strcmp(name, "--response-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--response-size must be 1..1 GiB");
-            opt.response_size = (size_t)n;
+            opt.response_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
             have_response_size = 1;
         } else if (strcmp(name, "--requests") == 0) {
             opt.requests = parse_count(name, value);
@@ -341,10 +325,7 @@ static void parse_args(int argc, char **argv)
         } else if (strcmp(name, "--warmup") == 0) {
             opt.warmup = parse_count(name, value);
         } else if (strcmp(name, "--threads") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > 4096)
-                die("--threads must be 1..4096");
-            opt.threads = (long)n;
+            opt.threads = (long)parse_in_range(name, value, 1, 4096);
         } else {
             fprintf(stderr, "sender: unknown option %s\n", name);
             usage();
@@ -352,27 +333,23 @@ static void parse_args(int argc, char **argv)
     }
     if (!have_port || scenario == NULL)
         usage();
-    if (strcmp(scenario, "bulk") == 0) {
-        opt.scenario = BULK;
+    opt.scenario = scenario_named(scenario);
+    if (opt.scenario == BULK) {
         if (opt.connections < 0 || !have_bytes)
             die("bulk needs --connections and --bytes");
         if (opt.connections > 4096)
             die("bulk runs a thread per connection: at most 4096 connections");
-    } else if (strcmp(scenario, "rr") == 0) {
-        opt.scenario = RR;
+    } else if (opt.scenario == RR) {
         if (!have_request_size || !have_response_size || !have_requests)
             die("rr needs --request-size, --response-size and --requests");
         if (opt.connections > 1)
             die("rr uses exactly one connection");
         opt.connections = 1;
-    } else if (strcmp(scenario, "short") == 0) {
-        opt.scenario = SHORT;
+    } else {
         if (opt.connections < 0 || !have_bytes)
             die("short needs --connections and --bytes");
         if (opt.threads > opt.connections)
             opt.threads = opt.connections;
-    } else {
-        die("unknown scenario %s (bulk, rr or short)", scenario);
     }
 }
 

@@ -71,7 +71,6 @@
 #define KIND_SHIFT 56
 enum kind { KIND_ACCEPT = 1, KIND_RECV = 2, KIND_CANCEL = 3 };
 
-enum scenario { BULK, RR, SHORT };
 
 static struct {
     enum scenario scenario;
@@ -558,20 +557,11 @@ static void parse_args(int argc, char **argv)
         if (strcmp(name, "--scenario") == 0) {
             scenario = value;
         } else if (strcmp(name, "--connections") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > 1000000)
-                die("--connections must be 1..1000000");
-            opt.connections = (long)n;
+            opt.connections = (long)parse_in_range(name, value, 1, 1000000);
         } else if (strcmp(name, "--request-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--request-size must be 1..1 GiB");
-            opt.request_size = (size_t)n;
+            opt.request_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else if (strcmp(name, "--response-size") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > (1ull << 30))
-                die("--response-size must be 1..1 GiB");
-            opt.response_size = (size_t)n;
+            opt.response_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else if (strcmp(name, "--buffer-size") == 0) {
             parse_count(name, value);      /* accepted for CLI parity, unused */
         } else if (strcmp(name, "--area-size") == 0) {
@@ -580,10 +570,7 @@ static void parse_args(int argc, char **argv)
                 die("--area-size must be a multiple of %u below 4 GiB", PAGE);
             opt.area_size = n;
         } else if (strcmp(name, "--rq-entries") == 0) {
-            unsigned long long n = parse_count(name, value);
-            if (n == 0 || n > IOUZ_RQ_MAX_ENTRIES)
-                die("--rq-entries must be 1..%u", IOUZ_RQ_MAX_ENTRIES);
-            opt.rq_entries = (uint32_t)n;
+            opt.rq_entries = (uint32_t)parse_in_range(name, value, 1, IOUZ_RQ_MAX_ENTRIES);
         } else {
             fprintf(stderr, "zcrx_receiver: unknown option %s\n", name);
             usage();
@@ -591,19 +578,8 @@ static void parse_args(int argc, char **argv)
     }
     if (scenario == NULL || opt.connections < 0)
         usage();
-    if (strcmp(scenario, "bulk") == 0) {
-        opt.scenario = BULK;
-    } else if (strcmp(scenario, "short") == 0) {
-        opt.scenario = SHORT;
-    } else if (strcmp(scenario, "rr") == 0) {
-        opt.scenario = RR;
-        if (opt.request_size == 0 || opt.response_size == 0)
-            die("rr needs --request-size and --response-size");
-        if (opt.connections != 1)
-            die("rr uses exactly one connection (--connections 1)");
-    } else {
-        die("unknown scenario %s (bulk, rr or short)", scenario);
-    }
+    opt.scenario = receiver_scenario(scenario, opt.request_size, opt.response_size,
+                                     opt.connections);
 }
 
 int main(int argc, char **argv)
