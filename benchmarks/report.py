@@ -222,6 +222,13 @@ def cell(run: dict[str, Any], key: str, fmt: str, repeat: int) -> str:
     return text
 
 
+def command(results: dict[str, Any]) -> str:
+    """The command that produced these results (its default selection)."""
+    flags = " --vm" if results["machine"].get("in_vm") else ""
+    flags += " --quick" if results["quick"] else ""
+    return f"bash benchmarks/run{flags}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     where = "VM (qemu TCG)" if m.get("in_vm") else "host"
@@ -231,7 +238,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Benchmarks of {results['date']} on the {where}: Linux {m['kernel']}, {m['cpu']}, "
         f"{m['cores']} cores, Python {m['python']}, uvloop {m.get('uvloop', '–')}, "
         f"iouzcrx {m['iouzcrx']}. Loopback TCP; C sender; medians of {results['repeat']} "
-        f"interleaved runs (min–max).{quick}",
+        f"interleaved runs (min–max).{quick} Command: `{command(results)}`.",
         "",
     ]
     for sc in results["scenarios"]:
@@ -410,7 +417,8 @@ def update_readme(results: dict[str, Any], readme: Path, chart_path: str) -> Non
             start,
             f"Measured {results['date']} on Linux {m['kernel']}, {m['cpu']}, {m['cores']} cores, "
             f"Python {m['python']}, uvloop {m.get('uvloop', '–')}; medians of "
-            f"{results['repeat']} interleaved runs over loopback. Full tables with min–max, "
+            f"{results['repeat']} interleaved runs over loopback, by `{command(results)}`. "
+            "Full tables with min–max, "
             "CPU, chunks/s, RSS and the targets: `benchmarks/results/host.md`.",
             "",
             summary(results),
