@@ -367,6 +367,13 @@ static inline void iouz_store_release(uint32_t *p, uint32_t v)
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
 
+/* Only the tests write sq_flags (the kernel owns it): they raise a flag the
+ * way the kernel does, with an atomic or. */
+static inline void iouz_atomic_or(uint32_t *p, uint32_t bits)
+{
+    __atomic_fetch_or(p, bits, __ATOMIC_RELEASE);
+}
+
 static inline void iouz_store_release16(uint16_t *p, uint16_t v)
 {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);

@@ -208,6 +208,7 @@ cdef extern from "_abi.h" nogil:
     uint32_t iouz_load_relaxed(const uint32_t *p)
     void iouz_store_release(uint32_t *p, uint32_t v)
     void iouz_store_release16(uint16_t *p, uint16_t v)
+    void iouz_atomic_or(uint32_t *p, uint32_t bits)
 
 
 cdef extern from "<errno.h>" nogil:

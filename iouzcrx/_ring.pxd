@@ -61,6 +61,7 @@ cdef class Ring:
     cdef public object error_handler
     cdef public object more_work_handler
     cdef readonly uint64_t enters
+    cdef readonly uint64_t stale_taskrun_flags
     cdef readonly uint64_t cqes_reaped
 
     cdef bint draining

@@ -47,6 +47,9 @@ cdef enum:
     # One enter runs at most 20 task-work items (kernel-abi §3), so a drain is
     # bounded in passes rather than in CQEs.
     DEFAULT_DRAIN_PASSES = 256
+    # Enters in a row that post nothing while SQ_TASKRUN is set, after which
+    # a drain takes the flag for stale (see drain_completions).
+    MAX_FRUITLESS_ENTERS = 3
 
 CQE_F_MORE = IOUZ_CQE_F_MORE
 
@@ -385,6 +388,7 @@ cdef class Ring:
         cdef RingClient client
         cdef int passes = 0
         cdef int more = 0
+        cdef int fruitless = 0
         try:
             while True:
                 for client in self.clients:
@@ -395,9 +399,26 @@ cdef class Ring:
                 # buffers are published in shared memory and need no syscall.
                 if passes == 0 or self.pending_submissions() or self.kernel_has_work():
                     self.enter(0, True)
-                if (not self.reap() and self.pending_submissions() == 0
-                        and not self.kernel_has_work()):
+                if self.reap() or self.pending_submissions():
+                    fruitless = 0
+                elif not self.kernel_has_work():
                     break  # idle: no completion, submission, task work or overflow
+                else:
+                    # SQ_TASKRUN is a hint, and it can be stale: a completion
+                    # that queues task work sets it just after adding the work,
+                    # so an enter on the other CPU can run that work in between
+                    # and the flag stays up with nothing behind it until the
+                    # next task work runs. Trusting it would spin here for as
+                    # long as the connection is quiet (holding the GIL, so a
+                    # thread that would send more data cannot). Work left over
+                    # from a full batch (an enter runs at most 20 items) shows
+                    # up as completions, so after MAX_FRUITLESS_ENTERS enters
+                    # that post none the flag is taken for stale: task work
+                    # queued from now on signals the eventfd.
+                    fruitless += 1
+                    if fruitless >= MAX_FRUITLESS_ENTERS:
+                        self.stale_taskrun_flags += 1
+                        break
                 passes += 1
                 if passes >= max_passes:
                     more = 1
@@ -522,6 +543,12 @@ cdef class Ring:
                 if remaining <= 0:
                     raise TimeoutError("the ring did not complete the request in time")
                 self.wait(remaining)
+
+    def _raise_stale_taskrun_flag(self):
+        """Testing aid: set SQ_TASKRUN with no task work behind it, the state
+        the kernel's own race leaves (see drain_completions), on demand."""
+        self.check_open()
+        iouz_atomic_or(<uint32_t *>self.sq_flags, IOUZ_SQ_TASKRUN)
 
     def probe_opcodes(self):
         """The set of IORING_OP_* numbers this kernel supports."""
