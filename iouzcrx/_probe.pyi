@@ -1,5 +1,7 @@
 from typing import Any
 
+from iouzcrx._ring import Ring
+
 OP_RECV: int
 OP_RECV_ZC: int
 OP_ACCEPT: int
@@ -23,10 +25,12 @@ class KernelFeatures:
     rq_hdr_size: int
     rq_hdr_alignment: int
     recvsend_bundle: bool
+    eventfd_prompt: bool
     @property
     def recv_zc(self) -> bool: ...
     @property
     def bufring(self) -> bool: ...
     def as_dict(self) -> dict[str, Any]: ...
 
+def eventfd_wakes_at_once(ring: Ring) -> bool: ...
 def kernel_features() -> KernelFeatures: ...

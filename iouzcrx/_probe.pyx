@@ -12,6 +12,7 @@ from iouzcrx._abi cimport *
 from iouzcrx._ring cimport Ring
 
 import os as _os
+import select as _select
 import threading as _threading
 
 OP_RECV = IOUZ_OP_RECV
@@ -88,6 +89,7 @@ class KernelFeatures:
         self.rq_hdr_size = zq.get("rq_hdr_size", 0)
         self.rq_hdr_alignment = zq.get("rq_hdr_alignment", 64)
         self.recvsend_bundle = False
+        self.eventfd_prompt = False
         cdef Ring ring
         try:
             ring = Ring(8, 16)
@@ -99,6 +101,7 @@ class KernelFeatures:
             self.setup_flags = ring.setup_flag_names
             self.opcodes = frozenset(ring.probe_opcodes())
             self.recvsend_bundle = bool(ring.features & IOUZ_FEAT_RECVSEND_BUNDLE)
+            self.eventfd_prompt = eventfd_wakes_at_once(ring)
         finally:
             ring.close()
 
@@ -125,11 +128,40 @@ class KernelFeatures:
             "zcrx_rx_buf_len": self.zcrx_rx_buf_len,
             "rq_hdr_size": self.rq_hdr_size,
             "recvsend_bundle": self.recvsend_bundle,
+            "eventfd_prompt": self.eventfd_prompt,
         }
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
         return f"KernelFeatures({fields})"
+
+
+def eventfd_wakes_at_once(Ring ring):
+    """Whether ``ring``'s eventfd is signalled inside the wake-up that queues
+    task work, as on 6.18, or later: Linux 7.3 defers that signal when the
+    work comes from a wait-queue wake-up (a socket or pipe becoming
+    readable) to an RCU callback, milliseconds later. An event loop woken
+    only by the eventfd then sees every receive that much late.
+
+    Measured, not inferred from the version: a READ on an empty pipe waits
+    on the pipe's wait queue; writing to the pipe from this thread queues
+    its task work, and the eventfd is either readable when write() returns
+    or not."""
+    readable, writable = _os.pipe()
+    try:
+        ring.read(readable, bytearray(1))
+        ring.drain()  # submits: the read finds the pipe empty and waits
+        try:
+            _os.read(ring.eventfd, 8)  # the submit's own signal, if any
+        except BlockingIOError:
+            pass
+        _os.write(writable, b"x")
+        prompt = bool(_select.select([ring.eventfd], [], [], 0)[0])
+        ring.drain()  # completes the read
+        return prompt
+    finally:
+        _os.close(readable)
+        _os.close(writable)
 
 
 _cached = None

@@ -247,6 +247,15 @@ def kernel_checks(features: KernelFeatures, zcrx_config: str | None) -> list[Che
             status="WARN",
         ),
     ]
+    if features.io_uring and not features.eventfd_prompt:
+        checks.append(
+            Check(
+                "kernel.eventfd_wakeup",
+                "INFO",
+                "the ring's eventfd is signalled late (an RCU callback after a socket "
+                "wakes): iouzcrx also watches each receiving socket with the event loop",
+            )
+        )
     return checks
 
 

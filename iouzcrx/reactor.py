@@ -4,6 +4,11 @@ It watches the ring's eventfd with ``loop.add_reader`` (works on the stock
 selector loop and on uvloop alike): with DEFER_TASKRUN, polling the ring fd
 itself does not wake before Linux 7.3.2, the eventfd does. SQEs queued during
 one loop iteration are submitted together by one ``schedule()``d drain.
+
+Where the kernel signals that eventfd late (Linux 7.3 defers it to an RCU
+callback when a socket wake-up queues the work: milliseconds), the transports
+and servers also watch their sockets (``socket_hints``): a socket turning
+readable drains the ring at once, and the eventfd stays as the backstop.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import weakref
 from typing import Any
 
+from iouzcrx._probe import kernel_features
 from iouzcrx._ring import Ring
 
 __all__ = ["Reactor"]
@@ -32,6 +38,8 @@ class Reactor:
         self._drain_scheduled = False
         # Receive backends of client connections (open_connection), per mode.
         self.client_backends: dict[str, Any] = {}
+        # Watch sockets as well as the eventfd (see the module docstring).
+        self.socket_hints = False
         try:
             self.ring = Ring()
         except OSError as exc:
@@ -39,6 +47,7 @@ class Reactor:
             return
         self.ring.error_handler = self._report
         self.ring.more_work_handler = self.schedule
+        self.socket_hints = not kernel_features().eventfd_prompt
         # The ring's method is the reader callback itself: no Python frame
         # between the loop and the drain on the receive path.
         loop.add_reader(self.ring.eventfd, self.ring.on_eventfd_readable)
@@ -57,6 +66,10 @@ class Reactor:
         if not self._drain_scheduled:
             self._drain_scheduled = True
             self.loop.call_soon(self._drain)
+
+    def drain_now(self) -> None:
+        """Submit and reap at once: the reader callback of a watched socket."""
+        self._drain()
 
     def _drain(self) -> None:
         self._drain_scheduled = False

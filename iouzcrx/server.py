@@ -114,6 +114,9 @@ class ZcrxServer(asyncio.AbstractServer):
             sock, multishot=True, callback=functools.partial(self._on_accept, sock)
         )
         self._reactor.schedule()
+        if self._reactor.socket_hints:
+            # A pending connection drains the ring at once (see iouzcrx.reactor).
+            self._loop.add_reader(sock.fileno(), self._reactor.drain_now)
 
     def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
         if res >= 0:
@@ -121,6 +124,8 @@ class ZcrxServer(asyncio.AbstractServer):
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
+        if self._reactor.socket_hints:
+            self._loop.remove_reader(sock.fileno())
         if not self._serving or res == -errno.ECANCELED:
             return
         if -res in _ACCEPT_RETRY_ERRNOS:
@@ -183,7 +188,7 @@ class ZcrxServer(asyncio.AbstractServer):
         self._closed = True
         self._serving = False
         for sock in self.sockets:
-            if self.mode == "socket":
+            if self.mode == "socket" or self._reactor.socket_hints:
                 self._loop.remove_reader(sock.fileno())
             accept = self._accepts.pop(sock, None)
             if accept is not None:

@@ -19,6 +19,8 @@ __all__ = ["ZcrxTransport"]
 
 _DEFAULT_HIGH_WATER = 64 * 1024
 _MAX_SEND = 1 << 20  # small writes are joined into sends of at most this
+# While a watched socket's receive is starved, how often to look for its re-arm.
+_STARVED_RECHECK = 0.001
 
 
 class ZcrxTransport(asyncio.Transport):
@@ -54,6 +56,7 @@ class ZcrxTransport(asyncio.Transport):
             queue=getattr(queue, "queue", None),
         )
         self._receiver: Receiver | None = None
+        self._watching = False  # the loop watches the socket (Reactor.socket_hints)
         self._generation = 0  # bumps when a receiver is retired (pause, close)
         self._paused = False
         self._backlog: collections.deque[memoryview] = collections.deque()
@@ -93,6 +96,38 @@ class ZcrxTransport(asyncio.Transport):
             on_error=self._on_protocol_error,
         )
         self._reactor.schedule()
+        if self._reactor.socket_hints:
+            self._watch_socket()
+
+    # Where the ring's eventfd wakes the loop late, the socket turning readable
+    # drains the ring instead (see iouzcrx.reactor).
+
+    def _watch_socket(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self._loop.add_reader(self._sock.fileno(), self._on_socket_readable)
+
+    def _unwatch_socket(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _on_socket_readable(self) -> None:
+        self._reactor.drain_now()
+        receiver = self._receiver
+        if receiver is not None and receiver.starved:
+            # The area is exhausted: the data waits in the socket, which stays
+            # readable, until views are released and the receive is re-armed.
+            self._unwatch_socket()
+            self._loop.call_later(_STARVED_RECHECK, self._rewatch_socket, receiver)
+
+    def _rewatch_socket(self, receiver: Receiver) -> None:
+        if receiver is not self._receiver or receiver.finished:
+            return
+        if receiver.starved:
+            self._loop.call_later(_STARVED_RECHECK, self._rewatch_socket, receiver)
+        else:
+            self._watch_socket()
 
     def _on_view(self, view: memoryview) -> None:
         if self._paused or self._backlog:
@@ -114,6 +149,7 @@ class ZcrxTransport(asyncio.Transport):
     def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
         if generation != self._generation:
             return  # a receiver retired by pause_reading() or close()
+        self._unwatch_socket()
         receiver, self._receiver = self._receiver, None
         if error is not None:
             self._fatal_error(error, "Fatal read error on zcrx transport")
@@ -166,6 +202,7 @@ class ZcrxTransport(asyncio.Transport):
     def _retire_receiver(self, *, discard: bool) -> None:
         """Stop the current multishot; data already in flight lands in the
         backlog (pause) or is dropped (close)."""
+        self._unwatch_socket()
         receiver, self._receiver = self._receiver, None
         self._generation += 1
         if receiver is None or receiver.finished:
@@ -350,6 +387,7 @@ class ZcrxTransport(asyncio.Transport):
         try:
             self._protocol.connection_lost(exc)  # type: ignore[arg-type]
         finally:
+            self._unwatch_socket()
             self._sock.close()
             if self._on_closed is not None:
                 self._on_closed(self)

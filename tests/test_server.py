@@ -506,3 +506,35 @@ async def test_closing_the_loops_ring_aborts_its_connections(mode):
     assert not protocol.eof.done()  # an abort, not an end of stream
     server.close()
     writer.close()
+
+
+async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode):
+    """Where the kernel signals the ring's eventfd late (Linux 7.3), the loop
+    also watches the sockets: with the eventfd not watched at all, a server
+    still accepts, answers every request and sees the end of the stream."""
+    if mode == "socket":
+        pytest.skip("socket mode has no ring")
+    from iouzcrx.reactor import Reactor
+
+    loop = asyncio.get_running_loop()
+    reactor = Reactor.for_loop(loop)
+    assert reactor.ring is not None
+    hints = reactor.socket_hints
+    reactor.socket_hints = True
+    loop.remove_reader(reactor.ring.eventfd)
+    try:
+        server = await start(mode, Echo)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        for i in range(50):
+            request = b"%04d" % i * (1 + i * 13)
+            writer.write(request)
+            # Without the socket hints nothing would drain the ring: this waits out its timeout.
+            assert await asyncio.wait_for(reader.readexactly(len(request)), 10) == request
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the server closed
+        writer.close()
+    finally:
+        loop.add_reader(reactor.ring.eventfd, reactor.ring.on_eventfd_readable)
+        reactor.socket_hints = hints
+    server.close()
+    await server.wait_closed()
