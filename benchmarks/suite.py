@@ -73,16 +73,6 @@ def scenarios(quick: bool, vm: bool) -> list[Scenario]:
     if vm:
         scale *= 8
     gib = 4096 * MIB // scale
-    if vm:
-        # Only bulk: on the VM's kernel (7.3) a DEFER_TASKRUN ring's eventfd
-        # and ring fd wake an event loop milliseconds late, which turns every
-        # request/response and short-connection figure of the io_uring modes
-        # into a measure of that delay (a C receiver blocked in
-        # io_uring_enter does not see it).
-        return [
-            Scenario("bulk1", "bulk", "bulk, 1 connection", 1, gib),
-            Scenario("bulk8", "bulk", "bulk, 8 connections", 8, gib // 8),
-        ]
     return [
         Scenario("bulk1", "bulk", "bulk, 1 connection", 1, gib),
         Scenario("bulk8", "bulk", "bulk, 8 connections", 8, gib // 8),
