@@ -124,7 +124,7 @@ class ZcrxServer(asyncio.AbstractServer):
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
-        if self._reactor.socket_hints:
+        if self._reactor.socket_hints and sock.fileno() >= 0:  # close() unwatched it
             self._loop.remove_reader(sock.fileno())
         if not self._serving or res == -errno.ECANCELED:
             return
