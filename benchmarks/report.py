@@ -76,63 +76,67 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
+    def add_ratio(
+        number: int, text: str, a: float | None, b: float | None, bound: str, detail: str
+    ) -> None:
+        """A ratio target: ``bound`` is ">= x" or "<= x"."""
+        r = _ratio(a, b)
+        limit = float(bound[3:])
+        ok = None if r is None else (r >= limit if bound.startswith(">=") else r <= limit)
+        add(number, text, r, bound, ok, detail)
+
     if not in_vm:
         top = best(results, "bulk8", "gbps", is_iouzcrx)
         stock = best(results, "bulk8", "gbps", is_stock)
         c = median(results, "bulk8", ref, "gbps")
         if top:
-            r = _ratio(top[1], c)
-            add(
+            add_ratio(
                 1,
                 "bulk 8 conns: throughput vs C recv()",
-                r,
+                top[1],
+                c,
                 ">= 0.9",
-                None if r is None else r >= 0.9,
                 f"{top[0]} {top[1]:.2f} GB/s vs {c} GB/s",
             )
             if stock:
-                r = _ratio(top[1], stock[1])
-                add(
+                add_ratio(
                     1,
                     "bulk 8 conns: throughput vs best stock asyncio/uvloop",
-                    r,
+                    top[1],
+                    stock[1],
                     ">= 1.4",
-                    None if r is None else r >= 1.4,
                     f"{top[0]} vs {stock[0]} {stock[1]:.2f} GB/s",
                 )
             cpu = median(results, "bulk8", top[0], "total_cpu_s_per_gb")
             c_cpu = median(results, "bulk8", ref, "total_cpu_s_per_gb")
-            r = _ratio(cpu, c_cpu)
-            add(
+            add_ratio(
                 1,
                 "bulk 8 conns: sender+receiver CPU/GB vs C recv()",
-                r,
+                cpu,
+                c_cpu,
                 "<= 1.1",
-                None if r is None else r <= 1.1,
                 f"{top[0]} {cpu} s/GB vs {c_cpu} s/GB",
             )
         top = best(results, "bulk1", "gbps", is_iouzcrx)
         c = median(results, "bulk1", ref, "gbps")
         if top:
-            r = _ratio(top[1], c)
-            add(
+            add_ratio(
                 2,
                 "bulk 1 conn: throughput vs C recv()",
-                r,
+                top[1],
+                c,
                 ">= 0.95",
-                None if r is None else r >= 0.95,
                 f"{top[0]} {top[1]:.2f} GB/s vs {c} GB/s",
             )
         top = best(results, "rr1k", "p50_us", is_iouzcrx, lowest=True)
         uv = median(results, "rr1k", "uvloop-protocol", "p50_us")
         if top:
-            r = _ratio(top[1], uv)
-            add(
+            add_ratio(
                 3,
                 "1 KiB req/resp: p50 latency vs uvloop Protocol",
-                r,
+                top[1],
+                uv,
                 "<= 1.0",
-                None if r is None else r <= 1.0,
                 f"{top[0]} {top[1]:.1f} us vs {uv} us",
             )
     else:
@@ -142,13 +146,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
             c = median(results, scenario, ref, "gbps")
             if top:
-                r = _ratio(top[1], c)
-                add(
+                add_ratio(
                     4,
                     f"VM copy mode, {scenario}: throughput vs C RECV_ZC",
-                    r,
+                    top[1],
+                    c,
                     ">= 0.9",
-                    None if r is None else r >= 0.9,
                     f"{top[0]} vs {ref}",
                 )
     counts = results.get("instructions")

@@ -65,13 +65,11 @@ class Reactor:
         whenever SQEs were queued outside a drain."""
         if not self._drain_scheduled:
             self._drain_scheduled = True
-            self.loop.call_soon(self._drain)
+            self.loop.call_soon(self.drain_now)
 
     def drain_now(self) -> None:
-        """Submit and reap at once: the reader callback of a watched socket."""
-        self._drain()
-
-    def _drain(self) -> None:
+        """Submit and reap at once: a scheduled drain, and the reader callback
+        of a watched socket."""
         self._drain_scheduled = False
         if self.ring is None or self.ring.closed:
             return

@@ -79,6 +79,25 @@ static enum scenario scenario_named(const char *name)
     die("unknown scenario %s (bulk, rr or short)", name);
 }
 
+/* The options both receivers take: 1 if ``name`` is one of them (its value
+ * stored), 0 if the receiver's own parser should look at it. */
+__attribute__((unused))
+static int receiver_option(const char *name, const char *value, const char **scenario,
+                           long *connections, size_t *request_size, size_t *response_size)
+{
+    if (strcmp(name, "--scenario") == 0)
+        *scenario = value;
+    else if (strcmp(name, "--connections") == 0)
+        *connections = (long)parse_in_range(name, value, 1, 1000000);
+    else if (strcmp(name, "--request-size") == 0)
+        *request_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
+    else if (strcmp(name, "--response-size") == 0)
+        *response_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
+    else
+        return 0;
+    return 1;
+}
+
 /* The receivers' --scenario, with what request/response needs. */
 __attribute__((unused))
 static enum scenario receiver_scenario(const char *name, size_t request_size,

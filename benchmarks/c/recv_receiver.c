@@ -177,15 +177,10 @@ static void parse_args(int argc, char **argv)
             usage();
         }
         const char *value = argv[++i];
-        if (strcmp(name, "--scenario") == 0) {
-            scenario = value;
-        } else if (strcmp(name, "--connections") == 0) {
-            opt.connections = (long)parse_in_range(name, value, 1, 1000000);
-        } else if (strcmp(name, "--request-size") == 0) {
-            opt.request_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
-        } else if (strcmp(name, "--response-size") == 0) {
-            opt.response_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
-        } else if (strcmp(name, "--buffer-size") == 0) {
+        if (receiver_option(name, value, &scenario, &opt.connections, &opt.request_size,
+                            &opt.response_size))
+            continue;
+        if (strcmp(name, "--buffer-size") == 0) {
             opt.buffer_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
         } else {
             fprintf(stderr, "recv_receiver: unknown option %s\n", name);
