@@ -23,6 +23,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef ReturnedBuffer *pending
     cdef size_t pending_count
     cdef size_t pending_capacity
+    cdef bint pending_ascending      # every pending token >= the one before it
     cdef bint wake_requested
     cdef list starved
     cdef set receivers

@@ -65,6 +65,10 @@ cdef class ReceiveQueue(BufferOwner):
                 return
             self.pending = grown
             self.pending_capacity *= 2
+        if self.pending_count == 0:
+            self.pending_ascending = True
+        elif token < self.pending[self.pending_count - 1].token:
+            self.pending_ascending = False
         self.pending[self.pending_count].token = token
         self.pending[self.pending_count].length = length
         self.pending_count += 1
@@ -97,6 +101,11 @@ cdef class ReceiveQueue(BufferOwner):
             self.pending = grown
             self.pending_capacity = capacity
         cdef ReturnedBuffer *entry = self.pending + self.pending_count
+        # A run's own tokens ascend.
+        if self.pending_count == 0:
+            self.pending_ascending = True
+        elif token < entry[-1].token:
+            self.pending_ascending = False
         entry[0].token = token
         entry[0].length = first_length
         length -= first_length

@@ -20,4 +20,5 @@ cdef class ZcrxQueue(ReceiveQueue):
     cdef uint32_t rq_mask
     cdef uint32_t local_rq_tail
 
+    cdef int order_for_freelist(self) except -1
     cdef int flush_refill_ring(self) except -1

@@ -11,12 +11,13 @@ cimport cython
 from libc.errno cimport errno
 from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memmove, memset
+from libc.stdlib cimport qsort
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
                          PROT_READ, PROT_WRITE, mmap, munmap)
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area
-from iouzcrx._receive cimport ReceiveQueue, Receiver
+from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
 from iouzcrx._ring cimport Ring
 
 import errno as _errno
@@ -54,6 +55,12 @@ cdef uint32_t round_up_pow2(uint64_t n) noexcept:
     while p < n:
         p <<= 1
     return <uint32_t>p
+
+
+cdef int _highest_first(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const ReturnedBuffer *>a).token
+    cdef uint64_t y = (<const ReturnedBuffer *>b).token
+    return (x < y) - (x > y)
 
 
 @cython.final
@@ -198,6 +205,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         cdef uint32_t head, free, n, i
         cdef iouz_zcrx_rqe *rqe
         cdef bint flushed_when_full = False
+        if self.mode == "copy":
+            self.order_for_freelist()
         while done < self.pending_count:
             head = iouz_load_acquire(self.rq_head)
             free = self.rq_entries - (self.local_rq_tail - head)
@@ -227,6 +236,32 @@ cdef class ZcrxQueue(ReceiveQueue):
                         self.pending_count * sizeof(self.pending[0]))
             if self.mode == "copy" and self.can_flush:
                 self.flush_refill_ring()
+        return 0
+
+    cdef int order_for_freelist(self) except -1:
+        """Put the pending returns in descending address order.
+
+        In copy mode the kernel keeps free chunks on a stack, filled from the
+        refill ring in ring order and popped from the top for each copy: what
+        goes in last comes out first. Returned highest address first, the
+        chunks come back out lowest first, so the data of one receive lands
+        in consecutive chunks and joins into one view (a few times fewer
+        deliveries). Views are mostly released in the order they were
+        delivered, which is then ascending: a reversal suffices, and a full
+        sort is the fallback."""
+        cdef size_t n = self.pending_count
+        cdef size_t i
+        cdef ReturnedBuffer swap
+        if n < 2:
+            return 0
+        if self.pending_ascending:
+            for i in range(n // 2):
+                swap = self.pending[i]
+                self.pending[i] = self.pending[n - 1 - i]
+                self.pending[n - 1 - i] = swap
+        else:
+            qsort(self.pending, n, sizeof(ReturnedBuffer), _highest_first)
+        self.pending_ascending = False
         return 0
 
     cdef int flush_refill_ring(self) except -1:
