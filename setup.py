@@ -15,8 +15,14 @@ extensions = [
         f"iouzcrx.{name}",
         [f"iouzcrx/{name}.pyx"],
         include_dirs=["iouzcrx"],
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                            "-Wno-unused-function", "-Wno-missing-field-initializers"],
+        extra_compile_args=[
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Wno-unused-parameter",
+            "-Wno-unused-function",
+            "-Wno-missing-field-initializers",
+        ],
     )
     for name in MODULES
 ]
