@@ -422,7 +422,7 @@ def update_readme(results: dict[str, Any], readme: Path, chart_path: str) -> Non
             f"Python {m['python']}, uvloop {m.get('uvloop', '–')}; medians of "
             f"{results['repeat']} interleaved runs over loopback, by `{command(results)}`. "
             "Full tables with min–max, "
-            "CPU, chunks/s, RSS and the targets: `benchmarks/results/host.md`.",
+            f"CPU, chunks/s, RSS and the targets: `{Path(chart_path).with_suffix('.md')}`.",
             "",
             summary(results),
             "",

@@ -16,7 +16,6 @@ from iouzcrx._ring cimport Request, fileno_of
 
 import collections as _collections
 
-
 from iouzcrx.errors import kernel_error
 
 
@@ -24,6 +23,45 @@ cdef enum:
     # Bound on one coalesced view: a run holds all of its buffers until the
     # program releases the view.
     MAX_RUN_BYTES = 1024 * 1024
+
+
+# The two halves of queueing buffer returns, shared by give_back and
+# give_back_run; plain functions so that the compiler can inline them.
+
+cdef inline ReturnedBuffer *reserve_returns(ReceiveQueue queue, size_t count,
+                                            uint64_t first_token) noexcept:
+    """Room for ``count`` more pending returns, the first of them for
+    ``first_token``. NULL when the ring is gone (the kernel reclaimed every
+    buffer itself) or the list cannot grow (losing the returns only
+    shrinks the pool; nothing is corrupted)."""
+    cdef size_t capacity = queue.pending_capacity
+    cdef ReturnedBuffer *grown
+    if queue.closed or queue.ring is None:
+        return NULL
+    if queue.pending_count + count > capacity:
+        while queue.pending_count + count > capacity:
+            capacity *= 2
+        grown = <ReturnedBuffer *>realloc(queue.pending, capacity * sizeof(ReturnedBuffer))
+        if grown == NULL:
+            return NULL
+        queue.pending = grown
+        queue.pending_capacity = capacity
+    if queue.pending_count == 0:
+        queue.pending_ascending = True
+    elif first_token < queue.pending[queue.pending_count - 1].token:
+        queue.pending_ascending = False
+    return queue.pending + queue.pending_count
+
+
+cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
+    cdef bint was_empty = queue.pending_count == 0
+    queue.pending_count += count
+    if was_empty and not queue.ring.draining and not queue.wake_requested:
+        # Nothing is going to drain soon (no traffic while the pool is
+        # empty): have the owner thread woken to publish.  Inside a drain
+        # the next pass publishes anyway.
+        queue.wake_requested = True
+        queue.ring.wake()
 
 
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
@@ -51,61 +89,24 @@ cdef class ReceiveQueue(BufferOwner):
     # -- buffer returns --------------------------------------------------------
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
-        cdef ReturnedBuffer *grown
         self.buffers_in_use -= 1
         self.buffers_returned += 1
-        if self.closed or self.ring is None:
-            # The ring is gone and the kernel reclaimed every buffer itself.
-            return
-        if self.pending_count == self.pending_capacity:
-            grown = <ReturnedBuffer *>realloc(self.pending,
-                                              2 * self.pending_capacity * sizeof(ReturnedBuffer))
-            if grown == NULL:
-                # Losing the return only shrinks the pool; nothing is corrupted.
-                return
-            self.pending = grown
-            self.pending_capacity *= 2
-        if self.pending_count == 0:
-            self.pending_ascending = True
-        elif token < self.pending[self.pending_count - 1].token:
-            self.pending_ascending = False
-        self.pending[self.pending_count].token = token
-        self.pending[self.pending_count].length = length
-        self.pending_count += 1
-        if self.pending_count == 1 and not self.ring.draining and not self.wake_requested:
-            # Nothing is going to drain soon (no traffic while the pool is
-            # empty): have the owner thread woken to publish.  Inside a drain
-            # the next pass publishes anyway.
-            self.wake_requested = True
-            self.ring.wake()
+        cdef ReturnedBuffer *entry = reserve_returns(self, 1, token)
+        if entry != NULL:
+            entry.token = token
+            entry.length = length
+            returns_added(self, 1)
 
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept:
         """Return every buffer of a run: one pending return per completion,
         as if each had come back on its own."""
-        cdef ReturnedBuffer *grown
-        cdef size_t capacity
         cdef uint32_t i
-        cdef bint was_empty = self.pending_count == 0
         self.buffers_in_use -= count
         self.buffers_returned += count
-        if self.closed or self.ring is None:
+        cdef ReturnedBuffer *entry = reserve_returns(self, count, token)
+        if entry == NULL:
             return
-        if self.pending_count + count > self.pending_capacity:
-            capacity = self.pending_capacity
-            while self.pending_count + count > capacity:
-                capacity *= 2
-            grown = <ReturnedBuffer *>realloc(self.pending, capacity * sizeof(ReturnedBuffer))
-            if grown == NULL:
-                return  # as in give_back: the pool shrinks, nothing is corrupted
-            self.pending = grown
-            self.pending_capacity = capacity
-        cdef ReturnedBuffer *entry = self.pending + self.pending_count
-        # A run's own tokens ascend.
-        if self.pending_count == 0:
-            self.pending_ascending = True
-        elif token < entry[-1].token:
-            self.pending_ascending = False
         entry[0].token = token
         entry[0].length = first_length
         length -= first_length
@@ -123,10 +124,7 @@ cdef class ReceiveQueue(BufferOwner):
                 entry[i].token = token + i
                 entry[i].length = unit if length > unit else <uint32_t>length
                 length -= unit
-        self.pending_count += count
-        if was_empty and not self.ring.draining and not self.wake_requested:
-            self.wake_requested = True
-            self.ring.wake()
+        returns_added(self, count)
 
     cdef int after_reap(self) except -1:
         cdef Receiver receiver
@@ -263,24 +261,21 @@ cdef class Receiver(Request):
 
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1:
-        cdef object previous = self.take_run() if self.run_count else None
-        if fills_buffer:
-            self.run_data = data
-            self.run_end = data + length
-            self.run_length = length
-            self.run_token = token
-            self.run_count = 1
-            self.run_first_length = length
-            if not self.run_listed:
-                self.run_listed = True
-                self.queue.runs_pending.append(self)
-            if previous is not None:
-                self.deliver(previous)
-            return 0
-        # A part-filled buffer ends any run: deliver it now, in order.
-        if previous is not None:
-            self.deliver(previous)
-        return self.deliver(self.queue.export(data, length, token))
+        if self.run_count:
+            self.deliver(self.take_run())  # the run this chunk does not continue
+        if not fills_buffer:
+            # A part-filled buffer cannot be continued: deliver it on its own.
+            return self.deliver(self.queue.export(data, length, token))
+        self.run_data = data
+        self.run_end = data + length
+        self.run_length = length
+        self.run_token = token
+        self.run_count = 1
+        self.run_first_length = length
+        if not self.run_listed:
+            self.run_listed = True
+            self.queue.runs_pending.append(self)
+        return 0
 
     cdef object take_run(self):
         """The pending run as one view (the run is empty afterwards)."""

@@ -205,7 +205,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         cdef uint32_t head, free, n, i
         cdef iouz_zcrx_rqe *rqe
         cdef bint flushed_when_full = False
-        if self.mode == "copy":
+        cdef bint copy_mode = self.mode == "copy"
+        if copy_mode:
             self.order_for_freelist()
         while done < self.pending_count:
             head = iouz_load_acquire(self.rq_head)
@@ -234,7 +235,7 @@ cdef class ZcrxQueue(ReceiveQueue):
             if self.pending_count:
                 memmove(self.pending, self.pending + done,
                         self.pending_count * sizeof(self.pending[0]))
-            if self.mode == "copy" and self.can_flush:
+            if copy_mode and self.can_flush:
                 self.flush_refill_ring()
         return 0
 
@@ -302,8 +303,9 @@ cdef class ZcrxQueue(ReceiveQueue):
             # Each completion keeps its own refill entry (one user_ref per
             # CQE), so joining adjacent ones into one view changes nothing for
             # the kernel; a chunk joins a run only from a chunk boundary.
+            # (chunk_size is a power of two: a mask, not a division per CQE.)
             receiver.add_chunk(self.area.base + offset, res, extra,
-                               (offset + <uint64_t>res) % self.chunk_size == 0)
+                               ((offset + <uint64_t>res) & (self.chunk_size - 1)) == 0)
             if not (flags & IOUZ_CQE_F_MORE):
                 self.arm(receiver)
             return 0
