@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import importlib.metadata
 import json
 import os
 import platform
@@ -121,6 +122,8 @@ def compile_programs(build: Path) -> dict[str, Path]:
 def receiver_command(name: str, programs: dict[str, Path], sc: Scenario) -> list[str]:
     if name == "c-recv":
         cmd = [str(programs["recv_receiver"])]
+    elif name == "c-epoll":
+        cmd = [str(programs["recv_receiver"]), "--threads", "one"]
     elif name == "c-recv-zc":
         cmd = [str(programs["zcrx_receiver"])]
     else:
@@ -252,7 +255,13 @@ def list_receivers() -> tuple[list[str], dict[str, str | None]]:
         check=True,
     ).stdout
     listing = json.loads(out)
-    return ["c-recv", "c-recv-zc"] + listing["receivers"], listing["modes"]
+    return ["c-recv", "c-epoll", "c-recv-zc"] + listing["receivers"], listing["modes"]
+
+
+def runs_in(name: str, sc: Scenario) -> bool:
+    """Whether a receiver takes part in a scenario: request/response has one
+    connection, where the one-thread C receiver would be c-recv again."""
+    return not (name == "c-epoll" and sc.kind == "rr")
 
 
 def machine() -> dict[str, Any]:
@@ -268,10 +277,8 @@ def machine() -> dict[str, Any]:
 
     versions = {"python": platform.python_version(), "iouzcrx": iouzcrx.__version__}
     try:
-        import uvloop
-
-        versions["uvloop"] = uvloop.__version__
-    except ImportError:
+        versions["uvloop"] = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return {
         "kernel": platform.release(),
@@ -312,7 +319,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             per_receiver: dict[str, list[dict[str, float]]] = {n: [] for n in names}
             for rep in range(repeat):
                 for name in names:
-                    if name in results["unavailable"]:
+                    if name in results["unavailable"] or not runs_in(name, sc):
                         continue
                     clock = time.monotonic() - started
                     label = f"[{clock:6.1f}s] {sc.name} {rep + 1}/{repeat} {name}"

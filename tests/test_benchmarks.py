@@ -67,11 +67,14 @@ def test_quick_suite_on_the_host(tmp_path: Path) -> None:
         "short",
     }
     for scenario, runs in results["runs"].items():
-        assert set(runs) == expected, scenario
+        # The one-thread C receiver has nothing to add on one connection.
+        one_thread = set() if scenario.startswith("rr") else {"c-epoll"}
+        assert set(runs) == expected | one_thread, scenario
     # The RECV_ZC receiver needs copy mode, which this kernel may lack.
     if "c-recv-zc" not in results["unavailable"]:
         assert all("c-recv-zc" in runs for runs in results["runs"].values())
     assert "c-recv" not in results["unavailable"]
+    assert "c-epoll" not in results["unavailable"]
     counts = results["instructions"]
     assert "rows" in counts, counts
     assert {row["mode"] for row in counts["rows"]} >= {"bufring", "socket", "stock"}
@@ -80,7 +83,7 @@ def test_quick_suite_on_the_host(tmp_path: Path) -> None:
         if row["mode"] != "stock":  # the library's share is measured for iouzcrx only
             assert row["instructions_per_chunk_library"] > 0
     table = (tmp_path / "smoke.md").read_text()
-    for name in expected:
+    for name in expected | {"c-epoll"}:
         assert f"| {name} |" in table
 
 

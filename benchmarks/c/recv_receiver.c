@@ -3,14 +3,19 @@
  *
  *   recv_receiver --scenario {bulk,rr,short} --connections N
  *                 [--request-size K --response-size R] [--buffer-size S]
+ *                 [--threads {per-connection,one}]
  *
  * Listens on 127.0.0.1 (kernel-chosen port), prints "READY <port>" and then:
  *   bulk   accepts N connections, each served by its own thread doing recv()
  *          into a page-aligned S-byte buffer (default 256 KiB) until EOF;
+ *          with --threads one, a single thread serves them all through
+ *          epoll, reading each ready socket until it would block: what one
+ *          event-loop thread can reach with recv();
  *   rr     accepts one connection (TCP_NODELAY) and answers every whole
  *          K-byte request with an R-byte response, until EOF;
  *   short  accepts N connections as they come, a thread each (recv to EOF,
- *          close), and ends when all N are done.
+ *          close), and ends when all N are done (with --threads one, all on
+ *          the epoll thread).
  * Every connection is closed by us right after its EOF.
  *
  * The window opens at the first successful accept() and closes when the last
@@ -24,6 +29,7 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -34,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -52,6 +59,7 @@ static struct {
     size_t request_size;
     size_t response_size;
     size_t buffer_size;
+    int one_thread;     /* --threads one */
 } opt;
 
 /* Totals, added by each connection thread once it is done. */
@@ -67,7 +75,8 @@ static long done_count;
 static void usage(void)
 {
     fputs("usage: recv_receiver --scenario {bulk,rr,short} --connections N\n"
-          "                     [--request-size K --response-size R] [--buffer-size S]\n",
+          "                     [--request-size K --response-size R] [--buffer-size S]\n"
+          "                     [--threads {per-connection,one}]\n",
           stderr);
     exit(1);
 }
@@ -121,6 +130,71 @@ static void *drain_connection(void *arg)
     pthread_cond_signal(&done_cond);
     pthread_mutex_unlock(&done_lock);
     return NULL;
+}
+
+/* ---- bulk and short on one thread: epoll over every connection ------------- */
+
+static void drain_all_on_one_thread(int listen_fd, double *start, struct rusage *before)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0)
+        die("epoll_create1: %s", strerror(errno));
+    /* Non-blocking, so that a connection reset between the wake-up and the
+     * accept cannot stall every other connection. */
+    if (fcntl(listen_fd, F_SETFL, fcntl(listen_fd, F_GETFL) | O_NONBLOCK) < 0)
+        die("fcntl: %s", strerror(errno));
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = listen_fd};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, listen_fd, &ev) < 0)
+        die("epoll_ctl: %s", strerror(errno));
+    unsigned char *buf = alloc_buffer(opt.buffer_size);
+    unsigned long long bytes = 0, chunks = 0;
+    long accepted = 0, done = 0;
+    struct epoll_event ready[64];
+    while (done < opt.connections) {
+        int n = epoll_wait(ep, ready, 64, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            die("epoll_wait: %s", strerror(errno));
+        for (int i = 0; i < n; i++) {
+            int fd = ready[i].data.fd;
+            if (fd == listen_fd) {
+                int conn = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                if (conn < 0) {
+                    /* A connection reset before we got to it is the peer's business. */
+                    if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+                        die("accept: %s", strerror(errno));
+                    continue;
+                }
+                if (accepted++ == 0) {
+                    *start = now_seconds();
+                    getrusage(RUSAGE_SELF, before);
+                }
+                ev.data.fd = conn;
+                if (epoll_ctl(ep, EPOLL_CTL_ADD, conn, &ev) < 0)
+                    die("epoll_ctl: %s", strerror(errno));
+                if (accepted == opt.connections)
+                    epoll_ctl(ep, EPOLL_CTL_DEL, listen_fd, NULL);
+                continue;
+            }
+            ssize_t got;
+            while ((got = recv(fd, buf, opt.buffer_size, 0)) > 0) {
+                bytes += (unsigned long long)got;
+                chunks++;
+            }
+            if (got == 0) {
+                if (done++ == 0 && opt.scenario == BULK)
+                    rss_mid_kb = maxrss_kb();
+                close(fd);      /* also leaves the epoll set */
+            } else if (errno != EAGAIN && errno != EINTR) {
+                die("recv: %s", strerror(errno));
+            }
+        }
+    }
+    close(ep);
+    free(buf);
+    total_bytes = bytes;
+    total_chunks = chunks;
 }
 
 /* ---- rr: request/response on the main thread ------------------------------ */
@@ -182,6 +256,11 @@ static void parse_args(int argc, char **argv)
             continue;
         if (strcmp(name, "--buffer-size") == 0) {
             opt.buffer_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
+        } else if (strcmp(name, "--threads") == 0) {
+            if (strcmp(value, "one") == 0)
+                opt.one_thread = 1;
+            else if (strcmp(value, "per-connection") != 0)
+                die("--threads is per-connection or one, not %s", value);
         } else {
             fprintf(stderr, "recv_receiver: unknown option %s\n", name);
             usage();
@@ -191,6 +270,8 @@ static void parse_args(int argc, char **argv)
         usage();
     opt.scenario = receiver_scenario(scenario, opt.request_size, opt.response_size,
                                      opt.connections);
+    if (opt.one_thread && opt.scenario == RR)
+        die("--threads one is for bulk and short (rr has one connection already)");
 }
 
 static int accept_one(int listen_fd)
@@ -221,6 +302,8 @@ int main(int argc, char **argv)
         start = now_seconds();
         getrusage(RUSAGE_SELF, &before);
         serve_requests(fd);
+    } else if (opt.one_thread) {
+        drain_all_on_one_thread(listen_fd, &start, &before);
     } else {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
