@@ -133,9 +133,7 @@ cdef class BufRingQueue(ReceiveQueue):
         receiver.armed = False
         if res > 0:
             # A full CQ ended the multishot after this data (kernel-abi §10.4).
-            receiver.rearms += 1
-            self.rearms += 1
-            return self.arm(receiver)
+            return self.rearm(receiver)
         if res == -ENOBUFS:
             return self.starve(receiver)
         return self.end_by_kernel(receiver, res)

@@ -181,9 +181,23 @@ cdef class ReceiveQueue(BufferOwner):
         """The kernel ended ``receiver`` for want of buffers; the data stays in
         the socket (TCP flow control holds the sender) until buffers return."""
         receiver.armed = False
+        if receiver.cancelling:
+            # Cancelled from a callback earlier in this batch: its cancel finds
+            # nothing to cancel, so the receive ends here.
+            return receiver.finish(None, False)
         receiver.starved = True
         self.starved.append(receiver)
         return 0
+
+    cdef int rearm(self, Receiver receiver) except -1:
+        """The kernel ended ``receiver`` with more to receive (a full CQ):
+        start it again, unless the program cancelled it meanwhile."""
+        receiver.armed = False
+        if receiver.cancelling:
+            return receiver.finish(None, False)
+        receiver.rearms += 1
+        self.rearms += 1
+        return self.arm(receiver)
 
     cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1:
         """A final CQE that is neither data nor starvation."""

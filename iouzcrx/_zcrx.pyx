@@ -307,16 +307,14 @@ cdef class ZcrxQueue(ReceiveQueue):
             receiver.add_chunk(self.area.base + offset, res, extra,
                                ((offset + <uint64_t>res) & (self.chunk_size - 1)) == 0)
             if not (flags & IOUZ_CQE_F_MORE):
-                self.arm(receiver)
+                return self.rearm(receiver)
             return 0
         if flags & IOUZ_CQE_F_MORE:
             return 0
         receiver.armed = False
         if res == -ENOSPC:
             # CQ was full; nothing beyond the reported data left the socket.
-            receiver.rearms += 1
-            self.rearms += 1
-            return self.arm(receiver)
+            return self.rearm(receiver)
         if res == -ENOMEM:
             return self.starve(receiver)
         return self.end_by_kernel(receiver, res)

@@ -3,9 +3,12 @@ can run: bufring on the host, copy (RECV_ZC) in the VM."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import socket
+import struct
+import termios
 import threading
 import time
 
@@ -35,6 +38,11 @@ def first_view(ring, listener, mode, total=256 << 10, **queue_kw):
     view = receiver.get(10)
     assert view is not None
     return queue, receiver, sender, server, view
+
+
+def inq(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (SIOCINQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def finish(receiver, sender, server):
@@ -178,6 +186,39 @@ def test_holding_every_buffer_pauses_delivery_without_loss(ring, listener, mode)
     assert verifier.pos == total  # every byte, in order, none twice
     assert receiver.rearms >= 1 and receiver.eof
     server.close()
+
+
+def test_a_receive_cancelled_as_the_area_runs_out_still_ends(ring, listener, mode):
+    """A cancel issued from on_data, in the same batch of completions as the
+    kernel ending the receive for want of buffers: the receive must report
+    its end once buffers return, not wait as if it were to be re-armed."""
+    client, server = connect_pair(listener)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sender = Sender(client, seed=6, total=8 << 20)
+    sender.start()
+    # Far more queued in the socket than the area holds, so that arming the
+    # receive runs the area dry in one go.
+    deadline = time.monotonic() + 10
+    while inq(server) < (3 << 20) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert inq(server) >= 3 << 20
+    # Twice the longest view (1 MiB), so that a view reaches on_data while
+    # the completions that run the area dry are still to be reaped.
+    queue = make_queue(ring, mode, area_size=2 << 20, buffer_size=64 << 10)
+    held, ends = [], []
+
+    def hold_and_cancel(view):  # type: ignore[no-untyped-def]
+        held.append(view)
+        receiver.cancel()
+
+    receiver = queue.recv_multishot(server, on_data=hold_and_cancel, on_end=ends.append)
+    ring.wait_for(lambda: receiver.finished or receiver.starved, 10)
+    held.clear()  # every buffer goes back
+    ring.wait_for(lambda: receiver.finished, 10)
+    assert ends == [None] and not receiver.eof
+    assert queue.buffers_in_use == 0
+    server.close()
+    sender.join(10)
 
 
 def test_many_sockets_on_one_queue_each_receive_their_own_bytes(ring, listener, mode):
