@@ -308,8 +308,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--buffer-size", type=int, help="iouzcrx: buffer_size (default: the library's)"
     )
+    parser.add_argument("--area-size", type=int, help="iouzcrx: area_size (default: the library's)")
     args = parser.parse_args(argv)
     args.options = {"buffer_size": args.buffer_size} if args.buffer_size else {}
+    if args.area_size:
+        args.options["area_size"] = args.area_size
     if not args.list and not args.name:
         parser.error("give a receiver NAME or --list")
     return args
