@@ -43,6 +43,7 @@ class ZcrxServer(asyncio.AbstractServer):
         protocol_factory: ProtocolFactory,
         sockets: list[socket.socket],
         selection: ModeSelection,
+        backlog: int = 100,
     ) -> None:
         self._loop = loop
         self._reactor = reactor
@@ -55,6 +56,8 @@ class ZcrxServer(asyncio.AbstractServer):
         self._connections: set[Any] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._serving_forever: asyncio.Future[None] | None = None
+        self._backlog = backlog
+        self._loop_servers: list[asyncio.AbstractServer] = []  # socket mode
         if self.mode == "socket":
             selection.backend.on_available = functools.partial(
                 loop.call_soon_threadsafe, self._resume_starved
@@ -92,21 +95,34 @@ class ZcrxServer(asyncio.AbstractServer):
     # -- accepting -----------------------------------------------------------------
 
     async def start_serving(self) -> None:
-        self._start_serving()
+        await self._start_serving()
         await asyncio.sleep(0)
 
-    def _start_serving(self) -> None:
+    async def _start_serving(self) -> None:
         if self._serving or self._closed:
             return
         self._serving = True
         for sock in self.sockets:
-            self._arm_accept(sock)
+            if self.mode == "socket":
+                # The loop accepts, natively: connections reach the area
+                # reader with no Python of ours before connection_made.
+                self._loop_servers.append(
+                    await self._loop.create_server(
+                        self._socket_mode_protocol, sock=sock, backlog=self._backlog
+                    )
+                )
+            else:
+                self._arm_accept(sock)
+
+    def _socket_mode_protocol(self) -> AreaReadingProtocol:
+        reader = AreaReadingProtocol(
+            self._selection.backend, self._protocol_factory(), on_closed=self._detach
+        )
+        self._connections.add(reader)
+        return reader
 
     def _arm_accept(self, sock: socket.socket) -> None:
         if not self._serving:
-            return
-        if self.mode == "socket":
-            self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
             return
         ring = self._reactor.ring
         assert ring is not None
@@ -137,21 +153,6 @@ class ZcrxServer(asyncio.AbstractServer):
             self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
         else:
             self._arm_accept(sock)  # a full CQ or a one-off error ended the multishot
-
-    def _accept_ready(self, sock: socket.socket) -> None:
-        for _ in range(100):
-            try:
-                conn, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_RETRY_ERRNOS:
-                    self._loop.remove_reader(sock.fileno())
-                    self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
-                    log.error("iouzcrx: accept failed (%s); retrying", exc)
-                    return
-                raise
-            self._new_connection(conn)
 
     def _new_connection(self, conn: socket.socket) -> None:
         conn.setblocking(False)
@@ -187,8 +188,10 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        for loop_server in self._loop_servers:
+            loop_server.close()
         for sock in self.sockets:
-            if self.mode == "socket" or self._reactor.socket_hints:
+            if self._reactor.socket_hints and self.mode != "socket":
                 self._loop.remove_reader(sock.fileno())
             accept = self._accepts.pop(sock, None)
             if accept is not None:
@@ -231,7 +234,7 @@ class ZcrxServer(asyncio.AbstractServer):
             raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
         if self._closed:
             raise RuntimeError(f"server {self!r} is closed")
-        self._start_serving()
+        await self._start_serving()
         self._serving_forever = self._loop.create_future()
         try:
             await self._serving_forever
@@ -413,7 +416,7 @@ async def create_zcrx_server(
         for s in sockets:
             s.close()
         raise
-    server = ZcrxServer(loop, reactor, protocol_factory, sockets, selection)
+    server = ZcrxServer(loop, reactor, protocol_factory, sockets, selection, backlog)
     if start_serving:
         await server.start_serving()
     return server
