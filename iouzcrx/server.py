@@ -136,7 +136,11 @@ class ZcrxServer(asyncio.AbstractServer):
 
     def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
         if res >= 0:
-            self._new_connection(socket.socket(fileno=res))
+            # Accepted non-blocking (Ring.accept); saying so, and what the
+            # socket is, spares the syscalls socket() would make to find out.
+            self._new_connection(
+                socket.socket(sock.family, sock.type | socket.SOCK_NONBLOCK, sock.proto, res)
+            )
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
@@ -155,7 +159,8 @@ class ZcrxServer(asyncio.AbstractServer):
             self._arm_accept(sock)  # a full CQ or a one-off error ended the multishot
 
     def _new_connection(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
+        if conn.gettimeout() != 0:
+            conn.setblocking(False)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
