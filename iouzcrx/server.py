@@ -106,11 +106,13 @@ class ZcrxServer(asyncio.AbstractServer):
             if self.mode == "socket":
                 # The loop accepts, natively: connections reach the area
                 # reader with no Python of ours before connection_made.
-                self._loop_servers.append(
-                    await self._loop.create_server(
-                        self._socket_mode_protocol, sock=sock, backlog=self._backlog
-                    )
+                loop_server = await self._loop.create_server(
+                    self._socket_mode_protocol, sock=sock, backlog=self._backlog
                 )
+                self._loop_servers.append(loop_server)
+                if self._closed:  # close() ran while the loop set it up
+                    loop_server.close()
+                    return
             else:
                 self._arm_accept(sock)
 
