@@ -5,7 +5,9 @@ can run."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import resource
 import socket
 
@@ -546,3 +548,50 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
         await asyncio.sleep(0.01)
     assert reactor.ring.in_flight == 0
     assert errors == []
+
+
+async def test_a_server_out_of_file_descriptors_accepts_again_once_they_return(mode, caplog):
+    """accept() failing with EMFILE is logged and retried after a pause; the
+    waiting connection is served once descriptors are free again. (Socket
+    mode accepts through the loop's own server, whose policy may drop the
+    waiting connection, as libuv's does: there a new one must be served.)"""
+    loop = asyncio.get_running_loop()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    # The client's socket exists before the descriptors run out; connecting
+    # it needs none.
+    late = socket.socket()
+    late.setblocking(False)
+    try:
+        # Lowered before the server arms its accept: io_uring takes the limit
+        # when the request is prepared.
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
+        async with await start(mode, Echo) as server:
+            with pytest.raises(OSError) as exhausted:
+                while True:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+            assert exhausted.value.errno == errno.EMFILE
+            await loop.sock_connect(late, ("127.0.0.1", port_of(server)))
+            await asyncio.sleep(0.2)  # the accept fails meanwhile
+            for fd in fillers:
+                os.close(fd)
+            fillers.clear()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            if mode == "socket":
+                late.close()
+                late = await asyncio.to_thread(
+                    socket.create_connection, ("127.0.0.1", port_of(server))
+                )
+                late.setblocking(False)
+            await loop.sock_sendall(late, b"still here")
+            got = await asyncio.wait_for(loop.sock_recv(late, 100), TIMEOUT)
+            assert got == b"still here"
+            late.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        late.close()
+    if mode != "socket":
+        assert "accept failed (EMFILE)" in caplog.text
