@@ -3,9 +3,9 @@
 The area, the rings and the buffer pools are allocated when the server starts;
 after that, receiving more must not cost more memory. Each test warms a server
 up with a few transfers, then measures the process's live Python blocks and
-resident memory across eight times as many bytes: anything kept per chunk or
-per delivery would add thousands of blocks or megabytes, while a bounded
-state (caches, free lists) stays where the warm-up left it."""
+resident memory across eight more: anything kept per chunk or per delivery
+would add hundreds of blocks or megabytes, while a bounded state (caches,
+free lists) stays where the warm-up left it."""
 
 from __future__ import annotations
 
