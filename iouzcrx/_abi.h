@@ -81,6 +81,9 @@ IOUZ_ASSERT_OFFSET(struct iouz_params, cq_off, 80);
 #define IOUZ_SQ_CQ_OVERFLOW (1u << 1)
 #define IOUZ_SQ_TASKRUN     (1u << 2)
 
+/* cq_flags bits (written by the program, read by the kernel) */
+#define IOUZ_CQ_EVENTFD_DISABLED (1u << 0)
+
 /* ---- SQE / CQE ---------------------------------------------------------- */
 
 struct iouz_sqe {

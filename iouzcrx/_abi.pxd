@@ -19,6 +19,7 @@ cdef extern from "_abi.h" nogil:
         IOUZ_FEAT_RECVSEND_BUNDLE
         IOUZ_SQ_CQ_OVERFLOW
         IOUZ_SQ_TASKRUN
+        IOUZ_CQ_EVENTFD_DISABLED
 
         IOUZ_OP_NOP
         IOUZ_OP_READ

@@ -151,6 +151,15 @@ cdef class ReceiveQueue(BufferOwner):
                     self.arm(receiver)
         return 0
 
+    cdef int add_watched_fds(self, list fds) except -1:
+        # Only armed receives: a starved one's socket stays readable until
+        # buffers return, which its readiness cannot hasten.
+        cdef Receiver receiver
+        for receiver in self.receivers:
+            if receiver.armed:
+                fds.append(receiver.fd)
+        return 0
+
     cdef int ring_closed(self) except -1:
         cdef Receiver receiver
         self.closed = True

@@ -20,10 +20,12 @@ cdef class RingClient:
     before_enter() on its owner thread before every enter of a drain (to
     publish buffer returns, re-arm starved receives), after_reap() once a
     batch of completions was dispatched (to deliver what it gathered), and
-    ring_closed() once."""
+    ring_closed() once; add_watched_fds() before a blocking wait, where the
+    kernel signals the eventfd late (see Ring.wait_readable)."""
     cdef int before_enter(self) except -1
     cdef int after_reap(self) except -1
     cdef int ring_closed(self) except -1
+    cdef int add_watched_fds(self, list fds) except -1
 
 
 cdef class Ring:
@@ -49,6 +51,7 @@ cdef class Ring:
     cdef uint32_t *cq_head
     cdef uint32_t *cq_tail
     cdef uint32_t cq_mask
+    cdef uint32_t *cq_flags
     cdef char *cqes
     cdef uint32_t cqe_stride
     cdef uint32_t local_sq_tail
@@ -65,6 +68,7 @@ cdef class Ring:
     cdef readonly uint64_t cqes_reaped
 
     cdef bint draining
+    cdef int watch_client_fds        # -1: not yet known; else 0 or 1
 
     cdef int map_rings(self, iouz_params *p) except -1
     cdef int setup_eventfd(self) except -1

@@ -7,6 +7,7 @@ method that enters the kernel checks that first.
 """
 
 cimport cython
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.errno cimport errno
@@ -76,6 +77,9 @@ cdef class RingClient:
     cdef int ring_closed(self) except -1:
         return 0
 
+    cdef int add_watched_fds(self, list fds) except -1:
+        return 0
+
 
 @cython.final
 cdef class Completion(Request):
@@ -139,6 +143,7 @@ cdef class Ring:
         self.clients = []
         self.callback_errors = []
         self.owner_thread = PyThread_get_thread_ident()
+        self.watch_client_fds = -1
 
         cdef iouz_params params
         cdef uint32_t base = (IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_DEFER_TASKRUN
@@ -205,6 +210,7 @@ cdef class Ring:
         self.cq_head = <uint32_t *>(self.ring_map + p.cq_off.head)
         self.cq_tail = <uint32_t *>(self.ring_map + p.cq_off.tail)
         self.cq_mask = (<uint32_t *>(self.ring_map + p.cq_off.ring_mask))[0]
+        self.cq_flags = <uint32_t *>(self.ring_map + p.cq_off.flags)
         self.cqes = self.ring_map + p.cq_off.cqes
         self.local_sq_tail = self.sq_tail[0]
         self.submitted_tail = self.local_sq_tail
@@ -432,24 +438,44 @@ cdef class Ring:
 
     cdef int wait_readable(self, double timeout) except -1:
         """Sleep until the eventfd fires or ``timeout`` (seconds, < 0: forever)
-        passes; 1 if it fired."""
-        cdef pollfd pfd
-        pfd.fd = self.eventfd
-        pfd.events = POLLIN
-        pfd.revents = 0
+        passes; 1 if it fired.
+
+        Where the kernel signals the eventfd late (Linux 7.3 defers it to an
+        RCU callback when a socket wake-up queues the work), the sockets of
+        armed receives are watched too, as the asyncio layer does: one
+        turning readable returns at once, and the drain that follows runs
+        the work."""
+        cdef list fds = [self.eventfd]
+        cdef RingClient client
+        if self.watches_sockets:
+            for client in self.clients:
+                client.add_watched_fds(fds)
+        cdef size_t count = len(fds)
+        cdef pollfd *pfds = <pollfd *>PyMem_Malloc(count * sizeof(pollfd))
+        if pfds == NULL:
+            raise MemoryError()
+        cdef size_t i
+        for i in range(count):
+            pfds[i].fd = fds[i]
+            pfds[i].events = POLLIN
+            pfds[i].revents = 0
         cdef int ms = -1 if timeout < 0 else <int>(timeout * 1000.0 + 0.999)
         cdef int ret
         cdef uint64_t counter
-        with nogil:
-            ret = poll(&pfd, 1, ms)
-        if ret < 0:
-            if errno == EINTR:
-                return 0
-            raise kernel_error(errno, "poll on the ring eventfd")
-        if ret > 0:
-            read(self.eventfd, &counter, sizeof(counter))
-            return 1
-        return 0
+        try:
+            with nogil:
+                ret = poll(pfds, count, ms)
+            if ret < 0:
+                if errno == EINTR:
+                    return 0
+                raise kernel_error(errno, "poll on the ring eventfd")
+            if ret > 0:
+                if pfds[0].revents:
+                    read(self.eventfd, &counter, sizeof(counter))
+                return 1
+            return 0
+        finally:
+            PyMem_Free(pfds)
 
     cdef int wake(self) noexcept:
         """Make the eventfd readable; safe from any thread."""
@@ -519,6 +545,37 @@ cdef class Ring:
                 self.more_work_handler()
             return True
         return False
+
+    @property
+    def watches_sockets(self):
+        """Whether a blocking wait also watches the sockets of armed receives
+        (see wait_readable); by default where the kernel signals the
+        eventfd late (``kernel_features().eventfd_prompt`` false)."""
+        if self.watch_client_fds < 0:
+            from iouzcrx._probe import kernel_features
+            self.watch_client_fds = not kernel_features().eventfd_prompt
+        return bool(self.watch_client_fds)
+
+    @watches_sockets.setter
+    def watches_sockets(self, bint on):
+        self.watch_client_fds = on
+
+    @property
+    def kernel_signals_eventfd(self):
+        """Whether the kernel signals ``eventfd`` when work arrives
+        (IORING_CQ_EVENTFD_DISABLED clear); wake() signals it either way."""
+        self.check_open()
+        return not (iouz_load_acquire(self.cq_flags) & IOUZ_CQ_EVENTFD_DISABLED)
+
+    @kernel_signals_eventfd.setter
+    def kernel_signals_eventfd(self, bint on):
+        self.check_open()
+        cdef uint32_t flags = iouz_load_acquire(self.cq_flags)
+        if on:
+            flags &= ~IOUZ_CQ_EVENTFD_DISABLED
+        else:
+            flags |= IOUZ_CQ_EVENTFD_DISABLED
+        iouz_store_release(self.cq_flags, flags)
 
     def wait(self, timeout=None):
         """Drain, then sleep until the kernel signals new work or ``timeout``

@@ -221,6 +221,28 @@ def test_a_receive_cancelled_as_the_area_runs_out_still_ends(ring, listener, mod
     sender.join(10)
 
 
+@pytest.mark.vm  # and on the host
+def test_a_blocking_receive_is_woken_by_its_socket_where_the_eventfd_is_not(ring, listener, mode):
+    """Where the kernel signals the eventfd late (Linux 7.3), a blocking wait
+    also watches the receiving sockets. Shown with the kernel's eventfd
+    signal switched off: data sent while the receiver sleeps must still wake
+    it, which the eventfd alone never would."""
+    client, server = connect_pair(listener)
+    queue = make_queue(ring, mode)
+    receiver = queue.recv_multishot(server)
+    ring.drain()  # armed, and nothing to receive yet
+    ring.kernel_signals_eventfd = False
+    ring.watches_sockets = True
+    sender = Sender(client, seed=12, total=3 << 20)
+    threading.Timer(0.3, sender.start).start()  # once the receiver sleeps
+    # True: woken by something that fired, not by the end of the timeout.
+    assert ring.wait(30) is True
+    assert receive_all(receiver, Verifier(12), timeout=10) == 3 << 20
+    assert receiver.eof
+    sender.join(10)
+    server.close()
+
+
 def test_many_sockets_on_one_queue_each_receive_their_own_bytes(ring, listener, mode):
     sockets = 8
     per_socket = (128 << 20) // SCALE  # >= 1 GiB in all on the host
