@@ -75,6 +75,7 @@ cdef class Ring:
     cdef void release_resources(self) noexcept
     cdef int check_owner(self) except -1
     cdef int check_open(self) except -1
+    cdef bint watching_sockets(self) except -1
     cdef iouz_sqe *get_sqe(self) except NULL
     cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL
     cdef uint32_t pending_submissions(self) noexcept

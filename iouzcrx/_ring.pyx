@@ -447,7 +447,7 @@ cdef class Ring:
         the work."""
         cdef list fds = [self.eventfd]
         cdef RingClient client
-        if self.watches_sockets:
+        if self.watching_sockets():
             for client in self.clients:
                 client.add_watched_fds(fds)
         cdef size_t count = len(fds)
@@ -546,15 +546,18 @@ cdef class Ring:
             return True
         return False
 
+    cdef bint watching_sockets(self) except -1:
+        if self.watch_client_fds < 0:
+            from iouzcrx._probe import kernel_features  # it imports this module
+            self.watch_client_fds = not kernel_features().eventfd_prompt
+        return self.watch_client_fds
+
     @property
     def watches_sockets(self):
         """Whether a blocking wait also watches the sockets of armed receives
         (see wait_readable); by default where the kernel signals the
         eventfd late (``kernel_features().eventfd_prompt`` false)."""
-        if self.watch_client_fds < 0:
-            from iouzcrx._probe import kernel_features
-            self.watch_client_fds = not kernel_features().eventfd_prompt
-        return bool(self.watch_client_fds)
+        return self.watching_sockets()
 
     @watches_sockets.setter
     def watches_sockets(self, bint on):

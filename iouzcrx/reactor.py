@@ -19,7 +19,6 @@ import asyncio
 import weakref
 from typing import Any
 
-from iouzcrx._probe import kernel_features
 from iouzcrx._ring import Ring
 
 __all__ = ["Reactor"]
@@ -49,7 +48,8 @@ class Reactor:
             return
         self.ring.error_handler = self._report
         self.ring.more_work_handler = self.schedule
-        self.socket_hints = not kernel_features().eventfd_prompt
+        # As the ring's own blocking waits do (Ring.watches_sockets).
+        self.socket_hints = self.ring.watches_sockets
         # The ring's method is the reader callback itself: no Python frame
         # between the loop and the drain on the receive path.
         loop.add_reader(self.ring.eventfd, self.ring.on_eventfd_readable)

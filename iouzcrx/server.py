@@ -161,8 +161,7 @@ class ZcrxServer(asyncio.AbstractServer):
             self._arm_accept(sock)  # a full CQ or a one-off error ended the multishot
 
     def _new_connection(self, conn: socket.socket) -> None:
-        if conn.gettimeout() != 0:
-            conn.setblocking(False)
+        """Serve ``conn``, accepted non-blocking by the ring."""
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:

@@ -231,6 +231,9 @@ def test_a_blocking_receive_is_woken_by_its_socket_where_the_eventfd_is_not(ring
     queue = make_queue(ring, mode)
     receiver = queue.recv_multishot(server)
     ring.drain()  # armed, and nothing to receive yet
+    # By default the sockets are watched only where the eventfd is late.
+    assert ring.kernel_signals_eventfd
+    assert ring.watches_sockets == (not iouzcrx.kernel_features().eventfd_prompt)
     ring.kernel_signals_eventfd = False
     ring.watches_sockets = True
     sender = Sender(client, seed=12, total=3 << 20)

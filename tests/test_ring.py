@@ -163,12 +163,6 @@ def test_deferred_task_work_signals_the_eventfd(ring):
         os.close(w)
 
 
-@pytest.mark.vm  # and on the host
-def test_a_blocking_wait_watches_sockets_where_the_kernel_signals_the_eventfd_late(ring):
-    assert ring.kernel_signals_eventfd
-    assert ring.watches_sockets == (not FEATURES.eventfd_prompt)
-
-
 def test_one_drain_runs_all_pending_task_work(ring):
     """An enter runs at most 20 task-work items; drain loops while
     IORING_SQ_TASKRUN is set so 50 completions all arrive in one call."""
