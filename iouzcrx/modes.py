@@ -9,6 +9,7 @@ raises the error naming the missing prerequisite.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,12 @@ DEFAULT_AREA_SIZE = 64 << 20
 # one buffer, and on loopback 256 KiB takes a third less CPU per GB than 64 KiB
 # (benchmarks/, bulk over 1, 8 and 64 connections).
 DEFAULT_BUFFER_SIZE = 256 << 10
+
+_PAGE_SIZE = 4096
+_HUGE_PAGE_SIZE = 2 << 20
+_MAX_BUFFER_SIZE = (1 << 32) - _PAGE_SIZE  # a buffer length is 32 bits in the kernel
+_MAX_RQ_ENTRIES = 32768  # IORING_MAX_ENTRIES of the zcrx refill ring
+_MAX_QUEUE = 0xFFFFFFFF - 1
 
 log = logging.getLogger("iouzcrx")
 
@@ -71,6 +78,19 @@ def select_mode(
         raise InvalidConfiguration(f"mode must be 'auto' or one of {MODES}, not {mode!r}")
     if mode != "zerocopy" and mode != "auto" and (interface is not None or queue is not None):
         raise InvalidConfiguration("interface= and queue= only apply to mode='zerocopy'")
+    # Every argument is checked before any mode is tried: a bad value is the
+    # caller's mistake whatever the mode, and auto must not read it as "this
+    # mode is unavailable" and quietly take the next.
+    _check_arguments(
+        candidates,
+        interface=interface,
+        queue=queue,
+        area_size=area_size,
+        rq_entries=rq_entries,
+        rx_buf_len=rx_buf_len,
+        buffer_size=buffer_size,
+        hugepages=hugepages,
+    )
 
     refused: dict[str, str] = {}
     for candidate in candidates:
@@ -101,13 +121,96 @@ def select_mode(
                     rx_buf_len=rx_buf_len,
                     hugepages=hugepages,
                 )
+        except InvalidConfiguration:
+            raise  # the arguments, not the machine: no other mode would do
         except (IouzcrxError, OSError) as exc:
-            if mode != "auto":
-                raise
+            if candidate == candidates[-1]:
+                raise  # nothing left to fall back to (e.g. MemoryLimit in socket mode)
             refused[candidate] = str(exc)
             continue
         selection = ModeSelection(candidate, backend, refused)
         if refused:
             log.info("iouzcrx: %s", selection.describe())
         return selection
-    raise AssertionError("socket mode cannot be refused")  # pragma: no cover
+    raise AssertionError("unreachable: the last candidate raises")  # pragma: no cover
+
+
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int; bools and floats are refused, not truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, not {type(value).__name__} {value!r}"
+        ) from None
+
+
+def _check_arguments(
+    candidates: list[str],
+    *,
+    interface: Any,
+    queue: Any,
+    area_size: Any,
+    rq_entries: Any,
+    rx_buf_len: Any,
+    buffer_size: Any,
+    hugepages: Any,
+) -> None:
+    """Raise TypeError or InvalidConfiguration naming the first bad argument
+    among those the candidate modes use."""
+    if not isinstance(hugepages, bool):
+        raise TypeError(f"hugepages must be True or False, not {hugepages!r}")
+    unit = _HUGE_PAGE_SIZE if hugepages else _PAGE_SIZE
+    area_size = _integer("area_size", area_size)
+    if area_size <= 0 or area_size % unit:
+        raise InvalidConfiguration(
+            f"area_size {area_size} must be a positive multiple of {unit} bytes"
+            + (" (hugepages=True maps 2 MiB pages)" if hugepages else "")
+        )
+    if interface is not None:
+        if not isinstance(interface, str):
+            raise TypeError(f"interface must be a str such as 'eth0', not {interface!r}")
+        if not interface or "\0" in interface or "/" in interface:
+            raise InvalidConfiguration(f"interface {interface!r} is not a network interface name")
+    if queue is not None:
+        queue = _integer("queue", queue)
+        if not 0 <= queue <= _MAX_QUEUE:
+            raise InvalidConfiguration(f"queue must be a non-negative RX queue index, not {queue}")
+    zcrx = "copy" in candidates or "zerocopy" in candidates
+    if rq_entries is not None:
+        rq_entries = _integer("rq_entries", rq_entries)
+        if not zcrx:
+            raise InvalidConfiguration("rq_entries= only applies to the copy and zerocopy modes")
+        if not 1 <= rq_entries <= _MAX_RQ_ENTRIES:
+            raise InvalidConfiguration(
+                f"rq_entries must be between 1 and {_MAX_RQ_ENTRIES}, not {rq_entries}"
+            )
+    rx_buf_len = _integer("rx_buf_len", rx_buf_len)
+    if rx_buf_len:
+        if not zcrx:
+            raise InvalidConfiguration(
+                "rx_buf_len= only applies to the copy and zerocopy modes (bufring and "
+                "socket modes take buffer_size=)"
+            )
+        if rx_buf_len < _PAGE_SIZE or rx_buf_len & (rx_buf_len - 1):
+            raise InvalidConfiguration(
+                f"rx_buf_len must be 0 (page-sized chunks) or a power of two >= {_PAGE_SIZE}, "
+                f"not {rx_buf_len}"
+            )
+        if area_size % rx_buf_len:
+            raise InvalidConfiguration(
+                f"area_size {area_size} must be a multiple of rx_buf_len {rx_buf_len}"
+            )
+    if "bufring" in candidates or "socket" in candidates:
+        buffer_size = _integer("buffer_size", buffer_size)
+        if not 0 < buffer_size <= _MAX_BUFFER_SIZE or buffer_size % _PAGE_SIZE:
+            raise InvalidConfiguration(
+                f"buffer_size {buffer_size} must be a positive multiple of {_PAGE_SIZE} "
+                f"bytes, at most {_MAX_BUFFER_SIZE}"
+            )
+        if area_size < buffer_size or area_size % buffer_size:
+            raise InvalidConfiguration(
+                f"area_size {area_size} must be a positive multiple of buffer_size {buffer_size}"
+            )
