@@ -307,6 +307,31 @@ def _transport_of(connection: Any) -> asyncio.Transport:
     return connection  # type: ignore[no-any-return]
 
 
+def _check_host(host: Any) -> None:
+    if host is None:
+        return
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str or an iterable of str, not {host!r}")
+    if "\0" in host:
+        # getaddrinfo() would resolve only what comes before the NUL.
+        raise ValueError(f"host {host!r} contains a NUL character")
+
+
+def _check_port(port: Any) -> None:
+    """Refuse what getaddrinfo() would bind as another port (it takes the port
+    modulo 65536 and truncates floats), with the exceptions asyncio raises."""
+    if port is None:
+        return
+    if isinstance(port, str):
+        if "\0" in port:
+            raise ValueError(f"port {port!r} contains a NUL character")
+        return  # a service name or a number, as getaddrinfo() reads it
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port must be an int (0-65535) or a service name, not {port!r}")
+    if not 0 <= port <= 65535:
+        raise OverflowError(f"port must be 0-65535, not {port}")
+
+
 def _listening_sockets(
     host: str | Iterable[str] | None,
     port: int | None,
@@ -318,6 +343,9 @@ def _listening_sockets(
     reuse_port: bool | None,
 ) -> list[socket.socket]:
     hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
+    for h in hosts:
+        _check_host(h)
+    _check_port(port)
     infos = []
     for h in hosts:
         infos.extend(

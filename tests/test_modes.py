@@ -100,3 +100,84 @@ def test_a_loop_lifetime_leaves_no_file_descriptors_behind(use_uvloop, mode):
     iouzcrx.run(main(), use_uvloop=use_uvloop)
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) == before  # ring, eventfd, sockets all closed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"area_size": 1000}, "area_size 1000"),
+        ({"buffer_size": 5000}, "buffer_size 5000"),
+        ({"area_size": 3 << 20, "buffer_size": 2 << 20}, "area_size 3145728"),
+    ],
+)
+async def test_auto_with_an_invalid_size_raises_invalid_configuration_naming_it(kwargs, named):
+    loop = asyncio.get_running_loop()
+    with pytest.raises(iouzcrx.InvalidConfiguration, match=named):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"interface": "lo", "queue": -1}, "not -1"),
+        ({"rq_entries": 0}, "not 0"),
+        ({"rq_entries": 1 << 20}, "not 1048576"),
+        ({"rx_buf_len": 3}, "not 3"),
+        ({"rx_buf_len": 12288}, "not 12288"),
+    ],
+)
+async def test_auto_refuses_an_invalid_argument_instead_of_skipping_the_mode(kwargs, named):
+    loop = asyncio.get_running_loop()
+    with pytest.raises(iouzcrx.InvalidConfiguration, match=named):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, area_size=4 << 20, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"rq_entries": 1.5}, "rq_entries must be an integer, not float 1.5"),
+        ({"interface": "lo", "queue": 1.5}, "queue must be an integer, not float 1.5"),
+        ({"interface": "lo", "queue": "0"}, "queue must be an integer, not str '0'"),
+        ({"rx_buf_len": None}, "rx_buf_len must be an integer, not NoneType None"),
+        ({"rx_buf_len": 4096.0}, "rx_buf_len must be an integer"),
+        ({"buffer_size": "64k"}, "buffer_size must be an integer, not str '64k'"),
+        ({"area_size": 1.5}, "area_size must be an integer, not float 1.5"),
+        ({"area_size": True}, "area_size must be an integer, not the bool True"),
+        ({"hugepages": "yes"}, "hugepages must be True or False, not 'yes'"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["auto", "socket"])
+async def test_an_argument_of_the_wrong_type_is_a_type_error_naming_it(mode, kwargs, named):
+    if mode != "auto" and set(kwargs) & {"interface", "queue", "rq_entries", "rx_buf_len"}:
+        pytest.skip("not an argument of socket mode")
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TypeError, match=named):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode=mode, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["bufring", "socket"])
+@pytest.mark.parametrize("kwargs", [{"rx_buf_len": 8192}, {"rq_entries": 64}])
+async def test_a_zcrx_argument_given_to_another_mode_is_refused(mode, kwargs):
+    loop = asyncio.get_running_loop()
+    with pytest.raises(iouzcrx.InvalidConfiguration, match="only applies to the copy"):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode=mode, **kwargs)
+
+
+@pytest.mark.parametrize("port", [65536, 70000, -1])
+async def test_an_out_of_range_port_raises_overflow_error_as_asyncio_does(port):
+    loop = asyncio.get_running_loop()
+    with pytest.raises(OverflowError, match=f"port must be 0-65535, not {port}"):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", port)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1\0junk", ["127.0.0.1", "::1\0"]])
+async def test_a_host_with_a_nul_character_is_refused_not_cut_at_the_nul(host):
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ValueError, match="contains a NUL character"):
+        await loop.create_zcrx_server(Sink, host, 0)
+
+
+async def test_a_float_port_is_refused_not_truncated():
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TypeError, match="port must be an int"):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 1.5)
