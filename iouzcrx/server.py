@@ -7,6 +7,7 @@ import asyncio
 import errno
 import functools
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -53,6 +54,8 @@ class ZcrxServer(asyncio.AbstractServer):
         self._serving = False
         self._closed = False
         self._accepts: dict[socket.socket, Any] = {}
+        # Accept errors in a row per listening socket (reset by a success).
+        self._accept_failures: dict[socket.socket, int] = {}
         self._connections: set[Any] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._serving_forever: asyncio.Future[None] | None = None
@@ -114,6 +117,9 @@ class ZcrxServer(asyncio.AbstractServer):
                     loop_server.close()
                     return
             else:
+                # As asyncio does for sock=: a bound socket that is not yet
+                # listening would fail every accept with EINVAL.
+                sock.listen(self._backlog)
                 self._arm_accept(sock)
 
     def _socket_mode_protocol(self) -> AreaReadingProtocol:
@@ -138,6 +144,7 @@ class ZcrxServer(asyncio.AbstractServer):
 
     def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
         if res >= 0:
+            self._accept_failures.pop(sock, None)
             # Accepted non-blocking (Ring.accept); saying so, and what the
             # socket is, spares the syscalls socket() would make to find out.
             self._new_connection(
@@ -150,15 +157,22 @@ class ZcrxServer(asyncio.AbstractServer):
             self._loop.remove_reader(sock.fileno())
         if not self._serving or res == -errno.ECANCELED:
             return
-        if -res in _ACCEPT_RETRY_ERRNOS:
-            log.error(
-                "iouzcrx: accept failed (%s); retrying in %.1f s",
-                errno.errorcode.get(-res),
-                _ACCEPT_RETRY_DELAY,
-            )
-            self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
-        else:
-            self._arm_accept(sock)  # a full CQ or a one-off error ended the multishot
+        if res >= 0:
+            self._arm_accept(sock)  # a full CQ ended the multishot
+            return
+        failures = self._accept_failures[sock] = self._accept_failures.get(sock, 0) + 1
+        if failures == 1 and -res not in _ACCEPT_RETRY_ERRNOS:
+            self._arm_accept(sock)  # most likely one connection's error: go on at once
+            return
+        # Out of resources, or an error of the listener itself that a new
+        # accept would meet again at once: re-arming now would spin the loop.
+        log.error(
+            "iouzcrx: accept failed (%s): %s; retrying in %.1f s",
+            errno.errorcode.get(-res, -res),
+            os.strerror(-res),
+            _ACCEPT_RETRY_DELAY,
+        )
+        self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
 
     def _new_connection(self, conn: socket.socket) -> None:
         """Serve ``conn``, accepted non-blocking by the ring."""

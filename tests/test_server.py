@@ -595,3 +595,42 @@ async def test_a_server_out_of_file_descriptors_accepts_again_once_they_return(m
         late.close()
     if mode != "socket":
         assert "accept failed (EMFILE)" in caplog.text
+
+
+async def test_a_bound_socket_that_is_not_listening_is_listened_on_as_asyncio_does(mode):
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    async with await loop.create_zcrx_server(Echo, sock=sock, mode=mode) as server:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port_of(server)), TIMEOUT
+        )
+        writer.write(b"served")
+        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"served"
+        writer.close()
+        server.close_clients()
+
+
+async def test_an_accept_error_that_repeats_backs_off_instead_of_spinning(mode, caplog):
+    if mode == "socket":
+        pytest.skip("the loop's own server accepts in socket mode")
+    server = await start(mode, Echo)
+    arms = 0
+    arm = server._arm_accept
+
+    def counting_arm(sock: socket.socket) -> None:
+        nonlocal arms
+        arms += 1
+        arm(sock)
+
+    server._arm_accept = counting_arm  # type: ignore[method-assign]
+    # A listener shut down under the server fails every accept with EINVAL.
+    server.sockets[0].shutdown(socket.SHUT_RD)
+    for _ in range(500):
+        await asyncio.sleep(0)
+    # One immediate retry (the error might have been one connection's), then
+    # a pause: a hot loop would have re-armed on every iteration.
+    assert arms <= 2
+    assert "accept failed (EINVAL" in caplog.text
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
