@@ -211,6 +211,8 @@ class ZcrxServer(asyncio.AbstractServer):
         for loop_server in self._loop_servers:
             loop_server.close()
         for sock in self.sockets:
+            if self.mode != "socket":
+                _stop_listening(sock)
             if self._reactor.socket_hints and self.mode != "socket":
                 self._loop.remove_reader(sock.fileno())
             accept = self._accepts.pop(sock, None)
@@ -312,6 +314,16 @@ def attach_connection(
 
     loop.create_task(connect())
     return reader
+
+
+def _stop_listening(sock: socket.socket) -> None:
+    """Make the port refuse connections now. The ring's accept holds the
+    socket until its cancellation completes, so closing the fd alone would
+    leave it listening (and accepting, only to reset) until the next drain."""
+    try:
+        sock.shutdown(socket.SHUT_RD)  # on a listener: stop listening, reset the backlog
+    except OSError:
+        pass  # never listened, or already shut down: nothing listens
 
 
 def _transport_of(connection: Any) -> asyncio.Transport:

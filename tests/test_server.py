@@ -634,3 +634,17 @@ async def test_an_accept_error_that_repeats_backs_off_instead_of_spinning(mode, 
     assert "accept failed (EINVAL" in caplog.text
     server.close()
     await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+
+async def test_after_close_returns_the_port_refuses_connections(mode):
+    server = await start(mode, Echo)
+    port = port_of(server)
+    server.close()
+    probe = socket.socket()
+    probe.settimeout(TIMEOUT)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))
+    finally:
+        probe.close()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
