@@ -4,13 +4,15 @@
 cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.memoryview cimport PyMemoryView_FromObject
-from libc.errno cimport errno
+from libc.errno cimport EINVAL, ENOMEM, errno
 from libc.stdint cimport uint32_t, uint64_t
-from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
-                         PROT_READ, PROT_WRITE, mmap, munmap)
+from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE,
+                         mmap, munmap)
 
 from iouzcrx._ring cimport RingClient
 
+
+import resource
 
 from iouzcrx.errors import InvalidConfiguration, MemoryLimit, kernel_error
 
@@ -25,6 +27,93 @@ cdef extern from "<sys/mman.h>" nogil:
 cdef enum:
     PAGE_SIZE = 4096
     HUGE_PAGE_SIZE = 2 * 1024 * 1024
+    # Linux 5.14; spelled out for C libraries whose headers predate it.
+    IOUZ_MADV_POPULATE_WRITE = 23
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cgroup_stat(path, name):
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_headroom():
+    """Bytes the memory cgroups of this process (and their ancestors) still
+    allow it, or None where there is no limit or it cannot be read."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    dirs = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            dirs.append(("/sys/fs/cgroup", path, "memory.max", "memory.current", "file"))
+        elif "memory" in controllers.split(","):
+            dirs.append(("/sys/fs/cgroup/memory", path, "memory.limit_in_bytes",
+                         "memory.usage_in_bytes", "total_cache"))
+    headroom = None
+    for root, path, limit_name, usage_name, cache_name in dirs:
+        parts = [p for p in path.split("/") if p]
+        # A limit anywhere up the tree binds; a cgroup namespace may hide the
+        # upper levels, which is then as far as can be seen.
+        for depth in range(len(parts), -1, -1):
+            where = "/".join([root] + parts[:depth])
+            limit = _read_int(f"{where}/{limit_name}")  # "max" reads as None
+            usage = _read_int(f"{where}/{usage_name}")
+            if limit is None or usage is None or limit >= 1 << 62:
+                continue
+            # The page cache in the usage gives way under pressure.
+            room = max(limit - usage + _cgroup_stat(f"{where}/memory.stat", cache_name), 0)
+            if headroom is None or room < headroom:
+                headroom = room
+    return headroom
+
+
+def _memory_headroom():
+    """(bytes, what limits them): what this process can still fault in
+    without the OOM killer stepping in, as far as the kernel tells."""
+    meminfo = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                meminfo[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    room = None
+    why = None
+    if "MemAvailable" in meminfo:
+        room = meminfo["MemAvailable"] + meminfo.get("SwapFree", 0)
+        why = (f"the machine has {room >> 20} MiB available (MemAvailable + SwapFree, "
+               f"of {meminfo.get('MemTotal', 0) >> 20} MiB of RAM)")
+    cgroup = _cgroup_headroom()
+    if cgroup is not None and (room is None or cgroup < room):
+        room = cgroup
+        why = f"its memory cgroup allows {cgroup >> 20} MiB more"
+    return room, why
+
+
+def _address_space_limit():
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return f" RLIMIT_AS is {soft >> 20} MiB (ulimit -v);"
 
 
 cdef class Area:
@@ -39,7 +128,15 @@ cdef class Area:
         if size == 0 or size % unit:
             raise InvalidConfiguration(
                 f"area size {size} must be a positive multiple of {unit} bytes")
-        cdef int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE
+        if not hugepages:
+            # Faulting in more than the process may use would not fail: the
+            # OOM killer would end it. (Huge pages are reserved by mmap itself.)
+            room, why = _memory_headroom()
+            if room is not None and size > room:
+                raise MemoryLimit(
+                    ENOMEM, f"a {size}-byte ({size >> 20} MiB) receive area does not fit: "
+                    f"{why}; use a smaller area_size")
+        cdef int flags = MAP_PRIVATE | MAP_ANONYMOUS
         if hugepages:
             flags |= MAP_HUGETLB
         cdef void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0)
@@ -48,11 +145,28 @@ cdef class Area:
             if hugepages:
                 raise MemoryLimit(err, f"no {size} bytes of 2 MiB huge pages free: reserve "
                                   "them with 'sysctl vm.nr_hugepages=N'")
+            if err == ENOMEM:
+                raise MemoryLimit(
+                    err, f"the kernel refused to map a {size}-byte ({size >> 20} MiB) receive "
+                    f"area:{_address_space_limit()} the machine may not commit that much "
+                    "(vm.overcommit_memory); use a smaller area_size")
             raise kernel_error(err, f"mapping a {size}-byte receive area")
         if not hugepages:
             # Keep the area in 4 KiB pages: the kernel pins and hands out chunks
             # page by page, and a later THP collapse would only add work.
             madvise(base, size, MADV_NOHUGEPAGE)
+        # Fault the area in now, as MAP_POPULATE would, but where memory runs
+        # out this fails with ENOMEM instead of waking the OOM killer.
+        if madvise(base, size, IOUZ_MADV_POPULATE_WRITE) != 0:
+            err = errno
+            if err != EINVAL:  # EINVAL: older than 5.14, pages fault in on first use
+                munmap(base, size)
+                if err == ENOMEM:
+                    raise MemoryLimit(
+                        err, f"faulting in a {size}-byte ({size >> 20} MiB) receive area ran "
+                        "out of memory (the memory cgroup's limit or the machine's RAM); "
+                        "use a smaller area_size")
+                raise kernel_error(err, f"faulting in a {size}-byte receive area")
         self.base = <char *>base
         self.size = size
         self.hugepages = hugepages

@@ -116,3 +116,46 @@ def test_io_uring_disabled_by_sysctl_is_named_with_the_fix():
         with open(path, "w") as f:
             f.write(saved)
     iouzcrx.Ring().close()
+
+
+def test_an_area_beyond_rlimit_as_raises_memory_limit_naming_the_sizes():
+    lines = run_restricted(
+        """
+        import resource
+        import iouzcrx
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, hard))
+        try:
+            iouzcrx.select_mode(None, mode="socket", area_size=2 << 30)
+            print("no error")
+        except iouzcrx.MemoryLimit as exc:
+            print("MemoryLimit", exc.errno, exc)
+        """
+    )
+    assert len(lines) == 1 and lines[0].startswith("MemoryLimit 12 "), lines
+    assert "2147483648-byte" in lines[0] and "RLIMIT_AS is 1024 MiB" in lines[0]
+
+
+def test_an_area_larger_than_the_machine_raises_memory_limit_in_every_mode():
+    """Populating an area the machine cannot hold would get the process
+    OOM-killed; it must be an exception naming the sizes instead, and auto
+    must end on it rather than fall past every mode."""
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    size = (total // (1 << 30) + 2) << 30  # more than all the RAM, in whole GiB
+    lines = run_restricted(
+        f"""
+        import iouzcrx
+        ring = iouzcrx.Ring(8, 16)
+        for mode in ("bufring", "socket", "auto"):
+            try:
+                iouzcrx.select_mode(ring, mode=mode, area_size={size}, buffer_size=1 << 20)
+                print(mode, "no error")
+            except iouzcrx.MemoryLimit as exc:
+                print(mode, "MemoryLimit", exc.errno, exc)
+        """
+    )
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert line.split(" ", 2)[1] == "MemoryLimit", line
+        assert f"{size}-byte" in line and "MiB of RAM" in line, line
