@@ -11,9 +11,12 @@ from libc.string cimport memset
 from iouzcrx._abi cimport *
 from iouzcrx._ring cimport Ring
 
+import errno as _errno
 import os as _os
 import select as _select
 import threading as _threading
+
+from iouzcrx.errors import IoUringUnavailable
 
 OP_RECV = IOUZ_OP_RECV
 OP_RECV_ZC = IOUZ_OP_RECV_ZC
@@ -96,6 +99,18 @@ class KernelFeatures:
         except OSError as exc:
             self.io_uring_error = exc
             return
+        # A filter may allow io_uring_setup and block io_uring_enter alone:
+        # every ring would then set up and fail at its first submission.
+        try:
+            ring.nop()
+            ring.drain()
+        except OSError as exc:
+            self.io_uring_error = enter_error(exc)
+            try:
+                ring.close()
+            except OSError:
+                pass  # close() enters to cancel the NOP; the rings are released anyway
+            return
         try:
             self.io_uring = True
             self.setup_flags = ring.setup_flag_names
@@ -134,6 +149,17 @@ class KernelFeatures:
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
         return f"KernelFeatures({fields})"
+
+
+def enter_error(exc):
+    """Explain io_uring_enter failing on a ring that io_uring_setup made."""
+    err = exc.errno or _errno.EPERM
+    return IoUringUnavailable(
+        err,
+        f"io_uring_enter is refused ({_errno.errorcode.get(err, err)}) although "
+        "io_uring_setup works: a seccomp filter (or an LSM policy) blocks it; allow "
+        "io_uring_setup, io_uring_enter and io_uring_register in the profile, or use "
+        "mode='socket'")
 
 
 def eventfd_wakes_at_once(Ring ring):

@@ -725,6 +725,10 @@ def gather(interface: str | None = None, queue: int | None = None) -> Report:
             ring = Ring()
         except OSError as exc:
             ring_error = exc
+        if ring is not None and not features.io_uring:
+            # Set up but unusable: the probe's io_uring_enter was refused.
+            ring.close()
+            ring, ring_error = None, features.io_uring_error
         ring_checks = io_uring_checks(
             disabled=disabled,
             group=group,

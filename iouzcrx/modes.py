@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iouzcrx._bufring import BufRingQueue
+from iouzcrx._probe import kernel_features
 from iouzcrx._ring import Ring
 from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx._zcrx import ZcrxQueue
@@ -92,6 +93,12 @@ def select_mode(
         hugepages=hugepages,
     )
 
+    if ring is not None and candidates != ["socket"]:
+        features = kernel_features()
+        if not features.io_uring:
+            # The ring set up, yet the kernel refuses to run it (io_uring_enter
+            # blocked): the ring modes would fail at their first submission.
+            ring, ring_error = None, features.io_uring_error
     refused: dict[str, str] = {}
     for candidate in candidates:
         try:

@@ -19,6 +19,7 @@ import asyncio
 import weakref
 from typing import Any
 
+from iouzcrx._probe import kernel_features
 from iouzcrx._ring import Ring
 
 __all__ = ["Reactor"]
@@ -45,6 +46,13 @@ class Reactor:
             self.ring = Ring()
         except OSError as exc:
             self.ring_error = exc  # the socket mode still works
+            return
+        features = kernel_features()
+        if not features.io_uring:
+            # Set up, but io_uring_enter is refused (seccomp): every drain
+            # would fail. Nothing is in flight, so closing does not enter.
+            self.ring.close()
+            self.ring, self.ring_error = None, features.io_uring_error
             return
         self.ring.error_handler = self._report
         self.ring.more_work_handler = self.schedule

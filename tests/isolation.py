@@ -65,15 +65,16 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def block_io_uring(errno_value: int) -> None:
-    """Install a seccomp filter failing io_uring_setup/enter/register (425-427)
-    with ``errno_value``, as container runtimes' default profiles do."""
+def block_io_uring(errno_value: int, first: int = 425, last: int = 427) -> None:
+    """Install a seccomp filter failing io_uring_setup/enter/register (425-427,
+    or the syscalls ``first``..``last`` of them) with ``errno_value``, as
+    container runtimes' default profiles do."""
     ld_nr = 0x20  # BPF_LD | BPF_W | BPF_ABS, seccomp_data.nr at offset 0
     jge, jgt, ret = 0x35, 0x25, 0x06
     program = (_SockFilter * 5)(
         _SockFilter(ld_nr, 0, 0, 0),
-        _SockFilter(jge, 0, 2, 425),  # nr < 425: allow
-        _SockFilter(jgt, 1, 0, 427),  # nr > 427: allow
+        _SockFilter(jge, 0, 2, first),  # nr < first: allow
+        _SockFilter(jgt, 1, 0, last),  # nr > last: allow
         _SockFilter(ret, 0, 0, 0x00050000 | errno_value),  # SECCOMP_RET_ERRNO
         _SockFilter(ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
     )

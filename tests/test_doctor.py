@@ -716,3 +716,26 @@ def test_parse_xdp() -> None:
     # An interface merely named like XDP has none attached.
     assert nic.parse_xdp(LINK_PLAIN) is False
     assert nic.parse_xdp('Device "eth9" does not exist.') is None
+
+
+def test_io_uring_enter_blocked_alone_is_reported_not_raised() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import errno, sys, isolation\n"
+            "isolation.block_io_uring(errno.EPERM, 426, 426)  # io_uring_enter only\n"
+            "from iouzcrx.__main__ import main\n"
+            "sys.exit(main(['doctor']))\n",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode in (0, 1), done.stderr
+    ring = next(line for line in done.stdout.splitlines() if "io_uring.ring" in line)
+    assert "FAIL" in ring and "io_uring_enter" in ring and "seccomp" in ring
+    assert "mode='auto' picks socket" in done.stdout

@@ -159,3 +159,48 @@ def test_an_area_larger_than_the_machine_raises_memory_limit_in_every_mode():
     for line in lines:
         assert line.split(" ", 2)[1] == "MemoryLimit", line
         assert f"{size}-byte" in line and "MiB of RAM" in line, line
+
+
+def test_io_uring_enter_blocked_alone_makes_auto_fall_back_to_socket_mode():
+    """A filter that lets rings be set up but refuses io_uring_enter: auto
+    serves in socket mode and says why; an explicit ring mode names seccomp."""
+    lines = run_restricted(
+        """
+        import asyncio, errno, isolation
+        isolation.block_io_uring(errno.EPERM, 426, 426)  # io_uring_enter only
+        import iouzcrx
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+            def data_received(self, data):
+                self.transport.write(data)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            errors = []
+            loop.set_exception_handler(lambda loop, context: errors.append(context))
+            server = await iouzcrx.create_zcrx_server(Echo, "127.0.0.1", 0)
+            print("mode", server.mode)
+            print("refused", server.refused["bufring"])
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+            writer.write(b"served")
+            print("echo", (await asyncio.wait_for(reader.readexactly(6), 30)).decode())
+            writer.close()
+            server.close_clients()
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 30)
+            try:
+                await iouzcrx.create_zcrx_server(Echo, "127.0.0.1", 0, mode="bufring")
+            except iouzcrx.IoUringUnavailable as exc:
+                print("explicit IoUringUnavailable", exc.errno, exc)
+            print("errors", len(errors))
+
+        asyncio.run(main())
+        """
+    )
+    assert lines[0] == "mode socket", lines
+    assert "io_uring_enter" in lines[1] and "seccomp" in lines[1], lines
+    assert lines[2] == "echo served", lines
+    assert lines[3].startswith("explicit IoUringUnavailable 1 ") and "seccomp" in lines[3], lines
+    assert lines[4] == "errors 0", lines
