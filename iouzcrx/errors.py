@@ -67,7 +67,8 @@ class QueueBusy(IouzcrxError, OSError):
 
 
 class MemoryLimit(IouzcrxError, OSError):
-    """Pinning the receive area failed, usually RLIMIT_MEMLOCK."""
+    """The receive area cannot be had: pinning it failed (usually
+    RLIMIT_MEMLOCK), or it is larger than the memory the process may use."""
 
 
 class InvalidConfiguration(IouzcrxError, ValueError):
