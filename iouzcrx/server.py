@@ -351,11 +351,15 @@ def _check_port(port: Any) -> None:
     if isinstance(port, str):
         if "\0" in port:
             raise ValueError(f"port {port!r} contains a NUL character")
-        return  # a service name or a number, as getaddrinfo() reads it
-    if isinstance(port, bool) or not isinstance(port, int):
+        if not port.isdecimal():
+            return  # a service name, as getaddrinfo() reads it
+        number = int(port)
+    elif isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"port must be an int (0-65535) or a service name, not {port!r}")
-    if not 0 <= port <= 65535:
-        raise OverflowError(f"port must be 0-65535, not {port}")
+    else:
+        number = port
+    if not 0 <= number <= 65535:
+        raise OverflowError(f"port must be 0-65535, not {port!r}")
 
 
 def _listening_sockets(

@@ -163,10 +163,10 @@ async def test_a_zcrx_argument_given_to_another_mode_is_refused(mode, kwargs):
         await loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode=mode, **kwargs)
 
 
-@pytest.mark.parametrize("port", [65536, 70000, -1])
+@pytest.mark.parametrize("port", [65536, 70000, -1, "70000"])
 async def test_an_out_of_range_port_raises_overflow_error_as_asyncio_does(port):
     loop = asyncio.get_running_loop()
-    with pytest.raises(OverflowError, match=f"port must be 0-65535, not {port}"):
+    with pytest.raises(OverflowError, match=f"port must be 0-65535, not {port!r}"):
         await loop.create_zcrx_server(Sink, "127.0.0.1", port)
 
 
