@@ -445,9 +445,15 @@ async def create_zcrx_server(
             "the TCP payload as the NIC wrote it, and io_uring cannot receive kTLS "
             "sockets this way; terminate TLS in front of the server"
         )
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int, not {backlog!r}")
     if sock is not None:
         if host is not None or port is not None:
             raise ValueError("host/port and sock can not be specified at the same time")
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"sock must be a socket.socket, not {sock!r}")
+        if sock.fileno() < 0:
+            raise ValueError(f"sock {sock!r} is closed: pass an open, bound socket")
         if sock.type != socket.SOCK_STREAM:
             raise ValueError(f"A Stream Socket was expected, got {sock!r}")
         sock.setblocking(False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import pytest
 from conftest import FEATURES
@@ -181,3 +182,15 @@ async def test_a_float_port_is_refused_not_truncated():
     loop = asyncio.get_running_loop()
     with pytest.raises(TypeError, match="port must be an int"):
         await loop.create_zcrx_server(Sink, "127.0.0.1", 1.5)
+
+
+async def test_sock_that_is_not_an_open_socket_is_refused_naming_it():
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TypeError, match="sock must be a socket.socket, not 3"):
+        await loop.create_zcrx_server(Sink, sock=3)
+    closed = socket.socket()
+    closed.close()
+    with pytest.raises(ValueError, match="is closed"):
+        await loop.create_zcrx_server(Sink, sock=closed)
+    with pytest.raises(TypeError, match="backlog must be an int, not 1.5"):
+        await loop.create_zcrx_server(Sink, "127.0.0.1", 0, backlog=1.5)
