@@ -84,6 +84,11 @@ class Reactor:
         if reactor is None or reactor.closed or reactor.inherited:
             if loop.is_closed():
                 raise RuntimeError("Event loop is closed")
+            if _inherited(loop):
+                raise RuntimeError(
+                    f"{loop!r} was created by the parent of this forked process and "
+                    "shares its epoll instance with it: create a new event loop here"
+                )
             reactor = _reactors[id(loop)] = cls(loop)
             _close_with(loop)
         return reactor
@@ -267,10 +272,23 @@ def close_loop_reactor(loop: asyncio.AbstractEventLoop) -> None:
         reactor.close()
 
 
+# Loops that had a reactor when this process was forked from their own.
+_inherited_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _inherited(loop: asyncio.AbstractEventLoop) -> bool:
+    pid = getattr(loop, "_zcrx_pid", None)  # set by iouzcrx's loops
+    return (pid is not None and pid != os.getpid()) or loop in _inherited_loops
+
+
 def _forget_parent_reactors() -> None:
     # In a forked child: the parent's reactors must never be handed out here
-    # (for_loop makes a new one for a loop the child creates); they stay
+    # (for_loop makes new ones only for loops the child creates); they stay
     # reachable from the transports that hold them, which see ``inherited``.
+    for reactor in _reactors.values():
+        loop = reactor._loop_ref()
+        if loop is not None:
+            _inherited_loops.add(loop)
     _reactors.clear()
 
 

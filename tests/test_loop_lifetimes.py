@@ -62,11 +62,12 @@ def finish(child: subprocess.Popen[bytes]) -> tuple[int, str]:
 # -- fork ------------------------------------------------------------------------
 
 # An echo server that forks when told to: the child lets go of the inherited
-# loop (stops it, closes it, exits normally); the parent tells the client how
-# the child exited and goes on serving.
+# loop (stops it, closes it), serves on a loop of its own and exits normally;
+# the parent tells the client how the child exited and goes on serving.
 FORKING_SERVER = """
     import asyncio, os, sys
     import iouzcrx
+    from iouzcrx.reactor import Reactor
 
     use_uvloop, mode = sys.argv[1] == "uvloop", sys.argv[2]
     parent = os.getpid()
@@ -108,7 +109,28 @@ FORKING_SERVER = """
     print(server.sockets[0].getsockname()[1], flush=True)
     loop.run_forever()
     if os.getpid() != parent:
+        try:
+            Reactor.for_loop(loop)
+        except RuntimeError as exc:
+            assert "forked" in str(exc), exc
+        else:
+            raise AssertionError("the parent's loop gave the child a reactor")
         loop.close()
+
+        async def own_loop():
+            # The child's own loop gets its own ring and serves.
+            own = await iouzcrx.create_zcrx_server(
+                Echo, "127.0.0.1", 0, mode=mode, area_size=4 << 20, buffer_size=64 << 10
+            )
+            reader, writer = await asyncio.open_connection(*own.sockets[0].getsockname())
+            writer.write(b"child")
+            assert await asyncio.wait_for(reader.readexactly(5), 30) == b"child"
+            writer.close()
+            own.close()
+            own.abort_clients()
+
+        loop = None
+        iouzcrx.run(own_loop(), use_uvloop=use_uvloop)
         sys.exit(0)
     server.close()
     server.abort_clients()
