@@ -38,6 +38,8 @@ log = logging.getLogger("iouzcrx")
 # Keyed by id(loop): the reactor holds its loop weakly, so an entry cannot keep
 # the loop alive, and the loop's weak-reference callback removes the entry.
 _reactors: dict[int, Reactor] = {}
+# Closed reactors whose ring closes from a loop callback (Reactor.close).
+_closing: set[Reactor] = set()
 
 
 class Reactor:
@@ -175,10 +177,15 @@ class Reactor:
         say), the ring closes from a callback of its own, once nothing walks
         it; a loop closed before that closes it then.
         """
+        loop = self._loop_ref()
+        if loop is not None and loop.is_running() and threading.get_ident() != self.thread:
+            # The loop's readers and the ring are its thread's to touch.
+            loop.call_soon_threadsafe(self.close)
+            return
         if not self.closed:
             self.closed = True
-            if _reactors.get(id(self._loop_ref())) is self:
-                del _reactors[id(self._loop_ref())]
+            if loop is not None and _reactors.get(id(loop)) is self:
+                del _reactors[id(loop)]
             self.client_backends.clear()
             self.idle_queues.clear()
             self._unwatch_eventfd()
@@ -190,13 +197,11 @@ class Reactor:
             # go with this process, never submit a cancel for the parent's work.
             self.ring = None
             return
-        loop = self._loop_ref()
         if loop is None or not loop.is_running():
             self._close_ring()
-        elif threading.get_ident() == self.thread:
-            loop.call_soon(self._close_ring)
         else:
-            loop.call_soon_threadsafe(self._close_ring)
+            _closing.add(self)  # until then, the loop's close() closes it
+            loop.call_soon(self._close_ring)
 
     def _unwatch_eventfd(self) -> None:
         if not self._watching_eventfd or self.ring is None:
@@ -213,6 +218,7 @@ class Reactor:
             pass  # the loop is closing
 
     def _close_ring(self) -> None:
+        _closing.discard(self)
         ring = self.ring
         if ring is None or ring.closed or self.inherited:
             return
@@ -237,7 +243,7 @@ def _loop_collected(key: int, reactor: Reactor) -> None:
 
 
 def _close_reactors_of_closed_loops() -> None:
-    for reactor in list(_reactors.values()):
+    for reactor in [*_reactors.values(), *_closing]:
         loop = reactor._loop_ref()
         if loop is None or loop.is_closed() or reactor.inherited:
             reactor.close()
@@ -270,6 +276,9 @@ def close_loop_reactor(loop: asyncio.AbstractEventLoop) -> None:
     reactor = _reactors.get(id(loop))
     if reactor is not None and reactor._loop_ref() is loop:
         reactor.close()
+    for reactor in list(_closing):
+        if reactor._loop_ref() is loop:
+            reactor._close_ring()
 
 
 # Loops that had a reactor when this process was forked from their own.
@@ -290,6 +299,7 @@ def _forget_parent_reactors() -> None:
         if loop is not None:
             _inherited_loops.add(loop)
     _reactors.clear()
+    _closing.clear()
 
 
 if hasattr(os, "register_at_fork"):

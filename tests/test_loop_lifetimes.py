@@ -17,6 +17,7 @@ from conftest import SERVER_MODES
 
 import iouzcrx
 from iouzcrx._receive import ReceiveQueue
+from iouzcrx.reactor import Reactor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60
@@ -339,3 +340,31 @@ async def test_server_create_close_cycles_give_the_memory_back(mode: str) -> Non
     # 200 kept areas would add at least 200 mappings and 200 MiB.
     assert mappings() <= maps + 10
     assert rss() - memory < 32 << 20
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["iouzcrx-loop", "stock-loop"])
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_reactor_closed_while_its_loop_runs_has_its_ring_closed_by_the_loops_close(
+    loop_name: str, ours: bool
+) -> None:
+    loop = (
+        iouzcrx.new_event_loop(use_uvloop=loop_name == "uvloop") if ours else stock_loop(loop_name)
+    )
+    try:
+        reactor = Reactor.for_loop(loop)
+        ring = reactor.ring
+        assert ring is not None
+
+        def close_and_stop() -> None:
+            reactor.close()
+            reactor.close()
+            # The ring's close was deferred to a callback this run never reaches.
+            loop.stop()
+
+        loop.call_soon(close_and_stop)
+        loop.run_forever()
+        assert reactor.closed
+        assert Reactor.for_loop(loop) is not reactor
+    finally:
+        loop.close()
+    assert ring.closed
