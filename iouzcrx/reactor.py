@@ -13,9 +13,9 @@ Watching the ring fd instead would not help: on 7.3.4 its pollers are woken
 from the same callback, as late (measured: 15-25 ms under the test VM).
 
 Lifetimes: the reactor holds its loop weakly and closes with it. Our loops
-close it from ``close()``; any other loop gets ``close`` wrapped on first use,
-and a loop found closed (or collected) without that gives its ring back at the
-next look-up. A forked child inherits the parent's ring and the epoll instance
+close it from ``close()``; any other loop gets ``close`` wrapped on first use;
+a loop closed without either gives its ring back at the next look-up, a loop
+collected unclosed when it goes. A forked child inherits the parent's ring and the epoll instance
 the loop registered on, both shared with the parent: there the reactor never
 enters the ring nor adds or removes a reader, it only lets its copies go.
 """
@@ -222,15 +222,14 @@ class Reactor:
         ring = self.ring
         if ring is None or ring.closed or self.inherited:
             return
-        loop = self._loop_ref()
-        if loop is not None and not loop.is_closed():
-            ring.close()
-            return
-        # Found closed (or collected) later: the connections' callbacks cannot
-        # reach their loop any more; closing the ring must still finish.
         try:
             ring.close()
         except Exception:
+            loop = self._loop_ref()
+            if loop is not None and not loop.is_closed():
+                raise
+            # Found closed (or collected) later: the connections' callbacks
+            # cannot reach their loop any more, and nobody is left to tell.
             log.debug("iouzcrx: closing the ring of a closed loop", exc_info=True)
 
 
