@@ -205,6 +205,7 @@ def stock_loop(loop_name: str) -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop()
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.Runner is Python 3.11+")
 @pytest.mark.parametrize("mode", ["bufring", "socket"])
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_closed_stock_loop_frees_its_ring_areas_and_client_backends(
