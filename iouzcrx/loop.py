@@ -9,11 +9,14 @@ works on any running loop, these or not.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
+import selectors
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from iouzcrx.reactor import _reactors
+from iouzcrx.reactor import close_loop_reactor
 from iouzcrx.server import ZcrxServer, create_zcrx_server
 
 __all__ = [
@@ -36,6 +39,13 @@ except ImportError:  # pragma: no cover - uvloop is optional
 class ZcrxLoopMethods:
     """What iouzcrx adds to an event loop class."""
 
+    # Its close() closes the loop's reactor (iouzcrx.reactor need not wrap it).
+    closes_zcrx_reactor = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._zcrx_pid = os.getpid()
+
     async def create_zcrx_server(
         self, protocol_factory: Any, host: Any = None, port: int | None = None, **kwargs: Any
     ) -> ZcrxServer:
@@ -46,20 +56,47 @@ class ZcrxLoopMethods:
 
     def close(self) -> None:
         # The ring must be closed while the loop can still drop its reader.
-        reactor = _reactors.get(self)  # type: ignore[call-overload]
-        if reactor is not None:
-            reactor.close()
+        close_loop_reactor(self)  # type: ignore[arg-type]
+        if os.getpid() != self._zcrx_pid:
+            self._close_in_forked_child()
+        else:
+            super().close()  # type: ignore[misc]
+
+    def _close_in_forked_child(self) -> None:
+        """Close a loop inherited through fork without touching the epoll
+        instance it shares with the parent: every fd the loop unregisters
+        there would stop the parent's loop from seeing it."""
         super().close()  # type: ignore[misc]
 
 
 class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
     """asyncio's selector loop with ``create_zcrx_server``."""
 
+    def _close_in_forked_child(self) -> None:
+        selector = getattr(self, "_selector", None)
+        if isinstance(selector, selectors.EpollSelector):
+            # Unregistering (the self-pipe, at least) goes to a private epoll
+            # instance; the shared one only loses this process's reference.
+            selector._selector.close()  # type: ignore[attr-defined]
+            selector._selector = select.epoll()  # type: ignore[attr-defined]
+        super()._close_in_forked_child()
+
 
 if _uvloop is not None:
 
     class UVLoop(ZcrxLoopMethods, _uvloop.Loop):  # type: ignore[misc]
         """uvloop's loop with ``create_zcrx_server``."""
+
+        _zcrx_abandoned = False
+
+        def _close_in_forked_child(self) -> None:
+            # Closing libuv's handles deletes their fds from the epoll instance
+            # shared with the parent (and libuv does not survive fork): the
+            # child's copies go with the process instead.
+            self._zcrx_abandoned = True
+
+        def is_closed(self) -> bool:
+            return self._zcrx_abandoned or super().is_closed()
 
 
 def uvloop_available() -> bool:

@@ -61,6 +61,10 @@ class ZcrxServer(asyncio.AbstractServer):
         self._serving_forever: asyncio.Future[None] | None = None
         self._backlog = backlog
         self._loop_servers: list[asyncio.AbstractServer] = []  # socket mode
+        self._backend_released = False
+        # The parameters a later server must ask for to take this one's
+        # zcrx queue once it is idle (see _release_backend).
+        self._reuse_key: tuple[Any, ...] | None = None
         if self.mode == "socket":
             selection.backend.on_available = functools.partial(
                 loop.call_soon_threadsafe, self._resume_starved
@@ -140,7 +144,7 @@ class ZcrxServer(asyncio.AbstractServer):
         self._reactor.schedule()
         if self._reactor.socket_hints:
             # A pending connection drains the ring at once (see iouzcrx.reactor).
-            self._loop.add_reader(sock.fileno(), self._reactor.drain_now)
+            self._reactor.watch(sock.fileno(), self._reactor.drain_now)
 
     def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
         if res >= 0:
@@ -154,7 +158,7 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         self._accepts.pop(sock, None)
         if self._reactor.socket_hints and sock.fileno() >= 0:  # close() unwatched it
-            self._loop.remove_reader(sock.fileno())
+            self._reactor.unwatch(sock.fileno())
         if not self._serving or res == -errno.ECANCELED:
             return
         if res >= 0:
@@ -214,12 +218,11 @@ class ZcrxServer(asyncio.AbstractServer):
             if self.mode != "socket":
                 _stop_listening(sock)
             if self._reactor.socket_hints and self.mode != "socket":
-                self._loop.remove_reader(sock.fileno())
+                self._reactor.unwatch(sock.fileno())
             accept = self._accepts.pop(sock, None)
             if accept is not None:
                 accept.cancel()
-        if self._reactor.ring is not None and not self._reactor.ring.closed:
-            self._reactor.schedule()
+        self._reactor.schedule()
         for sock in self.sockets:
             sock.close()
         self._sockets = None
@@ -238,10 +241,33 @@ class ZcrxServer(asyncio.AbstractServer):
     def _wake_waiters(self) -> None:
         if not self._closed or self._connections:
             return
+        self._release_backend()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _release_backend(self) -> None:
+        """Give the receive memory back once the server is closed and its last
+        connection ended (views still out keep their buffers readable)."""
+        if self._backend_released:
+            return
+        self._backend_released = True
+        backend = self._selection.backend
+        if self.mode == "socket":
+            # Its only reference from the loop; the pool goes with the server.
+            backend.on_available = None
+            return
+        if self._reactor.inherited:
+            return  # a forked child: the queue is registered on the parent's ring
+        if self.mode in ("copy", "zerocopy"):
+            # The kernel frees an ifq only with its ring: the loop's next
+            # server with the same parameters takes this one.
+            self._reactor.park_idle_queue(self._reuse_key, self._selection)
+            return
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
 
     async def wait_closed(self) -> None:
         """Wait until the server is closed and every connection has ended."""
@@ -470,7 +496,8 @@ async def create_zcrx_server(
         )
     try:
         reactor = Reactor.for_loop(loop)
-        selection = select_mode(
+        reuse_key = (mode, interface, queue, area_size, rq_entries, rx_buf_len, hugepages)
+        selection = reactor.take_idle_queue(reuse_key) or select_mode(
             reactor.ring,
             mode=mode,
             interface=interface,
@@ -487,6 +514,7 @@ async def create_zcrx_server(
             s.close()
         raise
     server = ZcrxServer(loop, reactor, protocol_factory, sockets, selection, backlog)
+    server._reuse_key = reuse_key
     if start_serving:
         await server.start_serving()
     return server

@@ -105,12 +105,12 @@ class ZcrxTransport(asyncio.Transport):
     def _watch_socket(self) -> None:
         if not self._watching:
             self._watching = True
-            self._loop.add_reader(self._sock.fileno(), self._on_socket_readable)
+            self._reactor.watch(self._sock.fileno(), self._on_socket_readable)
 
     def _unwatch_socket(self) -> None:
         if self._watching:
             self._watching = False
-            self._loop.remove_reader(self._sock.fileno())
+            self._reactor.unwatch(self._sock.fileno())
 
     def _on_socket_readable(self) -> None:
         self._reactor.drain_now()
