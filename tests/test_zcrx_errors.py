@@ -90,9 +90,37 @@ def test_missing_cap_net_admin_is_named_with_the_fix():
     assert len(out) == 2, out
     for line in out:
         mode, kind, errno_value, message = line.split(" ", 3)
+        if mode == "copy" and not FEATURES.zcrx_nodev:
+            # The capability would not help: the kernel cannot do copy mode.
+            assert kind == "other" and "KernelTooOld" in errno_value, line
+            assert "7.1" in message
+            continue
         assert kind == "MissingCapability", line
         assert errno_value == "1"  # EPERM
         assert "CAP_NET_ADMIN" in message and "setcap" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
+@pytest.mark.skipif(FEATURES.zcrx_nodev, reason="this kernel can do copy mode")
+def test_copy_mode_as_non_root_on_a_kernel_without_it_names_the_kernel_limit():
+    out = run_restricted(
+        """
+        import os
+        import iouzcrx  # first: the interpreter's files may be root's alone
+        os.setgid(65534)
+        os.setuid(65534)
+        ring = iouzcrx.Ring()
+        try:
+            iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20)
+            print("no-error")
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        """
+    )
+    assert len(out) == 1, out
+    kind, message = out[0].split(" ", 1)
+    assert kind == "KernelTooOld", out
+    assert "ZCRX_REG_NODEV" in message and "7.1" in message
 
 
 @pytest.mark.skipif(
