@@ -12,7 +12,7 @@ cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.errno cimport errno
+from libc.errno cimport ENOENT, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
@@ -60,6 +60,7 @@ cdef enum:
     # Enters in a row that post nothing while SQ_TASKRUN is set, after which
     # a drain takes the flag for stale (see drain_completions).
     MAX_FRUITLESS_ENTERS = 3
+    PBUF_STATUS = 26   # IORING_REGISTER_PBUF_STATUS
 
 CQE_F_MORE = IOUZ_CQE_F_MORE
 
@@ -722,6 +723,20 @@ cdef class Ring:
         self.check_owner()
         iouz_atomic_or(<uint32_t *>self.sq_flags, IOUZ_SQ_TASKRUN)
 
+    def _buffer_group_registered(self, int group):
+        """Testing aid: whether the kernel holds a buffer ring for ``group``
+        (IORING_REGISTER_PBUF_STATUS, Linux 6.8+; ENOENT when it does not)."""
+        cdef uint32_t status[10]   # struct io_uring_buf_status
+        memset(status, 0, sizeof(status))
+        status[0] = group
+        self.check_owner()
+        cdef int ret = iouz_register(self.fd, PBUF_STATUS, status, 1)
+        if ret == -ENOENT:
+            return False
+        if ret < 0:
+            raise kernel_error(-ret, "IORING_REGISTER_PBUF_STATUS")
+        return True
+
     def probe_opcodes(self):
         """The set of IORING_OP_* numbers this kernel supports."""
         cdef iouz_probe probe
@@ -829,7 +844,7 @@ cdef class Ring:
         elif self.draining:
             self.close_requested = True
         else:
-            self.close_now(seconds)
+            self.close_now(_math.inf if seconds is None else seconds)
 
     cdef int close_now(self, double timeout) except -1:
         """On the owner thread, outside any drain."""

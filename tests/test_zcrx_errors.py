@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import FEATURES
+from conftest import FEATURES, requires_copy_mode
 from isolation import run_restricted
 
 import iouzcrx
@@ -129,3 +129,16 @@ def test_copy_mode_as_non_root_on_a_kernel_without_it_names_the_kernel_limit():
 def test_a_huge_page_area_without_reserved_pages_says_how_to_reserve(ring):
     with pytest.raises(iouzcrx.MemoryLimit, match="nr_hugepages"):
         iouzcrx.BufRingQueue(ring, area_size=4 << 20, hugepages=True)
+
+
+@pytest.mark.vm
+@requires_copy_mode
+def test_copy_mode_refusing_large_chunks_names_rx_buf_len_not_the_kernel_config(ring):
+    if not FEATURES.zcrx_rx_buf_len:
+        pytest.skip("this kernel has no rx_buf_len at all")
+    try:
+        queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20, rx_buf_len=8192)
+    except iouzcrx.InvalidConfiguration as exc:
+        assert "rx_buf_len=8192" in str(exc) and "CONFIG_IO_URING_ZCRX" not in str(exc)
+    else:
+        assert queue.chunk_size == 8192  # a kernel that takes it
