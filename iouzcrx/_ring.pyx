@@ -579,8 +579,8 @@ cdef class Ring:
     cdef int buffer_group_dropped(self, uint16_t group) noexcept:
         """A buffer ring's queue was freed while registered, maybe on another
         thread: the owner unregisters it at its next drain."""
-        if self.closed:
-            return 0
+        if self.closed or getpid() != self.owner_pid:
+            return 0  # gone with the ring, or a forked child's copy
         self.dropped_buffer_groups.append(group)
         self.wake()
         return 0
