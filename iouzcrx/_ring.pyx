@@ -54,7 +54,8 @@ cdef enum:
     # One enter runs at most 20 task-work items (kernel-abi §3), so a drain is
     # bounded in passes rather than in CQEs.
     DEFAULT_DRAIN_PASSES = 256
-    # io_uring_setup's own limits (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES).
+    # io_uring_setup's own limits (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES);
+    # CLAMP lowers larger sizes to them.
     MAX_SQ_ENTRIES = 32768
     MAX_CQ_ENTRIES = 65536
     # Enters in a row that post nothing while SQ_TASKRUN is set, after which
@@ -86,15 +87,16 @@ def check_timeout(timeout):
 
 
 cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
-    """A ring size from Python: an integer in 1..limit (no float truncated)."""
+    """A ring size from Python: a positive integer (no float truncated);
+    above ``limit`` the kernel clamps it."""
     try:
         number = _operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, not {value!r}") from None
-    if not 1 <= number <= limit:
+    if number < 1:
         raise InvalidConfiguration(
-            f"{name} must be between 1 and {limit}, not {number}")
-    return <unsigned>number
+            f"{name} must be a positive number of entries (up to {limit}), not {number}")
+    return <unsigned>min(number, limit)
 
 
 cdef class Request:

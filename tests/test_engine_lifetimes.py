@@ -409,6 +409,11 @@ def test_ring_with_zero_entries_names_the_value_not_the_kernel():
         iouzcrx.Ring(8, -1)
 
 
+def test_ring_sizes_above_the_kernel_limit_are_clamped():
+    with iouzcrx.Ring(1 << 20, 1 << 30) as ring:
+        assert ring.sq_entries == 32768 and ring.cq_entries == 65536
+
+
 @pytest.mark.parametrize("mode", RECEIVE_MODES)
 def test_a_forked_child_touching_the_parents_ring_gets_a_clear_error(mode):
     out = run_child(
