@@ -755,7 +755,8 @@ cdef class Ring:
         return request
 
     def read(self, fd, buffer):
-        """Queue a read into ``buffer`` (a writable buffer) from ``fd``."""
+        """Queue a read into ``buffer`` (a writable buffer) from ``fd``; both
+        are kept alive until the read completes."""
         cdef Completion request = Completion()
         cdef unsigned char[::1] view = buffer
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_READ, fileno_of(fd))
@@ -763,6 +764,7 @@ cdef class Ring:
         sqe.len = view.shape[0]
         sqe.off = <uint64_t>-1    # current file position: works on pipes
         request.keepalive = view
+        request.target = fd
         return request
 
     def send(self, sock, data, *, callback=None, int flags=0):

@@ -339,6 +339,17 @@ def test_send_holds_its_socket_open_until_it_completes(ring):
         assert b.recv(100) == b"through the dropped socket"
 
 
+def test_read_holds_its_source_open_until_it_completes(ring):
+    a, b = socket.socketpair()
+    with b:
+        buffer = bytearray(5)
+        request = ring.read(a, buffer)
+        del a
+        gc.collect()
+        b.sendall(b"fresh")
+        assert request.wait(5) == 5 and buffer == b"fresh"
+
+
 def test_cancel_fd_holds_its_socket_open_until_it_completes(ring):
     a, b = socket.socketpair()
     with b:
