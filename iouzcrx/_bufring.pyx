@@ -31,10 +31,16 @@ cdef enum:
 @cython.final
 @cython.no_gc_clear
 cdef class BufRingQueue(ReceiveQueue):
-    """A provided buffer ring of ``area_size // buffer_size`` buffers on ``ring``."""
+    """A provided buffer ring of ``area_size // buffer_size`` buffers on ``ring``.
+
+    ``close()`` unregisters the buffer ring once nothing is armed on it; a
+    queue dropped without close() is unregistered by the ring's owner thread
+    at its next drain.
+    """
 
     def __init__(self, Ring ring not None, *, size_t area_size=DEFAULT_AREA_SIZE,
                  uint32_t buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False):
+        ring.check_owner()  # before anything is allocated
         cdef uint64_t count = buffer_count(area_size, buffer_size)
         if count > MAX_RING_ENTRIES:
             raise InvalidConfiguration(
@@ -83,9 +89,27 @@ cdef class BufRingQueue(ReceiveQueue):
         ring.add_client(self)
 
     def __dealloc__(self):
+        # Maybe on another thread, where the ring cannot be entered. Nothing
+        # is armed on the group (an armed receive holds its queue), so the
+        # kernel picks no buffer from it meanwhile, and it pinned the ring's
+        # pages: unmapping ours is safe.
+        if self.registered and self.ring is not None:
+            self.ring.buffer_group_dropped(self.buffer_group)
         if self.bufs != NULL:
             munmap(self.bufs, self.bufs_size)
             self.bufs = NULL
+
+    cdef int release_registration(self) except -1:
+        cdef iouz_buf_reg reg
+        if not self.registered:
+            return 0
+        memset(&reg, 0, sizeof(reg))
+        reg.bgid = self.buffer_group
+        self.registered = False
+        self.ring.register(IOUZ_UNREGISTER_PBUF_RING, &reg, 1)
+        munmap(self.bufs, self.bufs_size)
+        self.bufs = NULL
+        return 0
 
     cdef int publish_returns(self) except -1:
         cdef size_t i

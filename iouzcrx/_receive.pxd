@@ -40,6 +40,8 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int starve(self, Receiver receiver) except -1
     cdef int rearm(self, Receiver receiver) except -1
     cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1
+    cdef int receiver_finished(self, Receiver receiver) except -1
+    cdef int release_registration(self) except -1
 
 
 cdef class Receiver(Request):

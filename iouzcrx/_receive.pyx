@@ -12,7 +12,7 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
 from iouzcrx._area cimport BufferOwner
-from iouzcrx._ring cimport Request, fileno_of
+from iouzcrx._ring cimport Request, Ring, fileno_of
 
 import collections as _collections
 
@@ -160,6 +160,17 @@ cdef class ReceiveQueue(BufferOwner):
                 fds.append(receiver.fd)
         return 0
 
+    cdef int receiver_finished(self, Receiver receiver) except -1:
+        self.receivers.discard(receiver)
+        if self.closed and not self.receivers and not self.ring.closed:
+            # close() asked for it: nothing is armed any more.
+            self.release_registration()
+        return 0
+
+    cdef int release_registration(self) except -1:
+        """Give the kernel-side registration back, once nothing is armed."""
+        return 0
+
     cdef int ring_closed(self) except -1:
         cdef Receiver receiver
         self.closed = True
@@ -231,6 +242,7 @@ cdef class ReceiveQueue(BufferOwner):
         """
         if self.closed:
             raise ValueError(f"the {self.mode} receive queue is closed")
+        self.ring.check_owner()
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
         receiver.sock = sock
@@ -242,6 +254,30 @@ cdef class ReceiveQueue(BufferOwner):
         self.arm(receiver)
         self.receivers.add(receiver)
         return receiver
+
+    def close(self):
+        """Stop using this queue: cancel its receives (they end with no
+        error, keeping the views they queued), detach it from the ring and
+        give its kernel registration back once nothing is armed on it.  The
+        area stays mapped until the last view over it is released.  Only the
+        ring's owner thread may close a queue (WrongThread otherwise, and the
+        queue is left as it was); closing twice is harmless.  A queue that is
+        dropped without close() is released when it is collected."""
+        if self.closed:
+            return
+        cdef Ring ring = self.ring
+        cdef Receiver receiver
+        if not ring.closed:
+            ring.check_thread()
+        self.closed = True
+        self.starved.clear()
+        if ring.closed:
+            return
+        ring.detach_client(self)
+        for receiver in list(self.receivers):
+            receiver.cancel()
+        if not self.receivers:
+            self.release_registration()
 
     @property
     def buffers_pending_return(self):
@@ -347,7 +383,7 @@ cdef class Receiver(Request):
         self.armed = False
         self.eof = eof
         self.error = error
-        self.queue.receivers.discard(self)
+        self.queue.receiver_finished(self)
         if self.on_end is not None:
             self.on_end(error)
         return 0
@@ -363,7 +399,9 @@ cdef class Receiver(Request):
 
     def get(self, timeout=None):
         """The next received view; None at EOF or after cancel; raises the
-        receive's error, or TimeoutError after ``timeout`` seconds."""
+        receive's error, or TimeoutError after ``timeout`` seconds (None:
+        no limit; NaN or negative: ValueError)."""
+        self.queue.ring.check_thread()
         chunks = self.chunks
         if not chunks and not self.finished:
             self.ring.wait_for(lambda: chunks or self.finished, timeout)
@@ -379,9 +417,15 @@ cdef class Receiver(Request):
         return len(self.chunks)
 
     def cancel(self):
-        """Stop receiving: the multishot is cancelled, queued views stay."""
+        """Stop receiving: the multishot is cancelled, queued views stay.
+        Owner thread only: from another thread it raises WrongThread and
+        changes nothing."""
         if self.finished or self.cancelling:
             return
+        if self.armed:
+            self.queue.ring.check_owner()
+        else:
+            self.queue.ring.check_thread()
         self.cancelling = True
         if self.starved:
             self.finish(None, False)
@@ -390,7 +434,10 @@ cdef class Receiver(Request):
 
     def close(self):
         """Cancel, and drop the views not yet taken and any that arrive before
-        the cancel completes (their buffers go back)."""
+        the cancel completes (their buffers go back).  Owner thread only:
+        from another thread it raises WrongThread and changes nothing."""
+        if not self.finished:
+            self.queue.ring.check_thread()
         self.discarding = True
         self.flush_run()
         self.cancel()

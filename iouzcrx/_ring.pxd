@@ -21,7 +21,9 @@ cdef class RingClient:
     publish buffer returns, re-arm starved receives), after_reap() once a
     batch of completions was dispatched (to deliver what it gathered), and
     ring_closed() once; add_watched_fds() before a blocking wait, where the
-    kernel signals the eventfd late (see Ring.wait_readable)."""
+    kernel signals the eventfd late (see Ring.wait_readable).  The ring holds
+    its clients weakly: a client nobody else references is freed."""
+    cdef object __weakref__
     cdef int before_enter(self) except -1
     cdef int after_reap(self) except -1
     cdef int ring_closed(self) except -1
@@ -39,6 +41,7 @@ cdef class Ring:
     cdef readonly bint closed
     cdef readonly bint closing
     cdef readonly unsigned long owner_thread
+    cdef readonly long owner_pid
 
     cdef char *ring_map
     cdef size_t ring_map_size
@@ -59,7 +62,8 @@ cdef class Ring:
     cdef uint16_t next_buffer_group
 
     cdef set inflight
-    cdef list clients
+    cdef list clients                # weak references; rebound, never mutated
+    cdef list dropped_buffer_groups  # to unregister on the owner thread
     cdef list callback_errors
     cdef public object error_handler
     cdef public object more_work_handler
@@ -68,12 +72,18 @@ cdef class Ring:
     cdef readonly uint64_t cqes_reaped
 
     cdef bint draining
+    cdef bint close_requested
     cdef int watch_client_fds        # -1: not yet known; else 0 or 1
 
     cdef int map_rings(self, iouz_params *p) except -1
     cdef int setup_eventfd(self) except -1
     cdef void release_resources(self) noexcept
     cdef int check_owner(self) except -1
+    cdef int check_thread(self) except -1
+    cdef int close_now(self, double timeout) except -1
+    cdef int forget(self) except -1
+    cdef int release_dropped(self) except -1
+    cdef int buffer_group_dropped(self, uint16_t group) noexcept
     cdef int check_open(self) except -1
     cdef bint watching_sockets(self) except -1
     cdef iouz_sqe *get_sqe(self) except NULL
@@ -86,6 +96,8 @@ cdef class Ring:
     cdef int wait_readable(self, double timeout) except -1
     cdef int register(self, unsigned opcode, void *arg, unsigned nr_args) except? -1
     cdef int add_client(self, RingClient client) except -1
+    cdef int detach_client(self, RingClient client) except -1
+    cdef list live_clients(self)
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept
     cdef int report_callback_error(self, object exc) except -1

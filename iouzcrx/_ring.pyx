@@ -3,26 +3,32 @@
 
 One Ring belongs to one thread (SINGLE_ISSUER): every io_uring_enter and
 io_uring_register call must come from the thread that created it, so every
-method that enters the kernel checks that first.
+method that enters the kernel or walks the mapped rings checks that first,
+before it changes anything.  A forked child inherits the mappings but not the
+ring: it may only close its copy (see Ring.close).
 """
 
 cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.errno cimport errno
+from libc.errno cimport ENOENT, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
-from posix.unistd cimport close, read, write
+from posix.unistd cimport close, getpid, read, write
+from cpython.weakref cimport PyWeakref_NewRef
 
 from iouzcrx._abi cimport *
 
 import errno as _errno
+import math as _math
+import operator as _operator
 import socket as _socket
 import time
 
-from iouzcrx.errors import WrongThread, kernel_error, setup_error
+from iouzcrx.errors import (InvalidConfiguration, WrongProcess, WrongThread, kernel_error,
+                            setup_error)
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -48,15 +54,49 @@ cdef enum:
     # One enter runs at most 20 task-work items (kernel-abi §3), so a drain is
     # bounded in passes rather than in CQEs.
     DEFAULT_DRAIN_PASSES = 256
+    # io_uring_setup's own limits (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES);
+    # CLAMP lowers larger sizes to them.
+    MAX_SQ_ENTRIES = 32768
+    MAX_CQ_ENTRIES = 65536
     # Enters in a row that post nothing while SQ_TASKRUN is set, after which
     # a drain takes the flag for stale (see drain_completions).
     MAX_FRUITLESS_ENTERS = 3
+    PBUF_STATUS = 26   # IORING_REGISTER_PBUF_STATUS
 
 CQE_F_MORE = IOUZ_CQE_F_MORE
 
 
 cdef int fileno_of(object sock) except -1:
     return PyObject_AsFileDescriptor(sock)
+
+
+def check_timeout(timeout):
+    """``timeout`` as seconds (float), or None for no limit; NaN and negative
+    values are refused, as threading and asyncio do, rather than meaning
+    'forever'."""
+    if timeout is None:
+        return None
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}") from None
+    if _math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"timeout must be a non-negative number of seconds or None, "
+                         f"not {timeout!r}")
+    return seconds
+
+
+cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
+    """A ring size from Python: a positive integer (no float truncated);
+    above ``limit`` the kernel clamps it."""
+    try:
+        number = _operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {value!r}") from None
+    if number < 1:
+        raise InvalidConfiguration(
+            f"{name} must be a positive number of entries (up to {limit}), not {number}")
+    return <unsigned>min(number, limit)
 
 
 cdef class Request:
@@ -91,7 +131,8 @@ cdef class Completion(Request):
     cdef readonly list results
     cdef readonly bint done
     cdef object callback
-    cdef object keepalive
+    cdef object keepalive       # the buffer the kernel reads or writes
+    cdef object target          # what the SQE names (a socket, a request)
 
     def __cinit__(self):
         self.results = []
@@ -100,6 +141,7 @@ cdef class Completion(Request):
         if not (flags & IOUZ_CQE_F_MORE):
             self.done = True
             self.keepalive = None
+            self.target = None
         if self.callback is not None:
             self.callback(res, flags)
         else:
@@ -112,6 +154,9 @@ cdef class Completion(Request):
         A negative ``res`` is raised as OSError; ``TimeoutError`` if the
         request is still running after ``timeout`` seconds.
         """
+        if self.ring is None:
+            raise RuntimeError("this Completion was never submitted to a ring; get one "
+                               "from a Ring method (ring.nop(), ring.send(...)...)")
         self.ring.wait_for(lambda: self.done, timeout)
         res = self.results[-1][0] if self.results else 0
         if res < 0:
@@ -120,6 +165,8 @@ cdef class Completion(Request):
 
     def cancel(self):
         """Ask the kernel to cancel this request (its last CQE says -ECANCELED)."""
+        if self.ring is None:
+            raise RuntimeError("this Completion was never submitted to a ring")
         if not self.done:
             self.ring.cancel(self)
 
@@ -134,16 +181,19 @@ cdef class Ring:
     polling the ring fd itself does not wake before Linux 7.3.2.
     """
 
-    def __cinit__(self, unsigned sq_entries=DEFAULT_SQ_ENTRIES,
-                  unsigned cq_entries=DEFAULT_CQ_ENTRIES):
+    def __cinit__(self, sq_entries=DEFAULT_SQ_ENTRIES, cq_entries=DEFAULT_CQ_ENTRIES):
         self.fd = -1
         self.eventfd = -1
         self.closed = True
         self.inflight = set()
         self.clients = []
+        self.dropped_buffer_groups = []
         self.callback_errors = []
         self.owner_thread = PyThread_get_thread_ident()
+        self.owner_pid = getpid()
         self.watch_client_fds = -1
+        cdef unsigned sq = entries_argument("sq_entries", sq_entries, MAX_SQ_ENTRIES)
+        cdef unsigned cq = entries_argument("cq_entries", cq_entries, MAX_CQ_ENTRIES)
 
         cdef iouz_params params
         cdef uint32_t base = (IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_DEFER_TASKRUN
@@ -156,13 +206,13 @@ cdef class Ring:
         ladder[2] = base | IOUZ_SETUP_CQE32                                # 6.1+
         cdef int fd = -EINVAL
         cdef int i
-        if cq_entries < sq_entries:
-            cq_entries = sq_entries
+        if cq < sq:
+            cq = sq
         for i in range(3):
             memset(&params, 0, sizeof(params))
             params.flags = ladder[i]
-            params.cq_entries = cq_entries
-            fd = iouz_setup(sq_entries, &params)
+            params.cq_entries = cq
+            fd = iouz_setup(sq, &params)
             if fd != -EINVAL:
                 break
         if fd < 0:
@@ -260,6 +310,15 @@ cdef class Ring:
 
     cdef int check_owner(self) except -1:
         self.check_open()
+        return self.check_thread()
+
+    cdef int check_thread(self) except -1:
+        if getpid() != self.owner_pid:
+            # After fork the thread id can match; the ring is still the parent's.
+            raise WrongProcess(
+                f"this io_uring ring belongs to the parent process (pid {self.owner_pid}), "
+                "not to this forked child: the child may only close() it, and must "
+                "create its own Ring (and event loop) to do I/O")
         if PyThread_get_thread_ident() != self.owner_thread:
             # The kernel would answer EEXIST (SINGLE_ISSUER); say why instead.
             raise WrongThread(
@@ -367,7 +426,7 @@ cdef class Ring:
                 self.report_callback_error(exc)
         self.cqes_reaped += count
         if count:
-            for client in self.clients:
+            for client in self.live_clients():
                 client.after_reap()
         return count
 
@@ -390,14 +449,20 @@ cdef class Ring:
         self.check_owner()
         if self.draining:
             raise RuntimeError("the ring is already being drained (re-entrant call)")
+        if self.close_requested:
+            self.close_now(1.0)
+            return 0
         self.draining = True
         cdef RingClient client
         cdef int passes = 0
         cdef int more = 0
         cdef int fruitless = 0
+        cdef int reaped
         try:
+            if self.dropped_buffer_groups:
+                self.release_dropped()
             while True:
-                for client in self.clients:
+                for client in self.live_clients():
                     client.before_enter()
                 # The first pass always enters: that runs the deferred task work
                 # the caller was woken for. Later passes enter only when there
@@ -405,7 +470,10 @@ cdef class Ring:
                 # buffers are published in shared memory and need no syscall.
                 if passes == 0 or self.pending_submissions() or self.kernel_has_work():
                     self.enter(0, True)
-                if self.reap() or self.pending_submissions():
+                reaped = self.reap()
+                if self.close_requested:
+                    break  # closed from a callback: the walk is over, close now
+                if reaped or self.pending_submissions():
                     fruitless = 0
                 elif not self.kernel_has_work():
                     break  # idle: no completion, submission, task work or overflow
@@ -431,6 +499,9 @@ cdef class Ring:
                     break
         finally:
             self.draining = False
+            if self.close_requested and not self.closing:
+                more = 0
+                self.close_now(1.0)
         if self.callback_errors:
             errors, self.callback_errors = self.callback_errors, []
             raise errors[0]
@@ -448,7 +519,7 @@ cdef class Ring:
         cdef list fds = [self.eventfd]
         cdef RingClient client
         if self.watching_sockets():
-            for client in self.clients:
+            for client in self.live_clients():
                 client.add_watched_fds(fds)
         cdef size_t count = len(fds)
         cdef pollfd *pfds = <pollfd *>PyMem_Malloc(count * sizeof(pollfd))
@@ -485,7 +556,45 @@ cdef class Ring:
         return 0
 
     cdef int add_client(self, RingClient client) except -1:
-        self.clients.append(client)
+        # Rebound rather than appended: a drain walks the list it started with.
+        self.clients = self.clients + [PyWeakref_NewRef(client, None)]
+        return 0
+
+    cdef int detach_client(self, RingClient client) except -1:
+        self.clients = [ref for ref in self.clients
+                        if ref() is not None and ref() is not client]
+        return 0
+
+    cdef list live_clients(self):
+        cdef list live = []
+        cdef bint dead = False
+        for ref in self.clients:
+            client = ref()
+            if client is None:
+                dead = True
+            else:
+                live.append(client)
+        if dead:
+            self.clients = [ref for ref in self.clients if ref() is not None]
+        return live
+
+    cdef int buffer_group_dropped(self, uint16_t group) noexcept:
+        """A buffer ring's queue was freed while registered, maybe on another
+        thread: the owner unregisters it at its next drain."""
+        if self.closed or getpid() != self.owner_pid:
+            return 0  # gone with the ring, or a forked child's copy
+        self.dropped_buffer_groups.append(group)
+        self.wake()
+        return 0
+
+    cdef int release_dropped(self) except -1:
+        cdef iouz_buf_reg reg
+        groups, self.dropped_buffer_groups = self.dropped_buffer_groups, []
+        for group in groups:
+            memset(&reg, 0, sizeof(reg))
+            reg.bgid = group
+            # Nothing is armed on it (its receives held the queue alive).
+            iouz_register(self.fd, IOUZ_UNREGISTER_PBUF_RING, &reg, 1)
         return 0
 
     cdef uint16_t allocate_buffer_group(self) noexcept:
@@ -539,6 +648,7 @@ cdef class Ring:
         True.
         """
         cdef uint64_t counter
+        self.check_owner()
         read(self.eventfd, &counter, sizeof(counter))
         if self.drain_completions(DEFAULT_DRAIN_PASSES):
             if self.more_work_handler is not None:
@@ -572,7 +682,7 @@ cdef class Ring:
 
     @kernel_signals_eventfd.setter
     def kernel_signals_eventfd(self, bint on):
-        self.check_open()
+        self.check_owner()
         cdef uint32_t flags = iouz_load_acquire(self.cq_flags)
         if on:
             flags &= ~IOUZ_CQ_EVENTFD_DISABLED
@@ -582,18 +692,23 @@ cdef class Ring:
 
     def wait(self, timeout=None):
         """Drain, then sleep until the kernel signals new work or ``timeout``
-        seconds pass, then drain again. Returns True if woken by the kernel."""
+        seconds pass, then drain again. Returns True if woken by the kernel.
+        ``timeout`` None waits for ever; NaN or negative raises ValueError."""
+        seconds = check_timeout(timeout)
         self.check_owner()
         if self.drain_completions(DEFAULT_DRAIN_PASSES):
             return True
-        woke = self.wait_readable(-1.0 if timeout is None else timeout)
+        if self.closed:
+            return False  # closed by a callback of that drain
+        woke = self.wait_readable(-1.0 if seconds is None else seconds)
         self.drain_completions(DEFAULT_DRAIN_PASSES)
         return bool(woke)
 
     def wait_for(self, predicate, timeout=None):
         """Drive the ring until ``predicate()`` is true; TimeoutError after
-        ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        ``timeout`` seconds (None: no limit; NaN or negative: ValueError)."""
+        seconds = check_timeout(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
         self.drain()
         while not predicate():
             if deadline is None:
@@ -607,8 +722,22 @@ cdef class Ring:
     def _raise_stale_taskrun_flag(self):
         """Testing aid: set SQ_TASKRUN with no task work behind it, the state
         the kernel's own race leaves (see drain_completions), on demand."""
-        self.check_open()
+        self.check_owner()
         iouz_atomic_or(<uint32_t *>self.sq_flags, IOUZ_SQ_TASKRUN)
+
+    def _buffer_group_registered(self, int group):
+        """Testing aid: whether the kernel holds a buffer ring for ``group``
+        (IORING_REGISTER_PBUF_STATUS, Linux 6.8+; ENOENT when it does not)."""
+        cdef uint32_t status[10]   # struct io_uring_buf_status
+        memset(status, 0, sizeof(status))
+        status[0] = group
+        self.check_owner()
+        cdef int ret = iouz_register(self.fd, PBUF_STATUS, status, 1)
+        if ret == -ENOENT:
+            return False
+        if ret < 0:
+            raise kernel_error(-ret, "IORING_REGISTER_PBUF_STATUS")
+        return True
 
     def probe_opcodes(self):
         """The set of IORING_OP_* numbers this kernel supports."""
@@ -626,7 +755,8 @@ cdef class Ring:
         return request
 
     def read(self, fd, buffer):
-        """Queue a read into ``buffer`` (a writable buffer) from ``fd``."""
+        """Queue a read into ``buffer`` (a writable buffer) from ``fd``; both
+        are kept alive until the read completes."""
         cdef Completion request = Completion()
         cdef unsigned char[::1] view = buffer
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_READ, fileno_of(fd))
@@ -634,10 +764,12 @@ cdef class Ring:
         sqe.len = view.shape[0]
         sqe.off = <uint64_t>-1    # current file position: works on pipes
         request.keepalive = view
+        request.target = fd
         return request
 
     def send(self, sock, data, *, callback=None, int flags=0):
-        """Queue a send of ``data`` (any buffer; kept alive until done)."""
+        """Queue a send of ``data`` (any buffer); ``data`` and ``sock`` are
+        kept alive until the send completes, so the fd it names stays open."""
         cdef Completion request = Completion()
         cdef const unsigned char[::1] view = data
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SEND, fileno_of(sock))
@@ -645,74 +777,114 @@ cdef class Ring:
         sqe.len = view.shape[0]
         sqe.op_flags = flags
         request.keepalive = view
+        request.target = sock
         request.callback = callback
         return request
 
     def accept(self, sock, *, multishot=True, callback=None):
-        """Queue an accept (multishot by default): each CQE's res is a new fd."""
+        """Queue an accept (multishot by default): each CQE's res is a new fd.
+        ``sock`` is kept alive until the accept's last completion."""
         cdef Completion request = Completion()
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ACCEPT, fileno_of(sock))
         sqe.op_flags = _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK
         if multishot:
             sqe.ioprio = IOUZ_ACCEPT_MULTISHOT
+        request.target = sock
         request.callback = callback
         return request
 
     def shutdown(self, sock, int how=_socket.SHUT_WR):
-        """Queue shutdown(2); SHUT_RD ends pending receives with res 0."""
+        """Queue shutdown(2); SHUT_RD ends pending receives with res 0.
+        ``sock`` is kept alive (its fd open) until the shutdown completes: the
+        kernel may look the fd up only when it runs the request."""
         cdef Completion request = Completion()
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SHUTDOWN, fileno_of(sock))
         sqe.len = how
+        request.target = sock
         return request
 
-    def close_fd(self, int fd):
-        """Queue close(2) of ``fd`` (cancel its requests first: close does not)."""
-        cdef Completion request = Completion()
-        self.prepare(request, IOUZ_OP_CLOSE, fd)
-        return request
-
-    def cancel(self, Request target):
+    def cancel(self, Request target not None):
         """Queue a cancel of ``target``; the target's last CQE says -ECANCELED."""
         cdef Completion request = Completion()
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ASYNC_CANCEL, -1)
         sqe.addr = <uintptr_t><void *>target
+        request.target = target
         return request
 
     def cancel_fd(self, sock):
-        """Queue a cancel of every request on ``sock``."""
+        """Queue a cancel of every request on ``sock`` (kept alive until the
+        cancel completes)."""
         cdef Completion request = Completion()
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ASYNC_CANCEL, fileno_of(sock))
         sqe.op_flags = IOUZ_ASYNC_CANCEL_FD | IOUZ_ASYNC_CANCEL_ALL
+        request.target = sock
         return request
 
     def close(self, timeout=1.0):
         """Cancel everything in flight, wait (up to ``timeout`` s) for the
         cancellations to complete, then unmap the rings and close the fds.
 
+        Close is a request that takes effect when nothing walks the rings:
+        called from a completion callback (``on_data``, ``on_end``, a send or
+        accept callback) it takes effect when that drain has dispatched its
+        batch; called from a thread other than the owner it only records the
+        request and wakes the eventfd, and the owner closes at its next drain
+        (``closed`` turns true then; a ring whose owner never drains again is
+        released when it is collected).  In a process forked from the owner it
+        submits nothing: it only releases the child's copies of the mappings
+        and fds, and the parent's ring goes on.  Closing twice is harmless.
+
         The kernel reclaims zcrx buffers still held by the program when the
         ring goes; memoryviews over the area stay readable.
         """
-        if self.closed:
+        seconds = check_timeout(timeout)
+        if self.closed or self.closing:
             return
+        if getpid() != self.owner_pid:
+            self.forget()
+        elif PyThread_get_thread_ident() != self.owner_thread:
+            self.close_requested = True
+            self.wake()
+        elif self.draining:
+            self.close_requested = True
+        else:
+            self.close_now(_math.inf if seconds is None else seconds)
+
+    cdef int close_now(self, double timeout) except -1:
+        """On the owner thread, outside any drain."""
         cdef iouz_sqe *sqe
         cdef RingClient client
         self.closing = True
+        self.close_requested = False
         try:
-            if self.inflight and PyThread_get_thread_ident() == self.owner_thread:
+            if self.inflight:
                 sqe = self.get_sqe()
                 sqe.opcode = IOUZ_OP_ASYNC_CANCEL
                 sqe.op_flags = IOUZ_ASYNC_CANCEL_ANY | IOUZ_ASYNC_CANCEL_ALL
                 sqe.fd = -1
                 deadline = time.monotonic() + timeout
-                self.drain()
+                self.drain_completions(DEFAULT_DRAIN_PASSES)
                 while self.inflight and time.monotonic() < deadline:
-                    self.wait(0.01)
+                    self.drain_completions(DEFAULT_DRAIN_PASSES)
+                    if self.inflight:
+                        self.wait_readable(0.01)
         finally:
+            clients = self.live_clients()
+            self.clients = []
             self.inflight.clear()
             self.release_resources()
-            for client in self.clients:
+            for client in clients:
                 client.ring_closed()
-            self.clients.clear()
+        return 0
+
+    cdef int forget(self) except -1:
+        """In a forked child: drop this process's copies of the mappings and
+        fds; the requests and clients are the parent's, left untouched."""
+        self.clients = []
+        self.dropped_buffer_groups = []
+        self.inflight.clear()
+        self.release_resources()
+        return 0
 
     def __enter__(self):
         return self

@@ -21,6 +21,7 @@ from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
 from iouzcrx._ring cimport Ring
 
 import errno as _errno
+import operator as _operator
 import socket as _socket
 
 from iouzcrx._probe import kernel_features
@@ -71,11 +72,16 @@ cdef class ZcrxQueue(ReceiveQueue):
     ``mode="copy"`` needs Linux >= 7.1 and CAP_NET_ADMIN; ``mode="zerocopy"``
     needs a NIC queue set up for zcrx (``interface``, ``queue``).  Views over
     the area come out of ``recv_multishot(sock)``.
+
+    The kernel frees an ifq (and unpins its area) only with its ring:
+    ``close()`` stops the receives and detaches the queue, but the ifq and its
+    pinned area stay registered until the ring closes.
     """
 
     def __init__(self, Ring ring not None, *, str mode="copy", interface=None, queue=None,
                  size_t area_size=DEFAULT_AREA_SIZE, rq_entries=None,
                  uint32_t rx_buf_len=0, bint hugepages=False):
+        ring.check_owner()  # before anything is allocated
         if mode not in ZCRX_MODES:
             raise InvalidConfiguration(f"zcrx mode must be one of {ZCRX_MODES}, not {mode!r}")
         features = kernel_features()
@@ -109,7 +115,10 @@ cdef class ZcrxQueue(ReceiveQueue):
         else:
             if interface is not None or queue is not None:
                 raise InvalidConfiguration("copy mode takes no interface or queue")
-            if features.zcrx_query is not None and not features.zcrx_nodev:
+            # Without the zcrx query (6.18) there is no NODEV either: it
+            # came later (7.1); saying so beats the EPERM a non-root caller
+            # would get from the registration itself.
+            if not features.zcrx_nodev:
                 raise KernelTooOld(
                     _errno.EOPNOTSUPP,
                     f"copy mode needs ZCRX_REG_NODEV (Linux >= 7.1); this kernel "
@@ -134,10 +143,15 @@ cdef class ZcrxQueue(ReceiveQueue):
             # Room to return every chunk at once (kernel-abi §8.7 sizing).
             entries = round_up_pow2(chunks if chunks < IOUZ_RQ_MAX_ENTRIES else IOUZ_RQ_MAX_ENTRIES)
         else:
-            if not 1 <= rq_entries <= IOUZ_RQ_MAX_ENTRIES:
+            try:
+                rq_count = _operator.index(rq_entries)
+            except TypeError:
                 raise InvalidConfiguration(
-                    f"rq_entries must be between 1 and {IOUZ_RQ_MAX_ENTRIES}, not {rq_entries}")
-            entries = round_up_pow2(rq_entries)
+                    f"rq_entries must be an integer, not {rq_entries!r}") from None
+            if not 1 <= rq_count <= IOUZ_RQ_MAX_ENTRIES:
+                raise InvalidConfiguration(
+                    f"rq_entries must be between 1 and {IOUZ_RQ_MAX_ENTRIES}, not {rq_count}")
+            entries = round_up_pow2(rq_count)
 
         self.ring = ring
         self.mode = mode
@@ -173,7 +187,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         ring.check_owner()
         cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
         if ret < 0:
-            raise zcrx_register_error(-ret, mode=mode, interface=interface, queue=queue)
+            raise zcrx_register_error(-ret, mode=mode, interface=interface, queue=queue,
+                                      rx_buf_len=rx_buf_len, nodev=features.zcrx_nodev)
 
         self.zcrx_id = reg.zcrx_id
         self.rq_entries = reg.rq_entries
@@ -322,6 +337,9 @@ cdef class ZcrxQueue(ReceiveQueue):
     def flush(self):
         """Publish pending returns and have the kernel take the refill ring now
         (ZCRX_CTRL_FLUSH_RQ, Linux 6.19+)."""
+        self.ring.check_owner()
+        if self.closed:
+            return
         self.publish_returns()
         if self.can_flush:
             self.flush_refill_ring()

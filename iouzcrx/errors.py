@@ -23,6 +23,7 @@ __all__ = [
     "MemoryLimit",
     "InvalidConfiguration",
     "WrongThread",
+    "WrongProcess",
     "setup_error",
     "zcrx_register_error",
     "buffer_ring_error",
@@ -77,6 +78,11 @@ class InvalidConfiguration(IouzcrxError, ValueError):
 
 class WrongThread(IouzcrxError, RuntimeError):
     """A ring was entered from a thread other than the one that created it."""
+
+
+class WrongProcess(WrongThread):
+    """A forked child touched a ring of its parent (the thread id can match
+    after fork, the ring is still the parent's)."""
 
 
 _NIC_SETUP = (
@@ -164,9 +170,17 @@ def setup_error(err: int) -> OSError:
 
 
 def zcrx_register_error(
-    err: int, *, mode: str, interface: str | None = None, queue: int | None = None
-) -> OSError:
-    """Explain a failed IORING_REGISTER_ZCRX_IFQ for ``mode`` ('zerocopy' or 'copy')."""
+    err: int,
+    *,
+    mode: str,
+    interface: str | None = None,
+    queue: int | None = None,
+    rx_buf_len: int = 0,
+    nodev: bool = False,
+) -> Exception:
+    """Explain a failed IORING_REGISTER_ZCRX_IFQ for ``mode`` ('zerocopy' or
+    'copy'); ``nodev`` says the kernel offers copy mode (ZCRX_REG_NODEV)."""
+    large_chunks = rx_buf_len > 4096
     where = f"{interface} queue {queue}" if interface is not None else "the copy-mode area"
     if err == errno.EPERM:
         return MissingCapability(
@@ -186,7 +200,14 @@ def zcrx_register_error(
             f"the channel count (see 'ethtool -l {interface}'; raise it with "
             f"'ethtool -L {interface} combined N')",
         )
+    if mode == "copy" and nodev and large_chunks and err in (errno.EOPNOTSUPP, errno.EINVAL):
+        return InvalidConfiguration(
+            f"copy mode refused rx_buf_len={rx_buf_len}: the kernel copies into "
+            "page-sized chunks in copy mode; pass rx_buf_len=0 (or 4096)"
+        )
     if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        if mode == "copy" and nodev:
+            return kernel_error(err, "registering the copy-mode area")
         if mode == "copy":
             return KernelTooOld(
                 err,

@@ -133,15 +133,6 @@ def test_shutdown_ends_a_receive_with_eof(ring, listener):
         assert receiver.eof and receiver.error is None
 
 
-def test_close_fd_closes_the_descriptor(ring):
-    a, b = socket.socketpair()
-    fd = a.detach()
-    with b:
-        assert ring.close_fd(fd).wait(5) == 0
-        with pytest.raises(OSError):
-            os.fstat(fd)
-
-
 def test_deferred_task_work_signals_the_eventfd(ring):
     """DEFER_TASKRUN: a completion waits as task work; the registered eventfd
     must become readable so an event loop wakes (epoll on the ring fd would

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import FEATURES
+from conftest import FEATURES, requires_copy_mode
 from isolation import run_restricted
 
 import iouzcrx
@@ -90,9 +90,37 @@ def test_missing_cap_net_admin_is_named_with_the_fix():
     assert len(out) == 2, out
     for line in out:
         mode, kind, errno_value, message = line.split(" ", 3)
+        if mode == "copy" and not FEATURES.zcrx_nodev:
+            # The capability would not help: the kernel cannot do copy mode.
+            assert kind == "other" and "KernelTooOld" in errno_value, line
+            assert "7.1" in message
+            continue
         assert kind == "MissingCapability", line
         assert errno_value == "1"  # EPERM
         assert "CAP_NET_ADMIN" in message and "setcap" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
+@pytest.mark.skipif(FEATURES.zcrx_nodev, reason="this kernel can do copy mode")
+def test_copy_mode_as_non_root_on_a_kernel_without_it_names_the_kernel_limit():
+    out = run_restricted(
+        """
+        import os
+        import iouzcrx  # first: the interpreter's files may be root's alone
+        os.setgid(65534)
+        os.setuid(65534)
+        ring = iouzcrx.Ring()
+        try:
+            iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20)
+            print("no-error")
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        """
+    )
+    assert len(out) == 1, out
+    kind, message = out[0].split(" ", 1)
+    assert kind == "KernelTooOld", out
+    assert "ZCRX_REG_NODEV" in message and "7.1" in message
 
 
 @pytest.mark.skipif(
@@ -101,3 +129,16 @@ def test_missing_cap_net_admin_is_named_with_the_fix():
 def test_a_huge_page_area_without_reserved_pages_says_how_to_reserve(ring):
     with pytest.raises(iouzcrx.MemoryLimit, match="nr_hugepages"):
         iouzcrx.BufRingQueue(ring, area_size=4 << 20, hugepages=True)
+
+
+@pytest.mark.vm
+@requires_copy_mode
+def test_copy_mode_refusing_large_chunks_names_rx_buf_len_not_the_kernel_config(ring):
+    if not FEATURES.zcrx_rx_buf_len:
+        pytest.skip("this kernel has no rx_buf_len at all")
+    try:
+        queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20, rx_buf_len=8192)
+    except iouzcrx.InvalidConfiguration as exc:
+        assert "rx_buf_len=8192" in str(exc) and "CONFIG_IO_URING_ZCRX" not in str(exc)
+    else:
+        assert queue.chunk_size == 8192  # a kernel that takes it
