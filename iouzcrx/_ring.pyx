@@ -583,6 +583,8 @@ cdef class Ring:
         thread: the owner unregisters it at its next drain."""
         if self.closed or getpid() != self.owner_pid:
             return 0  # gone with the ring, or a forked child's copy
+        if self.dropped_buffer_groups is None:
+            return 0  # the ring is being collected in the same cycle: its fd goes too
         self.dropped_buffer_groups.append(group)
         self.wake()
         return 0
