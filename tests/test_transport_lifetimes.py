@@ -1,0 +1,191 @@
+"""Transports own their socket: every ring operation naming it completes
+before the fd is closed, aborts are quiet, any protocol asyncio accepts is
+served, and an accepted socket is never left to the GC."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import os
+import socket
+from typing import Any
+
+import pytest
+from conftest import Pattern, Verifier
+
+import iouzcrx
+
+TIMEOUT = 60
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", name))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_exception_handler_calls() -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: calls.append(context))
+    return calls
+
+
+def port_of(server: iouzcrx.ZcrxServer) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def echo_client(port: int, seed: int, total: int) -> int:
+    """Sends ``total`` pattern bytes, half-closes, and checks the echo is
+    exactly what was sent; returns the bytes echoed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    verifier = Verifier(seed)
+
+    async def feed() -> None:
+        for chunk in Pattern(seed).chunks(total, 64 << 10):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    try:
+        while data := await reader.read(1 << 20):
+            verifier.feed(memoryview(data))
+        await feeding
+    finally:
+        feeding.cancel()
+        writer.close()
+    return verifier.pos
+
+
+def size(seed: int) -> int:
+    # Clients ending at different times, so that fds are freed and reused
+    # while others are still being served.
+    return 1000 + (seed % 8) * 37_000
+
+
+@pytest.mark.parametrize("mode", ["bufring", "socket"])
+async def test_the_echo_example_serves_every_concurrent_client_in_full(mode, capsys):
+    echo = load_example("echo_server.py")
+    calls = record_exception_handler_calls()
+    loop = asyncio.get_running_loop()
+    clients, rounds = 8, 8
+    countdown = echo.Countdown(clients * rounds)
+    server = await loop.create_zcrx_server(lambda: echo.Echo(countdown), "127.0.0.1", 0, mode=mode)
+
+    async def client(first_seed: int) -> list[int]:
+        # One after the other: each connection may get the fd number of one
+        # the server has just closed.
+        seeds = range(first_seed, first_seed + rounds)
+        return [await echo_client(port_of(server), seed, size(seed)) for seed in seeds]
+
+    async with server:
+        echoed = await asyncio.wait_for(
+            asyncio.gather(*(client(n * rounds) for n in range(clients))), TIMEOUT
+        )
+        assert echoed == [
+            [size(seed) for seed in range(n * rounds, (n + 1) * rounds)] for n in range(clients)
+        ]
+        await asyncio.wait_for(countdown.done, TIMEOUT)
+    assert calls == []
+    assert "Broken pipe" not in capsys.readouterr().out
+
+
+class HalfCloseThenClose(asyncio.Protocol):
+    """Answers the first data with write_eof() and close()."""
+
+    def __init__(self, lost: asyncio.Future[None]) -> None:
+        self.lost = lost
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write_eof()
+        self.transport.close()
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        self.lost.set_result(None)
+
+
+async def test_a_connection_reusing_the_fd_of_one_closed_after_write_eof_keeps_its_write_side():
+    loop = asyncio.get_running_loop()
+    calls = record_exception_handler_calls()
+    for _ in range(20):
+        lost = loop.create_future()
+        server = await loop.create_zcrx_server(
+            functools.partial(HalfCloseThenClose, lost), "127.0.0.1", 0, mode="bufring"
+        )
+        async with server:
+            first = socket.create_connection(("127.0.0.1", port_of(server)))
+            first.sendall(b"x")
+            await asyncio.wait_for(lost, TIMEOUT)
+            # The lowest free fd: the one the server's transport just gave up,
+            # if it did close it.
+            a, b = socket.socketpair()
+            try:
+                await asyncio.sleep(0.01)  # let anything still naming the fd run
+                a.sendall(b"still writable")
+                assert b.recv(100) == b"still writable"
+                b.sendall(b"and readable")
+                assert a.recv(100) == b"and readable"
+            finally:
+                a.close()
+                b.close()
+                first.close()
+    assert calls == []
+
+
+class FloodThenAbort(asyncio.Protocol):
+    """Writes more than the socket takes (a ring SEND is left in flight),
+    then aborts."""
+
+    def __init__(
+        self, lost: asyncio.Future[BaseException | None], made: list[FloodThenAbort]
+    ) -> None:
+        made.append(self)
+        self.lost = lost
+        self.buffered_at_abort = 0
+        self.sock: socket.socket | None = None
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.sock = transport.get_extra_info("socket")
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=64 << 20)
+        transport.write(b"x" * (8 << 20))
+        self.buffered_at_abort = transport.get_write_buffer_size()
+        asyncio.get_running_loop().call_soon(transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        self.lost.set_result(exc)
+
+
+async def test_abort_with_a_send_in_flight_is_quiet_and_ends_the_connection_cleanly():
+    loop = asyncio.get_running_loop()
+    calls = record_exception_handler_calls()
+    for _ in range(5):
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+        protocols: list[FloodThenAbort] = []
+        factory = functools.partial(FloodThenAbort, lost, protocols)
+        server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode="bufring")
+        async with server:
+            client = socket.create_connection(("127.0.0.1", port_of(server)))
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with client:
+                assert await asyncio.wait_for(lost, TIMEOUT) is None
+                assert protocols[0].buffered_at_abort > 0  # a SEND was in flight
+                sock = protocols[0].sock
+                assert sock is not None
+                for _ in range(1000):  # the cancelled SEND completes, then the fd goes
+                    if sock.fileno() == -1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert sock.fileno() == -1
+                assert server.backend.buffers_in_use == 0
+    assert calls == []
