@@ -15,7 +15,7 @@ from typing import Any, cast
 from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx.protocols import delivery_for
 
-__all__ = ["SocketModeTransport", "AreaReadingProtocol"]
+__all__ = ["SocketModeTransport", "AreaReadingProtocol", "RefusedConnection"]
 
 
 class SocketModeTransport(asyncio.Transport):
@@ -104,8 +104,9 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self._spare: bytearray | None = None
 
     def set_user_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
         self.protocol = protocol
-        self._deliver = delivery_for(protocol)
+        self._deliver = deliver
 
     def update_reading(self) -> None:
         """The loop's transport reads only while the user wants data and the
@@ -180,3 +181,15 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         if self._filling is not None:
             self.pool.put_back(self._filling)
             self._filling = self._filling_slot = None
+
+
+class RefusedConnection(asyncio.Protocol):
+    """Stands in for a protocol that could not be made: the loop's accept
+    path would otherwise leave the accepted socket to the GC. It closes the
+    connection as soon as the loop has made its transport."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass

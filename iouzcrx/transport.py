@@ -439,8 +439,9 @@ class ZcrxTransport(asyncio.Transport):
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
         self._protocol = protocol
-        self._deliver = delivery_for(protocol)
+        self._deliver = deliver
         if self._receiver is not None:
             self._receiver.on_data = self._deliver
 

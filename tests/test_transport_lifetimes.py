@@ -189,3 +189,127 @@ async def test_abort_with_a_send_in_flight_is_quiet_and_ends_the_connection_clea
                 assert sock.fileno() == -1
                 assert server.backend.buffers_in_use == 0
     assert calls == []
+
+
+class ViewDuck:
+    """No base class: zero-copy delivery because it has view_received."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+        self.kinds: set[type] = set()
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def view_received(self, view: memoryview) -> None:
+        self.kinds.add(type(view))
+        self.data += view
+
+    def eof_received(self) -> None:
+        self.done.set_result(bytes(self.data))
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+class BufferedDuck(ViewDuck):
+    view_received = None  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        self.buffer = bytearray(3000)
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.kinds.add(bytearray)
+        self.data += self.buffer[:nbytes]
+
+
+class BytesDuck(ViewDuck):
+    view_received = None  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.kinds.add(type(data))
+        self.data += data
+
+
+@pytest.mark.parametrize("mode", ["bufring", "socket"])
+@pytest.mark.parametrize(
+    ("kind", "delivered"), [(ViewDuck, memoryview), (BufferedDuck, bytearray), (BytesDuck, bytes)]
+)
+async def test_protocols_are_served_by_the_methods_they_have_not_their_base_class(
+    mode, kind, delivered
+):
+    calls = record_exception_handler_calls()
+    protocols: list[ViewDuck] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(
+        lambda: protocols.append(kind()) or protocols[-1], "127.0.0.1", 0, mode=mode
+    )
+    async with server:
+        payload = b"".join(bytes(c) for c in Pattern(7).chunks(1 << 20))
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.write(payload)
+        writer.write_eof()
+        while not protocols:
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(protocols[0].done, TIMEOUT) == payload
+        assert protocols[0].kinds == {delivered}
+        protocols[0].transport.close()
+        writer.close()
+    assert calls == []
+
+
+class Mute:
+    """Has no way to take data."""
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        pass
+
+
+def failing_factory() -> Any:
+    raise RuntimeError("no protocol today")
+
+
+@pytest.mark.parametrize("mode", ["bufring", "socket"])
+@pytest.mark.parametrize("factory", [Mute, failing_factory], ids=["unusable", "failing"])
+async def test_a_connection_that_cannot_be_served_is_closed_and_reported(mode, factory):
+    calls = record_exception_handler_calls()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode=mode)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        # Closed by the server, not left to the GC (the reported exception
+        # keeps the frame that made the socket alive).
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+        while not calls:
+            await asyncio.sleep(0.01)
+    assert len(calls) == 1
+    exc = calls[0]["exception"]
+    if factory is Mute:
+        assert isinstance(exc, TypeError) and "view_received" in str(exc)
+        assert "Mute" in str(exc)
+    else:
+        assert isinstance(exc, RuntimeError)
+
+
+async def test_set_protocol_refuses_a_protocol_that_cannot_take_data_and_changes_nothing():
+    protocols: list[ViewDuck] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(
+        lambda: protocols.append(ViewDuck()) or protocols[-1], "127.0.0.1", 0, mode="bufring"
+    )
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        while not protocols:
+            await asyncio.sleep(0.01)
+        transport = protocols[0].transport
+        with pytest.raises(TypeError, match="Mute"):
+            transport.set_protocol(Mute())
+        assert transport.get_protocol() is protocols[0]
+        writer.write(b"still served")
+        writer.write_eof()
+        assert await asyncio.wait_for(protocols[0].done, TIMEOUT) == b"still served"
+        transport.close()
+        writer.close()
