@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import iouzcrx
 from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.socket_transport import AreaReadingProtocol
@@ -32,6 +33,7 @@ def test_an_unfilled_buffer_is_lent_again_not_leaked():
 # overflow or a wrong count shows as the child dying or failing.
 POOL_FUZZ = r"""
 import random, sys
+import iouzcrx
 from iouzcrx._socket_pool import SocketBufferPool
 
 rng = random.Random(int(sys.argv[1]))
@@ -183,3 +185,27 @@ async def test_connections_arriving_while_the_pool_is_empty_allocate_no_buffer_e
         await wait_until(lambda: counts["lost"] == flood, "every connection to end")
         assert server.backend.buffers_in_use == 0
         first.close()
+
+
+async def test_a_socket_mode_client_reads_on_after_its_area_has_filled():
+    payload = os.urandom(4 << 20)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        # Two buffers: the area fills many times over.
+        reader, writer = await iouzcrx.open_connection(
+            "127.0.0.1", port, mode="socket", area_size=128 << 10, buffer_size=64 << 10
+        )
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 60)
+            assert chunk, f"EOF after {len(received)} bytes"
+            received += chunk
+        assert received == payload
+        writer.close()
