@@ -12,11 +12,13 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import Pattern, Verifier
+from conftest import SERVER_MODES, Pattern, Verifier
 
 import iouzcrx
 
 TIMEOUT = 60
+# The modes whose transports send and receive through the ring.
+RING_MODES = [p for p in SERVER_MODES if p.values[0] != "socket"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,7 +69,7 @@ def size(seed: int) -> int:
     return 1000 + (seed % 8) * 37_000
 
 
-@pytest.mark.parametrize("mode", ["bufring", "socket"])
+@pytest.mark.parametrize("mode", SERVER_MODES)
 async def test_the_echo_example_serves_every_concurrent_client_in_full(mode, capsys):
     echo = load_example("echo_server.py")
     calls = record_exception_handler_calls()
@@ -111,13 +113,16 @@ class HalfCloseThenClose(asyncio.Protocol):
         self.lost.set_result(None)
 
 
-async def test_a_connection_reusing_the_fd_of_one_closed_after_write_eof_keeps_its_write_side():
+@pytest.mark.parametrize("mode", RING_MODES)
+async def test_a_connection_reusing_the_fd_of_one_closed_after_write_eof_keeps_its_write_side(
+    mode,
+):
     loop = asyncio.get_running_loop()
     calls = record_exception_handler_calls()
     for _ in range(20):
         lost = loop.create_future()
         server = await loop.create_zcrx_server(
-            functools.partial(HalfCloseThenClose, lost), "127.0.0.1", 0, mode="bufring"
+            functools.partial(HalfCloseThenClose, lost), "127.0.0.1", 0, mode=mode
         )
         async with server:
             first = socket.create_connection(("127.0.0.1", port_of(server)))
@@ -166,14 +171,15 @@ class FloodThenAbort(asyncio.Protocol):
         self.lost.set_result(exc)
 
 
-async def test_abort_with_a_send_in_flight_is_quiet_and_ends_the_connection_cleanly():
+@pytest.mark.parametrize("mode", RING_MODES)
+async def test_abort_with_a_send_in_flight_is_quiet_and_ends_the_connection_cleanly(mode):
     loop = asyncio.get_running_loop()
     calls = record_exception_handler_calls()
     for _ in range(5):
         lost: asyncio.Future[BaseException | None] = loop.create_future()
         protocols: list[FloodThenAbort] = []
         factory = functools.partial(FloodThenAbort, lost, protocols)
-        server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode="bufring")
+        server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode=mode)
         async with server:
             client = socket.create_connection(("127.0.0.1", port_of(server)))
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
