@@ -1,10 +1,13 @@
 from collections.abc import Callable
+from typing import Any
 
 from iouzcrx._area import BufferOwner
 
 class SocketBufferPool(BufferOwner):
     buffer_size: int
     on_available: Callable[[], object] | None
+    starved_readers: set[Any]
+    spare: bytearray
     def __init__(self, *, area_size: int, buffer_size: int, hugepages: bool = False) -> None: ...
     @property
     def free_buffers(self) -> int: ...

@@ -6,8 +6,8 @@ the same read-only views as in the io_uring modes."""
 cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.memoryview cimport PyMemoryView_FromObject
-from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 
 from iouzcrx._area cimport Area, BufferOwner, buffer_count
 
@@ -26,11 +26,29 @@ cdef class FillSlot:
         pass
 
 
+cdef enum:
+    # What became of each buffer: on the free stack, lent by take() to be
+    # filled or put back, or out in views until the last one goes.
+    FREE = 0
+    LENT = 1
+    OUT = 2
+    # What a connection reads into while the pool is empty (until its reading
+    # is paused); one per pool, as the loop fills and consumes it at once.
+    SPARE_SIZE = 16 * 1024
+
+
+cdef tuple STATE_NAMES = ("free", "lent (taken, not yet filled)", "out (filled, in views)")
+
+
 @cython.final
 @cython.no_gc_clear
 cdef class SocketBufferPool(BufferOwner):
     """``area_size // buffer_size`` buffers over one area, reused LIFO (the
-    most recently returned buffer is still warm in the cache)."""
+    most recently returned buffer is still warm in the cache).
+
+    Each buffer taken must be either filled or put back, exactly once;
+    anything else raises ValueError naming the buffer and its state.
+    """
 
     def __init__(self, *, size_t area_size, uint32_t buffer_size, bint hugepages=False):
         cdef uint64_t count = buffer_count(area_size, buffer_size)
@@ -38,8 +56,11 @@ cdef class SocketBufferPool(BufferOwner):
         self.area = Area(area_size, hugepages)
         self.buffer_size = buffer_size
         self.total_buffers = count
+        self.starved_readers = set()
+        self.spare = bytearray(min(buffer_size, SPARE_SIZE))
         self.free_stack = <uint32_t *>malloc(self.total_buffers * sizeof(uint32_t))
-        if self.free_stack == NULL:
+        self.states = <uint8_t *>calloc(self.total_buffers, sizeof(uint8_t))
+        if self.free_stack == NULL or self.states == NULL:
             raise MemoryError()
         cdef uint32_t i
         for i in range(self.total_buffers):
@@ -49,17 +70,40 @@ cdef class SocketBufferPool(BufferOwner):
     def __dealloc__(self):
         free(self.free_stack)
         self.free_stack = NULL
+        free(self.states)
+        self.states = NULL
 
-    cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
-        self.buffers_in_use -= 1
-        self.buffers_returned += 1
-        self.free_stack[self.free_count] = <uint32_t>token
+    cdef void push_free(self, uint32_t index) noexcept:
+        self.states[index] = FREE
+        self.free_stack[self.free_count] = index
         self.free_count += 1
         if self.free_count == 1 and self.on_available is not None:
             try:
                 self.on_available()
             except BaseException:
                 pass  # a failed wake-up only delays the next read
+
+    cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
+        # Only from the last view of a filled buffer (Buffer.__dealloc__).
+        if self.states == NULL or token >= self.total_buffers or self.states[token] != OUT:
+            return
+        self.buffers_in_use -= 1
+        self.buffers_returned += 1
+        self.push_free(<uint32_t>token)
+
+    cdef int check_lent(self, object index, str action) except -1:
+        if not isinstance(index, int):
+            raise TypeError(f"buffer index must be an int, not {type(index).__name__}")
+        if not 0 <= index < self.total_buffers:
+            raise ValueError(
+                f"cannot {action} buffer {index}: this pool has buffers 0 to "
+                f"{self.total_buffers - 1}")
+        cdef uint8_t state = self.states[<uint32_t>index]
+        if state != LENT:
+            raise ValueError(
+                f"cannot {action} buffer {index}: it is {STATE_NAMES[state]}; only a buffer "
+                "from take() can be filled or put back, and only once")
+        return 0
 
     @property
     def free_buffers(self):
@@ -72,6 +116,7 @@ cdef class SocketBufferPool(BufferOwner):
             return None
         self.free_count -= 1
         cdef uint32_t index = self.free_stack[self.free_count]
+        self.states[index] = LENT
         self.buffers_in_use += 1
         cdef FillSlot slot = FillSlot.__new__(FillSlot)
         slot.pool = self
@@ -79,15 +124,24 @@ cdef class SocketBufferPool(BufferOwner):
         slot.length = self.buffer_size
         return index, PyMemoryView_FromObject(slot)
 
-    def filled(self, uint32_t index, Py_ssize_t nbytes):
-        """The read-only view over the first ``nbytes`` of buffer ``index``;
-        the buffer comes back when the last view over it goes."""
-        if index >= self.total_buffers or nbytes < 0 or nbytes > self.buffer_size:
-            raise ValueError(f"bad fill of buffer {index} with {nbytes} bytes")
+    def filled(self, index, Py_ssize_t nbytes):
+        """The read-only view over the first ``nbytes`` of buffer ``index``
+        (lent by take()); the buffer comes back when the last view over it
+        goes."""
+        self.check_lent(index, "fill")
+        if nbytes < 0 or nbytes > self.buffer_size:
+            raise ValueError(
+                f"cannot fill buffer {index} with {nbytes} bytes: a buffer holds 0 to "
+                f"{self.buffer_size}")
+        cdef uint32_t i = index
+        self.states[i] = OUT
         self.bytes_received += nbytes
         self.chunks_received += 1
-        return self.export(self.area.base + <uint64_t>index * self.buffer_size, nbytes, index)
+        return self.export(self.area.base + <uint64_t>i * self.buffer_size, nbytes, i)
 
-    def put_back(self, uint32_t index):
+    def put_back(self, index):
         """Return a buffer taken but never filled."""
-        self.give_back(index, 0)
+        self.check_lent(index, "put back")
+        self.buffers_in_use -= 1
+        self.buffers_returned += 1
+        self.push_free(<uint32_t>index)

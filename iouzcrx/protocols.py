@@ -5,6 +5,9 @@
 - ``asyncio.BufferedProtocol``: the view is copied into ``get_buffer()``.
 - ``asyncio.Protocol``: the view is copied into ``bytes`` for ``data_received``.
 
+As with the event loops' own transports, what counts is the methods a
+protocol has, not its base class.
+
 In the last two cases the buffer goes back as soon as the copy is made.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["ZeroCopyProtocol", "delivery_for"]
 
@@ -33,23 +37,32 @@ class ZeroCopyProtocol(asyncio.BaseProtocol):
         return None
 
 
-def delivery_for(protocol: asyncio.BaseProtocol) -> Callable[[memoryview], None]:
-    """The function that hands one received view to ``protocol``."""
-    if isinstance(protocol, ZeroCopyProtocol):
-        return protocol.view_received
-    if isinstance(protocol, asyncio.BufferedProtocol):
-        return _buffered_delivery(protocol)
-    if isinstance(protocol, asyncio.Protocol):
-        return _bytes_delivery(protocol)
+def delivery_for(protocol: Any) -> Callable[[memoryview], None]:
+    """The function that hands one received view to ``protocol``.
+
+    Chosen by what the protocol has, as the event loops do (no base class is
+    required): ``view_received`` gets the zero-copy views, else
+    ``get_buffer`` with ``buffer_updated`` gets copies into its buffers, else
+    ``data_received`` gets ``bytes``. TypeError if it has none of these.
+    """
+    view_received = getattr(protocol, "view_received", None)
+    if callable(view_received):
+        return view_received  # type: ignore[no-any-return]
+    get_buffer = getattr(protocol, "get_buffer", None)
+    buffer_updated = getattr(protocol, "buffer_updated", None)
+    if callable(get_buffer) and callable(buffer_updated):
+        return _buffered_delivery(get_buffer, buffer_updated)
+    data_received = getattr(protocol, "data_received", None)
+    if callable(data_received):
+        return _bytes_delivery(data_received)
     raise TypeError(
-        f"{type(protocol).__name__} is not a ZeroCopyProtocol, asyncio.BufferedProtocol "
-        "or asyncio.Protocol"
+        f"the protocol {protocol!r} cannot take received data: give it view_received(view) "
+        "(zero copy, see ZeroCopyProtocol), get_buffer(sizehint) and buffer_updated(nbytes) "
+        "(asyncio.BufferedProtocol) or data_received(data) (asyncio.Protocol)"
     )
 
 
-def _bytes_delivery(protocol: asyncio.Protocol) -> Callable[[memoryview], None]:
-    data_received = protocol.data_received
-
+def _bytes_delivery(data_received: Callable[[bytes], object]) -> Callable[[memoryview], None]:
     def deliver(view: memoryview) -> None:
         data = view.tobytes()
         view.release()
@@ -58,10 +71,9 @@ def _bytes_delivery(protocol: asyncio.Protocol) -> Callable[[memoryview], None]:
     return deliver
 
 
-def _buffered_delivery(protocol: asyncio.BufferedProtocol) -> Callable[[memoryview], None]:
-    get_buffer = protocol.get_buffer
-    buffer_updated = protocol.buffer_updated
-
+def _buffered_delivery(
+    get_buffer: Callable[[int], Any], buffer_updated: Callable[[int], object]
+) -> Callable[[memoryview], None]:
     def deliver(view: memoryview) -> None:
         with view:
             offset, size = 0, len(view)

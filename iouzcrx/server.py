@@ -15,7 +15,7 @@ from typing import Any
 from iouzcrx._ring import CQE_F_MORE
 from iouzcrx.modes import DEFAULT_AREA_SIZE, DEFAULT_BUFFER_SIZE, ModeSelection, select_mode
 from iouzcrx.reactor import Reactor
-from iouzcrx.socket_transport import AreaReadingProtocol
+from iouzcrx.socket_transport import AreaReadingProtocol, RefusedConnection
 from iouzcrx.transport import ZcrxTransport
 
 __all__ = ["ZcrxServer", "attach_connection", "create_zcrx_server"]
@@ -126,10 +126,18 @@ class ZcrxServer(asyncio.AbstractServer):
                 sock.listen(self._backlog)
                 self._arm_accept(sock)
 
-    def _socket_mode_protocol(self) -> AreaReadingProtocol:
-        reader = AreaReadingProtocol(
-            self._selection.backend, self._protocol_factory(), on_closed=self._detach
-        )
+    def _socket_mode_protocol(self) -> asyncio.BaseProtocol:
+        try:
+            reader = AreaReadingProtocol(
+                self._selection.backend, self._protocol_factory(), on_closed=self._detach
+            )
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            # The loop would drop the accepted socket silently: have it made a
+            # transport and closed at once instead.
+            self._report_refused_connection(exc)
+            return RefusedConnection()
         self._connections.add(reader)
         return reader
 
@@ -179,19 +187,32 @@ class ZcrxServer(asyncio.AbstractServer):
         self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
 
     def _new_connection(self, conn: socket.socket) -> None:
-        """Serve ``conn``, accepted non-blocking by the ring."""
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """Serve ``conn``, accepted non-blocking by the ring; it is closed
+        here if it cannot be served."""
         try:
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             protocol = self._protocol_factory()
-        except Exception as exc:
-            conn.close()
-            self._loop.call_exception_handler(
-                {"message": "the server's protocol factory failed", "exception": exc}
+            connection = attach_connection(
+                self._reactor, self._selection, conn, protocol, self._detach
             )
+        except (SystemExit, KeyboardInterrupt):
+            conn.close()
+            raise
+        except BaseException as exc:
+            conn.close()
+            self._report_refused_connection(exc)
             return
-        self._connections.add(
-            attach_connection(self._reactor, self._selection, conn, protocol, self._detach)
+        self._connections.add(connection)
+
+    def _report_refused_connection(self, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {
+                "message": "the server's protocol factory failed or made an unusable "
+                "protocol; the connection was closed",
+                "exception": exc,
+                "server": self,
+            }
         )
 
     def _resume_starved(self) -> None:
@@ -313,12 +334,18 @@ def attach_connection(
 ) -> Any:
     """Serve the connected socket ``conn`` with ``protocol`` in the selected
     mode; returns the connection's handle (transport, or socket-mode reader).
-    ``waiter`` is resolved once the protocol got connection_made()."""
-    if selection.mode != "socket":
-        return ZcrxTransport(
-            reactor, selection.backend, conn, protocol, on_closed=on_closed, waiter=waiter
-        )
-    reader = AreaReadingProtocol(selection.backend, protocol, on_closed=on_closed)
+    ``waiter`` is resolved once the protocol got connection_made(). ``conn``
+    belongs to the connection from here on: if this raises (a protocol that
+    cannot take data, say), it is closed."""
+    try:
+        if selection.mode != "socket":
+            return ZcrxTransport(
+                reactor, selection.backend, conn, protocol, on_closed=on_closed, waiter=waiter
+            )
+        reader = AreaReadingProtocol(selection.backend, protocol, on_closed=on_closed)
+    except BaseException:
+        conn.close()  # never left to the GC
+        raise
     loop = reactor.loop
 
     async def connect() -> None:

@@ -9,13 +9,20 @@ the ring modes. Writing, flow control and closing are the loop's own.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
 from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx.protocols import delivery_for
 
-__all__ = ["SocketModeTransport", "AreaReadingProtocol"]
+__all__ = [
+    "SocketModeTransport",
+    "AreaReadingProtocol",
+    "RefusedConnection",
+    "wake_starved_readers",
+    "wire_wakeups",
+]
 
 
 class SocketModeTransport(asyncio.Transport):
@@ -101,11 +108,11 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self.transport: SocketModeTransport | None = None
         self._filling: int | None = None
         self._filling_slot: Any = None
-        self._spare: bytearray | None = None
 
     def set_user_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
         self.protocol = protocol
-        self._deliver = delivery_for(protocol)
+        self._deliver = deliver
 
     def update_reading(self) -> None:
         """The loop's transport reads only while the user wants data and the
@@ -121,6 +128,7 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
     def on_buffers_available(self) -> None:
         if self.starved and self.pool.free_buffers:
             self.starved = False
+            self.pool.starved_readers.discard(self)
             self.update_reading()
 
     # -- asyncio.BufferedProtocol -------------------------------------------
@@ -139,22 +147,22 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         taken = self.pool.take()
         if taken is None:
             # Only between the last buffer going and reading being paused.
+            # The pool's one spare serves every connection: the loop fills
+            # it and calls buffer_updated() before it reads another socket.
             self._filling = None
-            if self._spare is None:
-                self._spare = bytearray(64 * 1024)
-            return self._spare
+            return self.pool.spare
         self._filling, self._filling_slot = taken
         return self._filling_slot
 
     def buffer_updated(self, nbytes: int) -> None:
         index, self._filling, self._filling_slot = self._filling, None, None
         if index is None:
-            assert self._spare is not None
-            view = memoryview(bytes(self._spare[:nbytes]))
+            view = memoryview(memoryview(self.pool.spare)[:nbytes].tobytes())
         else:
             view = self.pool.filled(index, nbytes)
         if not self.pool.free_buffers:
             self.starved = True
+            self.pool.starved_readers.add(self)
             self.update_reading()
         self._deliver(view)
 
@@ -164,6 +172,7 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._put_back_unfilled()
+        self.pool.starved_readers.discard(self)
         try:
             self.protocol.connection_lost(exc)
         finally:
@@ -180,3 +189,28 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         if self._filling is not None:
             self.pool.put_back(self._filling)
             self._filling = self._filling_slot = None
+
+
+def wake_starved_readers(pool: SocketBufferPool) -> None:
+    """Resume the connections of ``pool`` that paused for want of a buffer."""
+    for reader in list(pool.starved_readers):
+        reader.on_buffers_available()
+
+
+def wire_wakeups(pool: SocketBufferPool, loop: asyncio.AbstractEventLoop) -> None:
+    """Have a buffer coming back to the empty ``pool`` resume its starved
+    connections on ``loop`` (a view may be released on any thread)."""
+    if pool.on_available is None:
+        pool.on_available = functools.partial(loop.call_soon_threadsafe, wake_starved_readers, pool)
+
+
+class RefusedConnection(asyncio.Protocol):
+    """Stands in for a protocol that could not be made: the loop's accept
+    path would otherwise leave the accepted socket to the GC. It closes the
+    connection as soon as the loop has made its transport."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass

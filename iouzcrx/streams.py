@@ -20,6 +20,7 @@ from iouzcrx.modes import ModeSelection, select_mode
 from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.reactor import Reactor
 from iouzcrx.server import ZcrxServer, attach_connection, create_zcrx_server
+from iouzcrx.socket_transport import wire_wakeups
 
 __all__ = ["ZcrxStreamReader", "ZcrxStreamWriter", "open_connection", "start_server"]
 
@@ -362,6 +363,8 @@ async def open_connection(
     loop = asyncio.get_running_loop()
     reactor = Reactor.for_loop(loop)
     selection = _client_backend(reactor, mode, area_size, mode_options)
+    if selection.mode == "socket":
+        wire_wakeups(selection.backend, loop)  # servers wire their own
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError | None = None
     for family, socktype, proto, _name, address in infos:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import os
 import socket
 from typing import Any
@@ -66,6 +67,12 @@ class ZcrxTransport(asyncio.Transport):
         self._write_queue: collections.deque[bytes | memoryview] = collections.deque()
         self._write_size = 0
         self._sending: Completion | None = None
+        # Ring operations naming the socket (the receive, a send) whose last
+        # completion has not come: the kernel looks the fd number up when it
+        # runs them, so the socket stays open until they are all done, or a
+        # connection reusing the number would get them.
+        self._ops_on_socket = 0
+        self._socket_release_wanted = False
         self._eof_requested = False
         self._protocol_paused = False
         self._high_water = _DEFAULT_HIGH_WATER
@@ -92,9 +99,10 @@ class ZcrxTransport(asyncio.Transport):
         self._receiver = self._queue.recv_multishot(
             self._sock,
             on_data=self._deliver,
-            on_end=lambda error: self._on_receive_end(generation, error),
+            on_end=lambda error: self._receive_ended(generation, error),
             on_error=self._on_protocol_error,
         )
+        self._ops_on_socket += 1
         self._reactor.schedule()
         if self._reactor.socket_hints:
             self._watch_socket()
@@ -145,6 +153,12 @@ class ZcrxTransport(asyncio.Transport):
 
     def _on_protocol_error(self, exc: BaseException) -> None:
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
+
+    def _receive_ended(self, generation: int, error: BaseException | None) -> None:
+        try:
+            self._on_receive_end(generation, error)
+        finally:
+            self._op_on_socket_done()
 
     def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
         if generation != self._generation:
@@ -264,9 +278,17 @@ class ZcrxTransport(asyncio.Transport):
                 size += len(part)
             self._write_queue.appendleft(b"".join(parts))
         self._sending = self._ring.send(self._sock, self._write_queue[0], callback=self._on_sent)
+        self._ops_on_socket += 1
         self._reactor.schedule()
 
     def _on_sent(self, res: int, flags: int) -> None:
+        try:
+            if self._sending is not None:  # else abandoned by abort(): ignore it
+                self._sent(res)
+        finally:
+            self._op_on_socket_done()
+
+    def _sent(self, res: int) -> None:
         self._sending = None
         if res < 0:
             self._fatal_error(
@@ -284,8 +306,7 @@ class ZcrxTransport(asyncio.Transport):
             self._start_send()
             return
         if self._eof_requested:
-            self._ring.shutdown(self._sock, socket.SHUT_WR)
-            self._reactor.schedule()
+            self._shutdown_write()
         if self._closing:
             self._loop.call_soon(self._call_connection_lost, None)
 
@@ -297,8 +318,16 @@ class ZcrxTransport(asyncio.Transport):
             return
         self._eof_requested = True
         if not self._write_queue and self._sending is None:
-            self._ring.shutdown(self._sock, socket.SHUT_WR)
-            self._reactor.schedule()
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        # Done at once, as the stock transports do: nothing queued may name
+        # the fd past the socket's close.
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the peer is gone: nothing to shut
+                self._fatal_error(exc, "Fatal error on shutdown of zcrx transport")
 
     def get_write_buffer_size(self) -> int:
         return self._write_size
@@ -365,6 +394,8 @@ class ZcrxTransport(asyncio.Transport):
         self._write_queue.clear()
         self._write_size = 0
         if self._sending is not None:
+            # Its completion (cancelled, or late) is ignored by _on_sent; the
+            # socket stays open until it comes.
             self._sending.cancel()
             self._sending = None
             self._reactor.schedule()
@@ -388,16 +419,29 @@ class ZcrxTransport(asyncio.Transport):
             self._protocol.connection_lost(exc)  # type: ignore[arg-type]
         finally:
             self._unwatch_socket()
-            self._sock.close()
+            self._release_socket()
             if self._on_closed is not None:
                 self._on_closed(self)
+
+    def _release_socket(self) -> None:
+        """Close the socket once no ring operation names it any more."""
+        self._socket_release_wanted = True
+        if self._ops_on_socket == 0 or self._ring.closed:
+            # A closed ring has dropped its operations: none is coming back.
+            self._sock.close()
+
+    def _op_on_socket_done(self) -> None:
+        self._ops_on_socket -= 1
+        if self._socket_release_wanted and (self._ops_on_socket == 0 or self._ring.closed):
+            self._sock.close()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
         self._protocol = protocol
-        self._deliver = delivery_for(protocol)
+        self._deliver = deliver
         if self._receiver is not None:
             self._receiver.on_data = self._deliver
 

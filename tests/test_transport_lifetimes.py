@@ -1,0 +1,321 @@
+"""Transports own their socket: every ring operation naming it completes
+before the fd is closed, aborts are quiet, any protocol asyncio accepts is
+served, and an accepted socket is never left to the GC."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import os
+import socket
+from typing import Any
+
+import pytest
+from conftest import SERVER_MODES, Pattern, Verifier
+
+import iouzcrx
+
+TIMEOUT = 60
+# The modes whose transports send and receive through the ring.
+RING_MODES = [p for p in SERVER_MODES if p.values[0] != "socket"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", name))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_exception_handler_calls() -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: calls.append(context))
+    return calls
+
+
+def port_of(server: iouzcrx.ZcrxServer) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def echo_client(port: int, seed: int, total: int) -> int:
+    """Sends ``total`` pattern bytes, half-closes, and checks the echo is
+    exactly what was sent; returns the bytes echoed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    verifier = Verifier(seed)
+
+    async def feed() -> None:
+        for chunk in Pattern(seed).chunks(total, 64 << 10):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    try:
+        while data := await reader.read(1 << 20):
+            verifier.feed(memoryview(data))
+        await feeding
+    finally:
+        feeding.cancel()
+        writer.close()
+    return verifier.pos
+
+
+def size(seed: int) -> int:
+    # Clients ending at different times, so that fds are freed and reused
+    # while others are still being served.
+    return 1000 + (seed % 8) * 37_000
+
+
+@pytest.mark.parametrize("mode", SERVER_MODES)
+async def test_the_echo_example_serves_every_concurrent_client_in_full(mode, capsys):
+    echo = load_example("echo_server.py")
+    calls = record_exception_handler_calls()
+    loop = asyncio.get_running_loop()
+    clients, rounds = 8, 8
+    countdown = echo.Countdown(clients * rounds)
+    server = await loop.create_zcrx_server(lambda: echo.Echo(countdown), "127.0.0.1", 0, mode=mode)
+
+    async def client(first_seed: int) -> list[int]:
+        # One after the other: each connection may get the fd number of one
+        # the server has just closed.
+        seeds = range(first_seed, first_seed + rounds)
+        return [await echo_client(port_of(server), seed, size(seed)) for seed in seeds]
+
+    async with server:
+        echoed = await asyncio.wait_for(
+            asyncio.gather(*(client(n * rounds) for n in range(clients))), TIMEOUT
+        )
+        assert echoed == [
+            [size(seed) for seed in range(n * rounds, (n + 1) * rounds)] for n in range(clients)
+        ]
+        await asyncio.wait_for(countdown.done, TIMEOUT)
+    assert calls == []
+    assert "Broken pipe" not in capsys.readouterr().out
+
+
+class HalfCloseThenClose(asyncio.Protocol):
+    """Answers the first data with write_eof() and close()."""
+
+    def __init__(self, lost: asyncio.Future[None]) -> None:
+        self.lost = lost
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write_eof()
+        self.transport.close()
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        self.lost.set_result(None)
+
+
+@pytest.mark.parametrize("mode", RING_MODES)
+async def test_a_connection_reusing_the_fd_of_one_closed_after_write_eof_keeps_its_write_side(
+    mode,
+):
+    loop = asyncio.get_running_loop()
+    calls = record_exception_handler_calls()
+    for _ in range(20):
+        lost = loop.create_future()
+        server = await loop.create_zcrx_server(
+            functools.partial(HalfCloseThenClose, lost), "127.0.0.1", 0, mode=mode
+        )
+        async with server:
+            first = socket.create_connection(("127.0.0.1", port_of(server)))
+            first.sendall(b"x")
+            await asyncio.wait_for(lost, TIMEOUT)
+            # The lowest free fd: the one the server's transport just gave up,
+            # if it did close it.
+            a, b = socket.socketpair()
+            try:
+                await asyncio.sleep(0.01)  # let anything still naming the fd run
+                a.sendall(b"still writable")
+                assert b.recv(100) == b"still writable"
+                b.sendall(b"and readable")
+                assert a.recv(100) == b"and readable"
+            finally:
+                a.close()
+                b.close()
+                first.close()
+    assert calls == []
+
+
+class FloodThenAbort(asyncio.Protocol):
+    """Writes more than the socket takes (a ring SEND is left in flight),
+    then aborts."""
+
+    def __init__(
+        self, lost: asyncio.Future[BaseException | None], made: list[FloodThenAbort]
+    ) -> None:
+        made.append(self)
+        self.lost = lost
+        self.buffered_at_abort = 0
+        self.sock: socket.socket | None = None
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.sock = transport.get_extra_info("socket")
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=64 << 20)
+        transport.write(b"x" * (8 << 20))
+        self.buffered_at_abort = transport.get_write_buffer_size()
+        asyncio.get_running_loop().call_soon(transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("mode", RING_MODES)
+async def test_abort_with_a_send_in_flight_is_quiet_and_ends_the_connection_cleanly(mode):
+    loop = asyncio.get_running_loop()
+    calls = record_exception_handler_calls()
+    for _ in range(5):
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+        protocols: list[FloodThenAbort] = []
+        factory = functools.partial(FloodThenAbort, lost, protocols)
+        server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode=mode)
+        async with server:
+            client = socket.create_connection(("127.0.0.1", port_of(server)))
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with client:
+                assert await asyncio.wait_for(lost, TIMEOUT) is None
+                assert protocols[0].buffered_at_abort > 0  # a SEND was in flight
+                sock = protocols[0].sock
+                assert sock is not None
+                for _ in range(1000):  # the cancelled SEND completes, then the fd goes
+                    if sock.fileno() == -1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert sock.fileno() == -1
+                assert server.backend.buffers_in_use == 0
+    assert calls == []
+
+
+class ViewDuck:
+    """No base class: zero-copy delivery because it has view_received."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+        self.kinds: set[type] = set()
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def view_received(self, view: memoryview) -> None:
+        self.kinds.add(type(view))
+        self.data += view
+
+    def eof_received(self) -> None:
+        self.done.set_result(bytes(self.data))
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+class BufferedDuck(ViewDuck):
+    view_received = None  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        self.buffer = bytearray(3000)
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.kinds.add(bytearray)
+        self.data += self.buffer[:nbytes]
+
+
+class BytesDuck(ViewDuck):
+    view_received = None  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.kinds.add(type(data))
+        self.data += data
+
+
+@pytest.mark.parametrize("mode", ["bufring", "socket"])
+@pytest.mark.parametrize(
+    ("kind", "delivered"), [(ViewDuck, memoryview), (BufferedDuck, bytearray), (BytesDuck, bytes)]
+)
+async def test_protocols_are_served_by_the_methods_they_have_not_their_base_class(
+    mode, kind, delivered
+):
+    calls = record_exception_handler_calls()
+    protocols: list[ViewDuck] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(
+        lambda: protocols.append(kind()) or protocols[-1], "127.0.0.1", 0, mode=mode
+    )
+    async with server:
+        payload = b"".join(bytes(c) for c in Pattern(7).chunks(1 << 20))
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.write(payload)
+        writer.write_eof()
+        while not protocols:
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(protocols[0].done, TIMEOUT) == payload
+        assert protocols[0].kinds == {delivered}
+        protocols[0].transport.close()
+        writer.close()
+    assert calls == []
+
+
+class Mute:
+    """Has no way to take data."""
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        pass
+
+
+def failing_factory() -> Any:
+    raise RuntimeError("no protocol today")
+
+
+@pytest.mark.parametrize("mode", ["bufring", "socket"])
+@pytest.mark.parametrize("factory", [Mute, failing_factory], ids=["unusable", "failing"])
+async def test_a_connection_that_cannot_be_served_is_closed_and_reported(mode, factory):
+    calls = record_exception_handler_calls()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode=mode)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        # Closed by the server, not left to the GC (the reported exception
+        # keeps the frame that made the socket alive).
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+        while not calls:
+            await asyncio.sleep(0.01)
+    assert len(calls) == 1
+    exc = calls[0]["exception"]
+    if factory is Mute:
+        assert isinstance(exc, TypeError) and "view_received" in str(exc)
+        assert "Mute" in str(exc)
+    else:
+        assert isinstance(exc, RuntimeError)
+
+
+async def test_set_protocol_refuses_a_protocol_that_cannot_take_data_and_changes_nothing():
+    protocols: list[ViewDuck] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(
+        lambda: protocols.append(ViewDuck()) or protocols[-1], "127.0.0.1", 0, mode="bufring"
+    )
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        while not protocols:
+            await asyncio.sleep(0.01)
+        transport = protocols[0].transport
+        with pytest.raises(TypeError, match="Mute"):
+            transport.set_protocol(Mute())
+        assert transport.get_protocol() is protocols[0]
+        writer.write(b"still served")
+        writer.write_eof()
+        assert await asyncio.wait_for(protocols[0].done, TIMEOUT) == b"still served"
+        transport.close()
+        writer.close()
