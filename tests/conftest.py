@@ -15,6 +15,7 @@ import random
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -178,9 +179,10 @@ class _LoopCheck:
     def __init__(self) -> None:
         self.handler_calls: list[dict[str, Any]] = []
         self.reactors: list[Any] = []
-        # Held until the test ends, so a server the test dropped unclosed
-        # is still there to be found open.
-        self.servers: list[Any] = []
+        # Open servers are held, so one the test dropped unclosed is still
+        # there to be found; closing one lets it go.
+        self.open_servers: list[Any] = []
+        self.closed_servers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.problems: list[str] = []
 
 
@@ -213,9 +215,8 @@ def _settle_and_inspect(loop: asyncio.AbstractEventLoop) -> None:
             break
         gc.collect()
         loop.run_until_complete(asyncio.sleep(0))
-    for server in check.servers:
-        if server.sockets:
-            check.problems.append(f"{server!r} was never closed")
+    for server in check.open_servers:
+        check.problems.append(f"{server!r} was never closed")
     for r in check.reactors:
         ring = getattr(r, "ring", None)
         if ring is not None and not ring.closed and ring.in_flight:
@@ -233,7 +234,7 @@ def _settle_and_inspect(loop: asyncio.AbstractEventLoop) -> None:
 def _backends(check: _LoopCheck) -> list[Any]:
     """Every receive backend the test's servers and clients used, once each."""
     found: list[Any] = []
-    candidates = [s.backend for s in check.servers]
+    candidates = [s.backend for s in [*check.open_servers, *check.closed_servers]]
     for r in check.reactors:
         candidates.extend(getattr(r, "client_backends", {}).values())
     for backend in candidates:
@@ -267,15 +268,24 @@ class _CheckedUVLoop(_CheckedLoopMixin, iouzcrx.loop.UVLoop):  # type: ignore[mi
 
 def _track_servers() -> None:
     """Remember every server built while a check is active: their backends
-    are checked for buffers at loop close."""
+    are checked for buffers at loop close, and each must have been closed."""
     init = ZcrxServer.__init__
+    close = ZcrxServer.close
 
     def tracking_init(self: ZcrxServer, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         if _current_check is not None:
-            _current_check.servers.append(self)
+            _current_check.open_servers.append(self)
+
+    def tracking_close(self: ZcrxServer) -> None:
+        close(self)
+        check = _current_check
+        if check is not None and any(s is self for s in check.open_servers):
+            check.open_servers = [s for s in check.open_servers if s is not self]
+            check.closed_servers.add(self)
 
     ZcrxServer.__init__ = tracking_init  # type: ignore[method-assign]
+    ZcrxServer.close = tracking_close  # type: ignore[method-assign]
 
 
 _track_servers()
