@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 import pytest
+from conftest import requires_copy_mode
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -585,6 +586,14 @@ FUZZ = settings(
 def test_every_odd_value_is_accepted_or_refused_with_a_clear_exception(entry: str) -> None:
     """Every listed value of every parameter, once, in one child."""
     check_batch(every_case(entry))
+
+
+@pytest.mark.vm
+@requires_copy_mode
+def test_zcrx_queue_odd_values_are_accepted_or_refused_clearly_where_copy_mode_runs() -> None:
+    """The same cases where the kernel can register a copy-mode queue, so
+    every value reaches the library's own checks."""
+    check_batch(every_case("ZcrxQueue"))
 
 
 @pytest.mark.parametrize("entry", ["create_zcrx_server", "start_server", "open_connection"])
