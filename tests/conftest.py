@@ -7,16 +7,25 @@ the VM (``tests/vm/run``), where ``IOUZCRX_VM=1``.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import gc
 import os
 import random
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
 import iouzcrx
+import iouzcrx.loop
+from iouzcrx.reactor import _reactors
+from iouzcrx.server import ZcrxServer
 
 FEATURES = iouzcrx.kernel_features()
 IN_VM = os.environ.get("IOUZCRX_VM") == "1"
@@ -155,11 +164,200 @@ def receive_all(receiver: iouzcrx.Receiver, verifier: Verifier, timeout: float =
         view.release()
 
 
+# -- the resource check around every asyncio test ----------------------------------
+#
+# As uvloop's test base does: a test fails if it reached the loop's default
+# exception handler without saying it expects to, or if it leaves buffers
+# out, ring requests in flight, or file descriptors open once its loop is
+# closed. The loops are subclasses of iouzcrx's own, so the library code under
+# test is exactly what users run.
+
+
+class _LoopCheck:
+    """What one asyncio test's loops did, gathered for its teardown."""
+
+    def __init__(self) -> None:
+        self.handler_calls: list[dict[str, Any]] = []
+        self.reactors: list[Any] = []
+        # Open servers are held, so one the test dropped unclosed is still
+        # there to be found; closing one lets it go.
+        self.open_servers: list[Any] = []
+        self.closed_servers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.problems: list[str] = []
+
+
+_current_check: _LoopCheck | None = None
+
+# Loop iterations (with a GC pass before each) that a closing loop gets to
+# reap the cancellations its closed servers and transports queued.
+_SETTLE_ITERATIONS = 20
+
+
+def _settle_and_inspect(loop: asyncio.AbstractEventLoop) -> None:
+    """Before the loop closes: let it settle, then record any buffer still
+    out and any ring request still in flight."""
+    check = _current_check
+    if check is None or loop.is_running() or loop.is_closed():
+        return
+    reactor = _reactors.get(loop)
+    if reactor is not None and reactor not in check.reactors:
+        check.reactors.append(reactor)
+
+    def busy() -> bool:
+        for r in check.reactors:
+            ring = getattr(r, "ring", None)
+            if ring is not None and not ring.closed and ring.in_flight:
+                return True
+        return any(b.buffers_in_use for b in _backends(check))
+
+    for _ in range(_SETTLE_ITERATIONS):
+        if not busy():
+            break
+        gc.collect()
+        loop.run_until_complete(asyncio.sleep(0))
+    for server in check.open_servers:
+        check.problems.append(f"{server!r} was never closed")
+    for r in check.reactors:
+        ring = getattr(r, "ring", None)
+        if ring is not None and not ring.closed and ring.in_flight:
+            check.problems.append(
+                f"{ring.in_flight} ring request(s) still in flight when the loop closed"
+            )
+    for backend in _backends(check):
+        if backend.buffers_in_use:
+            check.problems.append(
+                f"{backend.buffers_in_use} buffer(s) of {backend!r} (mode "
+                f"{getattr(backend, 'mode', '?')}) not returned when the loop closed"
+            )
+
+
+def _backends(check: _LoopCheck) -> list[Any]:
+    """Every receive backend the test's servers and clients used, once each."""
+    found: list[Any] = []
+    candidates = [s.backend for s in [*check.open_servers, *check.closed_servers]]
+    for r in check.reactors:
+        candidates.extend(getattr(r, "client_backends", {}).values())
+    for backend in candidates:
+        backend = getattr(backend, "backend", backend)  # a ModeSelection
+        if backend is not None and not any(backend is b for b in found):
+            found.append(backend)
+    return found
+
+
+class _CheckedLoopMixin:
+    """Records what reaches the default exception handler and inspects the
+    loop's resources before it closes."""
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        if _current_check is not None:
+            _current_check.handler_calls.append(context)
+        super().default_exception_handler(context)  # type: ignore[misc]
+
+    def close(self) -> None:
+        _settle_and_inspect(self)  # type: ignore[arg-type]
+        super().close()  # type: ignore[misc]
+
+
+class _CheckedSelectorLoop(_CheckedLoopMixin, iouzcrx.loop.SelectorEventLoop):
+    pass
+
+
+class _CheckedUVLoop(_CheckedLoopMixin, iouzcrx.loop.UVLoop):  # type: ignore[misc]
+    pass
+
+
+def _track_servers() -> None:
+    """Remember every server built while a check is active: their backends
+    are checked for buffers at loop close, and each must have been closed."""
+    init = ZcrxServer.__init__
+    close = ZcrxServer.close
+
+    def tracking_init(self: ZcrxServer, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if _current_check is not None:
+            _current_check.open_servers.append(self)
+
+    def tracking_close(self: ZcrxServer) -> None:
+        close(self)
+        check = _current_check
+        if check is not None and any(s is self for s in check.open_servers):
+            check.open_servers = [s for s in check.open_servers if s is not self]
+            check.closed_servers.add(self)
+
+    ZcrxServer.__init__ = tracking_init  # type: ignore[method-assign]
+    ZcrxServer.close = tracking_close  # type: ignore[method-assign]
+
+
+_track_servers()
+
+# libuv opens a process-wide pipe pair with the first loop, for good: open it
+# now so that no test's fd count includes it.
+iouzcrx.new_event_loop(use_uvloop=True).close()
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the directory's own fd, gone already
+    return fds
+
+
+@pytest.fixture
+def exception_handler_calls() -> list[dict[str, Any]]:
+    """The contexts that reached the loop's default exception handler; a test
+    that asks for them expects such calls and is not failed for them."""
+    assert _current_check is not None, "only for asyncio tests"
+    return _current_check.handler_calls
+
+
+@pytest.fixture(autouse=True)
+def _loop_resource_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Around every asyncio test: see the module comment above. Set up before
+    pytest-asyncio's runner, so this teardown runs after the loop closed."""
+    global _current_check
+    if not pytest_asyncio.is_async_test(request.node):
+        yield
+        return
+    gc.collect()
+    fds_before = _open_fds()
+    check = _current_check = _LoopCheck()
+    try:
+        yield
+    finally:
+        _current_check = None
+    gc.collect()
+    problems = list(check.problems)
+    expected = "exception_handler_calls" in request.fixturenames or request.node.get_closest_marker(
+        "allow_exception_handler"
+    )
+    if check.handler_calls and not expected:
+        calls = collections.Counter(
+            f"{c.get('message')!r} ({c.get('exception')!r})" for c in check.handler_calls
+        )
+        problems.append(
+            "the loop's exception handler was called: "
+            + "; ".join(f"{n} x {call}" for call, n in calls.items())
+            + " (mark the test allow_exception_handler if that is expected)"
+        )
+    leaked = {fd: target for fd, target in _open_fds().items() if fd not in fds_before}
+    if leaked:
+        problems.append(
+            "file descriptors left open after the loop closed: "
+            + ", ".join(f"{fd} -> {target}" for fd, target in sorted(leaked.items()))
+        )
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
-    """Every asyncio test runs on the stock selector loop and on uvloop."""
+    """Every asyncio test runs on the stock selector loop and on uvloop
+    (iouzcrx's loops, checked by ``_loop_resource_check``)."""
     return {
-        "asyncio": lambda: iouzcrx.new_event_loop(use_uvloop=False),
-        "uvloop": lambda: iouzcrx.new_event_loop(use_uvloop=True),
+        "asyncio": _CheckedSelectorLoop,
+        "uvloop": _CheckedUVLoop,
     }
 
 
