@@ -1,6 +1,6 @@
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
-from iouzcrx._area cimport Area, BufferOwner
+from iouzcrx._area cimport Area, BufferOwner, PinAccount
 from iouzcrx._ring cimport Request, Ring
 
 
@@ -40,6 +40,8 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int starve(self, Receiver receiver) except -1
     cdef int rearm(self, Receiver receiver) except -1
     cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1
+    cdef int park(self, Receiver receiver) except -1
+    cdef bint may_rearm(self, Receiver receiver) except -1
 
 
 cdef class Receiver(Request):
@@ -74,6 +76,12 @@ cdef class Receiver(Request):
     cdef uint32_t run_first_length
     cdef bint run_listed
 
+    # Pin accounting (None: unbounded): over its limit the receive is
+    # cancelled and waits with the starved ones until its views go.
+    cdef readonly PinAccount account
+    cdef readonly bint throttled
+    cdef object throttle_cancel     # the Completion of that cancel
+
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
@@ -81,5 +89,7 @@ cdef class Receiver(Request):
     cdef object take_run(self)
     cdef int flush_run(self) except -1
     cdef int deliver(self, object view) except -1
+    cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1
+    cdef int deliver_pinned(self, object view) except -1
     cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1
