@@ -89,6 +89,18 @@ async def hostile_client(host: str, port: int, segments: int, size: int, sent): 
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def aborting(server, *tasks):  # type: ignore[no-untyped-def]
+    """On the way out (a failure included) cancel ``tasks`` and abort the
+    connections left, so that closing the server does not wait on them."""
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        server.abort_clients()
+
+
 async def run_hostile_scenario(mode: str, segment_size: int, extra_segments: int) -> None:
     example = load_example("streams_server")
     countdown = example.Countdown(None)
@@ -102,13 +114,13 @@ async def run_hostile_scenario(mode: str, segment_size: int, extra_segments: int
     assert server.mode == mode
     host, port = server.sockets[0].getsockname()
     backend = server.backend
-    async with server:
-        sent = asyncio.get_running_loop().create_future()
-        # More segments than the area has buffers: before the fix each one
-        # pinned a buffer, and the area went to this one peer.
-        hostile = asyncio.ensure_future(
-            hostile_client(host, port, backend.total_buffers + extra_segments, segment_size, sent)
-        )
+    sent = asyncio.get_running_loop().create_future()
+    # More segments than the area has buffers: each one used to pin a buffer,
+    # and the area went to this one peer.
+    hostile = asyncio.ensure_future(
+        hostile_client(host, port, backend.total_buffers + extra_segments, segment_size, sent)
+    )
+    async with server, aborting(server, hostile):
         await asyncio.wait_for(asyncio.shield(sent), TIMEOUT)
         bodies = [Pattern(60 + i).chunks(300_000).__next__().tobytes() for i in range(4)]
         for _round in range(3):
@@ -129,6 +141,62 @@ async def test_tiny_segments_from_one_peer_do_not_stall_the_other_clients(mode):
     """A few hundred one-byte segments without a newline (each used to pin a
     whole buffer) leave every other client served."""
     await run_hostile_scenario(mode, 1, 64)
+
+
+@pytest.mark.parametrize("mode", RING_SERVER_MODES)
+async def test_a_peer_whose_views_are_held_pins_only_its_share(mode):
+    """Segments too large to be copied out, held by a reader looking for a
+    newline: the connection pauses at its share of the area (and its reader
+    copies out what it holds), the other clients are served."""
+    size = 40 << 10 if mode == "bufring" else 1000
+    await run_hostile_scenario(mode, size, 16)
+
+
+@pytest.mark.parametrize("mode", RING_SERVER_MODES)
+async def test_readexactly_larger_than_the_area_returns_every_byte(mode):
+    """readexactly(4 MiB) through a 1 MiB area: the reader copies out the
+    views it cannot keep and goes on instead of holding every buffer."""
+    got = asyncio.get_running_loop().create_future()
+    total = 4 << 20
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        try:
+            data = await reader.readexactly(total)
+            got.set_result(bytes(data))
+        finally:
+            writer.close()
+
+    server = await iouzcrx.start_server(handler, "127.0.0.1", 0, mode=mode, area_size=1 << 20)
+    async with server, aborting(server):
+        _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        for chunk in Pattern(61).chunks(total):
+            writer.write(chunk)
+        data = await asyncio.wait_for(got, TIMEOUT)
+        assert data == b"".join(bytes(c) for c in Pattern(61).chunks(total))
+        writer.close()
+        await wait_until(lambda: server.backend.buffers_in_use == 0, "every buffer to come back")
+
+
+@pytest.mark.parametrize("mode", RING_SERVER_MODES)
+async def test_readuntil_a_line_longer_than_the_area_finds_its_separator(mode):
+    got = asyncio.get_running_loop().create_future()
+    size = 3 << 20
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        try:
+            got.set_result(bytes(await reader.readuntil(b"\n")))
+        finally:
+            writer.close()
+
+    server = await iouzcrx.start_server(
+        handler, "127.0.0.1", 0, mode=mode, area_size=1 << 20, limit=8 << 20
+    )
+    async with server, aborting(server):
+        _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        line = b"y" * size + b"\n"
+        writer.write(line)
+        assert await asyncio.wait_for(got, TIMEOUT) == line
+        writer.close()
 
 
 # -- the engine --------------------------------------------------------------------------
