@@ -30,6 +30,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef list runs_pending           # receivers holding a run not yet delivered
     cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
     cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
+    cdef bint collected              # this starvation already ran the GC
 
     cdef int setup_returns(self, size_t capacity) except -1
     cdef int publish_returns(self) except -1

@@ -18,6 +18,7 @@ from iouzcrx._area cimport BufferOwner, PinAccount
 from iouzcrx._ring cimport Request, fileno_of
 
 import collections as _collections
+import gc as _gc
 
 from iouzcrx.errors import kernel_error
 
@@ -156,6 +157,7 @@ cdef class ReceiveQueue(BufferOwner):
         if self.pending_count:
             self.publish_returns()
         if self.starved and self.free_buffers():
+            self.collected = False  # buffers are back: the starvation is over
             starved, self.starved = self.starved, []
             for receiver in starved:
                 if receiver.finished or receiver.cancelling:
@@ -229,6 +231,13 @@ cdef class ReceiveQueue(BufferOwner):
             # Cancelled from a callback earlier in this batch: its cancel finds
             # nothing to cancel, so the receive ends here.
             return receiver.finish(None, False)
+        if not self.collected:
+            # Views that are garbage only inside reference cycles hold buffers
+            # until the GC runs, which may be never while the program only
+            # waits for data.  Once per starvation (not per receive): the
+            # next pass re-arms if this freed anything.
+            self.collected = True
+            _gc.collect()
         receiver.starved = True
         self.starved.append(receiver)
         if receiver.account is not None:
@@ -453,6 +462,11 @@ cdef class Receiver(Request):
         receive's error, or TimeoutError after ``timeout`` seconds."""
         chunks = self.chunks
         if not chunks and not self.finished:
+            if self.starved and not self.throttled:
+                # Views taken since the starvation may have become garbage
+                # inside reference cycles: only the GC can return those, and
+                # nothing else will before the data this waits for.
+                _gc.collect()
             self.ring.wait_for(lambda: chunks or self.finished, timeout)
         if chunks:
             return chunks.popleft()

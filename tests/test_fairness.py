@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import importlib.util
 import os
@@ -200,6 +201,41 @@ async def test_readuntil_a_line_longer_than_the_area_finds_its_separator(mode):
 
 
 # -- the engine --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", RECEIVE_MODES)
+def test_views_garbage_only_in_cycles_do_not_stall_the_receive(ring, listener, mode):
+    """With the GC disabled, views dropped inside reference cycles come back
+    once the area runs out: 8 MiB pass through a 1 MiB area."""
+    client, server = connect_pair(listener)
+    queue = make_queue(ring, mode, area_size=1 << 20)
+    receiver = queue.recv_multishot(server)
+    total = 8 << 20
+    sender = Sender(client, seed=62, total=total)
+    verifier = Verifier(62)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        sender.start()
+        while True:
+            view = receiver.get(TIMEOUT)  # TimeoutError: the receive stalled
+            if view is None:
+                break
+            verifier.feed(view)
+            cycle: list[object] = [view]
+            cycle.append(cycle)
+            del view, cycle
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert verifier.pos == total
+    sender.join(TIMEOUT)
+    assert sender.error is None
+    receiver.close()
+    server.close()
+    gc.collect()
+    ring.drain()
+    assert queue.buffers_in_use == 0
 
 
 @pytest.mark.parametrize("mode", RECEIVE_MODES)
