@@ -82,6 +82,7 @@ cdef class Receiver(Request):
     cdef readonly PinAccount account
     cdef readonly bint throttled
     cdef object throttle_cancel     # the Completion of that cancel
+    cdef uint32_t run_cap            # most buffers one view may hold
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1

@@ -303,8 +303,12 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.on_end = on_end
         receiver.on_error = on_error
         receiver.account = account
+        receiver.run_cap = 0xFFFFFFFF
         if account is not None:
             account.stalled = False
+            # The view a program holds while it waits for the next one must
+            # leave the receive able to resume (at half the limit).
+            receiver.run_cap = <uint32_t>max(<uint64_t>1, account.limit // 2)
         self.arm(receiver)
         self.receivers.add(receiver)
         return receiver
@@ -345,7 +349,8 @@ cdef class Receiver(Request):
         self.bytes_received += length
         self.chunks_received += 1
         # run_end is NULL unless a run is pending and can still grow.
-        if data == self.run_end and self.run_length + length <= MAX_RUN_BYTES:
+        if (data == self.run_end and self.run_length + length <= MAX_RUN_BYTES
+                and self.run_count < self.run_cap):
             self.run_count += 1
             self.run_length += length
             if fills_buffer:

@@ -16,7 +16,7 @@ import socket
 import time
 
 import pytest
-from conftest import RECEIVE_MODES, Pattern, Sender, Verifier, connect_pair, make_queue
+from conftest import RECEIVE_MODES, SCALE, Pattern, Sender, Verifier, connect_pair, make_queue
 
 import iouzcrx
 
@@ -151,6 +151,36 @@ async def test_a_peer_whose_views_are_held_pins_only_its_share(mode):
     copies out what it holds), the other clients are served."""
     size = 40 << 10 if mode == "bufring" else 1000
     await run_hostile_scenario(mode, size, 16)
+
+
+@pytest.mark.parametrize("mode", RING_SERVER_MODES)
+async def test_a_consumer_holding_its_last_view_while_it_waits_keeps_receiving(mode):
+    """``async for`` holds the previous view while it awaits the next: no
+    view may pin so much of the connection's share that the receive cannot
+    resume while the program holds it. A consumer that is away now and then
+    lets data pile up in the socket, which then arrives in views of many
+    adjacent buffers."""
+    totals: asyncio.Queue[int] = asyncio.Queue()
+    total = (32 << 20) // SCALE
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        received = 0
+        async for view in reader:
+            received += len(view)
+            if received % (1 << 20) < len(view):
+                await asyncio.sleep(0.002)
+        totals.put_nowait(received)
+        writer.close()
+
+    server = await iouzcrx.start_server(handler, "127.0.0.1", 0, mode=mode, area_size=4 << 20)
+    async with server, aborting(server):
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(16):
+            sender = Sender(socket.create_connection(("127.0.0.1", port)), seed=65, total=total)
+            sender.start()
+            assert await asyncio.wait_for(totals.get(), TIMEOUT) == total
+            sender.join(TIMEOUT)
+            assert sender.error is None
 
 
 @pytest.mark.parametrize("mode", RING_SERVER_MODES)
