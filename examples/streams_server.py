@@ -58,9 +58,10 @@ async def handle(
                 outcome = "bad header"
                 break
             digest = hashlib.sha256()
-            # Hashed piece by piece: reading the whole body at once would pin
-            # that much of the receive area (and the reader stops reading once
-            # it holds twice its limit, so a large readexactly would never end).
+            # Hashed piece by piece: a piece is mostly views of the receive
+            # area, while a whole large body would have to be held in memory
+            # (the reader copies out what exceeds the connection's share of
+            # the area, which is shared with every other client).
             left = size
             while left:
                 piece = await reader.readexactly(min(left, PIECE))

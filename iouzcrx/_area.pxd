@@ -10,6 +10,9 @@ cdef class Area:
     cdef readonly bint hugepages
 
 
+cdef class PinAccount
+
+
 cdef class BufferOwner(RingClient):
     """Hands out views over its area; takes each buffer back exactly once.
     The counters are kept by the backends (they know when a buffer is lent)."""
@@ -27,6 +30,19 @@ cdef class BufferOwner(RingClient):
     cdef object export(self, char *data, Py_ssize_t length, uint64_t token)
     cdef object export_run(self, char *data, Py_ssize_t length, uint64_t token,
                            uint32_t count, uint32_t first_length)
+    cdef object export_pinned(self, char *data, Py_ssize_t length, uint64_t token,
+                              uint32_t count, uint32_t first_length, PinAccount account)
+
+
+cdef class PinAccount:
+    """The area buffers pinned by the views of one connection, against its
+    share of the area.  It outlives the connection's receives (a paused
+    transport starts a new one), so the bound holds across them."""
+    cdef readonly uint64_t pinned
+    cdef readonly uint64_t limit
+    cdef readonly bint stalled        # the receive waits for pins or buffers to go
+    cdef public object on_stall       # called (no argument) when it starts waiting
+    cdef int stall(self) except -1
 
 
 cdef class Buffer:
@@ -40,6 +56,7 @@ cdef class Buffer:
     cdef uint64_t token
     cdef readonly uint32_t buffers
     cdef uint32_t first_length
+    cdef PinAccount account           # None: pins of no connection
 
 
 cdef uint64_t buffer_count(size_t area_size, uint32_t buffer_size) except 0

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any
 
 from iouzcrx._ring import RingClient
@@ -18,6 +19,13 @@ class BufferOwner(RingClient):
     @property
     def area(self) -> Area: ...
     def stats(self) -> dict[str, Any]: ...
+
+class PinAccount:
+    pinned: int
+    limit: int
+    stalled: bool
+    on_stall: Callable[[], object] | None
+    def __init__(self, limit: int) -> None: ...
 
 class Buffer:
     buffers: int

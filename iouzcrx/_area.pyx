@@ -221,9 +221,17 @@ cdef class BufferOwner(RingClient):
 
     cdef object export_run(self, char *data, Py_ssize_t length, uint64_t token,
                            uint32_t count, uint32_t first_length):
+        return self.export_pinned(data, length, token, count, first_length, None)
+
+    cdef object export_pinned(self, char *data, Py_ssize_t length, uint64_t token,
+                              uint32_t count, uint32_t first_length, PinAccount account):
         """One read-only view over ``count`` adjacent buffers starting at
-        ``data``; the first carries ``first_length`` of the ``length`` bytes."""
+        ``data``; the first carries ``first_length`` of the ``length`` bytes.
+        The buffers count against ``account`` (if any) until they go back."""
         cdef Buffer buf = Buffer.__new__(Buffer)
+        if account is not None:
+            buf.account = account
+            account.pinned += count
         buf.owner = self
         buf.data = data
         buf.length = length
@@ -233,6 +241,33 @@ cdef class BufferOwner(RingClient):
         self.deliveries += 1
         # The memoryview holds the only reference to buf from here on.
         return PyMemoryView_FromObject(buf)
+
+
+@cython.final
+cdef class PinAccount:
+    """How many area buffers the views of one connection pin, and how many it
+    may pin (``limit``) before its receive pauses.  A receive that pauses
+    waits with its data in the socket (TCP flow control holds the peer) and
+    resumes once the views are down to half the limit, so that a peer which
+    makes the program hold its views cannot take the area from the others.
+    Get one from ``ReceiveQueue.pin_account()``; pass it to every receive of
+    the connection."""
+
+    def __init__(self, uint64_t limit):
+        if limit < 1:
+            raise ValueError(f"a pin limit of {limit} buffers admits no receive: use 1 or more")
+        self.limit = limit
+
+    cdef int stall(self) except -1:
+        self.stalled = True
+        on_stall = self.on_stall
+        if on_stall is not None:
+            on_stall()
+        return 0
+
+    def __repr__(self):
+        return (f"<PinAccount {self.pinned}/{self.limit} buffers"
+                f"{' stalled' if self.stalled else ''}>")
 
 
 @cython.final
@@ -253,6 +288,10 @@ cdef class Buffer:
     def __dealloc__(self):
         if self.owner is None:
             return
+        if self.account is not None:
+            # Before the return: the owner thread's next pass, which the
+            # return wakes, looks at the account to resume a paused receive.
+            self.account.pinned -= self.buffers
         if self.buffers == 1:
             self.owner.give_back(self.token, <uint32_t>self.length)
         else:

@@ -1,6 +1,6 @@
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
-from iouzcrx._area cimport Area, BufferOwner
+from iouzcrx._area cimport Area, BufferOwner, PinAccount
 from iouzcrx._ring cimport Request, Ring
 
 
@@ -30,6 +30,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef list runs_pending           # receivers holding a run not yet delivered
     cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
     cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
+    cdef bint collected              # this starvation already ran the GC
 
     cdef int setup_returns(self, size_t capacity) except -1
     cdef int publish_returns(self) except -1
@@ -42,6 +43,8 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1
     cdef int receiver_finished(self, Receiver receiver) except -1
     cdef int release_registration(self) except -1
+    cdef int park(self, Receiver receiver) except -1
+    cdef bint may_rearm(self, Receiver receiver) except -1
 
 
 cdef class Receiver(Request):
@@ -76,6 +79,13 @@ cdef class Receiver(Request):
     cdef uint32_t run_first_length
     cdef bint run_listed
 
+    # Pin accounting (None: unbounded): over its limit the receive is
+    # cancelled and waits with the starved ones until its views go.
+    cdef readonly PinAccount account
+    cdef readonly bint throttled
+    cdef object throttle_cancel     # the Completion of that cancel
+    cdef uint32_t run_cap            # most buffers one view may hold
+
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
@@ -83,5 +93,7 @@ cdef class Receiver(Request):
     cdef object take_run(self)
     cdef int flush_run(self) except -1
     cdef int deliver(self, object view) except -1
+    cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1
+    cdef int deliver_pinned(self, object view) except -1
     cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1

@@ -1,7 +1,7 @@
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from iouzcrx._area import BufferOwner
+from iouzcrx._area import BufferOwner, PinAccount
 from iouzcrx._ring import Request, Ring
 
 class ReceiveQueue(BufferOwner):
@@ -18,7 +18,9 @@ class ReceiveQueue(BufferOwner):
         on_data: Callable[[memoryview], object] | None = None,
         on_end: Callable[[BaseException | None], object] | None = None,
         on_error: Callable[[BaseException], object] | None = None,
+        account: PinAccount | None = None,
     ) -> Receiver: ...
+    def pin_account(self) -> PinAccount: ...
     def stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -31,6 +33,8 @@ class Receiver(Request):
     on_error: Callable[[BaseException], object] | None
     armed: bool
     starved: bool
+    throttled: bool
+    account: PinAccount | None
     finished: bool
     eof: bool
     cancelling: bool

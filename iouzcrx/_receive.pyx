@@ -11,10 +11,14 @@ from iouzcrx._abi cimport ECANCELED
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
-from iouzcrx._area cimport BufferOwner
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.memoryview cimport PyMemoryView_FromObject
+
+from iouzcrx._area cimport BufferOwner, PinAccount
 from iouzcrx._ring cimport Request, Ring, fileno_of
 
 import collections as _collections
+import gc as _gc
 
 from iouzcrx.errors import kernel_error
 
@@ -23,6 +27,17 @@ cdef enum:
     # Bound on one coalesced view: a run holds all of its buffers until the
     # program releases the view.
     MAX_RUN_BYTES = 1024 * 1024
+    # A chunk shorter than 1/COPY_BELOW_SHARE of its buffer is copied out and
+    # the buffer returned at once: kept, it would pin at least 8 times its
+    # size (a peer sending tiny segments could pin the whole area with a
+    # few kilobytes), while the copy costs at most an eighth of a buffer,
+    # less than delivering the view does.  Larger chunks stay zero-copy.
+    COPY_BELOW_SHARE = 8
+    # The share of the area one connection's views may pin: a quarter of the
+    # buffers, and at least MIN_PIN_LIMIT so that a small area still moves
+    # more than a buffer at a time.
+    PIN_SHARE = 4
+    MIN_PIN_LIMIT = 2
 
 
 # The two halves of queueing buffer returns, shared by give_back and
@@ -142,14 +157,36 @@ cdef class ReceiveQueue(BufferOwner):
         if self.pending_count:
             self.publish_returns()
         if self.starved and self.free_buffers():
+            self.collected = False  # buffers are back: the starvation is over
             starved, self.starved = self.starved, []
             for receiver in starved:
-                receiver.starved = False
-                if not receiver.finished and not receiver.cancelling:
+                if receiver.finished or receiver.cancelling:
+                    receiver.starved = False
+                elif not self.may_rearm(receiver):
+                    self.starved.append(receiver)  # its own views hold it back
+                else:
+                    receiver.starved = False
                     receiver.rearms += 1
                     self.rearms += 1
                     self.arm(receiver)
         return 0
+
+    cdef bint may_rearm(self, Receiver receiver) except -1:
+        """Whether a waiting receive's own pins allow it to start again: a
+        throttled one once its views pin at most half its limit and the
+        cancel that stopped it has completed (else that cancel could hit
+        the new receive)."""
+        if not receiver.throttled:
+            return True
+        cdef PinAccount account = receiver.account
+        if account.pinned > account.limit // 2:
+            return False
+        if receiver.throttle_cancel is not None and not receiver.throttle_cancel.done:
+            return False
+        receiver.throttled = False
+        receiver.throttle_cancel = None
+        account.stalled = False
+        return True
 
     cdef int add_watched_fds(self, list fds) except -1:
         # Only armed receives: a starved one's socket stays readable until
@@ -205,6 +242,23 @@ cdef class ReceiveQueue(BufferOwner):
             # Cancelled from a callback earlier in this batch: its cancel finds
             # nothing to cancel, so the receive ends here.
             return receiver.finish(None, False)
+        if not self.collected:
+            # Views that are garbage only inside reference cycles hold buffers
+            # until the GC runs, which may be never while the program only
+            # waits for data.  Once per starvation (not per receive): the
+            # next pass re-arms if this freed anything.
+            self.collected = True
+            _gc.collect()
+        receiver.starved = True
+        self.starved.append(receiver)
+        if receiver.account is not None:
+            receiver.account.stall()
+        return 0
+
+    cdef int park(self, Receiver receiver) except -1:
+        """A receive stopped for its pins waits, like a starved one, for the
+        owner thread's before_enter to start it again."""
+        receiver.armed = False
         receiver.starved = True
         self.starved.append(receiver)
         return 0
@@ -215,6 +269,8 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.armed = False
         if receiver.cancelling:
             return receiver.finish(None, False)
+        if receiver.throttled:
+            return self.park(receiver)
         receiver.rearms += 1
         self.rearms += 1
         return self.arm(receiver)
@@ -226,12 +282,15 @@ cdef class ReceiveQueue(BufferOwner):
             return receiver.finish(None, True)
         if res == -ECANCELED and (receiver.cancelling or self.ring.closing):
             return receiver.finish(None, False)
+        if res == -ECANCELED and receiver.throttled:
+            return self.park(receiver)
         return receiver.finish(kernel_error(-res, f"{self.mode} receive on fd {receiver.fd}"),
                                False)
 
     # -- Python API --------------------------------------------------------------
 
-    def recv_multishot(self, sock, *, on_data=None, on_end=None, on_error=None):
+    def recv_multishot(self, sock, *, on_data=None, on_end=None, on_error=None,
+                       PinAccount account=None):
         """Start a multishot receive on the connected TCP socket ``sock``.
 
         Returns a Receiver: iterate it for memoryviews (blocking, on the ring's
@@ -239,6 +298,10 @@ cdef class ReceiveQueue(BufferOwner):
         that the ring calls while it drains.  An exception raised by
         ``on_data`` goes to ``on_error(exc)`` if given (KeyboardInterrupt and
         SystemExit excepted), else to the ring's error handling.
+
+        With ``account`` (see ``pin_account``) the receive stops while the
+        views it counts pin their share of the area, and starts again once
+        enough of them are gone.
         """
         if self.closed:
             raise ValueError(f"the {self.mode} receive queue is closed")
@@ -251,6 +314,13 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.on_data = on_data
         receiver.on_end = on_end
         receiver.on_error = on_error
+        receiver.account = account
+        receiver.run_cap = 0xFFFFFFFF
+        if account is not None:
+            account.stalled = False
+            # The view a program holds while it waits for the next one must
+            # leave the receive able to resume (at half the limit).
+            receiver.run_cap = <uint32_t>max(<uint64_t>1, account.limit // 2)
         self.arm(receiver)
         self.receivers.add(receiver)
         return receiver
@@ -278,6 +348,12 @@ cdef class ReceiveQueue(BufferOwner):
             receiver.cancel()
         if not self.receivers:
             self.release_registration()
+
+    def pin_account(self):
+        """A new PinAccount for one connection: its receives may pin a quarter
+        of this queue's buffers (at least 2, at most all of them)."""
+        cdef uint64_t limit = max(<uint64_t>MIN_PIN_LIMIT, self.total_buffers // PIN_SHARE)
+        return PinAccount(min(limit, self.total_buffers))
 
     @property
     def buffers_pending_return(self):
@@ -309,7 +385,8 @@ cdef class Receiver(Request):
         self.bytes_received += length
         self.chunks_received += 1
         # run_end is NULL unless a run is pending and can still grow.
-        if data == self.run_end and self.run_length + length <= MAX_RUN_BYTES:
+        if (data == self.run_end and self.run_length + length <= MAX_RUN_BYTES
+                and self.run_count < self.run_cap):
             self.run_count += 1
             self.run_length += length
             if fills_buffer:
@@ -321,10 +398,13 @@ cdef class Receiver(Request):
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1:
         if self.run_count:
-            self.deliver(self.take_run())  # the run this chunk does not continue
+            self.deliver_pinned(self.take_run())  # the run this chunk does not continue
         if not fills_buffer:
             # A part-filled buffer cannot be continued: deliver it on its own.
-            return self.deliver(self.queue.export(data, length, token))
+            if length < self.queue.buffer_unit // COPY_BELOW_SHARE:
+                return self.deliver_copy(data, length, token)
+            return self.deliver_pinned(
+                self.queue.export_pinned(data, length, token, 1, length, self.account))
         self.run_data = data
         self.run_end = data + length
         self.run_length = length
@@ -341,13 +421,34 @@ cdef class Receiver(Request):
         cdef uint32_t count = self.run_count
         self.run_count = 0
         self.run_end = NULL
-        return self.queue.export_run(self.run_data, self.run_length, self.run_token,
-                                     count, self.run_first_length)
+        return self.queue.export_pinned(self.run_data, self.run_length, self.run_token,
+                                        count, self.run_first_length, self.account)
 
     cdef int flush_run(self) except -1:
         if self.run_count:
-            self.deliver(self.take_run())
+            self.deliver_pinned(self.take_run())
         return 0
+
+    cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1:
+        """Deliver a small chunk as a view over a copy; its buffer goes back
+        now rather than when the program lets go of the data."""
+        view = PyMemoryView_FromObject(PyBytes_FromStringAndSize(data, length))
+        self.queue.deliveries += 1
+        self.queue.give_back(token, length)
+        return self.deliver(view)
+
+    cdef int deliver_pinned(self, object view) except -1:
+        """Deliver a view over area buffers; when the account it counts
+        against reaches its limit, stop the receive first (its data waits in
+        the socket meanwhile)."""
+        cdef PinAccount account = self.account
+        if (account is not None and account.pinned >= account.limit and not self.throttled
+                and not self.finished and not self.cancelling and not self.discarding):
+            self.throttled = True
+            if self.armed:
+                self.throttle_cancel = self.queue.ring.cancel(self)
+            account.stall()
+        return self.deliver(view)
 
     cdef int deliver(self, object view) except -1:
         self.deliveries += 1
@@ -404,6 +505,11 @@ cdef class Receiver(Request):
         self.queue.ring.check_thread()
         chunks = self.chunks
         if not chunks and not self.finished:
+            if self.starved and not self.throttled:
+                # Views taken since the starvation may have become garbage
+                # inside reference cycles: only the GC can return those, and
+                # nothing else will before the data this waits for.
+                _gc.collect()
             self.ring.wait_for(lambda: chunks or self.finished, timeout)
         if chunks:
             return chunks.popleft()

@@ -26,7 +26,7 @@ __all__ = ["ZcrxStreamReader", "ZcrxStreamWriter", "open_connection", "start_ser
 
 DEFAULT_LIMIT = 1 << 20  # buffered bytes before the reader pauses the transport
 
-Chunk = memoryview | bytes
+Chunk = memoryview | bytes | bytearray
 
 
 class ZcrxStreamReader:
@@ -36,12 +36,15 @@ class ZcrxStreamReader:
         if limit <= 0:
             raise ValueError("limit must be positive")
         self._limit = limit
-        self._views: collections.deque[memoryview] = collections.deque()
+        # Views in arrival order; the first may be a bytearray holding a copy
+        # of views given up while the connection's receive was stalled.
+        self._views: collections.deque[memoryview | bytearray] = collections.deque()
         self._size = 0
         self._eof = False
         self._exception: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
+        self._pins: Any = None  # the transport's PinAccount, if it has one
         self._paused = False
 
     def __repr__(self) -> str:
@@ -51,6 +54,13 @@ class ZcrxStreamReader:
 
     def set_transport(self, transport: asyncio.Transport) -> None:
         self._transport = transport
+        pins = transport.get_extra_info("pin_account")
+        if pins is not None:
+            # A stall (this connection's views at their share of the area,
+            # or the area exhausted) wakes a waiting read, which then gives
+            # up its views so that the receive can go on.
+            pins.on_stall = self._wake
+            self._pins = pins
 
     def feed_view(self, view: memoryview) -> None:
         self._views.append(view)
@@ -64,6 +74,16 @@ class ZcrxStreamReader:
     def feed_eof(self) -> None:
         self._eof = True
         self._wake()
+
+    def _release_area(self) -> None:
+        """The connection is gone: what is still buffered stays readable,
+        but as a copy, so that its buffers go back to the shared area now
+        (not when the program, or the GC, drops this reader)."""
+        if self._pins is not None:
+            self._pins.on_stall = None
+            self._pins = None
+        if self._views:
+            self._spill()
 
     def set_exception(self, exc: BaseException) -> None:
         self._exception = exc
@@ -88,6 +108,11 @@ class ZcrxStreamReader:
             # the limit, say): reading must go on or this waits forever.
             self._paused = False
             self._transport.resume_reading()
+        if self._pins is not None and self._pins.stalled and self._views:
+            # The read needs more than the views this connection may pin (or
+            # than the area has left): copy them out, so that their buffers
+            # go back and the receive resumes, rather than wait for ever.
+            self._spill()
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -100,6 +125,22 @@ class ZcrxStreamReader:
             self._paused = False
             self._transport.resume_reading()
 
+    def _spill(self) -> None:
+        """Replace every buffered view by one bytearray holding their bytes."""
+        views = self._views
+        first = views[0]
+        spilled = first if isinstance(first, bytearray) and len(views) > 1 else None
+        if spilled is None:
+            if isinstance(first, bytearray):
+                return  # nothing else buffered
+            spilled = bytearray()
+            spilled += views.popleft()
+        else:
+            views.popleft()
+        while views:
+            spilled += views.popleft()
+        views.append(spilled)
+
     def _take(self, n: int) -> Chunk:
         """Remove the first ``n`` buffered bytes (n <= buffered): a slice of
         the first view if it holds them all, else a copy."""
@@ -107,8 +148,16 @@ class ZcrxStreamReader:
         if len(first) >= n:
             if len(first) == n:
                 self._views.popleft()
-            else:
-                self._views[0] = first[n:]
+                self._consumed(n)
+                return first
+            if isinstance(first, bytearray):
+                # Our own copy: cut the front off in place (bytearray drops
+                # a prefix without moving the rest).
+                head = first[:n]
+                del first[:n]
+                self._consumed(n)
+                return head
+            self._views[0] = first[n:]
             self._consumed(n)
             return first[:n]
         parts = []
@@ -120,7 +169,10 @@ class ZcrxStreamReader:
                 remaining -= len(view)
             else:
                 parts.append(view[:remaining])
-                self._views[0] = view[remaining:]
+                if isinstance(view, bytearray):
+                    del view[:remaining]
+                else:
+                    self._views[0] = view[remaining:]
                 remaining = 0
         self._consumed(n)
         return b"".join(parts)
@@ -137,7 +189,7 @@ class ZcrxStreamReader:
             await self._wait()
         view = self._views.popleft()
         self._consumed(len(view))
-        return view
+        return view if isinstance(view, memoryview) else memoryview(view)
 
     async def read(self, n: int = -1) -> Chunk:
         """Up to ``n`` bytes (all until EOF if ``n < 0``); empty at EOF."""
@@ -198,7 +250,7 @@ class ZcrxStreamReader:
         carry = b""  # the last `width` bytes before the current view
         for view in self._views:
             if carry:
-                seam = carry + view[:width].tobytes()
+                seam = carry + bytes(view[:width])
                 index = seam.find(separator)
                 if index >= 0:
                     return offset - len(carry) + index + len(separator)
@@ -206,7 +258,7 @@ class ZcrxStreamReader:
             if match is not None:
                 return offset + match.end()
             if width:
-                carry = (carry + view[-width:].tobytes())[-width:]
+                carry = (carry + bytes(view[-width:]))[-width:]
             offset += len(view)
         return -1
 
@@ -244,6 +296,7 @@ class _StreamProtocol(ZeroCopyProtocol):
         return True  # keep the transport open for the writer (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._reader._release_area()
         if exc is None:
             self._reader.feed_eof()
         else:

@@ -56,6 +56,10 @@ class ZcrxTransport(asyncio.Transport):
             interface=getattr(queue, "interface", None),
             queue=getattr(queue, "queue", None),
         )
+        # The connection's share of the area, across the receives that pause
+        # and resume make: over it, the engine stops this receive alone.
+        self._pins = queue.pin_account()
+        self._extra["pin_account"] = self._pins
         self._receiver: Receiver | None = None
         self._watching = False  # the loop watches the socket (Reactor.socket_hints)
         self._generation = 0  # bumps when a receiver is retired (pause, close)
@@ -101,6 +105,7 @@ class ZcrxTransport(asyncio.Transport):
             on_data=self._deliver,
             on_end=lambda error: self._receive_ended(generation, error),
             on_error=self._on_protocol_error,
+            account=self._pins,
         )
         self._ops_on_socket += 1
         self._reactor.schedule()
@@ -124,8 +129,10 @@ class ZcrxTransport(asyncio.Transport):
         self._reactor.drain_now()
         receiver = self._receiver
         if receiver is not None and receiver.starved:
-            # The area is exhausted: the data waits in the socket, which stays
-            # readable, until views are released and the receive is re-armed.
+            # The area is exhausted, or this connection's views hold their
+            # share of it (the engine parks such a receive as starved): the
+            # data waits in the socket, which stays readable, until views are
+            # released and the receive is re-armed.
             self._unwatch_socket()
             self._loop.call_later(_STARVED_RECHECK, self._rewatch_socket, receiver)
 
