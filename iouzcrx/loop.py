@@ -55,6 +55,9 @@ class ZcrxLoopMethods:
         return await create_zcrx_server(loop, protocol_factory, host, port, **kwargs)
 
     def close(self) -> None:
+        # A refused close changes nothing: the reactor of a running loop stays.
+        if self.is_running():  # type: ignore[attr-defined]
+            raise RuntimeError("Cannot close a running event loop")
         # The ring must be closed while the loop can still drop its reader.
         close_loop_reactor(self)  # type: ignore[arg-type]
         if os.getpid() != self._zcrx_pid:

@@ -269,6 +269,9 @@ def _close_with(loop: asyncio.AbstractEventLoop) -> None:
     def close() -> None:
         loop = loop_ref()
         if loop is not None:
+            # A refused close changes nothing: the reactor of a running loop stays.
+            if loop.is_running():
+                raise RuntimeError("Cannot close a running event loop")
             close_loop_reactor(loop)
             close_loop(loop)
 
