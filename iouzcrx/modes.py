@@ -34,6 +34,8 @@ _HUGE_PAGE_SIZE = 2 << 20
 _MAX_BUFFER_SIZE = (1 << 32) - _PAGE_SIZE  # a buffer length is 32 bits in the kernel
 _MAX_RQ_ENTRIES = 32768  # IORING_MAX_ENTRIES of the zcrx refill ring
 _MAX_QUEUE = 0xFFFFFFFF - 1
+# Beyond the 47-bit user address space of x86-64 and arm64: no mapping fits.
+_MAX_AREA_SIZE = 1 << 47
 
 log = logging.getLogger("iouzcrx")
 
@@ -171,6 +173,10 @@ def _check_arguments(
         raise TypeError(f"hugepages must be True or False, not {hugepages!r}")
     unit = _HUGE_PAGE_SIZE if hugepages else _PAGE_SIZE
     area_size = _integer("area_size", area_size)
+    if area_size > _MAX_AREA_SIZE:
+        raise InvalidConfiguration(
+            f"area_size {area_size} is larger than any mapping can be: at most {_MAX_AREA_SIZE}"
+        )
     if area_size <= 0 or area_size % unit:
         raise InvalidConfiguration(
             f"area_size {area_size} must be a positive multiple of {unit} bytes"

@@ -386,17 +386,29 @@ def _transport_of(connection: Any) -> asyncio.Transport:
     return connection  # type: ignore[no-any-return]
 
 
-def _check_host(host: Any) -> None:
+def check_host(host: Any, *, accept_bytes: bool = False) -> None:
+    """Refuse what getaddrinfo() would misread, naming ``host``."""
     if host is None:
         return
-    if not isinstance(host, str):
-        raise TypeError(f"host must be a str or an iterable of str, not {host!r}")
-    if "\0" in host:
+    if isinstance(host, bytes) and accept_bytes:
+        has_nul = b"\0" in host
+    elif isinstance(host, str):
+        has_nul = "\0" in host
+    else:
+        kinds = "a str or bytes" if accept_bytes else "a str or an iterable of str"
+        raise TypeError(f"host must be {kinds}, not {host!r}")
+    if has_nul:
         # getaddrinfo() would resolve only what comes before the NUL.
         raise ValueError(f"host {host!r} contains a NUL character")
 
 
-def _check_port(port: Any) -> None:
+def check_callable(name: str, value: Any) -> None:
+    """Refuse a callback at the call, not when the first connection needs it."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, not {type(value).__name__} {value!r}")
+
+
+def check_port(port: Any) -> None:
     """Refuse what getaddrinfo() would bind as another port (it takes the port
     modulo 65536 and truncates floats), with the exceptions asyncio raises."""
     if port is None:
@@ -425,10 +437,16 @@ def _listening_sockets(
     reuse_address: bool | None,
     reuse_port: bool | None,
 ) -> list[socket.socket]:
-    hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
+    if host is None or isinstance(host, str):
+        hosts: list[str | None] = [host]
+    else:
+        try:
+            hosts = list(host)
+        except TypeError:
+            raise TypeError(f"host must be a str or an iterable of str, not {host!r}") from None
     for h in hosts:
-        _check_host(h)
-    _check_port(port)
+        check_host(h)
+    check_port(port)
     infos = []
     for h in hosts:
         infos.extend(
@@ -498,8 +516,12 @@ async def create_zcrx_server(
             "the TCP payload as the NIC wrote it, and io_uring cannot receive kTLS "
             "sockets this way; terminate TLS in front of the server"
         )
+    check_callable("protocol_factory", protocol_factory)
     if isinstance(backlog, bool) or not isinstance(backlog, int):
         raise TypeError(f"backlog must be an int, not {backlog!r}")
+    if not -(1 << 31) <= backlog < 1 << 31:
+        # listen() takes a C int; the kernel caps it at net.core.somaxconn anyway.
+        raise ValueError(f"backlog {backlog} does not fit listen(): pass at most {(1 << 31) - 1}")
     if sock is not None:
         if host is not None or port is not None:
             raise ValueError("host/port and sock can not be specified at the same time")

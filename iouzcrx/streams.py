@@ -19,7 +19,14 @@ from typing import Any
 from iouzcrx.modes import ModeSelection, select_mode
 from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.reactor import Reactor
-from iouzcrx.server import ZcrxServer, attach_connection, create_zcrx_server
+from iouzcrx.server import (
+    ZcrxServer,
+    attach_connection,
+    check_callable,
+    check_host,
+    check_port,
+    create_zcrx_server,
+)
 from iouzcrx.socket_transport import wire_wakeups
 
 __all__ = ["ZcrxStreamReader", "ZcrxStreamWriter", "open_connection", "start_server"]
@@ -29,12 +36,18 @@ DEFAULT_LIMIT = 1 << 20  # buffered bytes before the reader pauses the transport
 Chunk = memoryview | bytes | bytearray
 
 
+def _check_limit(limit: Any) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be a positive int (bytes), not {limit!r}")
+    if limit <= 0:
+        raise ValueError(f"limit must be a positive int (bytes), not {limit}")
+
+
 class ZcrxStreamReader:
     """Buffered views of one connection, consumed by coroutines."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
-        if limit <= 0:
-            raise ValueError("limit must be positive")
+        _check_limit(limit)
         self._limit = limit
         # Views in arrival order; the first may be a bytearray holding a copy
         # of views given up while the connection's receive was stalled.
@@ -392,6 +405,8 @@ async def start_server(
     """``asyncio.start_server`` with zero-copy receive (options of
     ``create_zcrx_server``)."""
     loop = asyncio.get_running_loop()
+    check_callable("client_connected_cb", client_connected_cb)
+    _check_limit(limit)
 
     def factory() -> _StreamProtocol:
         return _StreamProtocol(ZcrxStreamReader(limit), client_connected_cb)
@@ -414,6 +429,9 @@ async def open_connection(
     on first use with ``area_size`` and ``mode_options``.
     """
     loop = asyncio.get_running_loop()
+    check_host(host, accept_bytes=True)
+    check_port(port)
+    _check_limit(limit)
     reactor = Reactor.for_loop(loop)
     selection = _client_backend(reactor, mode, area_size, mode_options)
     if selection.mode == "socket":
