@@ -30,7 +30,14 @@ class SocketModeTransport(asyncio.Transport):
     reading also paused while the area has no free buffer."""
 
     def __init__(self, inner: asyncio.Transport, reader: AreaReadingProtocol) -> None:
-        super().__init__({"zcrx_mode": "socket", "interface": None, "queue": None})
+        super().__init__(
+            {
+                "zcrx_mode": "socket",
+                "interface": None,
+                "queue": None,
+                "pin_account": reader.stall,
+            }
+        )
         self._extra: dict[str, Any]  # set by asyncio.BaseTransport
         self._inner = inner
         self._reader = reader
@@ -88,6 +95,22 @@ class SocketModeTransport(asyncio.Transport):
         self._reader.set_user_protocol(protocol)
 
 
+class StallSignal:
+    """The ring modes' PinAccount as far as a reader needs it: ``stalled``
+    while the connection waits for an area buffer, ``on_stall`` called when
+    that starts. A reader waiting for more bytes then copies out the views
+    it holds, or every buffer could stay with it and nothing arrive."""
+
+    __slots__ = ("stalled", "on_stall")
+
+    def __init__(self) -> None:
+        self.stalled = False
+        self.on_stall: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<StallSignal{' stalled' if self.stalled else ''}>"
+
+
 class AreaReadingProtocol(asyncio.BufferedProtocol):
     """Lends area buffers to the loop's transport and passes the filled views
     on to the user's protocol."""
@@ -104,6 +127,7 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self.user_paused = False
         self.starved = False
+        self.stall = StallSignal()
         self._inner: asyncio.Transport | None = None
         self.transport: SocketModeTransport | None = None
         self._filling: int | None = None
@@ -128,6 +152,7 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
     def on_buffers_available(self) -> None:
         if self.starved and self.pool.free_buffers:
             self.starved = False
+            self.stall.stalled = False
             self.pool.starved_readers.discard(self)
             self.update_reading()
 
@@ -164,6 +189,7 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
             self.starved = True
             self.pool.starved_readers.add(self)
             self.update_reading()
+            self._signal_stall()
         self._deliver(view)
 
     def eof_received(self) -> bool | None:
@@ -184,6 +210,12 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.protocol.resume_writing()
+
+    def _signal_stall(self) -> None:
+        self.stall.stalled = True
+        on_stall = self.stall.on_stall
+        if on_stall is not None:
+            on_stall()
 
     def _put_back_unfilled(self) -> None:
         if self._filling is not None:
