@@ -26,25 +26,26 @@ PAGE_SIZE = 4096
 MAX_BUFFER_SIZE = (1 << 32) - PAGE_SIZE
 
 
-def integer(name: str, value: Any, low: int, high: int, what: str = "an integer") -> int:
-    """``value`` as an int in ``low..high``: TypeError for anything that is
-    not an integer (bool and float included: no silent truncation),
-    InvalidConfiguration (a ValueError) out of range."""
+def integer(name: str, value: Any, low: int, high: int | None, what: str = "an integer") -> int:
+    """``value`` as an int in ``low..high`` (``high`` None: no upper bound).
+    TypeError for anything that is not an integer (bool and float included:
+    no silent truncation), InvalidConfiguration (a ValueError) out of range."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be {what}, not {value!r}")
     try:
         number = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be {what}, not {value!r}") from None
-    if not low <= number <= high:
-        raise InvalidConfiguration(f"{name} must be {what} from {low} to {high}, not {number}")
+    if number < low or (high is not None and number > high):
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise InvalidConfiguration(f"{name} must be {what} {bounds}, not {number}")
     return number
 
 
 def size(name: str, value: Any, unit: int, high: int = SIZE_MAX) -> int:
     """A byte count: a positive multiple of ``unit`` no larger than ``high``."""
     what = f"a positive multiple of {unit}"
-    number = integer(name, value, -(1 << 1024), 1 << 1024, what)
+    number = integer(name, value, -(1 << 1024), None, what)
     if number < unit or number % unit or number > high:
         raise InvalidConfiguration(
             f"{name} must be {what} (at most {high - high % unit}), not {number}"
@@ -99,7 +100,10 @@ def stream_socket_fd(name: str, sock: Any) -> int:
     if not stat.S_ISSOCK(mode):
         raise TypeError(f"{name} {sock!r} is not a socket (fd {fd} is a file or device)")
     # A socket object built over the fd only to ask; detach() leaves it open.
-    probe = socket.socket(fileno=fd)
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ValueError(f"{name} {sock!r} is not a usable socket ({exc})") from None
     try:
         kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         if kind != socket.SOCK_STREAM:

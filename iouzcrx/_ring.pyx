@@ -79,8 +79,8 @@ def check_timeout(timeout):
 cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
     """A ring size from Python: a positive integer (no float truncated);
     above ``limit`` the kernel clamps it."""
-    number = _checks.integer(name, value, 1, 1 << 1024,
-                             f"a positive number of entries (above {limit} it is clamped)")
+    number = _checks.integer(name, value, 1, None,
+                             f"a number of entries (above {limit} it is clamped)")
     return <unsigned>min(number, limit)
 
 
