@@ -18,6 +18,7 @@ from iouzcrx._area cimport Area, buffer_count
 from iouzcrx._receive cimport ReceiveQueue, Receiver
 from iouzcrx._ring cimport Ring
 
+from iouzcrx import _checks
 from iouzcrx.errors import InvalidConfiguration, buffer_ring_error, kernel_error
 
 
@@ -38,10 +39,13 @@ cdef class BufRingQueue(ReceiveQueue):
     at its next drain.
     """
 
-    def __init__(self, Ring ring not None, *, size_t area_size=DEFAULT_AREA_SIZE,
-                 uint32_t buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False):
+    def __init__(self, Ring ring not None, *, area_size=DEFAULT_AREA_SIZE,
+                 buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False):
         ring.check_owner()  # before anything is allocated
-        cdef uint64_t count = buffer_count(area_size, buffer_size)
+        cdef uint64_t count = buffer_count(_checks.size("area_size", area_size, _checks.PAGE_SIZE),
+                                           _checks.size("buffer_size", buffer_size,
+                                                        _checks.PAGE_SIZE,
+                                                        _checks.MAX_BUFFER_SIZE))
         if count > MAX_RING_ENTRIES:
             raise InvalidConfiguration(
                 f"{count} buffers is more than a buffer ring holds ({MAX_RING_ENTRIES}); "
@@ -53,7 +57,7 @@ cdef class BufRingQueue(ReceiveQueue):
         self.ring = ring
         self.mode = "bufring"
         self.area = Area(area_size, hugepages)
-        self.buffer_size = buffer_size
+        self.buffer_size = <uint32_t>buffer_size
         self.buffer_unit = buffer_size
         self.ring_entries = entries
         self.mask = entries - 1

@@ -15,11 +15,12 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromObject
 
 from iouzcrx._area cimport BufferOwner, PinAccount
-from iouzcrx._ring cimport Request, Ring, fileno_of
+from iouzcrx._ring cimport Request, Ring
 
 import collections as _collections
 import gc as _gc
 
+from iouzcrx import _checks
 from iouzcrx.errors import kernel_error
 
 
@@ -306,10 +307,16 @@ cdef class ReceiveQueue(BufferOwner):
         if self.closed:
             raise ValueError(f"the {self.mode} receive queue is closed")
         self.ring.check_owner()
+        # Checked now: a completion that finds a bad callback or fd could
+        # only end the receive, far from the call that was wrong.
+        cdef int fd = _checks.stream_socket_fd("sock", sock)
+        _checks.callback("on_data", on_data)
+        _checks.callback("on_end", on_end)
+        _checks.callback("on_error", on_error)
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
         receiver.sock = sock
-        receiver.fd = fileno_of(sock)
+        receiver.fd = fd
         receiver.chunks = _collections.deque()
         receiver.on_data = on_data
         receiver.on_end = on_end

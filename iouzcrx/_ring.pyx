@@ -13,6 +13,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.errno cimport ENOENT, errno
+from libc.limits cimport INT_MAX
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
@@ -23,12 +24,11 @@ from iouzcrx._abi cimport *
 
 import errno as _errno
 import math as _math
-import operator as _operator
 import socket as _socket
 import time
 
-from iouzcrx.errors import (InvalidConfiguration, WrongProcess, WrongThread, kernel_error,
-                            setup_error)
+from iouzcrx import _checks
+from iouzcrx.errors import WrongProcess, WrongThread, kernel_error, setup_error
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -71,31 +71,16 @@ cdef int fileno_of(object sock) except -1:
 
 
 def check_timeout(timeout):
-    """``timeout`` as seconds (float), or None for no limit; NaN and negative
-    values are refused, as threading and asyncio do, rather than meaning
-    'forever'."""
-    if timeout is None:
-        return None
-    try:
-        seconds = float(timeout)
-    except (TypeError, ValueError):
-        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}") from None
-    if _math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"timeout must be a non-negative number of seconds or None, "
-                         f"not {timeout!r}")
-    return seconds
+    """``timeout`` as seconds (float), or None for no limit (see
+    iouzcrx._checks.timeout)."""
+    return _checks.timeout(timeout)
 
 
 cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
     """A ring size from Python: a positive integer (no float truncated);
     above ``limit`` the kernel clamps it."""
-    try:
-        number = _operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, not {value!r}") from None
-    if number < 1:
-        raise InvalidConfiguration(
-            f"{name} must be a positive number of entries (up to {limit}), not {number}")
+    number = _checks.integer(name, value, 1, None,
+                             f"a number of entries (above {limit} it is clamped)")
     return <unsigned>min(number, limit)
 
 
@@ -530,7 +515,11 @@ cdef class Ring:
             pfds[i].fd = fds[i]
             pfds[i].events = POLLIN
             pfds[i].revents = 0
-        cdef int ms = -1 if timeout < 0 else <int>(timeout * 1000.0 + 0.999)
+        # +inf is no limit; a finite timeout past poll's int milliseconds
+        # is cut short rather than wrapped negative (forever) or undefined.
+        cdef int ms = -1
+        if 0 <= timeout < _math.inf:
+            ms = <int>min(timeout * 1000.0 + 0.999, <double>INT_MAX)
         cdef int ret
         cdef uint64_t counter
         try:

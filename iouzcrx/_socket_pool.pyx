@@ -11,6 +11,8 @@ from libc.stdlib cimport calloc, free, malloc
 
 from iouzcrx._area cimport Area, BufferOwner, buffer_count
 
+from iouzcrx import _checks
+
 
 @cython.final
 cdef class FillSlot:
@@ -50,8 +52,11 @@ cdef class SocketBufferPool(BufferOwner):
     anything else raises ValueError naming the buffer and its state.
     """
 
-    def __init__(self, *, size_t area_size, uint32_t buffer_size, bint hugepages=False):
-        cdef uint64_t count = buffer_count(area_size, buffer_size)
+    def __init__(self, *, area_size, buffer_size, bint hugepages=False):
+        cdef uint64_t count = buffer_count(_checks.size("area_size", area_size, _checks.PAGE_SIZE),
+                                           _checks.size("buffer_size", buffer_size,
+                                                        _checks.PAGE_SIZE,
+                                                        _checks.MAX_BUFFER_SIZE))
         self.mode = "socket"
         self.area = Area(area_size, hugepages)
         self.buffer_size = buffer_size

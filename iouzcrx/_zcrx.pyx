@@ -21,9 +21,9 @@ from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
 from iouzcrx._ring cimport Ring
 
 import errno as _errno
-import operator as _operator
 import socket as _socket
 
+from iouzcrx import _checks
 from iouzcrx._probe import kernel_features
 from iouzcrx.errors import (InterfaceNotFound, InvalidConfiguration, KernelTooOld,
                             QueueOutOfRange, kernel_error, zcrx_register_error)
@@ -79,11 +79,37 @@ cdef class ZcrxQueue(ReceiveQueue):
     """
 
     def __init__(self, Ring ring not None, *, str mode="copy", interface=None, queue=None,
-                 size_t area_size=DEFAULT_AREA_SIZE, rq_entries=None,
-                 uint32_t rx_buf_len=0, bint hugepages=False):
+                 area_size=DEFAULT_AREA_SIZE, rq_entries=None, rx_buf_len=0,
+                 bint hugepages=False):
         ring.check_owner()  # before anything is allocated
         if mode not in ZCRX_MODES:
             raise InvalidConfiguration(f"zcrx mode must be one of {ZCRX_MODES}, not {mode!r}")
+        # The arguments first: a value that can never do is named as such,
+        # not hidden behind what the kernel lacks.
+        cdef uint32_t buf_len = _checks.integer(
+            "rx_buf_len", rx_buf_len, 0, 1 << 31, "0 (page-sized chunks) or a power of two")
+        if buf_len and (buf_len < PAGE_SIZE or buf_len & (buf_len - 1)):
+            raise InvalidConfiguration(
+                f"rx_buf_len must be 0 or a power of two >= {PAGE_SIZE}, not {buf_len}")
+        cdef uint32_t chunk = buf_len or PAGE_SIZE
+        cdef uint64_t chunks = _checks.size("area_size", area_size, chunk) // chunk
+        cdef uint32_t entries
+        if rq_entries is None:
+            # Room to return every chunk at once (kernel-abi §8.7 sizing).
+            entries = round_up_pow2(chunks if chunks < IOUZ_RQ_MAX_ENTRIES else IOUZ_RQ_MAX_ENTRIES)
+        else:
+            try:
+                rq_count = _checks.integer("rq_entries", rq_entries, 1, IOUZ_RQ_MAX_ENTRIES,
+                                           "a number of entries or None")
+            except TypeError as exc:
+                # InvalidConfiguration is what this parameter has always raised.
+                raise InvalidConfiguration(str(exc)) from None
+            entries = round_up_pow2(rq_count)
+        if queue is not None:
+            _checks.integer("queue", queue, 0, 0xFFFFFFFE, "an RX queue index or None")
+        if interface is not None and not isinstance(interface, str):
+            raise TypeError(f"interface must be a network interface name or None, "
+                            f"not {interface!r}")
         features = kernel_features()
         cdef uint32_t if_idx = 0
         cdef uint32_t if_rxq = 0
@@ -93,12 +119,9 @@ cdef class ZcrxQueue(ReceiveQueue):
                 raise InvalidConfiguration(
                     "zerocopy mode needs interface= (e.g. 'eth0') and queue= (the RX "
                     "queue index your flow is steered to)")
-            if not 0 <= queue < 0xFFFFFFFF:
-                raise InvalidConfiguration(
-                    f"queue must be a non-negative RX queue index, not {queue}")
             try:
                 if_idx = _socket.if_nametoindex(interface)
-            except OSError:
+            except (OSError, ValueError):
                 raise InterfaceNotFound(
                     _errno.ENODEV,
                     f"no network interface {interface!r} in this network namespace "
@@ -124,34 +147,11 @@ cdef class ZcrxQueue(ReceiveQueue):
                     f"copy mode needs ZCRX_REG_NODEV (Linux >= 7.1); this kernel "
                     f"({features.release}) does not offer it")
             reg_flags = IOUZ_ZCRX_REG_NODEV
-        if rx_buf_len:
-            if rx_buf_len < PAGE_SIZE or rx_buf_len & (rx_buf_len - 1):
-                raise InvalidConfiguration(
-                    f"rx_buf_len must be a power of two >= {PAGE_SIZE}, not {rx_buf_len}")
-            if not features.zcrx_rx_buf_len:
-                raise KernelTooOld(
-                    _errno.EOPNOTSUPP,
-                    f"rx_buf_len needs Linux >= 7.0; this kernel ({features.release}) "
-                    "only has page-sized chunks (leave rx_buf_len=0)")
-        cdef uint32_t chunk = rx_buf_len or PAGE_SIZE
-        if area_size < chunk or area_size % chunk:
-            raise InvalidConfiguration(
-                f"area_size {area_size} must be a positive multiple of the chunk size {chunk}")
-        cdef uint64_t chunks = area_size // chunk
-        cdef uint32_t entries
-        if rq_entries is None:
-            # Room to return every chunk at once (kernel-abi §8.7 sizing).
-            entries = round_up_pow2(chunks if chunks < IOUZ_RQ_MAX_ENTRIES else IOUZ_RQ_MAX_ENTRIES)
-        else:
-            try:
-                rq_count = _operator.index(rq_entries)
-            except TypeError:
-                raise InvalidConfiguration(
-                    f"rq_entries must be an integer, not {rq_entries!r}") from None
-            if not 1 <= rq_count <= IOUZ_RQ_MAX_ENTRIES:
-                raise InvalidConfiguration(
-                    f"rq_entries must be between 1 and {IOUZ_RQ_MAX_ENTRIES}, not {rq_count}")
-            entries = round_up_pow2(rq_count)
+        if buf_len and not features.zcrx_rx_buf_len:
+            raise KernelTooOld(
+                _errno.EOPNOTSUPP,
+                f"rx_buf_len needs Linux >= 7.0; this kernel ({features.release}) "
+                "only has page-sized chunks (leave rx_buf_len=0)")
 
         self.ring = ring
         self.mode = mode
@@ -183,12 +183,12 @@ cdef class ZcrxQueue(ReceiveQueue):
         reg.flags = reg_flags
         reg.area_ptr = <uintptr_t>&area_reg
         reg.region_ptr = <uintptr_t>&region_desc
-        reg.rx_buf_len = rx_buf_len
+        reg.rx_buf_len = buf_len
         ring.check_owner()
         cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
         if ret < 0:
             raise zcrx_register_error(-ret, mode=mode, interface=interface, queue=queue,
-                                      rx_buf_len=rx_buf_len, nodev=features.zcrx_nodev)
+                                      rx_buf_len=buf_len, nodev=features.zcrx_nodev)
 
         self.zcrx_id = reg.zcrx_id
         self.rq_entries = reg.rq_entries

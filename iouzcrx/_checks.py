@@ -1,0 +1,127 @@
+"""Checks of the arguments the engine takes from Python, in one place, so that
+every refusal names the parameter and the value and says what would do.
+
+They run before any C conversion: a C-typed parameter would refuse a bad
+value with an error that names neither.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from iouzcrx.errors import InvalidConfiguration
+
+__all__ = ["integer", "size", "timeout", "callback", "stream_socket_fd"]
+
+SIZE_MAX = (1 << 64) - 1
+PAGE_SIZE = 4096
+# Buffer lengths travel in 32-bit fields (the buffer ring's len, a CQE's res).
+MAX_BUFFER_SIZE = (1 << 32) - PAGE_SIZE
+
+
+def integer(name: str, value: Any, low: int, high: int | None, what: str = "an integer") -> int:
+    """``value`` as an int in ``low..high`` (``high`` None: no upper bound).
+    TypeError for anything that is not an integer (bool and float included:
+    no silent truncation), InvalidConfiguration (a ValueError) out of range."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, not {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, not {value!r}") from None
+    if number < low or (high is not None and number > high):
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise InvalidConfiguration(f"{name} must be {what} {bounds}, not {number}")
+    return number
+
+
+def size(name: str, value: Any, unit: int, high: int = SIZE_MAX) -> int:
+    """A byte count: a positive multiple of ``unit`` no larger than ``high``."""
+    what = f"a positive multiple of {unit}"
+    number = integer(name, value, -(1 << 1024), None, what)
+    if number < unit or number % unit or number > high:
+        raise InvalidConfiguration(
+            f"{name} must be {what} (at most {high - high % unit}), not {number}"
+        )
+    return number
+
+
+def timeout(value: Any) -> float | None:
+    """Seconds as a float, or None for no limit.  Only real numbers (no
+    strings: asyncio and threading take none); NaN and negative values are
+    refused rather than meaning 'forever' or 'now'; +inf waits for ever."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, not {value!r}")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"timeout must be a non-negative number of seconds or None, not {value!r}")
+    return seconds
+
+
+def callback(name: str, value: object) -> Callable[..., object] | None:
+    """None or a callable, checked when it is given rather than when the
+    first completion calls it."""
+    if value is None:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be callable or None, not {value!r}")
+    return value
+
+
+def stream_socket_fd(name: str, sock: Any) -> int:
+    """The fd of ``sock`` (a socket object or an int fd), which must be an
+    open, connected stream socket: a receive on anything else would fail at
+    its first completion, or never complete at all (a listening socket)."""
+    if isinstance(sock, bool) or not (isinstance(sock, int) or hasattr(sock, "fileno")):
+        raise TypeError(f"{name} must be a connected socket or its fd, not {sock!r}")
+    try:
+        fd = sock if isinstance(sock, int) else sock.fileno()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{name} {sock!r} is closed ({exc})") from None
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"{name}.fileno() must return an int, not {fd!r}")
+    if not 0 <= fd < 1 << 31:
+        raise ValueError(f"{name} {sock!r} is not an open file descriptor (fd={fd}, closed?)")
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ValueError(
+            f"{name} {sock!r} is not an open file descriptor (fd {fd}: {exc.strerror})"
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        raise TypeError(f"{name} {sock!r} is not a socket (fd {fd} is a file or device)")
+    # A socket object built over the fd only to ask; detach() leaves it open.
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ValueError(f"{name} {sock!r} is not a usable socket ({exc})") from None
+    try:
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if kind != socket.SOCK_STREAM:
+            raise ValueError(
+                f"{name} {sock!r} must be a stream (TCP) socket, not "
+                f"{'SOCK_DGRAM (UDP)' if kind == socket.SOCK_DGRAM else f'type {kind}'}"
+            )
+        if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError(
+                f"{name} {sock!r} is a listening socket: receive on the sockets "
+                "accept() returns instead"
+            )
+        try:
+            probe.getpeername()
+        except OSError:
+            raise ValueError(
+                f"{name} {sock!r} is not connected: connect it (or accept it) first"
+            ) from None
+    finally:
+        probe.detach()
+    return fd
