@@ -116,12 +116,9 @@ def stream_socket_fd(name: str, sock: Any) -> int:
                 f"{name} {sock!r} is a listening socket: receive on the sockets "
                 "accept() returns instead"
             )
-        try:
-            probe.getpeername()
-        except OSError:
-            raise ValueError(
-                f"{name} {sock!r} is not connected: connect it (or accept it) first"
-            ) from None
+        # Not connected (yet, or any more: reset by its peer) is the kernel's
+        # to report, as the receive's error: a transport resuming on a socket
+        # its peer just reset must see that, not a refusal here.
     finally:
         probe.detach()
     return fd

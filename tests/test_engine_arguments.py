@@ -4,6 +4,7 @@ or ask the kernel."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -147,7 +148,6 @@ def test_recv_multishot_refuses_anything_but_a_connected_stream_socket(
         cases = [
             (listening, ValueError, "listening"),
             (udp, ValueError, "SOCK_DGRAM"),
-            (unconnected, ValueError, "not connected"),
             (closed, ValueError, "closed"),
             (file, TypeError, "not a socket"),
             (file.fileno(), TypeError, "not a socket"),
@@ -160,6 +160,18 @@ def test_recv_multishot_refuses_anything_but_a_connected_stream_socket(
         for sock, error, why in cases:
             with pytest.raises(error, match=rf"^sock\b.*{why}"):
                 queue.recv_multishot(sock)
+
+
+def test_a_stream_socket_that_is_not_connected_ends_its_receive_with_the_kernels_error(
+    queue: iouzcrx.BufRingQueue,
+) -> None:
+    # Not refused up front: a transport resuming on a socket its peer has
+    # just reset must get the kernel's answer as the receive's end.
+    with socket.socket() as unconnected:
+        receiver = queue.recv_multishot(unconnected)
+        queue.ring.wait_for(lambda: receiver.finished, 10)
+        assert isinstance(receiver.error, OSError)
+        assert receiver.error.errno == errno.ENOTCONN
 
 
 def test_recv_multishot_takes_a_connected_unix_stream_socket(
