@@ -28,6 +28,7 @@ from iouzcrx.errors import (
     NicUnsupported,
     QueueBusy,
     QueueOutOfRange,
+    WrongProcess,
     WrongThread,
 )
 from iouzcrx.loop import EventLoopPolicy, install, new_event_loop, run
@@ -89,6 +90,7 @@ __all__ = [
     "ReceiveQueue",
     "Receiver",
     "Ring",
+    "WrongProcess",
     "WrongThread",
     "ZcrxQueue",
     "kernel_features",
