@@ -42,7 +42,8 @@ def test_copy_mode_chunks_are_at_most_a_page(ring, listener):
     verifier = Verifier(21)
     for view in receiver:
         # A view may cover a run of adjacent chunks, each at most a page.
-        assert len(view) <= 4096 * view.obj.buffers
+        # (a small chunk arrives as a copy: one chunk, no buffer held)
+        assert len(view) <= 4096 * getattr(view.obj, "buffers", 1)
         verifier.feed(view)
         del view
     assert verifier.pos == 1 << 20
@@ -143,7 +144,7 @@ def test_chunks_come_back_in_address_order_so_every_area_cycle_coalesces(ring, l
     views: list[int] = []  # chunks per delivered view, in order
 
     def on_data(view: memoryview) -> None:
-        views.append(view.obj.buffers)
+        views.append(getattr(view.obj, "buffers", 1))  # a copied small chunk: one
         verifier.feed(view)  # and dropped at once, as a forwarding consumer would
 
     receiver = queue.recv_multishot(server, on_data=on_data)
