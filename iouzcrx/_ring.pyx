@@ -24,11 +24,26 @@ from iouzcrx._abi cimport *
 
 import errno as _errno
 import math as _math
+import os as _os
 import socket as _socket
 import time
 
 from iouzcrx import _checks
 from iouzcrx.errors import WrongProcess, WrongThread, kernel_error, setup_error
+
+
+# This process's pid, refreshed in a forked child by the hook below: the owner
+# checks run on every submission and blocking get(), and getpid() is a
+# system call each time.
+cdef long current_pid = getpid()
+
+
+def _refresh_pid_after_fork():
+    global current_pid
+    current_pid = getpid()
+
+
+_os.register_at_fork(after_in_child=_refresh_pid_after_fork)
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -68,12 +83,6 @@ CQE_F_MORE = IOUZ_CQE_F_MORE
 
 cdef int fileno_of(object sock) except -1:
     return PyObject_AsFileDescriptor(sock)
-
-
-def check_timeout(timeout):
-    """``timeout`` as seconds (float), or None for no limit (see
-    iouzcrx._checks.timeout)."""
-    return _checks.timeout(timeout)
 
 
 cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
@@ -175,7 +184,7 @@ cdef class Ring:
         self.dropped_buffer_groups = []
         self.callback_errors = []
         self.owner_thread = PyThread_get_thread_ident()
-        self.owner_pid = getpid()
+        self.owner_pid = current_pid
         self.watch_client_fds = -1
         cdef unsigned sq = entries_argument("sq_entries", sq_entries, MAX_SQ_ENTRIES)
         cdef unsigned cq = entries_argument("cq_entries", cq_entries, MAX_CQ_ENTRIES)
@@ -298,7 +307,7 @@ cdef class Ring:
         return self.check_thread()
 
     cdef int check_thread(self) except -1:
-        if getpid() != self.owner_pid:
+        if current_pid != self.owner_pid:
             # After fork the thread id can match; the ring is still the parent's.
             raise WrongProcess(
                 f"this io_uring ring belongs to the parent process (pid {self.owner_pid}), "
@@ -570,7 +579,7 @@ cdef class Ring:
     cdef int buffer_group_dropped(self, uint16_t group) noexcept:
         """A buffer ring's queue was freed while registered, maybe on another
         thread: the owner unregisters it at its next drain."""
-        if self.closed or getpid() != self.owner_pid:
+        if self.closed or current_pid != self.owner_pid:
             return 0  # gone with the ring, or a forked child's copy
         if self.dropped_buffer_groups is None:
             return 0  # the ring is being collected in the same cycle: its fd goes too
@@ -685,7 +694,7 @@ cdef class Ring:
         """Drain, then sleep until the kernel signals new work or ``timeout``
         seconds pass, then drain again. Returns True if woken by the kernel.
         ``timeout`` None waits for ever; NaN or negative raises ValueError."""
-        seconds = check_timeout(timeout)
+        seconds = _checks.timeout(timeout)
         self.check_owner()
         if self.drain_completions(DEFAULT_DRAIN_PASSES):
             return True
@@ -698,7 +707,7 @@ cdef class Ring:
     def wait_for(self, predicate, timeout=None):
         """Drive the ring until ``predicate()`` is true; TimeoutError after
         ``timeout`` seconds (None: no limit; NaN or negative: ValueError)."""
-        seconds = check_timeout(timeout)
+        seconds = _checks.timeout(timeout)
         deadline = None if seconds is None else time.monotonic() + seconds
         self.drain()
         while not predicate():
@@ -828,10 +837,10 @@ cdef class Ring:
         The kernel reclaims zcrx buffers still held by the program when the
         ring goes; memoryviews over the area stay readable.
         """
-        seconds = check_timeout(timeout)
+        seconds = _checks.timeout(timeout)
         if self.closed or self.closing:
             return
-        if getpid() != self.owner_pid:
+        if current_pid != self.owner_pid:
             self.forget()
         elif PyThread_get_thread_ident() != self.owner_thread:
             self.close_requested = True

@@ -50,7 +50,7 @@ class Reactor:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         key = id(loop)
         self._loop_ref = weakref.ref(loop, lambda _ref: _loop_collected(key, self))
-        self.pid = os.getpid()
+        self.pid = _pid
         self.thread = threading.get_ident()
         self.ring: Ring | None = None
         self.ring_error: OSError | None = None
@@ -114,7 +114,7 @@ class Reactor:
     def inherited(self) -> bool:
         """True in a forked child: the ring and the loop's epoll instance are
         the parent's, shared, and not ours to touch."""
-        return os.getpid() != self.pid
+        return _pid != self.pid
 
     def schedule(self) -> None:
         """Drain (submit and reap) once before the loop next waits: called
@@ -300,7 +300,14 @@ def _inherited(loop: asyncio.AbstractEventLoop) -> bool:
     return (pid is not None and pid != os.getpid()) or loop in _inherited_loops
 
 
+# This process's pid, refreshed in a forked child: ``inherited`` is asked on
+# every drain, and os.getpid() is a system call.
+_pid = os.getpid()
+
+
 def _forget_parent_reactors() -> None:
+    global _pid
+    _pid = os.getpid()
     # In a forked child: the parent's reactors must never be handed out here
     # (for_loop makes new ones only for loops the child creates); they stay
     # reachable from the transports that hold them, which see ``inherited``.
