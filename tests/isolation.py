@@ -6,6 +6,7 @@ calling process, so tests run the code under test in a child.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import resource
 import subprocess
@@ -13,6 +14,13 @@ import sys
 import textwrap
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+# The directory holding the iouzcrx package under test: the installed one in
+# CI, the checkout in a developer's editable or in-place build.  Found without
+# importing it, since children import this module before they restrict
+# themselves.
+_spec = importlib.util.find_spec("iouzcrx")
+assert _spec is not None and _spec.origin is not None, "iouzcrx is not importable"
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_spec.origin)))
 
 CAP_NET_ADMIN = 12
 CAP_IPC_LOCK = 14
@@ -85,6 +93,17 @@ def block_io_uring(errno_value: int, first: int = 425, last: int = 427) -> None:
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child interpreter that must import the very
+    iouzcrx this process tests, and this directory's helper modules.  Start
+    the child with ``cwd=TESTS`` too: a ``-c`` or ``-m`` child puts its working
+    directory first on sys.path, and a checkout there would shadow the
+    installed package with its uncompiled sources."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    path = os.pathsep.join(p for p in (PACKAGE_ROOT, TESTS, inherited) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_restricted(code: str) -> list[str]:
     """Run ``code`` (which restricts itself first) in a child process with
     this module importable; returns its stdout lines."""
@@ -93,7 +112,8 @@ def run_restricted(code: str) -> list[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": TESTS},
+        cwd=TESTS,
+        env=child_env(),
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()

@@ -9,16 +9,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from isolation import TESTS, child_env
 
 import iouzcrx
 from iouzcrx import doctor, nic
 from iouzcrx.modes import MODES, ModeSelection, select_mode
 
-ROOT = Path(__file__).resolve().parent.parent
 FEATURES = iouzcrx.kernel_features()
 LINE = re.compile(r"^  (OK|WARN|FAIL|INFO)\s+(\S+)\s+(.*)$")
 
@@ -26,7 +25,8 @@ LINE = re.compile(r"^  (OK|WARN|FAIL|INFO)\s+(\S+)\s+(.*)$")
 def run_doctor(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "iouzcrx", "doctor", *args],
-        cwd=ROOT,
+        cwd=TESTS,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -223,7 +223,8 @@ def test_bad_usage_exits_2(args: list[str]) -> None:
 def test_other_commands_still_work() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "iouzcrx", "features"],
-        cwd=ROOT,
+        cwd=TESTS,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -728,11 +729,11 @@ def test_io_uring_enter_blocked_alone_is_reported_not_raised() -> None:
             "from iouzcrx.__main__ import main\n"
             "sys.exit(main(['doctor']))\n",
         ],
-        cwd=ROOT,
+        cwd=TESTS,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+        env=child_env(),
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode in (0, 1), done.stderr

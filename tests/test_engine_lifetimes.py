@@ -9,7 +9,6 @@ asserts the child exited cleanly and said what was expected.
 from __future__ import annotations
 
 import gc
-import os
 import socket
 import subprocess
 import sys
@@ -19,11 +18,10 @@ import weakref
 
 import pytest
 from conftest import RECEIVE_MODES, connect_pair, make_queue
+from isolation import TESTS, child_env
 
 import iouzcrx
 from iouzcrx.errors import WrongThread
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # What every child starts with: a ring, a queue of the mode under test and a
 # loopback connection.
@@ -60,7 +58,8 @@ def run_child(code: str, mode: str = "bufring", timeout: float = 60) -> list[str
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": TESTS},
+        cwd=TESTS,
+        env=child_env(),
     )
     assert result.returncode == 0, (
         f"child exited with {result.returncode}\n{result.stdout}\n{result.stderr}"

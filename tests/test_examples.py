@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import FEATURES
+from isolation import TESTS, child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +59,8 @@ def test_receive_to_file_writes_exactly_what_was_sent(tmp_path):
 def test_the_demo_streams_verifies_and_reports(mode):
     out = subprocess.run(
         [sys.executable, "-m", "iouzcrx", "demo", "--size", "0.25", "--mode", mode],
+        cwd=TESTS,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

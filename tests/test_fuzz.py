@@ -11,7 +11,6 @@ refused. A crash, a hang or any other exception fails the case.
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import signal
 import subprocess
@@ -22,8 +21,7 @@ import pytest
 from conftest import requires_copy_mode
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from isolation import TESTS, child_env
 
 # Seconds one case may take in the child before it counts as a hang.
 CASE_TIMEOUT = 5
@@ -308,6 +306,7 @@ def run_children(cases: list[dict[str, Any]]) -> tuple[dict[int, dict[str, Any]]
             stderr=subprocess.PIPE,
             text=True,
             cwd=TESTS,
+            env=child_env(),
         )
         assert child.stdin is not None and child.stdout is not None
         child.stdin.write(json.dumps(batch))

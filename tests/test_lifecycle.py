@@ -20,10 +20,10 @@ import threading
 
 import pytest
 from conftest import IN_VM, RECEIVE_MODES, SERVER_MODES, connect_pair, make_queue
+from isolation import TESTS, child_env
 
 import iouzcrx
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 60
 # A child under the VM's emulated CPU takes seconds just to start.
 CHILD_TIMEOUT = TIMEOUT * (3 if IN_VM else 1)
@@ -49,7 +49,8 @@ def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT) -> list[str
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": TESTS},
+        cwd=TESTS,
+        env=child_env(),
     )
     assert result.returncode == 0, (
         f"child exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

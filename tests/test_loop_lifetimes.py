@@ -14,12 +14,12 @@ import textwrap
 
 import pytest
 from conftest import SERVER_MODES
+from isolation import TESTS, child_env
 
 import iouzcrx
 from iouzcrx._receive import ReceiveQueue
 from iouzcrx.reactor import Reactor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60
 # Each runs on both loops, as tests/conftest.py does for the async tests.
 LOOPS = ["asyncio", "uvloop"]
@@ -43,8 +43,8 @@ def run_child(code: str, *args: str) -> subprocess.Popen[bytes]:
     """``code`` in a fresh interpreter that imports this checkout's iouzcrx."""
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
+        cwd=TESTS,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from isolation import TESTS, child_env
 
 import iouzcrx
 from iouzcrx._socket_pool import SocketBufferPool
@@ -95,6 +96,8 @@ def test_the_pool_refuses_every_fill_or_put_back_of_a_buffer_not_lent_and_keeps_
     for seed in range(8):
         child = subprocess.run(
             [sys.executable, "-c", POOL_FUZZ, str(seed)],
+            cwd=TESTS,
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=120,
