@@ -51,7 +51,33 @@ async def create_zcrx_server(
     **kwargs: _Any,
 ) -> ZcrxServer:
     """``loop.create_server`` with zero-copy receive, on any running loop
-    (stock asyncio or uvloop); options as in :mod:`iouzcrx.server`."""
+    (stock asyncio or uvloop), or on ``loop`` if given.
+
+    The protocols ``protocol_factory`` makes get the received data as
+    ``ZeroCopyProtocol.view_received(view)``, ``asyncio.BufferedProtocol``
+    or ``asyncio.Protocol`` calls, whichever methods they have. Options:
+
+    - ``mode``: ``"auto"`` (the default: ``zerocopy`` when ``interface``
+      and ``queue`` are given, then ``copy``, ``bufring``, ``socket``), or
+      one of those to insist on it;
+    - ``interface``, ``queue``: the NIC and its RX queue for ``zerocopy``;
+    - ``area_size``: bytes of receive area shared by the connections
+      (64 MiB);
+    - ``rq_entries``, ``rx_buf_len``: the refill ring's size and the chunk
+      size of a zcrx queue (``copy``, ``zerocopy``), as ``ZcrxQueue`` takes
+      them;
+    - ``buffer_size``: bytes per buffer in ``bufring`` and ``socket`` modes
+      (256 KiB);
+    - ``hugepages``: back the area with huge pages;
+    - ``host``, ``port``, ``family``, ``flags``, ``sock``, ``backlog``,
+      ``reuse_address``, ``reuse_port``, ``start_serving``: as
+      ``loop.create_server`` takes them. ``ssl`` is refused: zero-copy
+      receive sees the payload as the NIC wrote it.
+
+    Returns the ``ZcrxServer``; ``server.refused`` says why each better
+    mode was not taken. An explicit mode that cannot work raises the error
+    naming the missing prerequisite.
+    """
     return await _create_on_loop(
         loop or _asyncio.get_running_loop(), protocol_factory, host, port, **kwargs
     )

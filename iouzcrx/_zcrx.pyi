@@ -8,13 +8,38 @@ ZCRX_MODES: tuple[str, ...]
 def rx_queue_count(interface: str) -> int | None: ...
 
 class ZcrxQueue(ReceiveQueue):
+    """A zero-copy receive interface queue on ``ring``: the area, its refill
+    ring and ``RECV_ZC`` receives.
+
+    ``mode="copy"`` registers a device-less queue (Linux 7.1+,
+    CAP_NET_ADMIN) into which the kernel copies; ``mode="zerocopy"`` binds
+    RX queue ``queue`` of ``interface``, set up for zero-copy receive, and
+    the NIC writes into the area itself. ``area_size`` defaults to 64 MiB;
+    ``rq_entries`` (the refill ring's size) defaults to room for every chunk
+    of the area; ``rx_buf_len`` 0 means page-sized chunks (larger ones need
+    Linux 7.0 and a NIC that supports them). Views over the area come out of
+    ``recv_multishot(sock)``.
+
+    The kernel frees a zcrx queue (and unpins its area) only with its ring:
+    ``close()`` stops the receives and detaches the queue, but the queue and
+    its pinned area stay registered until the ring closes.
+    """
+
     zcrx_id: int
+    """The id the kernel gave the queue."""
     rq_entries: int
+    """Entries of the refill ring."""
     chunk_size: int
+    """Bytes per chunk of the area."""
     interface: str | None
+    """The network interface, in ``zerocopy`` mode."""
     queue: int | None
+    """The RX queue index, in ``zerocopy`` mode."""
     can_flush: bool
+    """Whether the kernel takes a refill ring flush (``ZCRX_CTRL_FLUSH_RQ``,
+    Linux 6.19+)."""
     flushes: int
+    """Flushes requested so far."""
     def __init__(
         self,
         ring: Ring,
@@ -27,5 +52,9 @@ class ZcrxQueue(ReceiveQueue):
         rx_buf_len: int = 0,
         hugepages: bool = False,
     ) -> None: ...
-    def flush(self) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
+    def flush(self) -> None:
+        """Publish pending returns and have the kernel take the refill ring
+        now (``ZCRX_CTRL_FLUSH_RQ``, Linux 6.19+)."""
+    def stats(self) -> dict[str, Any]:
+        """``ReceiveQueue.stats()`` plus ``zcrx_id``, ``rq_entries``,
+        ``chunk_size`` and ``flushes``."""

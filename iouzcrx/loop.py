@@ -126,6 +126,8 @@ class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
         self._use_uvloop = use_uvloop
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        """A new loop with ``create_zcrx_server``, as ``iouzcrx.new_event_loop()``
+        makes it."""
         return new_event_loop(use_uvloop=self._use_uvloop)
 
 

@@ -23,6 +23,7 @@ from iouzcrx.errors import InvalidConfiguration, IouzcrxError
 __all__ = ["MODES", "ModeSelection", "select_mode"]
 
 MODES = ("zerocopy", "copy", "bufring", "socket")
+"""The receive modes, best first: the order in which ``mode="auto"`` tries them."""
 DEFAULT_AREA_SIZE = 64 << 20
 # Per buffer of the bufring and socket modes: one kernel receive fills at most
 # one buffer, and on loopback 256 KiB takes a third less CPU per GB than 64 KiB
@@ -45,10 +46,14 @@ class ModeSelection:
     """The mode taken, the backend serving it, and why better modes were not."""
 
     mode: str
+    """The mode taken."""
     backend: Any  # ZcrxQueue | BufRingQueue | SocketBufferPool
+    """The ``ZcrxQueue``, ``BufRingQueue`` or socket-mode buffer pool."""
     refused: dict[str, str] = field(default_factory=dict)
+    """Each better mode that was tried, with why it could not be used."""
 
     def describe(self) -> str:
+        """One line for a log: the mode and the reasons for refusals."""
         text = f"mode {self.mode}"
         if self.refused:
             reasons = "; ".join(f"{m}: {why}" for m, why in self.refused.items())
@@ -70,7 +75,14 @@ def select_mode(
     ring_error: BaseException | None = None,
 ) -> ModeSelection:
     """Open the backend for ``mode`` on ``ring`` (None when io_uring could not
-    be set up; ``ring_error`` says why)."""
+    be set up; ``ring_error`` says why).
+
+    ``"auto"`` takes the first of ``MODES`` that works (``zerocopy`` only
+    when ``interface`` and ``queue`` are given) and records why each better
+    one was refused; an explicit mode that cannot work raises the error
+    naming the missing prerequisite. The other options are those of
+    ``create_zcrx_server``.
+    """
     if mode == "auto":
         candidates = ["copy", "bufring", "socket"]
         if interface is not None and queue is not None:

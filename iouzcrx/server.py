@@ -34,7 +34,10 @@ class ZcrxServer(asyncio.AbstractServer):
     """Listening sockets plus the receive backend their connections share.
 
     ``mode`` is the receive mode in use and ``refused`` maps each better mode
-    to the reason it could not be used.
+    to the reason it could not be used. Made by ``create_zcrx_server`` (or
+    ``loop.create_zcrx_server``, ``start_server``), not constructed directly;
+    an ``asyncio.AbstractServer`` and an async context manager that closes
+    the server and waits for its connections on exit.
     """
 
     def __init__(
@@ -77,6 +80,8 @@ class ZcrxServer(asyncio.AbstractServer):
 
     @property
     def mode(self) -> str:
+        """The receive mode in use: ``"zerocopy"``, ``"copy"``, ``"bufring"`` or
+        ``"socket"``."""
         return self._selection.mode
 
     @property
@@ -91,17 +96,22 @@ class ZcrxServer(asyncio.AbstractServer):
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets; empty once the server is closed."""
         return tuple(self._sockets or ())
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on."""
         return self._loop
 
     def is_serving(self) -> bool:
+        """Whether the server accepts new connections."""
         return self._serving
 
     # -- accepting -----------------------------------------------------------------
 
     async def start_serving(self) -> None:
+        """Start accepting connections (for a server made with
+        ``start_serving=False``)."""
         await self._start_serving()
         await asyncio.sleep(0)
 
@@ -252,10 +262,12 @@ class ZcrxServer(asyncio.AbstractServer):
         self._wake_waiters()
 
     def close_clients(self) -> None:
+        """Close every open connection, after its pending writes."""
         for connection in list(self._connections):
             _transport_of(connection).close()
 
     def abort_clients(self) -> None:
+        """Close every open connection at once, dropping pending writes."""
         for connection in list(self._connections):
             _transport_of(connection).abort()
 
@@ -299,6 +311,8 @@ class ZcrxServer(asyncio.AbstractServer):
         await waiter
 
     async def serve_forever(self) -> None:
+        """Accept connections until cancelled; cancelling closes the server and
+        waits for its connections to end."""
         if self._serving_forever is not None:
             raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
         if self._closed:

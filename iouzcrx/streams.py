@@ -44,7 +44,15 @@ def _check_limit(limit: Any) -> None:
 
 
 class ZcrxStreamReader:
-    """Buffered views of one connection, consumed by coroutines."""
+    """Buffered views of one connection, consumed by coroutines.
+
+    Shaped like ``asyncio.StreamReader``; ``async for view in reader``
+    yields the received views themselves. ``read``, ``readexactly``,
+    ``readuntil`` and ``readline`` return a ``memoryview`` slice when the
+    answer lies inside one received chunk, and copy into ``bytes`` only when
+    it spans chunks. More than twice ``limit`` bytes buffered pause the
+    transport until reads take them.
+    """
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         _check_limit(limit)
@@ -66,6 +74,7 @@ class ZcrxStreamReader:
     # -- fed by the protocol ---------------------------------------------------------
 
     def set_transport(self, transport: asyncio.Transport) -> None:
+        """Called by the connection's protocol with its transport."""
         self._transport = transport
         pins = transport.get_extra_info("pin_account")
         if pins is not None:
@@ -76,6 +85,7 @@ class ZcrxStreamReader:
             self._pins = pins
 
     def feed_view(self, view: memoryview) -> None:
+        """Called by the connection's protocol with each received view."""
         self._views.append(view)
         self._size += len(view)
         self._wake()
@@ -85,6 +95,7 @@ class ZcrxStreamReader:
             self._transport.pause_reading()
 
     def feed_eof(self) -> None:
+        """Called by the connection's protocol when the peer closed its side."""
         self._eof = True
         self._wake()
 
@@ -99,13 +110,16 @@ class ZcrxStreamReader:
             self._spill()
 
     def set_exception(self, exc: BaseException) -> None:
+        """Make waiting and later reads raise ``exc``."""
         self._exception = exc
         self._wake()
 
     def exception(self) -> BaseException | None:
+        """The exception reads raise, if any."""
         return self._exception
 
     def at_eof(self) -> bool:
+        """Whether the peer closed its side and everything was read."""
         return self._eof and not self._views
 
     def _wake(self) -> None:
@@ -219,6 +233,8 @@ class ZcrxStreamReader:
         return self._take(min(n, len(self._views[0])))
 
     async def readexactly(self, n: int) -> Chunk:
+        """Exactly ``n`` bytes: a slice of one view when they lie in one, else a
+        copy. ``asyncio.IncompleteReadError`` if EOF comes first."""
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
         while self._size < n:
@@ -229,6 +245,9 @@ class ZcrxStreamReader:
         return self._take(n) if n else b""
 
     async def readuntil(self, separator: bytes = b"\n") -> Chunk:
+        """The bytes up to and including ``separator``: a slice of one view when
+        they lie in one, else a copy. ``asyncio.LimitOverrunError`` past the
+        reader's limit, ``asyncio.IncompleteReadError`` if EOF comes first."""
         if not separator:
             raise ValueError("Separator should be at least one-byte string")
         while True:
@@ -245,6 +264,7 @@ class ZcrxStreamReader:
             await self._wait()
 
     async def readline(self) -> Chunk:
+        """One line, ending with the newline unless EOF came first."""
         try:
             return await self.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
@@ -359,33 +379,44 @@ class ZcrxStreamWriter:
 
     @property
     def transport(self) -> asyncio.Transport:
+        """The connection's transport."""
         return self._transport
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` for sending (see ``drain()``)."""
         self._transport.write(data)
 
     def writelines(self, data: Any) -> None:
+        """Queue each buffer of ``data`` for sending."""
         self._transport.writelines(data)
 
     def write_eof(self) -> None:
+        """Close the sending side once what is queued is sent."""
         self._transport.write_eof()
 
     def can_write_eof(self) -> bool:
+        """Whether the transport can close its sending side alone."""
         return self._transport.can_write_eof()
 
     def close(self) -> None:
+        """Close the connection, after the data queued so far."""
         self._transport.close()
 
     def is_closing(self) -> bool:
+        """Whether the connection is closing or closed."""
         return self._transport.is_closing()
 
     async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""
         await self._protocol._closed
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's ``get_extra_info(name, default)``."""
         return self._transport.get_extra_info(name, default)
 
     async def drain(self) -> None:
+        """Wait until the write buffer is below its high-water mark; raises the
+        connection's error, if any."""
         exc = self._reader.exception()
         if exc is not None:
             raise exc

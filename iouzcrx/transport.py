@@ -25,7 +25,15 @@ _STARVED_RECHECK = 0.001
 
 
 class ZcrxTransport(asyncio.Transport):
-    """One TCP connection served by the ring's receive queue."""
+    """One TCP connection served by the ring's receive queue.
+
+    Made by the server for each connection (in ``copy``, ``zerocopy`` and
+    ``bufring`` modes), not constructed directly. ``get_extra_info`` knows
+    ``"zcrx_mode"``, ``"socket"``, ``"peername"``, ``"sockname"``,
+    ``"interface"`` and ``"queue"``. When the views the program holds leave
+    the area empty, reading pauses by itself and resumes as they are
+    released.
+    """
 
     def __init__(
         self,
@@ -196,15 +204,19 @@ class ZcrxTransport(asyncio.Transport):
             self.close()
 
     def is_reading(self) -> bool:
+        """Whether the transport receives (not paused, not closing)."""
         return not self._paused and not self._closing
 
     def pause_reading(self) -> None:
+        """Stop delivering data to the protocol until ``resume_reading()``; what
+        already arrived is kept for then."""
         if self._closing or self._paused:
             return
         self._paused = True
         self._retire_receiver(discard=False)
 
     def resume_reading(self) -> None:
+        """Deliver again, starting with what arrived while paused."""
         if self._closing or not self._paused:
             return
         self._paused = False
@@ -238,6 +250,9 @@ class ZcrxTransport(asyncio.Transport):
     # -- writing ---------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``: at once on the socket where it takes it, the rest through
+        ring ``SEND``s. The protocol's ``pause_writing()`` is called above the
+        high-water mark and ``resume_writing()`` below the low one."""
         if self._eof_requested:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or self._connection_lost:
@@ -270,6 +285,7 @@ class ZcrxTransport(asyncio.Transport):
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
+        """``write()`` each buffer of ``list_of_data``."""
         for data in list_of_data:
             self.write(data)
 
@@ -318,9 +334,11 @@ class ZcrxTransport(asyncio.Transport):
             self._loop.call_soon(self._call_connection_lost, None)
 
     def can_write_eof(self) -> bool:
+        """True: TCP can close its sending side alone."""
         return True
 
     def write_eof(self) -> None:
+        """Close the sending side once the data queued so far is sent."""
         if self._closing or self._eof_requested:
             return
         self._eof_requested = True
@@ -337,12 +355,15 @@ class ZcrxTransport(asyncio.Transport):
                 self._fatal_error(exc, "Fatal error on shutdown of zcrx transport")
 
     def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet sent."""
         return self._write_size
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
+        """The ``(low, high)`` water marks of the write buffer."""
         return self._low_water, self._high_water
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Set the write buffer's water marks, as asyncio's transports do."""
         if high is None:
             high = _DEFAULT_HIGH_WATER if low is None else 4 * low
         if low is None:
@@ -377,6 +398,7 @@ class ZcrxTransport(asyncio.Transport):
     # -- closing ---------------------------------------------------------------
 
     def is_closing(self) -> bool:
+        """Whether the transport is closing or closed."""
         return self._closing
 
     def close(self) -> None:
@@ -390,6 +412,8 @@ class ZcrxTransport(asyncio.Transport):
             self._loop.call_soon(self._call_connection_lost, None)
 
     def abort(self) -> None:
+        """Close at once: queued data is dropped, and the protocol's
+        ``connection_lost(None)`` follows."""
         self._force_close(None)
 
     def _force_close(self, exc: BaseException | None) -> None:
@@ -443,9 +467,11 @@ class ZcrxTransport(asyncio.Transport):
             self._sock.close()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
+        """The protocol that gets the data."""
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Hand the connection to another protocol."""
         deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
         self._protocol = protocol
         self._deliver = deliver
