@@ -1,17 +1,29 @@
-"""Builds the Cython extensions of iouzcrx (metadata lives in pyproject.toml)."""
+"""Builds the Cython extensions of iouzcrx (metadata lives in pyproject.toml).
+
+The extensions list their ``.pyx`` files as sources and are cythonized when
+they are built, not when this file is read: an sdist then carries the ``.pyx``
+and never a stale generated ``.c``, and making the sdist runs no Cython.
+"""
 
 import sys
 
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 if not sys.platform.startswith("linux"):
     sys.exit("iouzcrx needs Linux: it is built on io_uring")
 
+try:
+    # setuptools' build_ext cythonizes .pyx sources only when Cython imports;
+    # without it, it would look for .c files that the sdist does not ship.
+    import Cython.Distutils  # noqa: F401
+except ImportError:
+    sys.exit("building iouzcrx needs Cython >= 3.1 (a build requirement in pyproject.toml)")
+
 MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe"]
 
-extensions = [
-    Extension(
+
+def extension(name: str) -> Extension:
+    ext = Extension(
         f"iouzcrx.{name}",
         [f"iouzcrx/{name}.pyx"],
         include_dirs=["iouzcrx"],
@@ -24,12 +36,9 @@ extensions = [
             "-Wno-missing-field-initializers",
         ],
     )
-    for name in MODULES
-]
+    # Read by Cython's build_ext, which setuptools' build_ext extends.
+    ext.cython_directives = {"language_level": 3, "embedsignature": True}
+    return ext
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives={"language_level": 3, "embedsignature": True},
-    ),
-)
+
+setup(ext_modules=[extension(name) for name in MODULES])

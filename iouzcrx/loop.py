@@ -12,7 +12,6 @@ import asyncio
 import os
 import select
 import selectors
-import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -140,18 +139,7 @@ def run(
     main: Coroutine[Any, Any, T], *, debug: bool | None = None, use_uvloop: bool | None = None
 ) -> T:
     """``asyncio.run`` on a loop with ``create_zcrx_server``."""
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(
-            debug=debug, loop_factory=lambda: new_event_loop(use_uvloop=use_uvloop)
-        ) as runner:
-            return runner.run(main)
-    loop = new_event_loop(use_uvloop=use_uvloop)  # pragma: no cover - Python 3.10
-    try:
-        asyncio.set_event_loop(loop)
-        if debug is not None:
-            loop.set_debug(debug)
-        return loop.run_until_complete(main)
-    finally:
-        asyncio.set_event_loop(None)
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    with asyncio.Runner(
+        debug=debug, loop_factory=lambda: new_event_loop(use_uvloop=use_uvloop)
+    ) as runner:
+        return runner.run(main)
