@@ -277,7 +277,8 @@ else:
         for item in items:
             callspec = getattr(item, "callspec", None)
             ids = callspec.id.split("-") if callspec is not None else []
-            if "uvloop" in ids or "uvloop" in getattr(callspec, "params", {}).values():
+            params = getattr(callspec, "params", {})
+            if "uvloop" in ids or "uvloop" in params.values() or params.get("use_uvloop"):
                 item.add_marker(pytest.mark.skip(reason=NO_UVLOOP_REASON))
 
 
