@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +29,12 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_RETRY_DELAY = 1.0
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+# asyncio's Server.wait_closed() waits for the open connections only since
+# 3.12.1; before, once close() had been called it returned at once. The server
+# does what asyncio does on the running Python, so that code written for either
+# behaves the same on either server.
+_WAIT_CLOSED_WAITS_FOR_CONNECTIONS = sys.version_info >= (3, 12, 1)
 
 
 class ZcrxServer(asyncio.AbstractServer):
@@ -303,8 +310,11 @@ class ZcrxServer(asyncio.AbstractServer):
             close()
 
     async def wait_closed(self) -> None:
-        """Wait until the server is closed and every connection has ended."""
-        if self._closed and not self._connections:
+        """Wait until the server is closed and every connection has ended.
+
+        As asyncio's before Python 3.12.1, it returns at once there when
+        close() was already called, connections or not."""
+        if self._closed and (not self._connections or not _WAIT_CLOSED_WAITS_FOR_CONNECTIONS):
             return
         waiter = self._loop.create_future()
         self._waiters.append(waiter)

@@ -262,8 +262,24 @@ class _CheckedSelectorLoop(_CheckedLoopMixin, iouzcrx.loop.SelectorEventLoop):
     pass
 
 
-class _CheckedUVLoop(_CheckedLoopMixin, iouzcrx.loop.UVLoop):  # type: ignore[misc]
-    pass
+if iouzcrx.loop.uvloop_available():
+
+    class _CheckedUVLoop(_CheckedLoopMixin, iouzcrx.loop.UVLoop):  # type: ignore[misc]
+        pass
+
+else:
+    # uvloop has no build for every Python (none for free-threaded 3.13):
+    # there every test that runs on uvloop skips, saying so.
+    _CheckedUVLoop = None  # type: ignore[assignment, misc]
+    NO_UVLOOP_REASON = "uvloop is not installed for this Python (it has no build for it)"
+
+    def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            ids = callspec.id.split("-") if callspec is not None else []
+            params = getattr(callspec, "params", {})
+            if "uvloop" in ids or "uvloop" in params.values() or params.get("use_uvloop"):
+                item.add_marker(pytest.mark.skip(reason=NO_UVLOOP_REASON))
 
 
 def _track_servers() -> None:
@@ -292,7 +308,8 @@ _track_servers()
 
 # libuv opens a process-wide pipe pair with the first loop, for good: open it
 # now so that no test's fd count includes it.
-iouzcrx.new_event_loop(use_uvloop=True).close()
+if iouzcrx.loop.uvloop_available():
+    iouzcrx.new_event_loop(use_uvloop=True).close()
 
 
 def _open_fds() -> dict[int, str]:
@@ -357,7 +374,7 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     (iouzcrx's loops, checked by ``_loop_resource_check``)."""
     return {
         "asyncio": _CheckedSelectorLoop,
-        "uvloop": _CheckedUVLoop,
+        "uvloop": _CheckedUVLoop or _CheckedSelectorLoop,  # skipped without uvloop
     }
 
 

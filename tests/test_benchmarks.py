@@ -5,6 +5,7 @@ business, never a test's)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,6 +55,10 @@ def listed_receivers() -> list[str]:
 
 
 @pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
+@pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None,
+    reason="the suite's receivers include uvloop ones; uvloop is not installed for this Python",
+)
 def test_quick_suite_on_the_host(tmp_path: Path) -> None:
     results = run_suite(tmp_path)
     assert results["failures"] == []

@@ -10,6 +10,7 @@ refused. A crash, a hang or any other exception fails the case.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import selectors
 import signal
@@ -547,6 +548,10 @@ PARAMS: dict[str, dict[str, list[tuple[Any, bool]]]] = {
 }
 
 
+# uvloop has no build for every Python (none for free-threaded 3.13).
+LOOP_KINDS = ["asyncio", "uvloop"] if importlib.util.find_spec("uvloop") else ["asyncio"]
+
+
 def cases_for(entry: str) -> st.SearchStrategy[dict[str, Any]]:
     options = [
         {"entry": entry, "param": param, "value": value, "bad": bad}
@@ -555,7 +560,7 @@ def cases_for(entry: str) -> st.SearchStrategy[dict[str, Any]]:
     ]
     case = st.sampled_from(options)
     if entry in ("create_zcrx_server", "start_server", "open_connection"):
-        return st.tuples(case, st.sampled_from(["asyncio", "uvloop"])).map(
+        return st.tuples(case, st.sampled_from(LOOP_KINDS)).map(
             lambda pair: {**pair[0], "loop": pair[1]}
         )
     return case

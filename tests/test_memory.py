@@ -14,6 +14,7 @@ import ctypes
 import gc
 import socket
 import sys
+import sysconfig
 
 import pytest
 from conftest import SCALE, SERVER_MODES, Sender
@@ -35,6 +36,10 @@ _libc = ctypes.CDLL(None)
 # more blocks than this by itself, one per 4 KiB chunk adds 65,536.
 MAX_NEW_BLOCKS = 100
 MAX_RSS_GROWTH = 1 << 20
+# A free-threaded build allocates objects with mimalloc: the heap of each
+# sender thread keeps freed pages resident for a while, beyond the reach of
+# malloc_trim(). There the block count alone measures growth.
+RSS_MEASURES_GROWTH = not sysconfig.get_config_var("Py_GIL_DISABLED")
 
 
 def resident_bytes() -> int:
@@ -73,7 +78,8 @@ async def measure(port: int, received: asyncio.Queue[int]) -> tuple[int, int]:
 def check(growth: tuple[int, int]) -> None:
     blocks, rss = growth
     assert blocks <= MAX_NEW_BLOCKS, f"{blocks} Python blocks more after {MEASURED} transfers"
-    assert rss <= MAX_RSS_GROWTH, f"resident memory grew {rss / 1024:.0f} KiB"
+    if RSS_MEASURES_GROWTH:
+        assert rss <= MAX_RSS_GROWTH, f"resident memory grew {rss / 1024:.0f} KiB"
 
 
 async def test_a_zero_copy_protocol_server_does_not_grow(mode):
