@@ -258,7 +258,7 @@ class Supervisor:
         on_event: Callable[[dict[str, Any]], object] | None = None,
         **server_options: Any,
     ) -> None:
-        self.workers = check_workers(workers)
+        self._workers = check_workers(workers)
         for name, why in _REFUSED_OPTIONS.items():
             if name in server_options:
                 raise TypeError(f"{name}= is not an option of a supervised server: {why}")
@@ -278,13 +278,13 @@ class Supervisor:
             raise TypeError(f"worker_init must be callable or None, not {worker_init!r}")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable or None, not {on_event!r}")
-        self.shutdown_timeout = _seconds("shutdown_timeout", shutdown_timeout)
-        self.kill_timeout = _seconds("kill_timeout", kill_timeout)
-        self.backoff = _seconds("backoff", backoff, positive=True)
-        self.max_backoff = max(_seconds("max_backoff", max_backoff, positive=True), self.backoff)
-        self.min_uptime = _seconds("min_uptime", min_uptime)
-        self.stats_interval = _seconds("stats_interval", stats_interval, positive=True)
-        self.start_timeout = _seconds("start_timeout", start_timeout, positive=True)
+        self._shutdown_timeout = _seconds("shutdown_timeout", shutdown_timeout)
+        self._kill_timeout = _seconds("kill_timeout", kill_timeout)
+        self._backoff = _seconds("backoff", backoff, positive=True)
+        self._max_backoff = max(_seconds("max_backoff", max_backoff, positive=True), self._backoff)
+        self._min_uptime = _seconds("min_uptime", min_uptime)
+        self._stats_interval = _seconds("stats_interval", stats_interval, positive=True)
+        self._start_timeout = _seconds("start_timeout", start_timeout, positive=True)
         self._app = _resolve(app)
         self._streams = inspect.iscoroutinefunction(self._app)
         self._host = host
@@ -294,9 +294,9 @@ class Supervisor:
         self._on_event = on_event
         self._options = server_options
         self._owner = os.getpid()
-        self._slots = [_Slot(i) for i in range(self.workers)]
+        self._slots = [_Slot(i) for i in range(self._workers)]
         self._reserved: list[socket.socket] = []
-        self.port: int | None = None
+        self._port_bound: int | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._lock = threading.Lock()
@@ -306,9 +306,20 @@ class Supervisor:
         self._kill_at: float | None = None
 
     def __repr__(self) -> str:
-        return f"<Supervisor {self._state} workers={self.workers} port={self.port}>"
+        return f"<Supervisor {self._state} workers={self._workers} port={self._port_bound}>"
 
     # -- public ------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """The number of worker processes."""
+        return self._workers
+
+    @property
+    def port(self) -> int | None:
+        """The port the workers share (resolved when 0 was asked for), once
+        started."""
+        return self._port_bound
 
     @property
     def closed(self) -> bool:
@@ -340,7 +351,7 @@ class Supervisor:
                 "start the supervisor outside any running event loop: workers are forked, "
                 "and a forked child cannot use its parent's loop or ring"
             )
-        self._reserved, self.port = _reserve_port(
+        self._reserved, self._port_bound = _reserve_port(
             self._host,
             self._port,
             self._options.get("family", socket.AF_UNSPEC),
@@ -351,11 +362,11 @@ class Supervisor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._state = "running"
         addresses = [s.getsockname() for s in self._reserved]
-        self._emit({"event": "listening", "port": self.port, "addresses": addresses})
+        self._emit({"event": "listening", "port": self._port_bound, "addresses": addresses})
         with self._lock:
             for slot in self._slots:
                 self._spawn(slot)
-            deadline = time.monotonic() + self.start_timeout
+            deadline = time.monotonic() + self._start_timeout
             while not self._stop_requested:
                 failed = [s for s in self._slots if s.ready_at is None and s.state == "waiting"]
                 if failed:
@@ -369,7 +380,7 @@ class Supervisor:
                 if left <= 0:
                     self._finish_locked(force=True)
                     raise WorkerStartError(
-                        f"workers did not start within start_timeout={self.start_timeout} s"
+                        f"workers did not start within start_timeout={self._start_timeout} s"
                     )
                 self._poll(left)
 
@@ -685,9 +696,9 @@ class Supervisor:
             slot.state = "exited"
         else:
             now = time.monotonic()
-            quick = slot.ready_at is None or now - slot.ready_at < self.min_uptime
+            quick = slot.ready_at is None or now - slot.ready_at < self._min_uptime
             slot.failures = slot.failures + 1 if quick else 1
-            delay = min(self.max_backoff, self.backoff * 2 ** (slot.failures - 1))
+            delay = min(self._max_backoff, self._backoff * 2 ** (slot.failures - 1))
             slot.state = "waiting"
             slot.restart_at = now + delay
             event["restart_in"] = delay
@@ -713,7 +724,7 @@ class Supervisor:
                 slot.state = "stopping"
                 _signal(slot.pid, signal.SIGKILL if force else signal.SIGTERM)
         self._kill_at = time.monotonic() + (
-            0.0 if force else self.shutdown_timeout + self.kill_timeout
+            0.0 if force else self._shutdown_timeout + self._kill_timeout
         )
         while any(slot.pid is not None for slot in self._slots):
             if self._kill_requested and self._kill_at is not None:
@@ -817,7 +828,7 @@ class _Worker:
             if supervisor._worker_init is not None:
                 supervisor._worker_init(self.index)
             make = start_server if supervisor._streams else create_zcrx_server
-            args: tuple[Any, ...] = (self.application(), supervisor._host, supervisor.port)
+            args: tuple[Any, ...] = (self.application(), supervisor._host, supervisor._port_bound)
             if make is create_zcrx_server:
                 args = (loop, *args)
             self.server = await make(*args, reuse_port=True, **supervisor._options)
@@ -827,17 +838,17 @@ class _Worker:
             return _EXIT_START_FAILED
         server = self.server
         self.send("serving", stats=self.counters(), refused=server.refused)
-        reporter = loop.create_task(self.report_every(supervisor.stats_interval))
+        reporter = loop.create_task(self.report_every(supervisor._stats_interval))
         try:
             await stop
         finally:
             reporter.cancel()
         server.close()
         aborted = 0
-        if not await self.drained(supervisor.shutdown_timeout):
+        if not await self.drained(supervisor._shutdown_timeout):
             aborted = len(server._connections)
             server.abort_clients()
-            await self.drained(supervisor.kill_timeout)
+            await self.drained(supervisor._kill_timeout)
         self.send("stopped", stats=self.counters(), aborted=aborted)
         return 0
 
