@@ -760,16 +760,20 @@ class Supervisor:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with_parent(self._owner)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        worker = _Worker(self, index, pipe)
+        # SIGTERM stays blocked (pending, if it comes) until the worker's
+        # loop handles it: a stop while the worker boots is then a graceful
+        # one, never a death by the signal's default action.
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked | {signal.SIGTERM})
+        worker = _Worker(self, index, pipe, blocked)
         return run_loop(worker.serve(), use_uvloop=self._use_uvloop)
 
 
 class _Worker:
     """What runs in one worker process: its loop, its server, its reports."""
 
-    def __init__(self, supervisor: Supervisor, index: int, pipe: int) -> None:
+    def __init__(self, supervisor: Supervisor, index: int, pipe: int, mask: set[Any]) -> None:
         self.supervisor = supervisor
+        self.mask = mask
         self.index = index
         self.pipe = pipe
         self.connections = 0
@@ -824,6 +828,7 @@ class _Worker:
                 stop.set_result(None)
 
         loop.add_signal_handler(signal.SIGTERM, request_stop)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         try:
             if supervisor._worker_init is not None:
                 supervisor._worker_init(self.index)
@@ -832,7 +837,7 @@ class _Worker:
             if make is create_zcrx_server:
                 args = (loop, *args)
             self.server = await make(*args, reuse_port=True, **supervisor._options)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             traceback.print_exc()
             self.send("failed", error=f"{type(exc).__name__}: {exc}")
             return _EXIT_START_FAILED

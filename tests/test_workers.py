@@ -11,6 +11,7 @@ servers run in bufring mode, which the host kernel has, on both loops.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
@@ -561,3 +562,48 @@ def test_the_cli_reports_bad_workers_and_exits_1():
     )
     assert result.returncode == 1
     assert "workers must be from 1 to 1024 processes, not 0" in result.stderr
+
+
+# -- the example ----------------------------------------------------------------------
+
+EXAMPLE = os.path.join(os.path.dirname(TESTS), "examples", "serve_workers.py")
+
+
+@pytest.mark.skipif(not os.path.isfile(EXAMPLE), reason=f"no {EXAMPLE} beside the tests")
+def test_the_serve_workers_example_digests_streams_and_stops_on_sigterm():
+    proc = subprocess.Popen(
+        [sys.executable, EXAMPLE, "--workers", "2", "--port", "0", "--mode", "bufring"],
+        cwd=TESTS,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[-1])
+        for _ in range(2):
+            assert ": mode bufring" in proc.stdout.readline()
+
+        async def one(seed: int) -> tuple[bytes, bytes]:
+            data = payload(seed, 300_000 + seed)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.readline(), EVENT_TIMEOUT)
+            writer.close()
+            expected = f"{len(data)} {hashlib.sha256(data).hexdigest()} ".encode()
+            return answer, expected
+
+        async def all_of_them() -> list[tuple[bytes, bytes]]:
+            return await asyncio.gather(*(one(seed) for seed in range(10)))
+
+        for answer, expected in asyncio.run(all_of_them()):
+            assert answer.startswith(expected)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=EXIT_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    summary = [line for line in out.splitlines() if line.startswith("worker ")]
+    assert len(summary) == 2 and all(line.endswith("exit 0") for line in summary)
+    assert sum(int(line.split(": ")[1].split()[0]) for line in summary) == 10
