@@ -364,25 +364,32 @@ class Supervisor:
         addresses = [s.getsockname() for s in self._reserved]
         self._emit({"event": "listening", "port": self._port_bound, "addresses": addresses})
         with self._lock:
-            for slot in self._slots:
-                self._spawn(slot)
-            deadline = time.monotonic() + self._start_timeout
-            while not self._stop_requested:
-                failed = [s for s in self._slots if s.ready_at is None and s.state == "waiting"]
-                if failed:
-                    slot = failed[0]
-                    reason = slot.error or f"exit status {slot.returncode}"
-                    self._finish_locked(force=True)
-                    raise WorkerStartError(f"worker {slot.index} failed to start: {reason}")
-                if all(s.ready_at is not None for s in self._slots):
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._finish_locked(force=True)
-                    raise WorkerStartError(
-                        f"workers did not start within start_timeout={self._start_timeout} s"
-                    )
-                self._poll(left)
+            try:
+                self._start_locked()
+            except BaseException:
+                # A fork that failed, a worker that could not start, Ctrl-C
+                # without run()'s handlers: no worker outlives a failed start.
+                self._finish_locked(force=True)
+                raise
+
+    def _start_locked(self) -> None:
+        for slot in self._slots:
+            self._spawn(slot)
+        deadline = time.monotonic() + self._start_timeout
+        while not self._stop_requested:
+            failed = [s for s in self._slots if s.ready_at is None and s.state == "waiting"]
+            if failed:
+                slot = failed[0]
+                reason = slot.error or f"exit status {slot.returncode}"
+                raise WorkerStartError(f"worker {slot.index} failed to start: {reason}")
+            if all(s.ready_at is not None for s in self._slots):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerStartError(
+                    f"workers did not start within start_timeout={self._start_timeout} s"
+                )
+            self._poll(left)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Supervise (restart, gather stats, carry out a requested stop) for
