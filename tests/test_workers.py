@@ -194,11 +194,13 @@ async def run_streams(port: int, count: int, length: int, *, concurrency: int = 
 def test_a_thousand_connections_over_several_workers_arrive_byte_exact(loop, workers):
     if loop == "uvloop" and not uvloop_available():
         pytest.skip("uvloop is not installed")
-    with served(
-        "workers_app:Verify", "--workers", str(workers), "--mode", "bufring", "--loop", loop
-    ) as server:
+    args = ("--workers", str(workers), "--mode", "bufring", "--loop", loop)
+    with served("workers_app:Verify", *args, "--stats-interval", "0.2") as server:
         pids = server.serving(workers)
         streams = asyncio.run(run_streams(server.port, 1000, 16 << 10))
+        # While they serve, each worker reports its figures on its own.
+        live = server.wait_for(lambda e: e["event"] == "stats" and e["connections"] > 0)
+        assert live["mode"] == "bufring" and live["bytes"] > 0
         bad = [(s.seed, s.reply, s.error) for s in streams if not s.verified]
         assert not bad, f"{len(bad)} connections not verified, e.g. {bad[:5]}"
         served_by = {s.pid for s in streams}
@@ -336,6 +338,19 @@ def test_sigint_lets_open_connections_finish_then_every_worker_exits_0(loop):
     assert [w["aborted"] for w in final] == [0, 0, 0]
     assert sum(w["connections"] for w in final) == 12 + probes
     assert all(process_gone(pid) for pid in pids.values())
+
+
+def test_workers_stop_when_the_supervisor_is_killed():
+    with served("workers_app:Verify", "--workers", "2", "--mode", "bufring") as server:
+        pids = server.serving(2)
+        server.proc.kill()
+        server.proc.wait(timeout=EXIT_TIMEOUT)
+        # PR_SET_PDEATHSIG: each worker gets SIGTERM and stops on its own.
+        for _ in range(int(EXIT_TIMEOUT / 0.05)):
+            if all(process_gone(pid) for pid in pids.values()):
+                break
+            threading.Event().wait(0.05)
+        assert all(process_gone(pid) for pid in pids.values())
 
 
 def test_connections_still_open_after_shutdown_timeout_are_aborted_and_workers_exit_0():
