@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from conftest import requires_copy_mode
 from isolation import TESTS, child_env
 from workers_app import HEADER, payload
 
@@ -218,6 +219,22 @@ def test_a_thousand_connections_over_several_workers_arrive_byte_exact(loop, wor
         assert w["connections"] == len(mine)
         assert w["bytes"] == sum(len(s.data) for s in mine)
     assert all(process_gone(pid) for pid in pids.values())
+
+
+@pytest.mark.vm
+@requires_copy_mode
+def test_workers_each_register_their_own_zcrx_queue_in_copy_mode():
+    # Kept small: the VM emulates its CPU.
+    args = ("--workers", "2", "--mode", "copy", "--area", "4")
+    with served("workers_app:Verify", *args) as server:
+        pids = server.serving(2)
+        streams = asyncio.run(run_streams(server.port, 24, 4 << 10, concurrency=8))
+        assert all(s.verified for s in streams), [s.reply for s in streams if not s.verified]
+        assert {s.pid for s in streams} == set(pids.values())
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert [w["mode"] for w in final] == ["copy", "copy"]
+    assert sum(w["bytes"] for w in final) == sum(len(s.data) for s in streams)
 
 
 def test_streams_handler_is_served_by_workers():
