@@ -952,6 +952,13 @@ def main(argv: list[str] | None = None) -> int:
         help="how long connections may drain at shutdown (default 30)",
     )
     parser.add_argument(
+        "--kill-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="after the drain, how long a worker may take to exit before SIGKILL (default 5)",
+    )
+    parser.add_argument(
         "--backoff",
         type=float,
         default=0.1,
@@ -1013,6 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             use_uvloop=None if args.loop is None else args.loop == "uvloop",
             shutdown_timeout=args.shutdown_timeout,
+            kill_timeout=args.kill_timeout,
             backoff=args.backoff,
             stats_interval=args.stats_interval,
             worker_init=None if args.init is None else _resolve(args.init),

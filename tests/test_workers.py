@@ -340,6 +340,10 @@ def test_sigint_lets_open_connections_finish_then_every_worker_exits_0(loop):
                     _, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 except ConnectionRefusedError:
                     break
+                except ConnectionResetError:
+                    # Queued on a listener that closed before accepting it.
+                    await asyncio.sleep(0.05)
+                    continue
                 probes += 1
                 writer.close()
                 await asyncio.sleep(0.05)
@@ -353,7 +357,9 @@ def test_sigint_lets_open_connections_finish_then_every_worker_exits_0(loop):
     assert returncode == 0
     assert [w["returncode"] for w in final] == [0, 0, 0]
     assert [w["aborted"] for w in final] == [0, 0, 0]
-    assert sum(w["connections"] for w in final) == 12 + probes
+    # A probe may have been queued on a listener that closed before its
+    # worker accepted it: reset, never served.
+    assert 12 <= sum(w["connections"] for w in final) <= 12 + probes
     assert all(process_gone(pid) for pid in pids.values())
 
 
