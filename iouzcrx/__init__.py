@@ -38,6 +38,7 @@ from iouzcrx.server import ZcrxServer
 from iouzcrx.server import create_zcrx_server as _create_on_loop
 from iouzcrx.streams import ZcrxStreamReader, ZcrxStreamWriter, open_connection, start_server
 from iouzcrx.transport import ZcrxTransport
+from iouzcrx.workers import Supervisor, WorkerStartError, serve
 
 __version__ = "0.1.0"
 
@@ -100,6 +101,9 @@ __all__ = [
     "new_event_loop",
     "run",
     "select_mode",
+    "serve",
+    "Supervisor",
+    "WorkerStartError",
     "Completion",
     "InterfaceNotFound",
     "InvalidConfiguration",

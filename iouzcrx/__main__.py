@@ -1,4 +1,4 @@
-"""Command line: ``python -m iouzcrx demo|doctor|features``."""
+"""Command line: ``python -m iouzcrx demo|doctor|features|serve``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ def main(argv: list[str]) -> int:
         from iouzcrx.doctor import main as doctor
 
         return doctor(argv[1:])
+    if command == "serve":
+        from iouzcrx.workers import main as serve
+
+        return serve(argv[1:])
     if command == "features":
         from iouzcrx._probe import kernel_features
 
         print(json.dumps(kernel_features().as_dict(), indent=2))
         return 0
-    print("usage: python -m iouzcrx {demo,doctor,features} [options]", file=sys.stderr)
+    print("usage: python -m iouzcrx {demo,doctor,features,serve} [options]", file=sys.stderr)
     return 0 if command in ("help", "-h", "--help") else 2
 
 

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import functools
 import logging
+import numbers
 import os
 import socket
 import sys
@@ -14,12 +15,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from iouzcrx._ring import CQE_F_MORE
+from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.modes import DEFAULT_AREA_SIZE, DEFAULT_BUFFER_SIZE, ModeSelection, select_mode
 from iouzcrx.reactor import Reactor
 from iouzcrx.socket_transport import AreaReadingProtocol, RefusedConnection
 from iouzcrx.transport import ZcrxTransport
 
-__all__ = ["ZcrxServer", "attach_connection", "create_zcrx_server"]
+__all__ = ["MAX_WORKERS", "ZcrxServer", "attach_connection", "check_workers", "create_zcrx_server"]
 
 log = logging.getLogger("iouzcrx")
 
@@ -403,6 +405,36 @@ def _stop_listening(sock: socket.socket) -> None:
         pass  # never listened, or already shut down: nothing listens
 
 
+# More worker processes than this is a typo, not a deployment.
+MAX_WORKERS = 1024
+
+
+def check_workers(workers: Any) -> int:
+    """The number of worker processes, 1 to MAX_WORKERS."""
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral):
+        raise TypeError(
+            f"workers must be an int (the number of processes, 1 to {MAX_WORKERS}), not {workers!r}"
+        )
+    count = int(workers)
+    if not 1 <= count <= MAX_WORKERS:
+        hint = " (one per core is the usual choice: os.cpu_count())" if count < 1 else ""
+        raise InvalidConfiguration(
+            f"workers must be from 1 to {MAX_WORKERS} processes, not {count}{hint}"
+        )
+    return count
+
+
+def _check_single_worker(workers: Any) -> None:
+    count = check_workers(workers)
+    if count != 1:
+        raise InvalidConfiguration(
+            f"workers={count}: a server made on a running loop serves from this one "
+            f"process; for {count} processes sharing the port, call "
+            f"iouzcrx.serve(factory, host, port, workers={count}) (or python -m "
+            f"iouzcrx serve MODULE:FACTORY --workers {count}) outside any event loop"
+        )
+
+
 def _transport_of(connection: Any) -> asyncio.Transport:
     if isinstance(connection, AreaReadingProtocol):
         assert connection.transport is not None
@@ -528,12 +560,17 @@ async def create_zcrx_server(
     reuse_address: bool | None = None,
     reuse_port: bool | None = None,
     start_serving: bool = True,
+    workers: int | None = None,
 ) -> ZcrxServer:
     """Like ``loop.create_server``, receiving through zero-copy receive.
 
     ``mode`` is ``"auto"`` (zerocopy when ``interface`` and ``queue`` are
     given, then copy, bufring, socket), or one of those to insist on it.
+    ``workers`` may only be 1 (or None): a server made on a running loop
+    serves from this process; ``iouzcrx.serve(..., workers=N)`` runs N.
     """
+    if workers is not None:
+        _check_single_worker(workers)
     if ssl is not None:
         raise ValueError(
             "ssl= is not supported by create_zcrx_server: zero-copy receive hands over "

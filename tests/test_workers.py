@@ -1,0 +1,647 @@
+"""``workers=N``: N processes share the port, every byte arrives, a crashed
+worker loses only its own connections and comes back, and a stop is
+graceful.
+
+The supervisor forks, so it runs in a child interpreter (``python -m iouzcrx
+serve`` or a script), never in pytest's own process. Its events come back
+as JSON lines; the clients are plain asyncio streams on the stock loop. The
+servers run in bufring mode, which the host kernel has, on both loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from conftest import requires_copy_mode
+from isolation import TESTS, child_env
+from workers_app import HEADER, payload
+
+import iouzcrx
+from iouzcrx.loop import uvloop_available
+
+LOOPS = [
+    pytest.param("asyncio", id="asyncio"),
+    pytest.param(
+        "uvloop",
+        id="uvloop",
+        marks=pytest.mark.skipif(not uvloop_available(), reason="uvloop is not installed"),
+    ),
+]
+
+# Generous bounds for a loaded two-core machine: they end a broken test, they
+# never decide a passing one.
+EVENT_TIMEOUT = 60.0
+EXIT_TIMEOUT = 60.0
+
+
+class Served:
+    """``python -m iouzcrx serve`` in a child, its events read as they come."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "iouzcrx", "serve", "--port", "0", "--json", *args],
+            cwd=TESTS,
+            env=env or child_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = self.wait_for(lambda e: e["event"] == "listening")["port"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(json.loads(line))
+        self._queue.put(None)
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The next event matching ``predicate`` (earlier ones are kept in
+        ``events``)."""
+        while True:
+            try:
+                event = self._queue.get(timeout=EVENT_TIMEOUT)
+            except queue.Empty:
+                raise AssertionError(
+                    f"no such event within {EVENT_TIMEOUT} s: {self.events}"
+                ) from None
+            if event is None:
+                raise AssertionError(f"the supervisor ended first: {self.events}")
+            self.events.append(event)
+            if predicate(event):
+                return event
+
+    def serving(self, count: int) -> dict[int, int]:
+        """worker index -> pid, once ``count`` workers serve."""
+        pids: dict[int, int] = {}
+        while len(pids) < count:
+            event = self.wait_for(lambda e: e["event"] == "serving")
+            pids[event["worker"]] = event["pid"]
+        return pids
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, list[dict[str, Any]]]:
+        """Signal the supervisor; its exit status and final per-worker stats."""
+        self.proc.send_signal(signum)
+        return self.ended()
+
+    def ended(self) -> tuple[int, list[dict[str, Any]]]:
+        """Once the supervisor exits: its status and final per-worker stats."""
+        returncode = self.proc.wait(timeout=EXIT_TIMEOUT)
+        self._reader.join(timeout=EXIT_TIMEOUT)
+        while (event := self._queue.get_nowait()) is not None:
+            self.events.append(event)
+        final = [e for e in self.events if e["event"] == "stopped"]
+        assert final, f"no final report: {self.events}"
+        return returncode, final[-1]["workers"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=EXIT_TIMEOUT)
+
+
+@contextmanager
+def served(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    server = Served(*args, env=env)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")  # only a zombie left
+    except FileNotFoundError:
+        return True
+
+
+class Stream:
+    """One client connection of the workers_app contract."""
+
+    def __init__(self, port: int, seed: int, length: int) -> None:
+        self.port = port
+        self.seed = seed
+        self.length = length
+        self.data = HEADER.pack(seed, length) + payload(seed, length)
+        self.pid: int | None = None
+        self.reply = ""
+        self.error: BaseException | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", self.port), EVENT_TIMEOUT
+        )
+        hello = await asyncio.wait_for(self.reader.readline(), EVENT_TIMEOUT)
+        assert hello.startswith(b"HELLO "), hello
+        self.pid = int(hello.split()[1])
+
+    async def send(self, start: int, end: int) -> None:
+        self.writer.write(self.data[start:end])
+        await asyncio.wait_for(self.writer.drain(), EVENT_TIMEOUT)
+
+    async def finish(self, start: int = 0) -> None:
+        """Send from ``start`` on, EOF, read the verdict."""
+        try:
+            await self.send(start, len(self.data))
+            self.writer.write_eof()
+            reply = await asyncio.wait_for(self.reader.readline(), EVENT_TIMEOUT)
+            self.reply = reply.decode().strip()
+        except (ConnectionError, OSError) as exc:
+            self.error = exc
+        finally:
+            self.writer.close()
+
+    @property
+    def verified(self) -> bool:
+        return self.reply == f"OK {self.pid} {self.length}"
+
+    async def run(self) -> Stream:
+        await self.open()
+        await self.finish()
+        return self
+
+
+async def run_streams(port: int, count: int, length: int, *, concurrency: int = 64) -> list[Stream]:
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(seed: int) -> Stream:
+        async with limit:
+            return await Stream(port, seed, length + seed % 4099).run()
+
+    return await asyncio.gather(*(one(seed) for seed in range(count)))
+
+
+# -- every byte, many workers -------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop,workers", [("asyncio", 2), ("uvloop", 4)])
+def test_a_thousand_connections_over_several_workers_arrive_byte_exact(loop, workers):
+    if loop == "uvloop" and not uvloop_available():
+        pytest.skip("uvloop is not installed")
+    args = ("--workers", str(workers), "--mode", "bufring", "--loop", loop)
+    with served("workers_app:Verify", *args, "--stats-interval", "0.2") as server:
+        pids = server.serving(workers)
+        streams = asyncio.run(run_streams(server.port, 1000, 16 << 10))
+        # While they serve, each worker reports its figures on its own.
+        live = server.wait_for(lambda e: e["event"] == "stats" and e["bytes"] > 0)
+        assert live["mode"] == "bufring" and live["connections"] > 0
+        bad = [(s.seed, s.reply, s.error) for s in streams if not s.verified]
+        assert not bad, f"{len(bad)} connections not verified, e.g. {bad[:5]}"
+        served_by = {s.pid for s in streams}
+        assert served_by <= set(pids.values())
+        assert len(served_by) > 1, "SO_REUSEPORT spread no connection to a second worker"
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert [w["returncode"] for w in final] == [0] * workers
+    assert {w["mode"] for w in final} == {"bufring"}
+    assert sum(w["connections"] for w in final) == 1000
+    total = sum(len(s.data) for s in streams)
+    assert sum(w["bytes"] for w in final) == total
+    for w in final:
+        mine = [s for s in streams if s.pid == w["pid"]]
+        assert w["connections"] == len(mine)
+        assert w["bytes"] == sum(len(s.data) for s in mine)
+    assert all(process_gone(pid) for pid in pids.values())
+
+
+@pytest.mark.vm
+@requires_copy_mode
+def test_workers_each_register_their_own_zcrx_queue_in_copy_mode():
+    # Kept small: the VM emulates its CPU.
+    args = ("--workers", "2", "--mode", "copy", "--area", "4")
+    with served("workers_app:Verify", *args) as server:
+        pids = server.serving(2)
+        streams = asyncio.run(run_streams(server.port, 24, 4 << 10, concurrency=8))
+        assert all(s.verified for s in streams), [s.reply for s in streams if not s.verified]
+        assert {s.pid for s in streams} == set(pids.values())
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert [w["mode"] for w in final] == ["copy", "copy"]
+    assert sum(w["bytes"] for w in final) == sum(len(s.data) for s in streams)
+
+
+def test_streams_handler_is_served_by_workers():
+    with served("workers_app:verify_streams", "--workers", "2", "--mode", "bufring") as server:
+        server.serving(2)
+        streams = asyncio.run(run_streams(server.port, 50, 64 << 10))
+        assert all(s.verified for s in streams), [s.reply for s in streams if not s.verified]
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert sum(w["connections"] for w in final) == 50
+
+
+# -- a crash costs only the crashed worker's connections -------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_killed_worker_loses_only_its_own_connections_and_is_restarted(loop):
+    with served(
+        "workers_app:Verify", "--workers", "2", "--mode", "bufring", "--loop", loop
+    ) as server:
+        pids = server.serving(2)
+
+        async def scenario() -> tuple[int, list[Stream]]:
+            streams = [Stream(server.port, seed, 256 << 10) for seed in range(40)]
+            await asyncio.gather(*(s.open() for s in streams))
+            owners = {s.pid for s in streams}
+            assert len(owners) == 2, f"all 40 connections went to one worker: {owners}"
+            # Mid-stream: half of every stream is on its way.
+            await asyncio.gather(*(s.send(0, len(s.data) // 2) for s in streams))
+            victim = streams[0].pid
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            await asyncio.gather(*(s.finish(len(s.data) // 2) for s in streams))
+            return victim, streams
+
+        victim, streams = asyncio.run(scenario())
+        lost = [s for s in streams if not s.verified]
+        assert {s.pid for s in lost} == {victim}
+        assert all(s.verified for s in streams if s.pid != victim)
+        assert len(lost) == sum(1 for s in streams if s.pid == victim)
+        (slot,) = [i for i, pid in pids.items() if pid == victim]
+        exited = server.wait_for(lambda e: e["event"] == "exited" and e["pid"] == victim)
+        assert exited["returncode"] == -signal.SIGKILL and exited["restart_in"] > 0
+        again = server.wait_for(lambda e: e["event"] == "serving" and e["worker"] == slot)
+        assert again["pid"] != victim
+        # The restarted worker and its sibling serve new connections.
+        after = asyncio.run(run_streams(server.port, 40, 32 << 10))
+        assert all(s.verified for s in after)
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert final[slot]["restarts"] == 1 and final[1 - slot]["restarts"] == 0
+    assert [w["returncode"] for w in final] == [0, 0]
+    assert all(process_gone(pid) for pid in (victim, again["pid"], *pids.values()))
+
+
+def test_a_worker_that_dies_at_start_is_restarted_with_growing_backoff(tmp_path):
+    refuse = tmp_path / "refuse"
+    env = child_env(WORKERS_APP_REFUSE=str(refuse))
+    args = ("workers_app:Verify", "--workers", "2", "--mode", "bufring", "--backoff", "0.05")
+    with served(*args, "--init", "workers_app:refuse_when_told", env=env) as server:
+        pids = server.serving(2)
+        refuse.write_text("1")
+        os.kill(pids[1], signal.SIGKILL)
+        delays = []
+        for _ in range(5):
+            exited = server.wait_for(lambda e: e["event"] == "exited" and e["worker"] == 1)
+            delays.append(exited["restart_in"])
+        # The first death came after serving, the next ones at start: each
+        # doubles the wait instead of forking again at once.
+        assert delays == [0.05, 0.1, 0.2, 0.4, 0.8]
+        assert "told to refuse to start" in exited["error"]
+        refuse.unlink()
+        server.wait_for(lambda e: e["event"] == "serving" and e["worker"] == 1)
+        # Worker 0 served all along.
+        streams = asyncio.run(run_streams(server.port, 20, 4096))
+        assert all(s.verified for s in streams)
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert final[0]["restarts"] == 0 and final[1]["restarts"] >= 5
+
+
+# -- graceful stop ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigint_lets_open_connections_finish_then_every_worker_exits_0(loop):
+    with served(
+        "workers_app:Verify", "--workers", "3", "--mode", "bufring", "--loop", loop
+    ) as server:
+        pids = server.serving(3)
+
+        probes = 0
+
+        async def scenario() -> list[Stream]:
+            nonlocal probes
+            streams = [Stream(server.port, seed, 128 << 10) for seed in range(12)]
+            await asyncio.gather(*(s.open() for s in streams))
+            await asyncio.gather(*(s.send(0, 1000) for s in streams))
+            server.proc.send_signal(signal.SIGINT)
+            # Once no worker listens, connections are refused...
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                except ConnectionRefusedError:
+                    break
+                except ConnectionResetError:
+                    # Queued on a listener that closed before accepting it.
+                    await asyncio.sleep(0.05)
+                    continue
+                probes += 1
+                writer.close()
+                await asyncio.sleep(0.05)
+            # ... and the open ones still finish, byte-exact.
+            await asyncio.gather(*(s.finish(1000) for s in streams))
+            return streams
+
+        streams = asyncio.run(scenario())
+        assert all(s.verified for s in streams), [s.reply for s in streams]
+        returncode, final = server.ended()
+    assert returncode == 0
+    assert [w["returncode"] for w in final] == [0, 0, 0]
+    assert [w["aborted"] for w in final] == [0, 0, 0]
+    # A probe may have been queued on a listener that closed before its
+    # worker accepted it: reset, never served.
+    assert 12 <= sum(w["connections"] for w in final) <= 12 + probes
+    assert all(process_gone(pid) for pid in pids.values())
+
+
+def test_workers_stop_when_the_supervisor_is_killed():
+    with served("workers_app:Verify", "--workers", "2", "--mode", "bufring") as server:
+        pids = server.serving(2)
+        server.proc.kill()
+        server.proc.wait(timeout=EXIT_TIMEOUT)
+        # PR_SET_PDEATHSIG: each worker gets SIGTERM and stops on its own.
+        for _ in range(int(EXIT_TIMEOUT / 0.05)):
+            if all(process_gone(pid) for pid in pids.values()):
+                break
+            threading.Event().wait(0.05)
+        assert all(process_gone(pid) for pid in pids.values())
+
+
+def test_connections_still_open_after_shutdown_timeout_are_aborted_and_workers_exit_0():
+    args = ("workers_app:Verify", "--workers", "2", "--mode", "bufring")
+    with served(*args, "--shutdown-timeout", "0.2") as server:
+        pids = server.serving(2)
+
+        async def idle_connections() -> list[Stream]:
+            streams = [Stream(server.port, seed, 1 << 20) for seed in range(8)]
+            await asyncio.gather(*(s.open() for s in streams))
+            await asyncio.gather(*(s.send(0, 100) for s in streams))
+            return streams
+
+        loop = asyncio.new_event_loop()
+        try:
+            streams = loop.run_until_complete(idle_connections())
+            returncode, final = server.stop()
+
+            async def read_ends() -> list[bytes]:
+                return [await asyncio.wait_for(s.reader.read(), EVENT_TIMEOUT) for s in streams]
+
+            try:
+                ends = loop.run_until_complete(read_ends())
+            except ConnectionResetError:
+                ends = []
+            for s in streams:
+                s.writer.close()
+        finally:
+            loop.close()
+    assert returncode == 0
+    assert all(end == b"" for end in ends)
+    assert [w["returncode"] for w in final] == [0, 0]
+    assert sum(w["aborted"] for w in final) == 8
+    assert all(process_gone(pid) for pid in pids.values())
+
+
+# -- the supervisor as an object ------------------------------------------------------
+
+
+def run_script(code: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=TESTS,
+        env=child_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()
+
+
+CLIENT = """
+import asyncio, os, signal, sys, threading, json
+from workers_app import HEADER, payload
+
+def one_connection(port):
+    async def go():
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        hello = await r.readline()
+        w.write(HEADER.pack(7, 5000) + payload(7, 5000))
+        w.write_eof()
+        reply = await r.readline()
+        w.close()
+        return reply.decode().split()
+    return asyncio.run(asyncio.wait_for(go(), 60))
+"""
+
+
+def test_supervisor_close_is_safe_twice_from_a_signal_handler_and_in_a_forked_child():
+    lines = run_script(
+        CLIENT
+        + textwrap.dedent("""
+        from iouzcrx import Supervisor
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring")
+        sup.start()
+        pids = [w["pid"] for w in sup.stats()]
+
+        # A forked child lets its copy go; the workers are not its own.
+        child = os.fork()
+        if child == 0:
+            sup.close(); sup.close(); sup.kill()
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        assert one_connection(sup.port)[0] == "OK"
+        assert [w["state"] for w in sup.stats()] == ["serving", "serving"]
+
+        # A signal handler (running inside wait()) only asks; wait() stops.
+        signal.signal(signal.SIGUSR1, lambda *a: sup.close())
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        assert sup.wait(timeout=60) is True
+        sup.close(); sup.close(); sup.kill()
+        assert sup.closed
+        print(json.dumps([w["returncode"] for w in sup.stats()]))
+        print(json.dumps(pids))
+        """)
+    )
+    assert json.loads(lines[-2]) == [0, 0]
+    assert all(process_gone(pid) for pid in json.loads(lines[-1]))
+
+
+def test_supervisor_closed_from_another_thread_and_as_a_context_manager():
+    lines = run_script(
+        CLIENT
+        + textwrap.dedent("""
+        from iouzcrx import Supervisor
+        with Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+                        use_uvloop=False) as sup:
+            assert one_connection(sup.port)[0] == "OK"
+            closer = threading.Thread(target=sup.close)
+            closer.start(); closer.join(60)
+            assert sup.closed
+        sup.close()
+        print(json.dumps([w["returncode"] for w in sup.stats()]))
+        """)
+    )
+    assert json.loads(lines[-1]) == [0, 0]
+
+
+def test_a_worker_that_cannot_start_fails_start_with_its_error():
+    lines = run_script(
+        textwrap.dedent("""
+        import os
+        from iouzcrx import Supervisor, WorkerStartError
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=3, mode="bufring",
+                         buffer_size=3)
+        try:
+            sup.start()
+        except WorkerStartError as exc:
+            print("refused:", exc)
+        assert sup.closed
+        print([w["returncode"] for w in sup.stats()])
+        """)
+    )
+    assert lines[0].startswith("refused: worker ") and "buffer_size" in lines[0]
+
+
+def test_the_supervisor_refuses_to_fork_from_a_running_loop():
+    async def inside() -> None:
+        sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
+        with pytest.raises(RuntimeError, match="outside any running event loop"):
+            sup.start()
+        sup.close()
+        sup.close()
+
+    asyncio.run(inside())
+
+
+# -- bad input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "workers,error,words",
+    [
+        (0, iouzcrx.InvalidConfiguration, "from 1 to 1024 processes, not 0"),
+        (-3, iouzcrx.InvalidConfiguration, "not -3"),
+        (100_000, iouzcrx.InvalidConfiguration, "not 100000"),
+        (True, TypeError, "must be an int"),
+        (2.5, TypeError, "not 2.5"),
+        ("4", TypeError, "not '4'"),
+        (None, TypeError, "not None"),
+    ],
+)
+def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
+    with pytest.raises(error, match="workers") as info:
+        iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=workers)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"sock": object()}, "each worker binds its own socket"),
+        ({"reuse_port": False}, "SO_REUSEPORT"),
+        ({"colour": "red"}, "unknown server option(s) colour"),
+        ({"limit": 10}, "needs an async def handler"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be a non-negative"),
+        ({"backoff": 0}, "backoff must be a positive"),
+        ({"use_uvloop": "yes"}, "use_uvloop must be"),
+        ({"worker_init": 3}, "worker_init must be callable"),
+    ],
+)
+def test_bad_supervisor_options_are_refused_before_any_fork(kwargs, words):
+    with pytest.raises((TypeError, ValueError)) as info:
+        iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, **kwargs)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "app,words",
+    [
+        ("workers_app", "must be written 'module:attribute'"),
+        ("workers_app:Nope", "has no 'Nope'"),
+        ("workers_app:HEADER", "not callable"),
+        (42, "must be a protocol factory"),
+    ],
+)
+def test_bad_apps_are_refused_naming_them(app, words):
+    with pytest.raises((TypeError, ValueError)) as info:
+        iouzcrx.Supervisor(app, "127.0.0.1", 0, workers=2)
+    assert words in str(info.value)
+
+
+async def test_create_zcrx_server_points_workers_to_serve():
+    with pytest.raises(iouzcrx.InvalidConfiguration, match=r"iouzcrx.serve\(.*workers=4\)"):
+        await iouzcrx.create_zcrx_server(asyncio.Protocol, "127.0.0.1", 0, workers=4)
+    with pytest.raises(TypeError, match="workers must be an int"):
+        await iouzcrx.create_zcrx_server(asyncio.Protocol, "127.0.0.1", 0, workers="2")
+    server = await iouzcrx.create_zcrx_server(
+        asyncio.Protocol, "127.0.0.1", 0, workers=1, mode="bufring"
+    )
+    server.close()
+    await server.wait_closed()
+
+
+def test_the_cli_reports_bad_workers_and_exits_1():
+    result = subprocess.run(
+        [sys.executable, "-m", "iouzcrx", "serve", "workers_app:Verify", "--workers", "0"],
+        cwd=TESTS,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "workers must be from 1 to 1024 processes, not 0" in result.stderr
+
+
+# -- the example ----------------------------------------------------------------------
+
+EXAMPLE = os.path.join(os.path.dirname(TESTS), "examples", "serve_workers.py")
+
+
+@pytest.mark.skipif(not os.path.isfile(EXAMPLE), reason=f"no {EXAMPLE} beside the tests")
+def test_the_serve_workers_example_digests_streams_and_stops_on_sigterm():
+    proc = subprocess.Popen(
+        [sys.executable, EXAMPLE, "--workers", "2", "--port", "0", "--mode", "bufring"],
+        cwd=TESTS,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[-1])
+        for _ in range(2):
+            assert ": mode bufring" in proc.stdout.readline()
+
+        async def one(seed: int) -> tuple[bytes, bytes]:
+            data = payload(seed, 300_000 + seed)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.readline(), EVENT_TIMEOUT)
+            writer.close()
+            expected = f"{len(data)} {hashlib.sha256(data).hexdigest()} ".encode()
+            return answer, expected
+
+        async def all_of_them() -> list[tuple[bytes, bytes]]:
+            return await asyncio.gather(*(one(seed) for seed in range(10)))
+
+        for answer, expected in asyncio.run(all_of_them()):
+            assert answer.startswith(expected)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=EXIT_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    summary = [line for line in out.splitlines() if line.startswith("worker ")]
+    assert len(summary) == 2 and all(line.endswith("exit 0") for line in summary)
+    assert sum(int(line.split(": ")[1].split()[0]) for line in summary) == 10
