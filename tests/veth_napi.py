@@ -1,0 +1,105 @@
+"""Run inside a new network namespace (``unshare -n``): a veth pair whose
+far end lives in a second namespace, so that TCP between them really
+crosses the device (and its NAPI instances) instead of loopback. Prints one
+JSON object: what the netdev family reported and, per accepted connection,
+its SO_INCOMING_NAPI_ID and routing decision.
+
+Usage: python veth_napi.py CONNECTIONS RX_QUEUES
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from iouzcrx import netdev
+
+CLIENT = r"""
+import socket, subprocess, sys
+sys.stdin.readline()  # the peer end was moved in
+# veth hands a packet to the peer's NAPI (and so marks it with a NAPI id)
+# only when the sending end does not do TSO.
+for cmd in (["ip", "link", "set", "lo", "up"],
+            ["ethtool", "-K", "qb", "tso", "off"],
+            ["ip", "addr", "add", "10.77.0.2/24", "dev", "qb"],
+            ["ip", "link", "set", "qb", "up"]):
+    subprocess.run(cmd, check=True)
+for _ in range(int(sys.argv[1])):
+    c = socket.create_connection(("10.77.0.1", 7777), timeout=30)
+    c.sendall(b"x" * 65536)
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)
+    c.close()
+"""
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def main() -> None:
+    count, rx_queues = int(sys.argv[1]), int(sys.argv[2])
+    run("ip", "link", "set", "lo", "up")
+    q = str(rx_queues)
+    queues = ["numrxqueues", q, "numtxqueues", q]
+    run("ip", "link", "add", "qa", *queues, "type", "veth", "peer", "name", "qb", *queues)
+    # veth receives through NAPI only with GRO on (or XDP).
+    run("ethtool", "-K", "qa", "gro", "on")
+    run("ip", "addr", "add", "10.77.0.1/24", "dev", "qa")
+    run("ip", "link", "set", "qa", "up")
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("10.77.0.1", 7777))
+    listener.listen(count)
+    listener.settimeout(60)
+    client = subprocess.Popen(
+        ["unshare", "-n", sys.executable, "-c", CLIENT, str(count)],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdin is not None
+        run("ip", "link", "set", "qb", "netns", str(client.pid))
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        with netdev.NetdevFamily() as family:
+            report = {
+                "rx_queues": [q.__dict__ for q in family.rx_queues("qa")],
+                "napi_ids": family.napi_ids("qa"),
+                "napi_to_queue": {str(k): v for k, v in family.napi_to_queue("qa").items()},
+                "lo_rx_queues": [q.__dict__ for q in family.rx_queues("lo")],
+            }
+        router = netdev.QueueRouter("qa", range(rx_queues))
+        only_first = netdev.QueueRouter("qa", [0])
+        conns = []
+        for _ in range(count):
+            conn, _ = listener.accept()
+            conn.settimeout(30)
+            received = 0
+            while chunk := conn.recv(65536):
+                received += len(chunk)
+            queue, napi_id = router.route(conn)
+            conns.append(
+                {
+                    "napi_id": napi_id,
+                    "queue": queue,
+                    "bytes": received,
+                    "only_first": only_first.route(conn)[0],
+                }
+            )
+            conn.sendall(b"k")
+            conn.close()
+        report["connections"] = conns
+        client.wait(60)
+        report["client_rc"] = client.returncode
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
