@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -104,8 +105,9 @@ class NetdevFamily:
     """A generic netlink socket speaking the ``netdev`` family.
 
     Raises ``NetdevUnavailable`` when the kernel lacks the family. Usable
-    as a context manager; ``close()`` may be called any number of times.
-    Not shared between threads (one request at a time).
+    as a context manager; ``close()`` may be called any number of times,
+    from any thread. Threads sharing one take turns (a request and its
+    answers are one exchange on the socket).
     """
 
     def __init__(self) -> None:
@@ -117,6 +119,7 @@ class NetdevFamily:
             raise NetdevUnavailable(exc.errno, f"no generic netlink socket: {exc}") from None
         self._pid = os.getpid()
         self._seq = 0
+        self._lock = threading.Lock()
         try:
             self._sock.bind((0, 0))
             self.family_id = self._resolve(_FAMILY)
@@ -125,7 +128,8 @@ class NetdevFamily:
             raise
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
+        with self._lock:
+            sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
 
@@ -142,12 +146,17 @@ class NetdevFamily:
     def _request(self, family: int, cmd: int, flags: int, attrs: bytes) -> list[bytes]:
         """Send one request; the payloads (after the genl header) of every
         answer up to the ack or the end of the dump."""
+        if os.getpid() != self._pid:
+            # A forked child shares the socket (answers would go to either)
+            # and maybe a lock some parent thread held at the fork.
+            raise RuntimeError("a NetdevFamily cannot be used across fork(); make a new one")
+        with self._lock:
+            return self._exchange(family, cmd, flags, attrs)
+
+    def _exchange(self, family: int, cmd: int, flags: int, attrs: bytes) -> list[bytes]:
         sock = self._sock
         if sock is None:
             raise ValueError("the netdev netlink socket is closed")
-        if os.getpid() != self._pid:
-            # A forked child shares the socket: answers would go to either.
-            raise RuntimeError("a NetdevFamily cannot be used across fork(); make a new one")
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
         body = _GENL.pack(cmd, 1, 0) + attrs

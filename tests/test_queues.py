@@ -88,6 +88,29 @@ def test_a_closed_family_says_so_and_closes_twice():
         family.rx_queues("lo")
 
 
+def test_threads_sharing_a_family_take_turns():
+    import threading
+
+    results: list[list[netdev.RxQueue]] = []
+    errors: list[BaseException] = []
+    with netdev.NetdevFamily() as family:
+
+        def worker() -> None:
+            try:
+                for _ in range(50):
+                    results.append(family.rx_queues("lo"))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert not errors and len(results) == 200
+    assert all(r == results[0] for r in results)
+
+
 def test_a_family_refuses_use_in_a_forked_child():
     with netdev.NetdevFamily() as family:
         pid = os.fork()
@@ -165,6 +188,9 @@ def test_connections_are_routed_to_the_queue_their_packets_arrive_on(veth_report
         assert conn["queue"] == mapping[conn["napi_id"]]
         # A router that owns only queue 0 leaves queue 1's connections unrouted.
         assert conn["only_first"] == (0 if conn["queue"] == 0 else None)
+    # The sender's TX queue (a hash of the flow) picks the RX queue: 24
+    # flows all on one of two queues would be a 1 in 8 million chance.
+    assert {c["queue"] for c in conns} == {0, 1}
 
 
 # -- create_zcrx_server(queues=...) ------------------------------------------------

@@ -18,6 +18,7 @@ from iouzcrx import netdev
 
 CLIENT = r"""
 import socket, subprocess, sys
+print("ready", flush=True)  # in the new namespace now
 sys.stdin.readline()  # the peer end was moved in
 # veth hands a packet to the peer's NAPI (and so marks it with a NAPI id)
 # only when the sending end does not do TSO.
@@ -39,6 +40,18 @@ def run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=30)
 
 
+def accept(listener: socket.socket, client: subprocess.Popen[str]) -> socket.socket:
+    """The next connection; fails at once if the client died first."""
+    listener.settimeout(1)
+    for _ in range(60):
+        try:
+            return listener.accept()[0]
+        except TimeoutError:
+            if client.poll() is not None:
+                raise SystemExit(f"the client exited with {client.returncode}") from None
+    raise SystemExit("no connection within 60 s")
+
+
 def main() -> None:
     count, rx_queues = int(sys.argv[1]), int(sys.argv[2])
     run("ip", "link", "set", "lo", "up")
@@ -53,14 +66,18 @@ def main() -> None:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("10.77.0.1", 7777))
     listener.listen(count)
-    listener.settimeout(60)
     client = subprocess.Popen(
         ["unshare", "-n", sys.executable, "-c", CLIENT, str(count)],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert client.stdin is not None
+        assert client.stdin is not None and client.stdout is not None
+        # Moved only once the child has its own namespace: before, the
+        # move would be into this one (a no-op).
+        if client.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the client did not start: {client.wait(30)}")
         run("ip", "link", "set", "qb", "netns", str(client.pid))
         client.stdin.write("go\n")
         client.stdin.flush()
@@ -75,7 +92,7 @@ def main() -> None:
         only_first = netdev.QueueRouter("qa", [0])
         conns = []
         for _ in range(count):
-            conn, _ = listener.accept()
+            conn = accept(listener, client)
             conn.settimeout(30)
             received = 0
             while chunk := conn.recv(65536):
