@@ -4,15 +4,22 @@ crosses the device (and its NAPI instances) instead of loopback. Prints one
 JSON object: what the netdev family reported and, per accepted connection,
 its SO_INCOMING_NAPI_ID and routing decision.
 
-Usage: python veth_napi.py CONNECTIONS RX_QUEUES
+Usage: python veth_napi.py CONNECTIONS RX_QUEUES [server]
+
+With ``server``, a ``create_zcrx_server`` serves the connections instead,
+its routing set up for RX_QUEUES queues with one bufring queue standing in
+for each queue's zcrx queue (veth has no zcrx support; the routing is the
+same), and the report is the server's stats.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import sys
+from typing import Any
 
 from iouzcrx import netdev
 
@@ -38,6 +45,52 @@ for _ in range(int(sys.argv[1])):
 
 def run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+async def serve(count: int, rx_queues: int, client: subprocess.Popen[str]) -> dict[str, Any]:
+    import iouzcrx
+    from iouzcrx.modes import select_mode
+    from iouzcrx.reactor import Reactor
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    ended = 0
+
+    class Sink(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+
+        def eof_received(self) -> bool:
+            nonlocal ended
+            self.transport.write(b"k")
+            self.transport.close()
+            ended += 1
+            if ended == count and not done.done():
+                done.set_result(None)
+            return True
+
+    server = await iouzcrx.create_zcrx_server(
+        Sink, "10.77.0.1", 7777, mode="bufring", area_size=4 << 20, buffer_size=64 << 10
+    )
+    ring = Reactor.for_loop(loop).ring
+    routes: dict[int, Any] = {0: (server._selection, None)}
+    for queue in range(1, rx_queues):
+        extra = select_mode(ring, mode="bufring", area_size=4 << 20, buffer_size=64 << 10)
+        routes[queue] = (extra, None)
+    server._routes = routes
+    server._router = netdev.QueueRouter("qa", routes)
+    assert client.stdin is not None
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    try:
+        await asyncio.wait_for(done, 60)
+        return server.stats()
+    finally:
+        server.close()
+        await server.wait_closed()
+        for selection, _key in routes.values():
+            selection.backend.close()
 
 
 def accept(listener: socket.socket, client: subprocess.Popen[str]) -> socket.socket:
@@ -79,6 +132,13 @@ def main() -> None:
         if client.stdout.readline().strip() != "ready":
             raise SystemExit(f"the client did not start: {client.wait(30)}")
         run("ip", "link", "set", "qb", "netns", str(client.pid))
+        if len(sys.argv) > 3 and sys.argv[3] == "server":
+            listener.close()
+            report = asyncio.run(serve(count, rx_queues, client))
+            client.wait(60)
+            report["client_rc"] = client.returncode
+            print(json.dumps(report))
+            return
         client.stdin.write("go\n")
         client.stdin.flush()
         with netdev.NetdevFamily() as family:
