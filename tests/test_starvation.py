@@ -7,8 +7,9 @@ arrive through the bound queue) allocates only from chunks the kernel took
 from the refill ring, and the kernel takes them only when the queue's page
 pool refills or on ZCRX_CTRL_FLUSH_RQ. Copy mode runs the same copy path;
 ``_emulate_nic_refill`` makes it refill as a NIC-bound queue does, so these
-tests run that path on a real kernel (the VM). Counts, not times, tell a
-spinning receive from a waiting one."""
+tests run that path on a real kernel (the VM); the buffer-ring mode, which
+shares the starvation handling, runs on the host. Counts, not times, tell
+a spinning receive from a waiting one."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from conftest import SCALE, Sender, Verifier, connect_pair, receive_all, require
 
 import iouzcrx
 
-pytestmark = [pytest.mark.vm, requires_copy_mode]
+IN_VM_COPY = [pytest.mark.vm, requires_copy_mode]
 
 AREA = 32 * 4096  # 32 chunks: the area runs out many times over per transfer
 RQ_ENTRIES = 256  # larger than the area: the refill ring is never full
@@ -27,6 +28,15 @@ RQ_ENTRIES = 256  # larger than the area: the refill ring is never full
 
 def small_queue(ring: iouzcrx.Ring) -> iouzcrx.ZcrxQueue:
     return iouzcrx.ZcrxQueue(ring, mode="copy", area_size=AREA, rq_entries=RQ_ENTRIES)
+
+
+def queue_for(ring: iouzcrx.Ring, refill: str) -> iouzcrx.ReceiveQueue:
+    if refill == "bufring":
+        return iouzcrx.BufRingQueue(ring, area_size=AREA, buffer_size=4096)
+    queue = small_queue(ring)
+    if refill == "nic":
+        queue._emulate_nic_refill()
+    return queue
 
 
 def pump(ring: iouzcrx.Ring, times: int = 20) -> None:
@@ -44,14 +54,19 @@ def hold_until_starved(ring: iouzcrx.Ring, receiver: iouzcrx.Receiver) -> list[m
     return held
 
 
-@pytest.mark.parametrize("refill", ["copy", "nic"])
+@pytest.mark.parametrize(
+    "refill",
+    [
+        pytest.param("copy", marks=IN_VM_COPY),
+        pytest.param("nic", marks=IN_VM_COPY),
+        "bufring",  # the same starve/re-arm logic, on the host's kernel
+    ],
+)
 def test_a_receive_starved_by_held_views_waits_then_resumes(ring, listener, refill):
     client, server = connect_pair(listener)
-    queue = small_queue(ring)
-    if refill == "nic":
-        queue._emulate_nic_refill()
+    queue = queue_for(ring, refill)
     receiver = queue.recv_multishot(server)
-    total = (16 << 20) // SCALE
+    total = (4 << 20) // SCALE  # several times the area
     sender = Sender(client, seed=31, total=total)
     sender.start()
     verifier = Verifier(31)
@@ -73,6 +88,8 @@ def test_a_receive_starved_by_held_views_waits_then_resumes(ring, listener, refi
     server.close()
 
 
+@pytest.mark.vm
+@requires_copy_mode
 def test_returns_left_in_the_refill_ring_are_flushed_when_a_receive_starves(ring, listener):
     """The livelock: released chunks sit in the refill ring, the copy path
     finds none free and ends the receive with -ENOMEM, and the counters say
@@ -100,6 +117,8 @@ def test_returns_left_in_the_refill_ring_are_flushed_when_a_receive_starves(ring
     server.close()
 
 
+@pytest.mark.vm
+@requires_copy_mode
 def test_without_a_flush_a_starved_receive_waits_instead_of_spinning(ring, listener):
     """As on a kernel without ZCRX_CTRL_FLUSH_RQ: once every chunk sits in
     the refill ring, nothing can give the copy path a buffer. The receive
