@@ -19,6 +19,13 @@ cdef class ReceiveQueue(BufferOwner):
     cdef readonly uint64_t refills
     cdef readonly uint64_t rearms
     cdef readonly bint closed
+    # Starvation bookkeeping: a receive the kernel ended for want of buffers
+    # starts again only once buffers went back to the kernel since it was
+    # armed (return_epoch moved) or it received data meanwhile, so that no
+    # starve/re-arm cycle repeats without progress.
+    cdef readonly uint64_t return_epoch
+    cdef readonly uint64_t starvations
+    cdef readonly uint64_t rearms_held
 
     cdef ReturnedBuffer *pending
     cdef size_t pending_count
@@ -33,6 +40,8 @@ cdef class ReceiveQueue(BufferOwner):
     cdef bint collected              # this starvation already ran the GC
 
     cdef int setup_returns(self, size_t capacity) except -1
+    cdef int arm_receiver(self, Receiver receiver) except -1
+    cdef bint progressed(self, Receiver receiver) noexcept
     cdef int publish_returns(self) except -1
     cdef uint64_t free_buffers(self) noexcept
     cdef int arm(self, Receiver receiver) except -1
@@ -69,6 +78,10 @@ cdef class Receiver(Request):
     cdef readonly uint64_t chunks_received
     cdef readonly uint64_t deliveries
     cdef readonly uint64_t rearms
+    cdef bint waiting_for_returns    # starved by the kernel (not throttled)
+    cdef bint held_counted           # this starvation already counted as held
+    cdef uint64_t armed_epoch        # the queue's return_epoch when last armed
+    cdef uint64_t bytes_at_arm       # bytes_received when last armed
 
     # The run: adjacent chunks of one CQE batch, delivered as one view.
     cdef char *run_data

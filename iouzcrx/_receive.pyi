@@ -15,6 +15,14 @@ class ReceiveQueue(BufferOwner):
     """Batches of returned buffers published to the kernel."""
     rearms: int
     """Multishot receives started again after the kernel ended one."""
+    starvations: int
+    """Receives the kernel ended for want of free buffers."""
+    rearms_held: int
+    """Starved receives kept waiting although buffers looked free, because
+    none had reached the kernel since they were last started (each would
+    have ended again at once)."""
+    return_epoch: int
+    """Advances each time returned buffers reach the kernel."""
     closed: bool
     """Whether ``close()`` was called."""
     @property
@@ -48,8 +56,8 @@ class ReceiveQueue(BufferOwner):
         """Counters since creation, as a dict: ``mode``, ``bytes``, ``chunks``
         (kernel completions), ``deliveries`` (views handed out),
         ``total_buffers``, ``buffers_in_use``, ``buffers_returned``,
-        ``buffers_pending_return``, ``refills`` and ``rearms``, plus what the
-        backend adds."""
+        ``buffers_pending_return``, ``refills``, ``rearms``, ``starvations``
+        and ``rearms_held``, plus what the backend adds."""
     def close(self) -> None:
         """Stop using this queue: cancel its receives (they end with no error,
         keeping the views they queued), detach it from the ring and give its

@@ -154,9 +154,12 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef int before_enter(self) except -1:
         cdef Receiver receiver
+        cdef size_t pending = self.pending_count
         self.wake_requested = False
-        if self.pending_count:
+        if pending:
             self.publish_returns()
+            if self.pending_count < pending:
+                self.return_epoch += 1
         if self.starved and self.free_buffers():
             self.collected = False  # buffers are back: the starvation is over
             starved, self.starved = self.starved, []
@@ -165,12 +168,37 @@ cdef class ReceiveQueue(BufferOwner):
                     receiver.starved = False
                 elif not self.may_rearm(receiver):
                     self.starved.append(receiver)  # its own views hold it back
+                elif not self.progressed(receiver):
+                    # Buffers look free to us, but none reached the kernel
+                    # since this receive last started (they may sit in a
+                    # refill ring the kernel has not taken yet): starting it
+                    # now would only end it again at once, for ever.
+                    if not receiver.held_counted:
+                        receiver.held_counted = True
+                        self.rearms_held += 1
+                    self.starved.append(receiver)
                 else:
                     receiver.starved = False
                     receiver.rearms += 1
                     self.rearms += 1
-                    self.arm(receiver)
+                    self.arm_receiver(receiver)
         return 0
+
+    cdef bint progressed(self, Receiver receiver) noexcept:
+        """Whether a receive the kernel ended for want of buffers may start
+        again: buffers went back to the kernel since it was last armed, or
+        it received data in that time (so it was not ended at once)."""
+        if not receiver.waiting_for_returns:
+            return True
+        return (self.return_epoch != receiver.armed_epoch
+                or receiver.bytes_received != receiver.bytes_at_arm)
+
+    cdef int arm_receiver(self, Receiver receiver) except -1:
+        receiver.waiting_for_returns = False
+        receiver.held_counted = False
+        receiver.armed_epoch = self.return_epoch
+        receiver.bytes_at_arm = receiver.bytes_received
+        return self.arm(receiver)
 
     cdef bint may_rearm(self, Receiver receiver) except -1:
         """Whether a waiting receive's own pins allow it to start again: a
@@ -250,7 +278,9 @@ cdef class ReceiveQueue(BufferOwner):
             # next pass re-arms if this freed anything.
             self.collected = True
             _gc.collect()
+        self.starvations += 1
         receiver.starved = True
+        receiver.waiting_for_returns = True
         self.starved.append(receiver)
         if receiver.account is not None:
             receiver.account.stall()
@@ -274,7 +304,7 @@ cdef class ReceiveQueue(BufferOwner):
             return self.park(receiver)
         receiver.rearms += 1
         self.rearms += 1
-        return self.arm(receiver)
+        return self.arm_receiver(receiver)
 
     cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1:
         """A final CQE that is neither data nor starvation."""
@@ -328,7 +358,7 @@ cdef class ReceiveQueue(BufferOwner):
             # The view a program holds while it waits for the next one must
             # leave the receive able to resume (at half the limit).
             receiver.run_cap = <uint32_t>max(<uint64_t>1, account.limit // 2)
-        self.arm(receiver)
+        self.arm_receiver(receiver)
         self.receivers.add(receiver)
         return receiver
 
@@ -370,7 +400,8 @@ cdef class ReceiveQueue(BufferOwner):
     def stats(self):
         stats = BufferOwner.stats(self)
         stats.update(buffers_pending_return=self.pending_count, refills=self.refills,
-                     rearms=self.rearms)
+                     rearms=self.rearms, starvations=self.starvations,
+                     rearms_held=self.rearms_held)
         return stats
 
 

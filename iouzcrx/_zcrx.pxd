@@ -19,6 +19,8 @@ cdef class ZcrxQueue(ReceiveQueue):
     cdef iouz_zcrx_rqe *rqes
     cdef uint32_t rq_mask
     cdef uint32_t local_rq_tail
+    cdef uint32_t flushed_tail       # local_rq_tail at the last flush
+    cdef bint flush_after_publish    # nothing but a flush drains the refill ring
 
     cdef int order_for_freelist(self) except -1
     cdef int flush_refill_ring(self) except -1

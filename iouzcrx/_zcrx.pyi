@@ -55,6 +55,9 @@ class ZcrxQueue(ReceiveQueue):
     def flush(self) -> None:
         """Publish pending returns and have the kernel take the refill ring
         now (``ZCRX_CTRL_FLUSH_RQ``, Linux 6.19+)."""
+    def _emulate_nic_refill(self, flush: bool = True) -> None:
+        """Test aid: refill like a NIC-bound queue (no flush after every
+        return; ``flush=False``: as without ``ZCRX_CTRL_FLUSH_RQ``)."""
     def stats(self) -> dict[str, Any]:
         """``ReceiveQueue.stats()`` plus ``zcrx_id``, ``rq_entries``,
         ``chunk_size`` and ``flushes``."""

@@ -201,6 +201,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.rq_tail = <uint32_t *>(self.region + reg.offsets.tail)
         self.rqes = <iouz_zcrx_rqe *>(self.region + reg.offsets.rqes)
         self.local_rq_tail = self.rq_tail[0]
+        self.flushed_tail = self.local_rq_tail
+        self.flush_after_publish = mode == "copy"
         self.total_buffers = self.area.size // self.chunk_size
         self.can_flush = features.zcrx_ctrl_flush
         self.setup_returns(max(<uint64_t>self.rq_entries, self.total_buffers))
@@ -215,12 +217,18 @@ cdef class ZcrxQueue(ReceiveQueue):
 
     cdef int publish_returns(self) except -1:
         """Move pending returns into the refill ring and publish the tail once
-        per batch; when the ring is full, ask the kernel to drain it."""
+        per batch; when the ring is full, ask the kernel to drain it.
+
+        Without a NIC (copy mode) nothing else ever drains the ring, so every
+        batch is flushed. On a NIC queue the page pool takes entries when the
+        NIC needs buffers, but the copy fallback (data that did not arrive
+        through this queue) allocates only from chunks the kernel already
+        took: while a receive waits for buffers, flush as well."""
         cdef size_t done = 0
         cdef uint32_t head, free, n, i
         cdef iouz_zcrx_rqe *rqe
         cdef bint flushed_when_full = False
-        cdef bint copy_mode = self.mode == "copy"
+        cdef bint copy_mode = self.flush_after_publish
         if copy_mode:
             self.order_for_freelist()
         while done < self.pending_count:
@@ -250,7 +258,7 @@ cdef class ZcrxQueue(ReceiveQueue):
             if self.pending_count:
                 memmove(self.pending, self.pending + done,
                         self.pending_count * sizeof(self.pending[0]))
-            if copy_mode and self.can_flush:
+            if (copy_mode or self.starved) and self.can_flush:
                 self.flush_refill_ring()
         return 0
 
@@ -290,6 +298,10 @@ cdef class ZcrxQueue(ReceiveQueue):
         if ret < 0:
             raise kernel_error(-ret, "ZCRX_CTRL_FLUSH_RQ")
         self.flushes += 1
+        if self.flushed_tail != self.local_rq_tail:
+            # Entries the kernel had not taken are now free chunks.
+            self.flushed_tail = self.local_rq_tail
+            self.return_epoch += 1
         return 0
 
     # -- receives ------------------------------------------------------------
@@ -331,6 +343,12 @@ cdef class ZcrxQueue(ReceiveQueue):
             # CQ was full; nothing beyond the reported data left the socket.
             return self.rearm(receiver)
         if res == -ENOMEM:
+            # The copy path found no free chunk. Chunks returned to the refill
+            # ring since the last flush are not free yet: on a NIC queue only
+            # the page pool's refill or a flush takes them, and the pool may
+            # never refill for a flow that does not arrive on this queue.
+            if self.can_flush and self.flushed_tail != self.local_rq_tail:
+                self.flush_refill_ring()
             return self.starve(receiver)
         return self.end_by_kernel(receiver, res)
 
@@ -343,6 +361,16 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.publish_returns()
         if self.can_flush:
             self.flush_refill_ring()
+
+    def _emulate_nic_refill(self, bint flush=True):
+        """Test aid: refill like a queue bound to a NIC (no flush after
+        every return), and with ``flush=False`` like a kernel without
+        ZCRX_CTRL_FLUSH_RQ, so that a copy-mode queue exercises the
+        starvation handling of zerocopy mode."""
+        self.ring.check_owner()
+        self.flush_after_publish = False
+        if not flush:
+            self.can_flush = False
 
     def stats(self):
         stats = ReceiveQueue.stats(self)

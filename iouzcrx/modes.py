@@ -20,7 +20,7 @@ from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx._zcrx import ZcrxQueue
 from iouzcrx.errors import InvalidConfiguration, IouzcrxError
 
-__all__ = ["MODES", "ModeSelection", "select_mode"]
+__all__ = ["MODES", "ModeSelection", "check_queues", "select_mode"]
 
 MODES = ("zerocopy", "copy", "bufring", "socket")
 """The receive modes, best first: the order in which ``mode="auto"`` tries them."""
@@ -154,6 +154,42 @@ def select_mode(
             log.info("iouzcrx: %s", selection.describe())
         return selection
     raise AssertionError("unreachable: the last candidate raises")  # pragma: no cover
+
+
+def check_queues(queues: Any, *, queue: Any, interface: Any, mode: str) -> list[int] | None:
+    """``queues=`` of ``create_zcrx_server`` as a list of RX queue indexes
+    (None when not given); TypeError or InvalidConfiguration naming the
+    first bad value."""
+    if queues is None:
+        return None
+    if queue is not None:
+        raise InvalidConfiguration(
+            f"pass queue= or queues=, not both (queue={queue!r}, queues={queues!r}): "
+            "queues=[...] serves every RX queue listed, queue= one"
+        )
+    if isinstance(queues, (str, bytes)) or not hasattr(queues, "__iter__"):
+        raise TypeError(f"queues must be a list of RX queue indexes such as [0, 1], not {queues!r}")
+    result: list[int] = []
+    for item in queues:
+        index = _integer("queue", item)
+        if not 0 <= index <= _MAX_QUEUE:
+            raise InvalidConfiguration(
+                f"queues must hold non-negative RX queue indexes, not {index}"
+            )
+        if index in result:
+            raise InvalidConfiguration(f"queues names RX queue {index} twice: {list(queues)!r}")
+        result.append(index)
+    if not result:
+        raise InvalidConfiguration("queues= needs at least one RX queue index (or leave it out)")
+    if interface is None:
+        raise InvalidConfiguration(
+            "queues= needs interface= (the NIC whose RX queues they are, e.g. 'eth0')"
+        )
+    if mode not in ("auto", "zerocopy"):
+        raise InvalidConfiguration(
+            f"queues= only applies to mode='zerocopy' (or 'auto'), not mode={mode!r}"
+        )
+    return result
 
 
 def _integer(name: str, value: Any) -> int:

@@ -16,7 +16,14 @@ from typing import Any
 
 from iouzcrx._ring import CQE_F_MORE
 from iouzcrx.errors import InvalidConfiguration
-from iouzcrx.modes import DEFAULT_AREA_SIZE, DEFAULT_BUFFER_SIZE, ModeSelection, select_mode
+from iouzcrx.modes import (
+    DEFAULT_AREA_SIZE,
+    DEFAULT_BUFFER_SIZE,
+    ModeSelection,
+    check_queues,
+    select_mode,
+)
+from iouzcrx.netdev import QueueRouter
 from iouzcrx.reactor import Reactor
 from iouzcrx.socket_transport import AreaReadingProtocol, RefusedConnection
 from iouzcrx.transport import ZcrxTransport
@@ -77,6 +84,13 @@ class ZcrxServer(asyncio.AbstractServer):
         # The parameters a later server must ask for to take this one's
         # zcrx queue once it is idle (see _release_backend).
         self._reuse_key: tuple[Any, ...] | None = None
+        # Many queues (queues=, zerocopy mode): each RX queue's selection
+        # and reuse key, the router that finds a connection's RX queue, and
+        # what it decided.
+        self._routes: dict[int, tuple[ModeSelection, tuple[Any, ...]]] = {}
+        self._router: QueueRouter | None = None
+        self._routed: dict[int, int] = {}
+        self._unrouted = 0
         if self.mode == "socket":
             selection.backend.on_available = functools.partial(
                 loop.call_soon_threadsafe, self._resume_starved
@@ -107,6 +121,40 @@ class ZcrxServer(asyncio.AbstractServer):
     def sockets(self) -> tuple[socket.socket, ...]:
         """The listening sockets; empty once the server is closed."""
         return tuple(self._sockets or ())
+
+    @property
+    def queues(self) -> tuple[int, ...]:
+        """The RX queues with a zcrx queue of this server (zerocopy mode);
+        empty in the other modes."""
+        if self._routes:
+            return tuple(self._routes)
+        queue = getattr(self._selection.backend, "queue", None)
+        return (queue,) if self.mode == "zerocopy" and queue is not None else ()
+
+    def stats(self) -> dict[str, Any]:
+        """What the server did: ``mode``, ``connections`` (open now),
+        ``backend`` (the first receive queue's own stats) and, for many
+        queues, ``queues`` (RX queue → its zcrx queue's stats plus
+        ``connections_routed``) and ``unrouted_connections``: connections
+        whose packets arrive on no queue of this server (another queue,
+        another device, loopback). Those are served by the first queue, the
+        kernel copying their data into its area."""
+        backend_stats = getattr(self._selection.backend, "stats", None)
+        queues: dict[int, dict[str, Any]] = {}
+        for queue, (selection, _key) in self._routes.items():
+            queue_stats = dict(selection.backend.stats())
+            queue_stats["connections_routed"] = self._routed.get(queue, 0)
+            queues[queue] = queue_stats
+        return {
+            "mode": self.mode,
+            "connections": len(self._connections),
+            "backend": backend_stats() if backend_stats is not None else {},
+            "queues": queues,
+            "unrouted_connections": self._unrouted,
+            "routing_error": None
+            if self._router is None or self._router.error is None
+            else str(self._router.error),
+        }
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         """The event loop the server runs on."""
@@ -211,10 +259,9 @@ class ZcrxServer(asyncio.AbstractServer):
         try:
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            selection = self._route(conn)
             protocol = self._protocol_factory()
-            connection = attach_connection(
-                self._reactor, self._selection, conn, protocol, self._detach
-            )
+            connection = attach_connection(self._reactor, selection, conn, protocol, self._detach)
         except (SystemExit, KeyboardInterrupt):
             conn.close()
             raise
@@ -223,6 +270,18 @@ class ZcrxServer(asyncio.AbstractServer):
             self._report_refused_connection(exc)
             return
         self._connections.add(connection)
+
+    def _route(self, conn: socket.socket) -> ModeSelection:
+        """The selection (zcrx queue) whose RX queue ``conn`` arrives on; the
+        first queue's when it arrives on none of ours."""
+        if self._router is None:
+            return self._selection
+        queue, _napi_id = self._router.route(conn)
+        if queue is None or queue not in self._routes:
+            self._unrouted += 1
+            return self._selection
+        self._routed[queue] = self._routed.get(queue, 0) + 1
+        return self._routes[queue][0]
 
     def _report_refused_connection(self, exc: BaseException) -> None:
         self._loop.call_exception_handler(
@@ -305,6 +364,10 @@ class ZcrxServer(asyncio.AbstractServer):
         if self.mode in ("copy", "zerocopy"):
             # The kernel frees an ifq only with its ring: the loop's next
             # server with the same parameters takes this one.
+            if self._routes:
+                for selection, key in self._routes.values():
+                    self._reactor.park_idle_queue(key, selection)
+                return
             self._reactor.park_idle_queue(self._reuse_key, self._selection)
             return
         close = getattr(backend, "close", None)
@@ -546,6 +609,7 @@ async def create_zcrx_server(
     *,
     interface: str | None = None,
     queue: int | None = None,
+    queues: Iterable[int] | None = None,
     mode: str = "auto",
     area_size: int = DEFAULT_AREA_SIZE,
     rq_entries: int | None = None,
@@ -568,6 +632,15 @@ async def create_zcrx_server(
     given, then copy, bufring, socket), or one of those to insist on it.
     ``workers`` may only be 1 (or None): a server made on a running loop
     serves from this process; ``iouzcrx.serve(..., workers=N)`` runs N.
+
+    ``queues=[...]`` instead of ``queue=`` registers one zcrx queue per RX
+    queue of ``interface`` (zerocopy mode) on the loop's ring, and each
+    accepted connection is received by the one its packets arrive on (its
+    ``SO_INCOMING_NAPI_ID``, mapped to an RX queue through the kernel's
+    netdev netlink family). A connection that arrives on no queue of ours
+    is served by the first queue, in the kernel's copy fallback, and counted
+    in ``server.stats()["unrouted_connections"]``. Where zerocopy cannot
+    work, ``auto`` falls back as for one queue, to a single backend.
     """
     if workers is not None:
         _check_single_worker(workers)
@@ -578,6 +651,9 @@ async def create_zcrx_server(
             "sockets this way; terminate TLS in front of the server"
         )
     check_callable("protocol_factory", protocol_factory)
+    queue_list = check_queues(queues, queue=queue, interface=interface, mode=mode)
+    if queue_list is not None:
+        queue = queue_list[0]
     if isinstance(backlog, bool) or not isinstance(backlog, int):
         raise TypeError(f"backlog must be an int, not {backlog!r}")
     if not -(1 << 31) <= backlog < 1 << 31:
@@ -619,12 +695,42 @@ async def create_zcrx_server(
             hugepages=hugepages,
             ring_error=reactor.ring_error,
         )
+        routes: dict[int, tuple[ModeSelection, tuple[Any, ...]]] = {}
+        if queue_list is not None and selection.mode == "zerocopy":
+            routes[queue_list[0]] = (selection, reuse_key)
+            try:
+                for extra in queue_list[1:]:
+                    key = (mode, interface, extra, area_size, rq_entries, rx_buf_len, hugepages)
+                    routes[extra] = (
+                        reactor.take_idle_queue(key)
+                        or select_mode(
+                            reactor.ring,
+                            mode="zerocopy",
+                            interface=interface,
+                            queue=extra,
+                            area_size=area_size,
+                            rq_entries=rq_entries,
+                            rx_buf_len=rx_buf_len,
+                            hugepages=hugepages,
+                        ),
+                        key,
+                    )
+            except BaseException:
+                # Registered ifqs live as long as the ring: keep them for
+                # the loop's next server rather than leak them.
+                for made, key in routes.values():
+                    reactor.park_idle_queue(key, made)
+                raise
     except BaseException:
         for s in sockets:
             s.close()
         raise
     server = ZcrxServer(loop, reactor, protocol_factory, sockets, selection, backlog)
     server._reuse_key = reuse_key
+    if routes:
+        assert interface is not None
+        server._routes = routes
+        server._router = QueueRouter(interface, routes)
     if start_serving:
         await server.start_serving()
     return server

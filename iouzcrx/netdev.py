@@ -1,0 +1,356 @@
+"""Which RX queue a connection arrives on: the kernel's ``netdev`` generic
+netlink family, read with a small client of its own.
+
+A TCP socket knows the NAPI instance that last delivered its packets
+(``SO_INCOMING_NAPI_ID``); the family's ``queue-get`` dump tells which RX
+queue each NAPI instance serves. Together they route an accepted
+connection to the zcrx queue bound to the RX queue it arrives on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "NetdevFamily",
+    "NetdevUnavailable",
+    "QueueRouter",
+    "RxQueue",
+    "incoming_napi_id",
+    "route_queue",
+]
+
+SO_INCOMING_NAPI_ID = getattr(socket, "SO_INCOMING_NAPI_ID", 56)
+
+# Netlink framing (linux/netlink.h, linux/genetlink.h).
+_NETLINK_GENERIC = 16
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_DUMP = 0x300
+_NLA_TYPE_MASK = 0x3FFF
+_GENL_ID_CTRL = 0x10
+_CTRL_CMD_GETFAMILY = 3
+_CTRL_ATTR_FAMILY_ID = 1
+_CTRL_ATTR_FAMILY_NAME = 2
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr
+_GENL = struct.Struct("=BBH")  # genlmsghdr
+_ATTR = struct.Struct("=HH")  # nlattr
+
+# The netdev family (linux/netdev.h).
+_FAMILY = "netdev"
+_CMD_QUEUE_GET = 10
+_CMD_NAPI_GET = 11
+_A_NAPI_IFINDEX = 1
+_A_NAPI_ID = 2
+_A_QUEUE_ID = 1
+_A_QUEUE_IFINDEX = 2
+_A_QUEUE_TYPE = 3
+_A_QUEUE_NAPI_ID = 4
+_A_QUEUE_IO_URING = 6
+_QUEUE_TYPE_RX = 0
+
+# Netlink's limit on one dump message is a page or 8 KiB; 64 KiB covers any.
+_RECV_SIZE = 65536
+
+
+class NetdevUnavailable(OSError):
+    """The kernel has no ``netdev`` netlink family (before Linux 6.5), or
+    netlink cannot be used here."""
+
+
+@dataclass(frozen=True)
+class RxQueue:
+    """One RX queue as the kernel reports it."""
+
+    ifindex: int
+    """The interface's index."""
+    queue: int
+    """The RX queue index (as in ``queue=`` of zerocopy mode)."""
+    napi_id: int
+    """The NAPI instance serving the queue; 0 when it has none (then no
+    socket can be routed to it)."""
+    io_uring: bool
+    """Whether an io_uring zcrx queue is bound to it."""
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    data = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + _ATTR.size <= len(data):
+        length, kind = _ATTR.unpack_from(data, offset)
+        if length < _ATTR.size or offset + length > len(data):
+            return  # truncated: what was read stands
+        yield kind & _NLA_TYPE_MASK, data[offset + _ATTR.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _u32(payload: bytes) -> int:
+    return int(struct.unpack_from("=I", payload)[0]) if len(payload) >= 4 else 0
+
+
+class NetdevFamily:
+    """A generic netlink socket speaking the ``netdev`` family.
+
+    Raises ``NetdevUnavailable`` when the kernel lacks the family. Usable
+    as a context manager; ``close()`` may be called any number of times,
+    from any thread. Threads sharing one take turns (a request and its
+    answers are one exchange on the socket).
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._sock: socket.socket | None = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_GENERIC
+            )
+        except OSError as exc:
+            raise NetdevUnavailable(exc.errno, f"no generic netlink socket: {exc}") from None
+        self._pid = os.getpid()
+        self._seq = 0
+        self._lock = threading.Lock()
+        try:
+            self._sock.bind((0, 0))
+            self.family_id = self._resolve(_FAMILY)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> NetdevFamily:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else f"family {self.family_id}"
+        return f"<NetdevFamily {state}>"
+
+    def _request(self, family: int, cmd: int, flags: int, attrs: bytes) -> list[bytes]:
+        """Send one request; the payloads (after the genl header) of every
+        answer up to the ack or the end of the dump."""
+        if os.getpid() != self._pid:
+            # A forked child shares the socket (answers would go to either)
+            # and maybe a lock some parent thread held at the fork.
+            raise RuntimeError("a NetdevFamily cannot be used across fork(); make a new one")
+        with self._lock:
+            return self._exchange(family, cmd, flags, attrs)
+
+    def _exchange(self, family: int, cmd: int, flags: int, attrs: bytes) -> list[bytes]:
+        sock = self._sock
+        if sock is None:
+            raise ValueError("the netdev netlink socket is closed")
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        body = _GENL.pack(cmd, 1, 0) + attrs
+        sock.send(_HEADER.pack(_HEADER.size + len(body), family, flags, seq, 0) + body)
+        answers: list[bytes] = []
+        while True:
+            data = sock.recv(_RECV_SIZE)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _flags, got_seq, _pid = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    raise OSError(errno.EPROTO, "malformed netlink answer")
+                payload = data[offset + _HEADER.size : offset + length]
+                offset += (length + 3) & ~3
+                if got_seq != seq:
+                    continue  # the tail of an earlier, abandoned request
+                if kind == _NLMSG_ERROR or kind == _NLMSG_DONE:
+                    code = struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if code < 0:
+                        raise OSError(-code, f"netlink: {os.strerror(-code)}")
+                    return answers
+                answers.append(payload[_GENL.size :])
+
+    def _resolve(self, name: str) -> int:
+        try:
+            answers = self._request(
+                _GENL_ID_CTRL,
+                _CTRL_CMD_GETFAMILY,
+                _NLM_F_REQUEST | _NLM_F_ACK,
+                _attr(_CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0"),
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise NetdevUnavailable(
+                    errno.ENOENT,
+                    f"the kernel has no {name!r} generic netlink family (Linux >= 6.5 has)",
+                ) from None
+            raise
+        for payload in answers:
+            for kind, value in _attrs(payload):
+                if kind == _CTRL_ATTR_FAMILY_ID:
+                    return int(struct.unpack_from("=H", value)[0])
+        raise NetdevUnavailable(errno.EPROTO, f"no id in the answer for family {name!r}")
+
+    def rx_queues(self, interface: str | int) -> list[RxQueue]:
+        """The RX queues of ``interface`` (a name or an index), in queue
+        order. Raises ``InterfaceNotFound`` for an unknown interface."""
+        ifindex = _ifindex(interface)
+        try:
+            answers = self._request(
+                self.family_id,
+                _CMD_QUEUE_GET,
+                _NLM_F_REQUEST | _NLM_F_DUMP,
+                _attr(_A_QUEUE_IFINDEX, struct.pack("=I", ifindex)),
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENODEV, errno.ENOENT):
+                raise _no_interface(interface) from None
+            raise
+        queues = []
+        for payload in answers:
+            fields: dict[int, Any] = {}
+            for kind, value in _attrs(payload):
+                fields[kind] = _u32(value) if kind != _A_QUEUE_IO_URING else True
+            if fields.get(_A_QUEUE_TYPE) != _QUEUE_TYPE_RX:
+                continue
+            if fields.get(_A_QUEUE_IFINDEX, ifindex) != ifindex:
+                continue  # a kernel that ignores the filter dumps every device
+            queues.append(
+                RxQueue(
+                    ifindex=ifindex,
+                    queue=fields.get(_A_QUEUE_ID, 0),
+                    napi_id=fields.get(_A_QUEUE_NAPI_ID, 0),
+                    io_uring=bool(fields.get(_A_QUEUE_IO_URING, False)),
+                )
+            )
+        queues.sort(key=lambda q: q.queue)
+        return queues
+
+    def napi_ids(self, interface: str | int) -> list[int]:
+        """The ids of ``interface``'s NAPI instances (``napi-get`` dump),
+        ascending."""
+        ifindex = _ifindex(interface)
+        try:
+            answers = self._request(
+                self.family_id,
+                _CMD_NAPI_GET,
+                _NLM_F_REQUEST | _NLM_F_DUMP,
+                _attr(_A_NAPI_IFINDEX, struct.pack("=I", ifindex)),
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENODEV, errno.ENOENT):
+                raise _no_interface(interface) from None
+            raise
+        ids = []
+        for payload in answers:
+            fields = {kind: _u32(value) for kind, value in _attrs(payload)}
+            if fields.get(_A_NAPI_IFINDEX, ifindex) == ifindex and fields.get(_A_NAPI_ID):
+                ids.append(fields[_A_NAPI_ID])
+        return sorted(ids)
+
+    def napi_to_queue(self, interface: str | int) -> dict[int, int]:
+        """NAPI id → RX queue index for ``interface``.
+
+        From the queues' own NAPI links where the driver reports them (every
+        driver with zcrx support does). A NAPI instance serving several RX
+        queues maps to the lowest of them. A driver that links none (veth)
+        but has exactly one NAPI instance per RX queue gets them paired in
+        creation order, which is queue order for such drivers; a wrong
+        guess only costs a copy, never data."""
+        mapping: dict[int, int] = {}
+        queues = self.rx_queues(interface)
+        for rxq in queues:
+            if rxq.napi_id:
+                mapping.setdefault(rxq.napi_id, rxq.queue)
+        if not mapping and queues:
+            ids = self.napi_ids(interface)
+            if len(ids) == len(queues):
+                mapping = {napi: rxq.queue for napi, rxq in zip(ids, queues, strict=True)}
+        return mapping
+
+
+def _no_interface(interface: str | int) -> OSError:
+    from iouzcrx.errors import InterfaceNotFound
+
+    return InterfaceNotFound(
+        errno.ENODEV,
+        f"no network interface {interface!r} in this network namespace (see 'ip link')",
+    )
+
+
+def _ifindex(interface: str | int) -> int:
+    if isinstance(interface, bool) or not isinstance(interface, (str, int)):
+        raise TypeError(f"interface must be a name such as 'eth0' or an index, not {interface!r}")
+    if isinstance(interface, int):
+        if interface <= 0:
+            raise ValueError(f"an interface index is positive, not {interface}")
+        return interface
+    try:
+        return socket.if_nametoindex(interface)
+    except (OSError, ValueError):
+        raise _no_interface(interface) from None
+
+
+def incoming_napi_id(sock: socket.socket) -> int:
+    """The NAPI id of the RX queue that last delivered ``sock``'s packets:
+    0 when unknown (loopback, a device without NAPI, nothing received yet)."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_INCOMING_NAPI_ID))
+    except OSError:
+        return 0  # kernels without busy polling lack the option
+
+
+def route_queue(napi_id: int, napi_to_queue: dict[int, int], queues: Iterable[int]) -> int | None:
+    """The RX queue among ``queues`` that NAPI instance ``napi_id`` serves,
+    or None: unknown NAPI id (0, another device, a NAPI instance that
+    changed) or a queue that is not one of ``queues``."""
+    queue = napi_to_queue.get(napi_id) if napi_id else None
+    return queue if queue is not None and queue in set(queues) else None
+
+
+class QueueRouter:
+    """Routes sockets to RX queues of ``interface`` among ``queues``.
+
+    The NAPI map is read once, and again when a socket names a NAPI id it
+    does not hold (a NIC reconfigured: channels changed, device reset), at
+    most once per unknown id. Without the netdev family every socket is
+    unrouted (``route`` returns None) and ``error`` says why.
+    """
+
+    def __init__(self, interface: str, queues: Iterable[int]) -> None:
+        self.interface = interface
+        self.queues = tuple(queues)
+        self.napi_to_queue: dict[int, int] = {}
+        self.error: BaseException | None = None
+        self._misses: set[int] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the NAPI map again from the kernel."""
+        try:
+            with NetdevFamily() as family:
+                self.napi_to_queue = family.napi_to_queue(self.interface)
+            self.error = None
+        except OSError as exc:
+            self.napi_to_queue = {}
+            self.error = exc
+        self._misses.clear()
+
+    def route(self, sock: socket.socket) -> tuple[int | None, int]:
+        """(queue or None, the socket's NAPI id)."""
+        napi_id = incoming_napi_id(sock)
+        if napi_id and napi_id not in self.napi_to_queue and napi_id not in self._misses:
+            self.refresh()
+            if napi_id not in self.napi_to_queue:
+                self._misses.add(napi_id)
+        return route_queue(napi_id, self.napi_to_queue, self.queues), napi_id
