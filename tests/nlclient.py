@@ -36,12 +36,16 @@ CTRL_ATTR_FAMILY_NAME = 2
 # include/uapi/linux/ethtool_netlink_generated.h
 ETHTOOL_MSG_RINGS_GET = 15
 ETHTOOL_MSG_RINGS_SET = 16
+ETHTOOL_MSG_CHANNELS_GET = 17
+ETHTOOL_MSG_CHANNELS_SET = 18
 ETHTOOL_A_HEADER_DEV_NAME = 2
 ETHTOOL_A_RINGS_HEADER = 1
 ETHTOOL_A_RINGS_RX = 6
 ETHTOOL_A_RINGS_TCP_DATA_SPLIT = 11
 ETHTOOL_A_RINGS_HDS_THRESH = 17
 ETHTOOL_A_RINGS_HDS_THRESH_MAX = 18
+ETHTOOL_A_CHANNELS_HEADER = 1
+ETHTOOL_A_CHANNELS_COMBINED_COUNT = 9
 TCP_DATA_SPLIT = {0: "unknown", 1: "off", 2: "on"}
 
 # include/uapi/linux/netdev.h
@@ -150,9 +154,9 @@ class GenlSocket:
         return self.families[name]
 
 
-def _dev_header(interface: str) -> bytes:
+def _dev_header(interface: str, kind: int = ETHTOOL_A_RINGS_HEADER) -> bytes:
     name = attr(ETHTOOL_A_HEADER_DEV_NAME, interface.encode() + b"\0")
-    return nested(ETHTOOL_A_RINGS_HEADER, name)
+    return nested(kind, name)
 
 
 def rings_get(interface: str) -> dict[str, object]:
@@ -183,6 +187,29 @@ def rings_set(
         attrs.append(attr(ETHTOOL_A_RINGS_HDS_THRESH, struct.pack("=I", hds_thresh)))
     with GenlSocket() as nl:
         nl.request(nl.family("ethtool"), ETHTOOL_MSG_RINGS_SET, b"".join(attrs))
+
+
+def channels_get(interface: str) -> int:
+    """ethtool -l: the combined channel count."""
+    with GenlSocket() as nl:
+        replies = nl.request(
+            nl.family("ethtool"),
+            ETHTOOL_MSG_CHANNELS_GET,
+            _dev_header(interface, ETHTOOL_A_CHANNELS_HEADER),
+        )
+    for kind, value in parse_attrs(replies[0]):
+        if kind == ETHTOOL_A_CHANNELS_COMBINED_COUNT:
+            return int(struct.unpack("=I", value[:4])[0])
+    raise OSError(errno.EOPNOTSUPP, f"{interface} reports no combined channel count")
+
+
+def channels_set(interface: str, combined: int) -> None:
+    """ethtool -L IF combined N."""
+    payload = _dev_header(interface, ETHTOOL_A_CHANNELS_HEADER) + attr(
+        ETHTOOL_A_CHANNELS_COMBINED_COUNT, struct.pack("=I", combined)
+    )
+    with GenlSocket() as nl:
+        nl.request(nl.family("ethtool"), ETHTOOL_MSG_CHANNELS_SET, payload)
 
 
 def queue_get(ifindex: int, queue: int) -> dict[str, object]:

@@ -251,6 +251,22 @@ def test_the_nic_refuses_to_drop_header_split_under_a_bound_queue(nsim):
     wait_unbound(nsim, 1)
 
 
+def test_the_nic_refuses_to_shrink_channels_below_a_bound_queue(nsim):
+    assert nlclient.channels_get(nsim.interface) == nsim.queues
+    with iouzcrx.Ring() as ring:
+        zerocopy(ring, nsim, nsim.queues - 1)
+        try:
+            with pytest.raises(OSError):
+                nlclient.channels_set(nsim.interface, nsim.queues - 1)
+            assert nlclient.channels_get(nsim.interface) == nsim.queues
+        finally:
+            if nlclient.channels_get(nsim.interface) != nsim.queues:
+                ring.close()
+                wait_unbound(nsim, nsim.queues - 1)
+                nlclient.channels_set(nsim.interface, nsim.queues)
+    wait_unbound(nsim, nsim.queues - 1)
+
+
 # -- the library's errors on a real NIC -----------------------------------------------
 
 
@@ -331,14 +347,14 @@ def test_data_through_a_bound_queue_arrives_byte_exact(nsim):
     "receive ends in -ENOMEM and is re-armed without progress",
 )
 def test_more_than_an_area_through_the_copy_fallback(nsim):
-    total = 4 << 20  # four areas' worth
+    total = 1 << 20  # four areas' worth
     with socket.socket() as listener:
         listener.bind((LOCAL_ADDR, 0))
         listener.listen(1)
         client = _connect_from_peer(listener.getsockname()[1])
         server, _ = listener.accept()
     with iouzcrx.Ring() as ring, server:
-        queue = zerocopy(ring, nsim, 0, area_size=1 << 20)
+        queue = zerocopy(ring, nsim, 0, area_size=256 << 10)
         receiver = queue.recv_multishot(server)
         sender = Sender(client, seed=43, total=total)
         sender.start()
