@@ -361,7 +361,13 @@ def test_more_than_an_area_through_the_copy_fallback(nsim):
         verifier = Verifier(43)
         try:
             # No progress for this long is the livelock: TimeoutError.
-            assert receive_all(receiver, verifier, timeout=20.0) == total
+            assert receive_all(receiver, verifier, timeout=10.0) == total
+        except TimeoutError:
+            stats = queue.stats()
+            raise TimeoutError(
+                f"no progress after {verifier.pos} of {total} bytes (area "
+                f"{256 << 10}); rearms={stats['rearms']} flushes={stats['flushes']}"
+            ) from None
         finally:
             # Unblock a sender stuck on a full window, whatever happened.
             server.shutdown(socket.SHUT_RDWR)
