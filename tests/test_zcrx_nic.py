@@ -63,7 +63,10 @@ def _run(*cmd: str) -> str:
 
 def _load_module(ko: str) -> None:
     if os.path.isdir("/sys/module/netdevsim"):
+        # Loaded by an earlier run in this boot (a chroot cannot see the file).
         return
+    if not os.path.isfile(ko):
+        pytest.fail(f"{KO_ENV}={ko} does not exist (run tests/vm/netdevsim/build)")
     if not (shutil.which("modinfo") and shutil.which("modprobe") and shutil.which("insmod")):
         # A chroot (tests/chroot/run --exec) has neither kmod nor the booted
         # kernel's modules: the suite's first run, on the guest's own root,
@@ -169,8 +172,6 @@ def nsim() -> Iterator[Nsim]:
             f"{KO_ENV} is not set: build the module with tests/vm/netdevsim/build and "
             f"set {KO_ENV} to the path it prints"
         )
-    if not os.path.isfile(ko):
-        pytest.fail(f"{KO_ENV}={ko} does not exist (run tests/vm/netdevsim/build)")
     _load_module(ko)
     _teardown()
     device = f"/sys/bus/netdevsim/devices/netdevsim{DEVICE_ID}"
@@ -212,6 +213,14 @@ def wait_unbound(nsim: Nsim, queue: int) -> None:
     """The kernel detaches an ifq from its queue when the ring is freed, which
     it finishes in a worker after close() returns."""
     _wait_for(f"{nsim.interface} queue {queue} to be released", lambda: not bound(nsim, queue))
+
+
+@pytest.fixture(autouse=True)
+def queues_released(nsim: Nsim) -> Iterator[None]:
+    """Whatever a test did, the next one starts with no queue bound."""
+    yield
+    for queue in range(nsim.queues):
+        wait_unbound(nsim, queue)
 
 
 def zerocopy(ring: iouzcrx.Ring, nsim: Nsim, queue: int, **kw) -> iouzcrx.ZcrxQueue:
