@@ -22,6 +22,7 @@ NETLINK_EXT_ACK = 11
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLA_F_NESTED = 0x8000
@@ -49,7 +50,12 @@ ETHTOOL_A_CHANNELS_COMBINED_COUNT = 9
 TCP_DATA_SPLIT = {0: "unknown", 1: "off", 2: "on"}
 
 # include/uapi/linux/netdev.h
+NETDEV_CMD_PAGE_POOL_GET = 5
 NETDEV_CMD_QUEUE_GET = 10
+NETDEV_A_PAGE_POOL_ID = 1
+NETDEV_A_PAGE_POOL_IFINDEX = 2
+NETDEV_A_PAGE_POOL_NAPI_ID = 3
+NETDEV_A_PAGE_POOL_IO_URING = 8
 NETDEV_A_QUEUE_ID = 1
 NETDEV_A_QUEUE_IFINDEX = 2
 NETDEV_A_QUEUE_TYPE = 3
@@ -108,11 +114,12 @@ class GenlSocket:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, family: int, cmd: int, payload: bytes) -> list[bytes]:
+    def request(self, family: int, cmd: int, payload: bytes, *, dump: bool = False) -> list[bytes]:
         """Send one request (with ACK); return the payloads of the replies."""
         self.seq += 1
         body = _GENL.pack(cmd, 1, 0) + payload
-        msg = _HDR.pack(_HDR.size + len(body), family, NLM_F_REQUEST | NLM_F_ACK, self.seq, 0)
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_DUMP if dump else 0)
+        msg = _HDR.pack(_HDR.size + len(body), family, flags, self.seq, 0)
         self.sock.send(msg + body)
         replies = []
         while True:
@@ -231,3 +238,25 @@ def queue_get(ifindex: int, queue: int) -> dict[str, object]:
         elif kind == NETDEV_A_QUEUE_NAPI_ID:
             out["napi_id"] = struct.unpack("=I", value[:4])[0]
     return out
+
+
+def page_pools(ifindex: int) -> list[dict[str, object]]:
+    """netdev page-pool-get (dump) for one interface: each pool's id, NAPI ID
+    and whether io_uring's memory provider backs it."""
+    with GenlSocket() as nl:
+        replies = nl.request(nl.family("netdev"), NETDEV_CMD_PAGE_POOL_GET, b"", dump=True)
+    pools = []
+    for reply in replies:
+        pool: dict[str, object] = {"io_uring": False, "napi_id": None, "ifindex": None}
+        for kind, value in parse_attrs(reply):
+            if kind == NETDEV_A_PAGE_POOL_IO_URING:
+                pool["io_uring"] = True
+            elif kind == NETDEV_A_PAGE_POOL_ID:
+                pool["id"] = struct.unpack("=I", value[:4])[0]
+            elif kind == NETDEV_A_PAGE_POOL_IFINDEX:
+                pool["ifindex"] = struct.unpack("=I", value[:4])[0]
+            elif kind == NETDEV_A_PAGE_POOL_NAPI_ID:
+                pool["napi_id"] = struct.unpack("=I", value[:4])[0]
+        if pool["ifindex"] == ifindex:
+            pools.append(pool)
+    return pools

@@ -246,6 +246,10 @@ def test_registration_binds_the_queue_to_io_uring(nsim):
         assert queue.chunk_size == 4096
         assert bound(nsim, 1)
         assert not bound(nsim, 0) and not bound(nsim, 2)
+        # The queue's restarted page pool took io_uring's memory provider.
+        napi_id = nlclient.queue_get(nsim.ifindex, 1)["napi_id"]
+        pools = [p for p in nlclient.page_pools(nsim.ifindex) if p["napi_id"] == napi_id]
+        assert napi_id and pools and all(p["io_uring"] for p in pools), pools
     wait_unbound(nsim, 1)
 
 
