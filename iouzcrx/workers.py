@@ -86,6 +86,14 @@ _REFUSED_OPTIONS = {
 
 _PR_SET_PDEATHSIG = 1
 
+# Below this, stats reports keep a worker and the supervisor busy.
+_MIN_STATS_INTERVAL = 0.01
+
+# The longest single sleep of the supervisor: epoll takes its timeout in
+# milliseconds as a C int, and a far deadline (a long backoff or drain) is
+# simply waited for in several sleeps.
+_MAX_POLL = 3600.0
+
 
 class WorkerStartError(RuntimeError):
     """A worker failed before it served: the supervisor's start() stops the
@@ -116,13 +124,21 @@ def _resolve(app: Any) -> Any:
     return target
 
 
-def _seconds(name: str, value: Any, *, positive: bool = False) -> float:
+def _seconds(name: str, value: Any, *, positive: bool = False, least: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
     seconds = float(value)
-    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0):
+    # Infinity would reach the selector's timeout (OverflowError mid-stop,
+    # workers left running); a wait without end is timeout=None, not inf.
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         kind = "positive" if positive else "non-negative"
-        raise InvalidConfiguration(f"{name} must be a {kind} number of seconds, not {value!r}")
+        raise InvalidConfiguration(
+            f"{name} must be a finite {kind} number of seconds, not {value!r}"
+        )
+    if seconds < least:
+        raise InvalidConfiguration(
+            f"{name} must be at least {least} s, not {value!r}: shorter only burns CPU"
+        )
     return seconds
 
 
@@ -283,7 +299,9 @@ class Supervisor:
         self._backoff = _seconds("backoff", backoff, positive=True)
         self._max_backoff = max(_seconds("max_backoff", max_backoff, positive=True), self._backoff)
         self._min_uptime = _seconds("min_uptime", min_uptime)
-        self._stats_interval = _seconds("stats_interval", stats_interval, positive=True)
+        self._stats_interval = _seconds(
+            "stats_interval", stats_interval, positive=True, least=_MIN_STATS_INTERVAL
+        )
         self._start_timeout = _seconds("start_timeout", start_timeout, positive=True)
         self._app = _resolve(app)
         self._streams = inspect.iscoroutinefunction(self._app)
@@ -585,6 +603,8 @@ class Supervisor:
         if deadlines:
             wait = max(min(deadlines) - now, 0.0)
             timeout = wait if timeout is None else min(timeout, wait)
+        if timeout is not None:
+            timeout = min(timeout, _MAX_POLL)
         assert self._selector is not None
         for key, _ in self._selector.select(timeout):
             if key.data is None:
@@ -727,6 +747,8 @@ class Supervisor:
         self._state = "stopping"
         for slot in self._slots:
             slot.restart_at = None
+            if slot.state == "waiting":
+                slot.state = "exited"  # its restart is cancelled
             if slot.pid is not None:
                 slot.state = "stopping"
                 _signal(slot.pid, signal.SIGKILL if force else signal.SIGTERM)

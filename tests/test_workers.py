@@ -493,6 +493,25 @@ def test_supervisor_closed_from_another_thread_and_as_a_context_manager():
     assert json.loads(lines[-1]) == [0, 0]
 
 
+def test_a_far_restart_deadline_does_not_break_supervision():
+    # A worker killed with backoff=1e9 restarts in 1e9 s: wait() without a
+    # timeout must still sleep (in bounded steps) and stop on close().
+    lines = run_script(
+        textwrap.dedent("""
+        import json, os, signal, threading
+        from iouzcrx import Supervisor
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, mode="bufring",
+                         backoff=1e9, max_backoff=1e9, shutdown_timeout=1e9)
+        sup.start()
+        os.kill(sup.stats()[0]["pid"], signal.SIGKILL)
+        threading.Timer(0.5, sup.close).start()
+        assert sup.wait() is True
+        print(json.dumps([sup.closed, sup.stats()[0]["state"]]))
+        """)
+    )
+    assert json.loads(lines[-1]) == [True, "exited"]
+
+
 def test_a_worker_that_cannot_start_fails_start_with_its_error():
     lines = run_script(
         textwrap.dedent("""
@@ -550,8 +569,13 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
         ({"reuse_port": False}, "SO_REUSEPORT"),
         ({"colour": "red"}, "unknown server option(s) colour"),
         ({"limit": 10}, "needs an async def handler"),
-        ({"shutdown_timeout": -1}, "shutdown_timeout must be a non-negative"),
-        ({"backoff": 0}, "backoff must be a positive"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be a finite non-negative"),
+        ({"backoff": 0}, "backoff must be a finite positive"),
+        ({"backoff": float("inf")}, "backoff must be a finite positive"),
+        ({"max_backoff": float("inf")}, "max_backoff must be a finite positive"),
+        ({"shutdown_timeout": float("inf")}, "shutdown_timeout must be a finite"),
+        ({"kill_timeout": float("nan")}, "kill_timeout must be a finite"),
+        ({"stats_interval": 1e-300}, "stats_interval must be at least 0.01 s"),
         ({"use_uvloop": "yes"}, "use_uvloop must be"),
         ({"worker_init": 3}, "worker_init must be callable"),
     ],
