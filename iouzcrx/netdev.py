@@ -58,6 +58,8 @@ _A_QUEUE_NAPI_ID = 4
 _A_QUEUE_IO_URING = 6
 _QUEUE_TYPE_RX = 0
 
+_MAX_IFINDEX = 0x7FFFFFFF
+
 # Netlink's limit on one dump message is a page or 8 KiB; 64 KiB covers any.
 _RECV_SIZE = 65536
 
@@ -292,8 +294,13 @@ def _ifindex(interface: str | int) -> int:
     if isinstance(interface, bool) or not isinstance(interface, (str, int)):
         raise TypeError(f"interface must be a name such as 'eth0' or an index, not {interface!r}")
     if isinstance(interface, int):
-        if interface <= 0:
-            raise ValueError(f"an interface index is positive, not {interface}")
+        # The kernel's index is a C int: anything larger would not even fit
+        # the request's u32 attribute.
+        if not 0 < interface <= _MAX_IFINDEX:
+            raise ValueError(
+                f"an interface index is positive and at most {_MAX_IFINDEX}, not {interface}"
+                " (see 'ip link' for the indexes)"
+            )
         return interface
     try:
         return socket.if_nametoindex(interface)

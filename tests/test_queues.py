@@ -76,6 +76,11 @@ def test_the_netdev_family_names_a_missing_interface_and_bad_arguments():
             family.rx_queues(True)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="positive"):
             family.rx_queues(0)
+        for huge in (2**31, 2**40, 2**100):
+            with pytest.raises(ValueError, match=f"not {huge}"):
+                family.rx_queues(huge)
+            with pytest.raises(ValueError, match=f"not {huge}"):
+                family.napi_ids(huge)
         # Still usable after the errors: each answer was read to its end.
         assert family.rx_queues("lo")
 
