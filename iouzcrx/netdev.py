@@ -130,8 +130,14 @@ class NetdevFamily:
             raise
 
     def close(self) -> None:
-        with self._lock:
+        if os.getpid() != self._pid:
+            # A forked child: the lock may be a copy of one a parent thread
+            # held at the fork, never to be released here. Only this
+            # process's copy of the socket goes; no thread of ours uses it.
             sock, self._sock = self._sock, None
+        else:
+            with self._lock:
+                sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
 
