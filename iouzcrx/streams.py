@@ -320,6 +320,28 @@ class _StreamProtocol(ZeroCopyProtocol):
             result = self._client_connected_cb(self._reader, self.writer)
             if asyncio.iscoroutine(result):
                 self._task = self._loop.create_task(result)
+                self._task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[Any]) -> None:
+        # A handler that raised would otherwise leave its connection open
+        # for ever, the error unseen (the task stays referenced, so it is
+        # never even reported at collection): report it, close the
+        # connection, as asyncio's own streams do.
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        writer = self.writer
+        self._loop.call_exception_handler(
+            {
+                "message": "Unhandled exception in client_connected_cb",
+                "exception": exc,
+                "transport": writer.transport if writer is not None else None,
+            }
+        )
+        if writer is not None:
+            writer.close()
 
     def view_received(self, view: memoryview) -> None:
         self._reader.feed_view(view)

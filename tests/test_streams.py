@@ -176,3 +176,32 @@ async def test_readexactly_beyond_the_reader_limit_does_not_stall(mode):
         expected = b"".join(bytes(c) for c in Pattern(44).chunks(3 << 20))
         assert await asyncio.wait_for(got, TIMEOUT) == expected
         writer.close()
+
+
+async def test_a_handler_that_raises_is_reported_and_its_connection_closed(mode):
+    loop = asyncio.get_running_loop()
+    reported = loop.create_future()
+
+    def on_error(loop, context):  # type: ignore[no-untyped-def]
+        if not reported.done():
+            reported.set_result(context)
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        await reader.read(1)
+        raise RuntimeError("handler failed")
+
+    loop.set_exception_handler(on_error)
+    try:
+        server, host, port = await serve(mode, handler)
+        reader, client = await asyncio.open_connection(host, port)
+        client.write(b"x")
+        context = await asyncio.wait_for(reported, TIMEOUT)
+        assert "client_connected_cb" in context["message"]
+        assert str(context["exception"]) == "handler failed"
+        # The server closed its end: the client reads EOF, not silence.
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        client.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    finally:
+        loop.set_exception_handler(None)
