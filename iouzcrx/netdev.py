@@ -341,8 +341,19 @@ class QueueRouter:
     """
 
     def __init__(self, interface: str, queues: Iterable[int]) -> None:
-        self.interface = interface
+        if isinstance(interface, bool) or not isinstance(interface, (str, int)):
+            raise TypeError(
+                f"interface must be a name such as 'eth0' or an index, not {interface!r}"
+            )
+        if isinstance(queues, (str, bytes)) or not hasattr(queues, "__iter__"):
+            raise TypeError(f"queues must be RX queue indexes such as [0, 1], not {queues!r}")
         self.queues = tuple(queues)
+        for queue in self.queues:
+            if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
+                raise TypeError(
+                    f"queues must hold non-negative int RX queue indexes, not {queue!r}"
+                )
+        self.interface = interface
         self.napi_to_queue: dict[int, int] = {}
         self.error: BaseException | None = None
         self._misses: set[int] = set()

@@ -168,6 +168,24 @@ def test_a_router_for_a_missing_interface_routes_nothing(listener):
         assert router.route(server) == (None, 0)
 
 
+@pytest.mark.parametrize(
+    "interface,queues,words",
+    [
+        ("lo", 5, "queues must be RX queue indexes such as [0, 1], not 5"),
+        ("lo", "01", "not '01'"),
+        ("lo", [0, True], "not True"),
+        ("lo", [-1], "not -1"),
+        ("lo", [0.5], "not 0.5"),
+        (None, [0], "interface must be a name"),
+        (b"lo", [0], "interface must be a name"),
+    ],
+)
+def test_a_router_names_bad_arguments(interface, queues, words):
+    with pytest.raises(TypeError) as info:
+        netdev.QueueRouter(interface, queues)
+    assert words in str(info.value)
+
+
 def test_the_routing_decision():
     mapping = {300: 0, 301: 1, 302: 2}
     assert netdev.route_queue(301, mapping, [0, 1]) == 1
