@@ -168,7 +168,11 @@ def test_chunks_come_back_in_address_order_so_every_area_cycle_coalesces(ring, l
             chunks = deliveries = 0
     assert len(per_pass) >= 8, per_pass
     # The first pass takes chunks in the kernel's initial order and the
-    # second still partly; from then on every pass coalesces (about 7.5
-    # chunks per view here; left in return order, every other pass gets 1.2).
-    assert min(per_pass[2:]) >= 3, [round(r, 1) for r in per_pass]
+    # second still partly; from then on passes coalesce (about 7.5 chunks
+    # per view here; left in return order, every other pass gets 1.2). A
+    # pass where the consumer kept pace with each completion coalesces less
+    # whatever the order, so a few such passes are allowed, not half.
+    later = per_pass[2:]
+    poor = [r for r in later if r < 3]
+    assert len(poor) <= len(later) // 4, [round(r, 1) for r in per_pass]
     server.close()
