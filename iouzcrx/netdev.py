@@ -10,13 +10,12 @@ connection to the zcrx queue bound to the RX queue it arrives on.
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import struct
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from iouzcrx._netlink import GenericNetlink, as_u32, attr, attrs, u32
 
 __all__ = [
     "NetdevFamily",
@@ -28,22 +27,6 @@ __all__ = [
 ]
 
 SO_INCOMING_NAPI_ID = getattr(socket, "SO_INCOMING_NAPI_ID", 56)
-
-# Netlink framing (linux/netlink.h, linux/genetlink.h).
-_NETLINK_GENERIC = 16
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_NLM_F_REQUEST = 0x1
-_NLM_F_ACK = 0x4
-_NLM_F_DUMP = 0x300
-_NLA_TYPE_MASK = 0x3FFF
-_GENL_ID_CTRL = 0x10
-_CTRL_CMD_GETFAMILY = 3
-_CTRL_ATTR_FAMILY_ID = 1
-_CTRL_ATTR_FAMILY_NAME = 2
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr
-_GENL = struct.Struct("=BBH")  # genlmsghdr
-_ATTR = struct.Struct("=HH")  # nlattr
 
 # The netdev family (linux/netdev.h).
 _FAMILY = "netdev"
@@ -59,9 +42,6 @@ _A_QUEUE_IO_URING = 6
 _QUEUE_TYPE_RX = 0
 
 _MAX_IFINDEX = 0x7FFFFFFF
-
-# Netlink's limit on one dump message is a page or 8 KiB; 64 KiB covers any.
-_RECV_SIZE = 65536
 
 
 class NetdevUnavailable(OSError):
@@ -84,26 +64,7 @@ class RxQueue:
     """Whether an io_uring zcrx queue is bound to it."""
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + _ATTR.size <= len(data):
-        length, kind = _ATTR.unpack_from(data, offset)
-        if length < _ATTR.size or offset + length > len(data):
-            return  # truncated: what was read stands
-        yield kind & _NLA_TYPE_MASK, data[offset + _ATTR.size : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _u32(payload: bytes) -> int:
-    return int(struct.unpack_from("=I", payload)[0]) if len(payload) >= 4 else 0
-
-
-class NetdevFamily:
+class NetdevFamily(GenericNetlink):
     """A generic netlink socket speaking the ``netdev`` family.
 
     Raises ``NetdevUnavailable`` when the kernel lacks the family. Usable
@@ -114,121 +75,53 @@ class NetdevFamily:
 
     def __init__(self) -> None:
         try:
-            self._sock: socket.socket | None = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_GENERIC
-            )
+            super().__init__()
         except OSError as exc:
             raise NetdevUnavailable(exc.errno, f"no generic netlink socket: {exc}") from None
-        self._pid = os.getpid()
-        self._seq = 0
-        self._lock = threading.Lock()
         try:
-            self._sock.bind((0, 0))
-            self.family_id = self._resolve(_FAMILY)
+            self.family_id = self.family(_FAMILY)
+        except OSError as exc:
+            self.close()
+            if exc.errno == errno.ENOENT:
+                raise NetdevUnavailable(
+                    errno.ENOENT,
+                    f"the kernel has no {_FAMILY!r} generic netlink family (Linux >= 6.5 has)",
+                ) from None
+            if exc.errno == errno.EPROTO:
+                raise NetdevUnavailable(exc.errno, str(exc)) from None
+            raise
         except BaseException:
             self.close()
             raise
 
-    def close(self) -> None:
-        if os.getpid() != self._pid:
-            # A forked child: the lock may be a copy of one a parent thread
-            # held at the fork, never to be released here. Only this
-            # process's copy of the socket goes; no thread of ours uses it.
-            sock, self._sock = self._sock, None
-        else:
-            with self._lock:
-                sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
     def __enter__(self) -> NetdevFamily:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        state = "closed" if self._sock is None else f"family {self.family_id}"
+        state = "closed" if self.closed else f"family {self.family_id}"
         return f"<NetdevFamily {state}>"
 
-    def _request(self, family: int, cmd: int, flags: int, attrs: bytes) -> list[bytes]:
-        """Send one request; the payloads (after the genl header) of every
-        answer up to the ack or the end of the dump."""
-        if os.getpid() != self._pid:
-            # A forked child shares the socket (answers would go to either)
-            # and maybe a lock some parent thread held at the fork.
-            raise RuntimeError("a NetdevFamily cannot be used across fork(); make a new one")
-        with self._lock:
-            return self._exchange(family, cmd, flags, attrs)
-
-    def _exchange(self, family: int, cmd: int, flags: int, attrs: bytes) -> list[bytes]:
-        sock = self._sock
-        if sock is None:
-            raise ValueError("the netdev netlink socket is closed")
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        seq = self._seq
-        body = _GENL.pack(cmd, 1, 0) + attrs
-        sock.send(_HEADER.pack(_HEADER.size + len(body), family, flags, seq, 0) + body)
-        answers: list[bytes] = []
-        while True:
-            data = sock.recv(_RECV_SIZE)
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, kind, _flags, got_seq, _pid = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    raise OSError(errno.EPROTO, "malformed netlink answer")
-                payload = data[offset + _HEADER.size : offset + length]
-                offset += (length + 3) & ~3
-                if got_seq != seq:
-                    continue  # the tail of an earlier, abandoned request
-                if kind == _NLMSG_ERROR or kind == _NLMSG_DONE:
-                    code = struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
-                    if code < 0:
-                        raise OSError(-code, f"netlink: {os.strerror(-code)}")
-                    return answers
-                answers.append(payload[_GENL.size :])
-
-    def _resolve(self, name: str) -> int:
-        try:
-            answers = self._request(
-                _GENL_ID_CTRL,
-                _CTRL_CMD_GETFAMILY,
-                _NLM_F_REQUEST | _NLM_F_ACK,
-                _attr(_CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0"),
-            )
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise NetdevUnavailable(
-                    errno.ENOENT,
-                    f"the kernel has no {name!r} generic netlink family (Linux >= 6.5 has)",
-                ) from None
-            raise
-        for payload in answers:
-            for kind, value in _attrs(payload):
-                if kind == _CTRL_ATTR_FAMILY_ID:
-                    return int(struct.unpack_from("=H", value)[0])
-        raise NetdevUnavailable(errno.EPROTO, f"no id in the answer for family {name!r}")
-
-    def rx_queues(self, interface: str | int) -> list[RxQueue]:
-        """The RX queues of ``interface`` (a name or an index), in queue
-        order. Raises ``InterfaceNotFound`` for an unknown interface."""
+    def _dump(self, interface: str | int, cmd: int, ifindex_attr: int) -> tuple[int, list[bytes]]:
+        """(ifindex, answers) of a ``cmd`` dump filtered to ``interface``."""
         ifindex = _ifindex(interface)
         try:
-            answers = self._request(
-                self.family_id,
-                _CMD_QUEUE_GET,
-                _NLM_F_REQUEST | _NLM_F_DUMP,
-                _attr(_A_QUEUE_IFINDEX, struct.pack("=I", ifindex)),
+            return ifindex, self.request(
+                self.family_id, cmd, attr(ifindex_attr, u32(ifindex)), dump=True
             )
         except OSError as exc:
             if exc.errno in (errno.ENODEV, errno.ENOENT):
                 raise _no_interface(interface) from None
             raise
+
+    def rx_queues(self, interface: str | int) -> list[RxQueue]:
+        """The RX queues of ``interface`` (a name or an index), in queue
+        order. Raises ``InterfaceNotFound`` for an unknown interface."""
+        ifindex, answers = self._dump(interface, _CMD_QUEUE_GET, _A_QUEUE_IFINDEX)
         queues = []
         for payload in answers:
             fields: dict[int, Any] = {}
-            for kind, value in _attrs(payload):
-                fields[kind] = _u32(value) if kind != _A_QUEUE_IO_URING else True
+            for kind, value in attrs(payload):
+                fields[kind] = as_u32(value) if kind != _A_QUEUE_IO_URING else True
             if fields.get(_A_QUEUE_TYPE) != _QUEUE_TYPE_RX:
                 continue
             if fields.get(_A_QUEUE_IFINDEX, ifindex) != ifindex:
@@ -247,21 +140,10 @@ class NetdevFamily:
     def napi_ids(self, interface: str | int) -> list[int]:
         """The ids of ``interface``'s NAPI instances (``napi-get`` dump),
         ascending."""
-        ifindex = _ifindex(interface)
-        try:
-            answers = self._request(
-                self.family_id,
-                _CMD_NAPI_GET,
-                _NLM_F_REQUEST | _NLM_F_DUMP,
-                _attr(_A_NAPI_IFINDEX, struct.pack("=I", ifindex)),
-            )
-        except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENOENT):
-                raise _no_interface(interface) from None
-            raise
+        ifindex, answers = self._dump(interface, _CMD_NAPI_GET, _A_NAPI_IFINDEX)
         ids = []
         for payload in answers:
-            fields = {kind: _u32(value) for kind, value in _attrs(payload)}
+            fields = {kind: as_u32(value) for kind, value in attrs(payload)}
             if fields.get(_A_NAPI_IFINDEX, ifindex) == ifindex and fields.get(_A_NAPI_ID):
                 ids.append(fields[_A_NAPI_ID])
         return sorted(ids)

@@ -546,16 +546,20 @@ def check_port(port: Any) -> None:
         raise OverflowError(f"port must be 0-65535, not {port!r}")
 
 
-def _listening_sockets(
+def bound_sockets(
     host: str | Iterable[str] | None,
     port: int | None,
     *,
     family: int,
     flags: int,
-    backlog: int,
     reuse_address: bool | None,
     reuse_port: bool | None,
+    one_port: bool = False,
 ) -> list[socket.socket]:
+    """A bound, not yet listening, socket per address ``host`` resolves to,
+    as ``create_server`` binds them. ``one_port`` gives every address the
+    port the first one got when ``port`` is 0 (asyncio lets each pick its
+    own)."""
     if host is None or isinstance(host, str):
         hosts: list[str | None] = [host]
     else:
@@ -572,6 +576,7 @@ def _listening_sockets(
             socket.getaddrinfo(None if h == "" else h, port, family, socket.SOCK_STREAM, 0, flags)
         )
     sockets: list[socket.socket] = []
+    bound_port: int | None = None
     seen = set()
     try:
         for af, socktype, proto, _name, address in infos:
@@ -586,12 +591,37 @@ def _listening_sockets(
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if af == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if one_port and bound_port is not None and address[1] == 0:
+                address = (address[0], bound_port, *address[2:])
             try:
                 sock.bind(address)
             except OSError as exc:
                 raise OSError(
                     exc.errno, f"error while attempting to bind on address {address!r}: {exc}"
                 ) from None
+            bound_port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listening_sockets(
+    host: str | Iterable[str] | None,
+    port: int | None,
+    *,
+    family: int,
+    flags: int,
+    backlog: int,
+    reuse_address: bool | None,
+    reuse_port: bool | None,
+) -> list[socket.socket]:
+    sockets = bound_sockets(
+        host, port, family=family, flags=flags, reuse_address=reuse_address, reuse_port=reuse_port
+    )
+    try:
+        for sock in sockets:
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
@@ -682,39 +712,32 @@ async def create_zcrx_server(
         )
     try:
         reactor = Reactor.for_loop(loop)
-        reuse_key = (mode, interface, queue, area_size, rq_entries, rx_buf_len, hugepages)
-        selection = reactor.take_idle_queue(reuse_key) or select_mode(
-            reactor.ring,
-            mode=mode,
-            interface=interface,
-            queue=queue,
-            area_size=area_size,
-            rq_entries=rq_entries,
-            rx_buf_len=rx_buf_len,
-            buffer_size=buffer_size,
-            hugepages=hugepages,
-            ring_error=reactor.ring_error,
-        )
+
+        def acquire(rx_queue: int | None, insist: str) -> tuple[ModeSelection, tuple[Any, ...]]:
+            # A queue a closed server of this loop parked with the same
+            # options, else a new one.
+            key = (mode, interface, rx_queue, area_size, rq_entries, rx_buf_len, hugepages)
+            made = reactor.take_idle_queue(key) or select_mode(
+                reactor.ring,
+                mode=insist,
+                interface=interface,
+                queue=rx_queue,
+                area_size=area_size,
+                rq_entries=rq_entries,
+                rx_buf_len=rx_buf_len,
+                buffer_size=buffer_size,
+                hugepages=hugepages,
+                ring_error=reactor.ring_error,
+            )
+            return made, key
+
+        selection, reuse_key = acquire(queue, mode)
         routes: dict[int, tuple[ModeSelection, tuple[Any, ...]]] = {}
         if queue_list is not None and selection.mode == "zerocopy":
             routes[queue_list[0]] = (selection, reuse_key)
             try:
                 for extra in queue_list[1:]:
-                    key = (mode, interface, extra, area_size, rq_entries, rx_buf_len, hugepages)
-                    routes[extra] = (
-                        reactor.take_idle_queue(key)
-                        or select_mode(
-                            reactor.ring,
-                            mode="zerocopy",
-                            interface=interface,
-                            queue=extra,
-                            area_size=area_size,
-                            rq_entries=rq_entries,
-                            rx_buf_len=rx_buf_len,
-                            hugepages=hugepages,
-                        ),
-                        key,
-                    )
+                    routes[extra] = acquire(extra, "zerocopy")
             except BaseException:
                 # Registered ifqs live as long as the ring: keep them for
                 # the loop's next server rather than leak them.

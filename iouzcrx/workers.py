@@ -45,7 +45,7 @@ from typing import Any
 
 from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.loop import run as run_loop
-from iouzcrx.server import MAX_WORKERS, check_host, check_port, check_workers, create_zcrx_server
+from iouzcrx.server import MAX_WORKERS, bound_sockets, check_workers, create_zcrx_server
 from iouzcrx.streams import start_server
 
 __all__ = ["MAX_WORKERS", "Supervisor", "WorkerStartError", "serve"]
@@ -147,52 +147,12 @@ def _reserve_port(host: Any, port: Any, family: int, flags: int) -> tuple[list[s
     with SO_REUSEPORT: it fixes a port-0 request to one port for every worker
     and keeps the port ours while all of them restart. A bound socket that
     does not listen receives no connections."""
-    hosts: list[Any]
-    if host is None or isinstance(host, str):
-        hosts = [host]
-    else:
-        try:
-            hosts = list(host)
-        except TypeError:
-            raise TypeError(f"host must be a str or an iterable of str, not {host!r}") from None
-    for h in hosts:
-        check_host(h)
-    check_port(port)
-    infos = []
-    for h in hosts:
-        infos.extend(
-            socket.getaddrinfo(None if h == "" else h, port, family, socket.SOCK_STREAM, 0, flags)
-        )
-    sockets: list[socket.socket] = []
-    bound_port: int | None = None
-    seen = set()
-    try:
-        for af, socktype, proto, _name, address in infos:
-            if (af, address) in seen:
-                continue
-            seen.add((af, address))
-            sock = socket.socket(af, socktype, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if af == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if bound_port is not None and address[1] == 0:
-                address = (address[0], bound_port, *address[2:])
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"error while attempting to bind on address {address!r}: {exc}"
-                ) from None
-            bound_port = sock.getsockname()[1]
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    if bound_port is None:
+    sockets = bound_sockets(
+        host, port, family=family, flags=flags, reuse_address=True, reuse_port=True, one_port=True
+    )
+    if not sockets:
         raise OSError(errno.EADDRNOTAVAIL, f"host {host!r} resolves to no address")
-    return sockets, bound_port
+    return sockets, sockets[0].getsockname()[1]
 
 
 class _Slot:

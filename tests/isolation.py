@@ -104,16 +104,22 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def run_restricted(code: str) -> list[str]:
-    """Run ``code`` (which restricts itself first) in a child process with
-    this module importable; returns its stdout lines."""
+def run_python(code: str, timeout: float = 60) -> list[str]:
+    """Run ``code`` in a child interpreter that imports the iouzcrx under
+    test and this directory's helpers; it must exit 0. Its stdout lines."""
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=TESTS,
         env=child_env(),
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.splitlines()
+
+
+def run_restricted(code: str) -> list[str]:
+    """Run ``code`` (which restricts itself first) in a child process with
+    this module importable; returns its stdout lines."""
+    return run_python(code)

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import requires_copy_mode
-from isolation import TESTS, child_env
+from isolation import TESTS, child_env, run_python
 from workers_app import HEADER, payload
 
 import iouzcrx
@@ -414,16 +414,7 @@ def test_connections_still_open_after_shutdown_timeout_are_aborted_and_workers_e
 
 
 def run_script(code: str) -> list[str]:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=TESTS,
-        env=child_env(),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.splitlines()
+    return run_python(code, timeout=120)
 
 
 CLIENT = """

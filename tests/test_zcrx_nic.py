@@ -358,16 +358,23 @@ def _connect_from_peer(port: int) -> socket.socket:
     return sock
 
 
-def test_data_through_a_bound_queue_arrives_byte_exact(nsim):
-    """Less than an area's worth: netdevsim hands the sender's pages over, so
-    this is the kernel's copy fallback into the bound queue's area."""
-    total = 512 << 10
+def _pair_across_the_link() -> tuple[socket.socket, socket.socket]:
+    """(client in the peer namespace, server here), connected over the two
+    linked netdevsim ports."""
     with socket.socket() as listener:
         listener.bind((LOCAL_ADDR, 0))
         listener.listen(1)
         client = _connect_from_peer(listener.getsockname()[1])
         server, peer = listener.accept()
     assert peer[0] == PEER_ADDR
+    return client, server
+
+
+def test_data_through_a_bound_queue_arrives_byte_exact(nsim):
+    """Less than an area's worth: netdevsim hands the sender's pages over, so
+    this is the kernel's copy fallback into the bound queue's area."""
+    total = 512 << 10
+    client, server = _pair_across_the_link()
     with iouzcrx.Ring() as ring, server:
         queue = zerocopy(ring, nsim, 0, area_size=1 << 20)
         receiver = queue.recv_multishot(server)
@@ -387,11 +394,7 @@ def test_more_than_an_area_through_the_copy_fallback(nsim):
     # on a flush. Without flushing on -ENOMEM, after an area's worth every
     # receive ended in -ENOMEM and was re-armed at once, for ever.
     total = 1 << 20  # four areas' worth
-    with socket.socket() as listener:
-        listener.bind((LOCAL_ADDR, 0))
-        listener.listen(1)
-        client = _connect_from_peer(listener.getsockname()[1])
-        server, _ = listener.accept()
+    client, server = _pair_across_the_link()
     with iouzcrx.Ring() as ring, server:
         queue = zerocopy(ring, nsim, 0, area_size=256 << 10)
         receiver = queue.recv_multishot(server)
