@@ -556,7 +556,7 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
 @pytest.mark.parametrize(
     "kwargs,words",
     [
-        ({"sock": object()}, "each worker binds its own socket"),
+        ({"sock": object()}, "binds a socket per worker"),
         ({"reuse_port": False}, "SO_REUSEPORT"),
         ({"colour": "red"}, "unknown server option(s) colour"),
         ({"limit": 10}, "needs an async def handler"),
