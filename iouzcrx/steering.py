@@ -10,13 +10,13 @@ tell) falls back to the group's hash, as without a program
 privilege (``SO_ATTACH_REUSEPORT_CBPF``), unlike eBPF ones.
 
 The program reads ``skb->queue_mapping`` (the ``SKF_AD_QUEUE`` ancillary
-load). A NIC driver records the RX queue there as queue + 1
+load). A NIC driver (and tun) records the RX queue there as queue + 1
 (``skb_record_rx_queue``), 0 meaning none recorded. Software devices that
-forward a peer's packet to one of their RX queues (veth, netdevsim) record
-nothing: on veth the program reads 0 for every packet, whatever RX queue
-(NAPI instance) it arrives on (measured on Linux 6.18), so there the
-program would only send everything to the hash; connections are then
-steered by hand-off (``iouzcrx.workers``).
+hand a peer's packet to the RX queue of the peer's TX queue (veth,
+netdevsim) record nothing: the value is still the sender's TX queue index,
+which is the index of the RX queue they deliver on (measured on veth,
+Linux 6.18: the value equals the queue whose NAPI instance delivered the
+connection).
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ __all__ = [
     "RECORDS_NO_RX_QUEUE",
     "SteeringUnavailable",
     "attach_steering",
-    "records_rx_queue",
+    "queue_mapping_offset",
     "steering_program",
 ]
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 
-# Drivers that never call skb_record_rx_queue(): they hand the sender's skb
-# to the stack through __dev_forward_skb() (drivers/net/veth.c,
-# drivers/net/netdevsim/netdev.c, Linux 6.18 and 7.3).
+# Drivers that never call skb_record_rx_queue(): they pick the RX queue by
+# the sender's queue_mapping and hand its skb on as it is
+# (drivers/net/veth.c, drivers/net/netdevsim/netdev.c, Linux 6.18 and 7.3).
 RECORDS_NO_RX_QUEUE = frozenset({"veth", "netdevsim"})
 
 # Classic BPF (linux/filter.h, linux/bpf_common.h).
@@ -49,7 +49,7 @@ _LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
 _JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
 _RET_K = 0x06  # BPF_RET | BPF_K
 _SKF_AD_OFF = -0x1000
-_SKF_AD_QUEUE = 20
+_SKF_AD_QUEUE = 24
 _BPF_MAXINSNS = 4096
 
 # Any index past the group's last socket: the kernel then picks by hash.
@@ -66,11 +66,11 @@ class SteeringUnavailable(OSError):
     socket that is not in a reuseport group)."""
 
 
-def records_rx_queue(interface: str | int) -> bool:
-    """Whether the driver of ``interface`` records the RX queue of what it
-    receives (so that the steering program can read it): every NIC driver
-    does, the software devices of ``RECORDS_NO_RX_QUEUE`` do not. Raises
-    ``InterfaceNotFound`` for an unknown interface."""
+def queue_mapping_offset(interface: str | int) -> int:
+    """What ``skb->queue_mapping`` holds beyond the RX queue index for
+    packets ``interface`` receives: 1 where the driver records the queue
+    (NIC drivers, tun), 0 for the devices of ``RECORDS_NO_RX_QUEUE``.
+    Raises ``InterfaceNotFound`` for an unknown interface."""
     try:
         name = interface if isinstance(interface, str) else socket.if_indextoname(interface)
         socket.if_nametoindex(name)
@@ -81,7 +81,7 @@ def records_rx_queue(interface: str | int) -> bool:
             errno.ENODEV,
             f"no network interface {interface!r} in this network namespace (see 'ip link')",
         ) from None
-    return _driver(name) not in RECORDS_NO_RX_QUEUE
+    return 0 if _driver(name) in RECORDS_NO_RX_QUEUE else 1
 
 
 def _driver(interface: str) -> str | None:
@@ -114,10 +114,13 @@ def _ethtool_driver(interface: str) -> str | None:
     return buffer.raw[4:36].split(b"\0", 1)[0].decode(errors="replace") or None
 
 
-def steering_program(owners: Mapping[int, int]) -> bytes:
+def steering_program(owners: Mapping[int, int], *, offset: int = 1) -> bytes:
     """The classic BPF program (``struct sock_filter`` array) returning
     ``owners[queue]`` for a SYN that arrived on RX queue ``queue``, and an
-    out-of-range index (the kernel's hash) for any other queue or none."""
+    out-of-range index (the kernel's hash) for any other queue or none.
+    ``offset`` is ``queue_mapping_offset()`` of the interface."""
+    if offset not in (0, 1):
+        raise ValueError(f"offset must be 0 or 1 (see queue_mapping_offset), not {offset!r}")
     if not owners:
         raise ValueError("owners must map at least one RX queue to a socket index")
     if 2 * len(owners) + 2 > _BPF_MAXINSNS:
@@ -128,11 +131,12 @@ def steering_program(owners: Mapping[int, int]) -> bytes:
     insns = [_INSN.pack(_LD_W_ABS, 0, 0, (_SKF_AD_OFF + _SKF_AD_QUEUE) & 0xFFFFFFFF)]
     for queue, index in sorted(owners.items()):
         if isinstance(queue, bool) or not isinstance(queue, int) or not 0 <= queue < 0xFFFF:
+            # queue_mapping is 16 bits wide.
             raise ValueError(f"RX queue {queue!r} is not a queue index (0 to 65534)")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < BY_HASH:
             raise ValueError(f"socket index {index!r} for RX queue {queue} is out of range")
         # Equal: fall into the return just below; else skip over it.
-        insns.append(_INSN.pack(_JEQ_K, 0, 1, queue + 1))
+        insns.append(_INSN.pack(_JEQ_K, 0, 1, queue + offset))
         insns.append(_INSN.pack(_RET_K, 0, 0, index))
     insns.append(_INSN.pack(_RET_K, 0, 0, BY_HASH))
     return b"".join(insns)

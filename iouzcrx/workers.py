@@ -527,20 +527,9 @@ class Supervisor:
             self._bpf = "steering='handoff' asked for no program"
             return
         owners = {q: i for i, share in enumerate(self._shares) for q in share}
-        if self._steering == "auto":
-            try:
-                recorded = _steering.records_rx_queue(interface)
-            except OSError as exc:
-                self._bpf = f"no steering program: {exc}"
-                return
-            if not recorded:
-                self._bpf = (
-                    f"no steering program: the driver of {interface!r} does not record the RX "
-                    "queue of the packets it receives"
-                )
-                return
         try:
-            program = _steering.steering_program(owners)
+            offset = _steering.queue_mapping_offset(interface)
+            program = _steering.steering_program(owners, offset=offset)
             for sock in self._listeners[0]:
                 # One program per reuseport group, i.e. per address.
                 _steering.attach_steering(sock, program)

@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 from conftest import requires_copy_mode
-from isolation import TESTS, child_env, run_python
-from workers_app import HEADER, payload
+from isolation import PACKAGE_ROOT, TESTS, child_env, run_python
+from workers_app import HEADER, TUN_OWNERS, TUN_PER_QUEUE, TUN_QUEUES, payload
 
 import iouzcrx
+from iouzcrx import steering
 from iouzcrx.loop import uvloop_available
 
 LOOPS = [
@@ -245,6 +246,137 @@ def test_streams_handler_is_served_by_workers():
         returncode, final = server.stop()
     assert returncode == 0
     assert sum(w["connections"] for w in final) == 50
+
+
+# -- steering: each connection reaches the worker owning its RX queue ------------------
+
+
+def _namespace_reason(*devices: str) -> str | None:
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root to make network namespaces and network devices"
+    for tool in ("unshare", "ip", "ethtool"):
+        if shutil.which(tool) is None:
+            return f"needs {tool!r} on PATH"
+    for device in devices:
+        if not os.path.exists(device):
+            return f"needs {device}"
+    return None
+
+
+requires_veth = pytest.mark.skipif(_namespace_reason() is not None, reason=str(_namespace_reason()))
+requires_tun = pytest.mark.skipif(
+    _namespace_reason("/dev/net/tun") is not None, reason=str(_namespace_reason("/dev/net/tun"))
+)
+
+
+def in_namespace(*args: str) -> Any:
+    """tests/workers_app.py's scenario ``args`` in a new network namespace;
+    its JSON report."""
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, os.path.join(TESTS, "workers_app.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=child_env(PYTHONPATH=PACKAGE_ROOT),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@requires_tun
+def test_the_steering_program_sends_each_rx_queue_to_its_socket_when_the_kernel_runs_it():
+    # tun records the RX queue of what is written into each of its queues as
+    # a NIC driver does; the listener that accepts each handshake is the
+    # kernel's choice, made by the program.
+    landed = in_namespace("tun")
+    assert sorted(landed) == [str(q) for q in range(TUN_QUEUES)]
+    for rx_queue, indexes in landed.items():
+        assert len(indexes) == TUN_PER_QUEUE
+        owner = TUN_OWNERS.get(int(rx_queue))
+        if owner is not None:
+            assert indexes == [owner] * TUN_PER_QUEUE, f"queue {rx_queue}: {indexes}"
+
+
+def check_steered(report: dict[str, Any], workers: int, count: int) -> list[dict[str, Any]]:
+    """Every byte verified, and every connection served by the worker that
+    owns the RX queue its packets arrived on; the final stats."""
+    assert report["client_rc"] == 0 and report["server_rc"] == 0
+    shares = report["listening"]["queues"]
+    pids = {int(k): v for k, v in report["pids"].items()}
+    napi_to_queue = {int(k): v for k, v in report["napi_to_queue"].items()}
+    conns = report["connections"]
+    assert len(conns) == count and len(shares) == workers
+    for c in conns:
+        _, pid, napi_id = c["hello"]
+        assert c["verdict"] == ["OK", pid, str(c["length"] - HEADER.size)], c
+        queue = napi_to_queue[int(napi_id)]
+        (owner,) = [i for i, share in enumerate(shares) if queue in share]
+        assert int(pid) == pids[owner], f"queue {queue} is worker {owner}'s: {c}"
+    final = report["final"]
+    assert [w["returncode"] for w in final] == [0] * workers
+    for w in final:
+        mine = [c for c in conns if int(c["hello"][1]) == w["pid"]]
+        assert w["connections"] == len(mine) == w["steered"] + w["adopted"]
+        assert w["bytes"] == sum(c["length"] for c in mine)
+        assert w["unsteerable"] == 0 and w["queues"] == shares[w["worker"]]
+    assert sum(w["handed_off"] for w in final) == sum(w["adopted"] for w in final)
+    return final
+
+
+@requires_veth
+def test_the_steering_program_puts_each_connection_on_the_worker_owning_its_veth_queue():
+    # veth delivers on the RX queue of the sender's TX queue and leaves that
+    # index in queue_mapping: the program reads it for the SYN.
+    report = in_namespace("veth", "2", "4", "40", "auto")
+    assert report["listening"]["steering"] == "bpf+handoff"
+    final = check_steered(report, 2, 40)
+    assert {w["steering"] for w in final} == {"bpf+handoff"}
+    assert sum(w["handed_off"] for w in final) == 0, final
+    assert all(w["connections"] > 0 for w in final)
+
+
+@requires_veth
+def test_without_the_program_workers_hand_each_connection_to_the_owner_of_its_queue():
+    report = in_namespace("veth", "2", "4", "40", "handoff")
+    assert report["listening"]["steering"] == "handoff"
+    final = check_steered(report, 2, 40)
+    assert {w["steering"] for w in final} == {"handoff"}
+    # The kernel's hash put some on the wrong worker: the hand-off ran.
+    assert sum(w["handed_off"] for w in final) > 0, final
+
+
+def test_the_steering_program_refuses_bad_tables_naming_the_value():
+    for owners, offset, words in [
+        ({}, 1, "at least one RX queue"),
+        ({0: 0}, 2, "offset must be 0 or 1"),
+        ({-1: 0}, 1, "RX queue -1"),
+        ({True: 0}, 1, "RX queue True"),
+        ({0xFFFF: 0}, 1, "RX queue 65535"),
+        ({0: -1}, 1, "socket index -1"),
+        ({0: 0xFFFFFFFF}, 1, "socket index 4294967295"),
+        (dict.fromkeys(range(3000), 0), 1, "3000 queues do not fit"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            steering.steering_program(owners, offset=offset)
+        assert words in str(info.value), (owners, offset)
+    program = steering.steering_program({0: 1, 7: 0})
+    assert len(program) == 8 * (1 + 2 * 2 + 1)
+
+
+def test_the_steering_program_needs_a_reuseport_socket():
+    import socket
+
+    with socket.socket() as sock:
+        with pytest.raises(steering.SteeringUnavailable, match="refused"):
+            steering.attach_steering(sock, steering.steering_program({0: 0}))
+        with pytest.raises(ValueError, match="not a classic BPF program"):
+            steering.attach_steering(sock, b"\0" * 7)
+    with pytest.raises(iouzcrx.InterfaceNotFound, match="nosuch0"):
+        steering.queue_mapping_offset("nosuch0")
+    assert steering.queue_mapping_offset("lo") == 1
 
 
 # -- a crash costs only the crashed worker's connections -------------------------------
