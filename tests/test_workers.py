@@ -448,6 +448,54 @@ def test_a_worker_that_dies_at_start_is_restarted_with_growing_backoff(tmp_path)
     assert final[0]["restarts"] == 0 and final[1]["restarts"] >= 5
 
 
+def test_a_restarted_worker_serves_the_connections_queued_on_its_socket_while_it_was_down(
+    tmp_path,
+):
+    refuse = tmp_path / "refuse"
+    env = child_env(WORKERS_APP_REFUSE=str(refuse))
+    args = ("workers_app:Verify", "--workers", "2", "--mode", "bufring", "--backoff", "0.05")
+    args += ("--max-backoff", "0.2", "--init", "workers_app:refuse_when_told")
+    with served(*args, env=env) as server:
+        pids = server.serving(2)
+        # Worker 1 cannot come back while the file names it; its listening
+        # socket, the supervisor's, keeps taking connections meanwhile.
+        refuse.write_text("1")
+        os.kill(pids[1], signal.SIGKILL)
+        server.wait_for(lambda e: e["event"] == "exited" and e["pid"] == pids[1])
+
+        async def scenario() -> list[Stream]:
+            streams = [Stream(server.port, seed, 64 << 10) for seed in range(30)]
+
+            async def connect(s: Stream) -> None:
+                s.reader, s.writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", server.port), EVENT_TIMEOUT
+                )
+
+            await asyncio.gather(*(connect(s) for s in streams))
+            await asyncio.gather(*(s.send(0, 1000) for s in streams))
+            refuse.unlink()
+
+            async def rest(s: Stream) -> None:
+                hello = await asyncio.wait_for(s.reader.readline(), EVENT_TIMEOUT)
+                assert hello.startswith(b"HELLO "), hello
+                s.pid = int(hello.split()[1])
+                await s.finish(1000)
+
+            await asyncio.gather(*(rest(s) for s in streams))
+            return streams
+
+        streams = asyncio.run(scenario())
+        again = server.wait_for(lambda e: e["event"] == "serving" and e["worker"] == 1)
+        bad = [(s.seed, s.pid, s.reply, s.error) for s in streams if not s.verified]
+        assert not bad, bad
+        # Every connection was made while worker 1 was down: those the
+        # kernel queued on its socket waited for its next process.
+        assert {s.pid for s in streams} == {pids[0], again["pid"]}
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert final[1]["connections"] == sum(1 for s in streams if s.pid == again["pid"])
+
+
 # -- graceful stop ------------------------------------------------------------------
 
 
@@ -701,6 +749,15 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
         ({"stats_interval": 1e-300}, "stats_interval must be at least 0.01 s"),
         ({"use_uvloop": "yes"}, "use_uvloop must be"),
         ({"worker_init": 3}, "worker_init must be callable"),
+        ({"queues": [0, 1]}, "queues= needs interface="),
+        ({"queues": [0], "interface": "lo"}, "workers=2 but queues= lists 1 RX queue(s) [0]"),
+        ({"queues": [0, 0], "interface": "lo"}, "names an RX queue twice"),
+        ({"queues": [0, "1"], "interface": "lo"}, "not '1'"),
+        ({"queues": [0, 1 << 16], "interface": "lo"}, "not 65536"),
+        ({"queues": 3, "interface": "lo"}, "queues must be a list"),
+        ({"queues": [0, 1], "interface": "lo", "queue": 0}, "pass queue= or queues="),
+        ({"steering": "ebpf"}, "steering must be one of"),
+        ({"steering": "bpf"}, "steering='bpf' needs queues="),
     ],
 )
 def test_bad_supervisor_options_are_refused_before_any_fork(kwargs, words):
@@ -747,6 +804,27 @@ def test_the_cli_reports_bad_workers_and_exits_1():
     )
     assert result.returncode == 1
     assert "workers must be from 1 to 1024 processes, not 0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (("--queues", "3-1"), 2, "queue range '3-1' runs backwards"),
+        (("--queues", "a"), 2, "'a' is not a list of RX queues"),
+        (("--queues", "0-3", "--workers", "5", "--interface", "lo"), 1, "workers=5 but"),
+    ],
+)
+def test_the_cli_reports_bad_queues(args, code, words):
+    result = subprocess.run(
+        [sys.executable, "-m", "iouzcrx", "serve", "workers_app:Verify", *args],
+        cwd=TESTS,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == code
+    assert words in result.stderr
 
 
 # -- the example ----------------------------------------------------------------------
