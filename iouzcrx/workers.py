@@ -460,6 +460,11 @@ class Supervisor:
         backlog = self._options.get("backlog", 100)
         if isinstance(backlog, bool) or not isinstance(backlog, int):
             raise TypeError(f"backlog must be an int, not {backlog!r}")
+        if not -(1 << 31) <= backlog < 1 << 31:
+            # listen() takes a C int; the kernel caps it at somaxconn anyway.
+            raise InvalidConfiguration(
+                f"backlog {backlog} does not fit listen(): pass at most {(1 << 31) - 1}"
+            )
         self._listeners = _listeners(
             self._host,
             self._port,

@@ -327,12 +327,13 @@ def check_steered(report: dict[str, Any], workers: int, count: int) -> list[dict
 
 
 @requires_veth
-def test_the_steering_program_puts_each_connection_on_the_worker_owning_its_veth_queue():
+def test_the_steering_program_puts_a_thousand_connections_on_the_workers_owning_their_queues():
     # veth delivers on the RX queue of the sender's TX queue and leaves that
     # index in queue_mapping: the program reads it for the SYN.
-    report = in_namespace("veth", "2", "4", "40", "auto")
+    report = in_namespace("veth", "4", "8", "1000", "auto")
     assert report["listening"]["steering"] == "bpf+handoff"
-    final = check_steered(report, 2, 40)
+    assert report["listening"]["queues"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    final = check_steered(report, 4, 1000)
     assert {w["steering"] for w in final} == {"bpf+handoff"}
     assert sum(w["handed_off"] for w in final) == 0, final
     assert all(w["connections"] > 0 for w in final)
@@ -340,9 +341,10 @@ def test_the_steering_program_puts_each_connection_on_the_worker_owning_its_veth
 
 @requires_veth
 def test_without_the_program_workers_hand_each_connection_to_the_owner_of_its_queue():
-    report = in_namespace("veth", "2", "4", "40", "handoff")
+    report = in_namespace("veth", "3", "7", "120", "handoff")
     assert report["listening"]["steering"] == "handoff"
-    final = check_steered(report, 2, 40)
+    assert report["listening"]["queues"] == [[0, 1], [2, 3], [4, 5, 6]]
+    final = check_steered(report, 3, 120)
     assert {w["steering"] for w in final} == {"handoff"}
     # The kernel's hash put some on the wrong worker: the hand-off ran.
     assert sum(w["handed_off"] for w in final) > 0, final
@@ -699,6 +701,19 @@ def test_a_worker_that_cannot_start_fails_start_with_its_error():
         """)
     )
     assert lines[0].startswith("refused: worker ") and "buffer_size" in lines[0]
+
+
+def test_a_bad_backlog_fails_start_before_any_fork():
+    for backlog, error, words in [
+        ("9", TypeError, "backlog must be an int, not '9'"),
+        (1 << 40, iouzcrx.InvalidConfiguration, f"backlog {1 << 40} does not fit"),
+    ]:
+        sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, backlog=backlog)
+        with pytest.raises(error, match=words):
+            sup.start()
+        sup.close()
+        sup.close()
+        assert sup.closed
 
 
 def test_the_supervisor_refuses_to_fork_from_a_running_loop():
