@@ -22,14 +22,13 @@ lines.
 Steering (``interface=`` and ``queues=[...]``): the RX queues are split
 among the workers, each owning a contiguous share (and registering zcrx
 queues for it in zerocopy mode), and each connection is sent to the worker
-owning the RX queue it arrives on. Where the NIC driver records the RX
-queue of a packet, a classic BPF program on the reuseport group does it in
-the kernel, for the SYN (``iouzcrx.steering``); a connection that still
-reaches another worker (no program, a queue it does not know) is handed
-over by the worker that accepted it: the socket's ``SO_INCOMING_NAPI_ID``
-names its RX queue (``iouzcrx.netdev``), and the socket is sent over a unix
-datagram socket (``SCM_RIGHTS``) to the owner, which serves it as if it had
-accepted it.
+owning the RX queue it arrives on. A classic BPF program on the reuseport
+group does it in the kernel, for the SYN (``iouzcrx.steering``); a
+connection that still reaches another worker (no program could be
+attached, a queue it does not know) is handed over by the worker that
+accepted it: the socket's ``SO_INCOMING_NAPI_ID`` names its RX queue
+(``iouzcrx.netdev``), and the socket is sent over a unix seqpacket socket
+(``SCM_RIGHTS``) to the owner, which serves it as if it had accepted it.
 
 The application is inherited through ``fork()``: nothing is pickled, so
 closures and lambdas work, and an ``"module:attribute"`` string is imported in
@@ -398,7 +397,7 @@ class Supervisor:
             for i in range(self._workers)
         ]
         # Per worker: its listening sockets (one per address) and the
-        # datagram socket pair other workers hand its connections over on.
+        # unix socket pair other workers hand its connections over on.
         self._listeners: list[list[socket.socket]] = []
         self._inboxes: list[tuple[socket.socket, socket.socket]] = []
         self._bpf: str | None = None  # why no steering program, when none
@@ -525,7 +524,9 @@ class Supervisor:
             return
         assert self._shares is not None
         for _ in range(self._workers):
-            inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            # Seqpacket, not datagram: a datagram pair holds only
+            # net.unix.max_dgram_qlen (10) messages, too few for a burst.
+            inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self._inboxes.append((inbox, outbox))
         interface = self._options["interface"]
         if self._steering == "handoff":

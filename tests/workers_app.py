@@ -118,7 +118,7 @@ SERVER_ADDRESS = "10.77.0.1"
 CLIENT_ADDRESS = "10.77.0.2"
 
 CLIENT = r"""
-import asyncio, json, subprocess, sys
+import asyncio, json, socket, subprocess, sys
 from workers_app import HEADER, payload
 print("ready", flush=True)  # in the new namespace now
 port, count = (int(x) for x in sys.stdin.readline().split())
@@ -130,10 +130,20 @@ for cmd in (["ip", "link", "set", "lo", "up"],
             ["ip", "link", "set", "qb", "up"]):
     subprocess.run(cmd, check=True)
 
+async def connect():
+    sock = socket.socket()
+    # veth puts a flow on the RX queue of the sender's TX queue, which the
+    # sender picks by the socket's hash; without this, a retransmitted SYN
+    # would get a new hash and could move the flow to another queue.
+    sock.setsockopt(socket.SOL_SOCKET, 74, 0)  # SO_TXREHASH: SOCK_TXREHASH_DISABLED
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("10.77.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
 async def one(seed, limit):
     async with limit:
         length = 32768 + seed * 7
-        r, w = await asyncio.wait_for(asyncio.open_connection("10.77.0.1", port), 60)
+        r, w = await asyncio.wait_for(connect(), 60)
         try:
             hello = (await asyncio.wait_for(r.readline(), 60)).decode().split()
             w.write(HEADER.pack(seed, length) + payload(seed, length))
