@@ -350,6 +350,19 @@ def test_without_the_program_workers_hand_each_connection_to_the_owner_of_its_qu
     assert sum(w["handed_off"] for w in final) > 0, final
 
 
+@requires_veth
+def test_a_worker_down_while_its_connections_arrive_serves_them_once_restarted():
+    # Worker 1 is down (killed, kept from restarting) while the clients
+    # start: its connections queue on its listening socket, or in its
+    # inbox once worker 0 accepted and handed them over. Its next process
+    # serves them all.
+    report = in_namespace("veth", "2", "4", "40", "handoff", "down")
+    final = check_steered(report, 2, 40)
+    assert final[1]["restarts"] >= 1 and final[0]["restarts"] == 0
+    assert final[1]["pid"] == report["pids"]["1"]
+    assert final[0]["handed_off"] > 0 and final[1]["adopted"] > 0, final
+
+
 def test_the_steering_program_refuses_bad_tables_naming_the_value():
     for owners, offset, words in [
         ({}, 1, "at least one RX queue"),

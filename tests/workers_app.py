@@ -11,13 +11,15 @@ server answers ``OK <pid> <length>`` or ``BAD <pid> <reason>``.
 Run as a script (inside ``unshare -n``, as root), it holds the steering
 scenarios of tests/test_workers.py, each printing one JSON report:
 
-    python workers_app.py veth WORKERS QUEUES CONNECTIONS STEERING
+    python workers_app.py veth WORKERS QUEUES CONNECTIONS STEERING [down]
 
 serves ``Verify`` with ``python -m iouzcrx serve --interface qa --queues
 0-(QUEUES-1)`` on one end of a veth pair with QUEUES queues, runs
 CONNECTIONS verified streams from a second network namespace through the
 other end and stops the supervisor; the report has the NAPI id -> RX queue
 map, each worker's pid and final stats, each connection's hello and verdict.
+With ``down`` the last worker is down while the clients start (see
+``scenario``).
 
     python workers_app.py tun
 
@@ -184,15 +186,23 @@ def _events(proc: subprocess.Popen[str]) -> Any:
     raise SystemExit(f"the supervisor ended early with {proc.wait(30)}")
 
 
-def scenario(workers: int, queues: int, count: int, steering: str) -> dict[str, Any]:
+def scenario(
+    workers: int, queues: int, count: int, steering: str, down: bool = False
+) -> dict[str, Any]:
+    """With ``down``, the last worker is killed before the clients start
+    and kept from restarting until the first worker has handed it a
+    connection: it then serves what queued on its socket and in its inbox."""
     _veth(queues)
     here = os.path.dirname(os.path.abspath(__file__))
+    refuse = os.path.join(here, f".refuse-{os.getpid()}")
     server = subprocess.Popen(
         [sys.executable, "-m", "iouzcrx", "serve", "workers_app:Verify",
          "--host", SERVER_ADDRESS, "--port", "0", "--workers", str(workers),
          "--mode", "bufring", "--interface", "qa", "--queues", f"0-{queues - 1}",
-         "--steering", steering, "--json"],
+         "--steering", steering, "--json", "--stats-interval", "0.1",
+         "--backoff", "0.05", "--max-backoff", "0.2", "--init", "workers_app:refuse_when_told"],
         cwd=here, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, WORKERS_APP_REFUSE=refuse),
     )  # fmt: skip
     client = subprocess.Popen(
         ["unshare", "-n", sys.executable, "-c", CLIENT],
@@ -207,6 +217,13 @@ def scenario(workers: int, queues: int, count: int, steering: str) -> dict[str, 
                 report["pids"][event["worker"]] = event["pid"]
             elif event["event"] == "exited":
                 raise SystemExit(f"a worker failed: {event}")
+        last = workers - 1
+        if down:
+            with open(refuse, "w") as f:
+                f.write(str(last))
+            os.kill(report["pids"][last], signal.SIGKILL)
+            while not (event := next(events))["event"] == "exited":
+                pass
         assert client.stdin is not None and client.stdout is not None
         if client.stdout.readline().strip() != "ready":
             raise SystemExit(f"the client did not start: {client.wait(30)}")
@@ -214,6 +231,15 @@ def scenario(workers: int, queues: int, count: int, steering: str) -> dict[str, 
         _run("ip", "link", "set", "qb", "netns", str(client.pid))
         client.stdin.write(f"{report['listening']['port']} {count}\n")
         client.stdin.flush()
+        if down:
+            while not (
+                event["event"] == "stats" and event["worker"] == 0 and event["handed_off"] > 0
+            ):
+                event = next(events)
+            os.unlink(refuse)
+            while not (event["event"] == "serving" and event["worker"] == last):
+                event = next(events)
+            report["pids"][last] = event["pid"]
         report["connections"] = json.loads(client.stdout.readline() or "null")
         with NetdevFamily() as family:
             report["napi_to_queue"] = {str(k): v for k, v in family.napi_to_queue("qa").items()}
@@ -231,6 +257,8 @@ def scenario(workers: int, queues: int, count: int, steering: str) -> dict[str, 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if os.path.exists(refuse):
+            os.unlink(refuse)
     return report
 
 
@@ -334,9 +362,10 @@ def tun_scenario() -> dict[str, list[int]]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["veth"] and len(sys.argv) == 6:
+    if sys.argv[1:2] == ["veth"] and len(sys.argv) in (6, 7):
         workers, queues, count = (int(x) for x in sys.argv[2:5])
-        print(json.dumps(scenario(workers, queues, count, sys.argv[5])))
+        down = sys.argv[6:] == ["down"]
+        print(json.dumps(scenario(workers, queues, count, sys.argv[5], down)))
     elif sys.argv[1:] == ["tun"]:
         print(json.dumps(tun_scenario()))
     else:
