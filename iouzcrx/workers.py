@@ -293,9 +293,9 @@ class Supervisor:
     ``zerocopy``/``auto`` mode each worker registers zcrx queues for its
     share. ``steering`` (one of ``STEERING``) says how a connection reaches
     the worker owning its RX queue: ``"auto"`` (default) attaches a
-    reuseport BPF program where the driver records RX queues and hands
-    off, over a unix socket, any connection still accepted by another
-    worker; ``"bpf"`` insists on the program; ``"handoff"`` only hands off;
+    reuseport BPF program where the kernel takes it and hands off, over a
+    unix socket, any connection still accepted by another worker;
+    ``"bpf"`` insists on the program; ``"handoff"`` only hands off;
     ``"none"`` leaves the kernel's hash alone. More workers than queues is
     refused.
 
@@ -401,6 +401,7 @@ class Supervisor:
         self._listeners: list[list[socket.socket]] = []
         self._inboxes: list[tuple[socket.socket, socket.socket]] = []
         self._bpf: str | None = None  # why no steering program, when none
+        self._in_force = "none"
         self._port_bound: int | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
@@ -504,13 +505,10 @@ class Supervisor:
 
     @property
     def steering(self) -> str:
-        """The steering in force: ``"bpf+handoff"`` (the kernel program,
-        hand-off for the rest), ``"handoff"`` or ``"none"``."""
-        if self._steering == "none":
-            return "none"
-        if self._listeners and self._bpf is None:
-            return "bpf+handoff"
-        return "handoff"
+        """The steering in force once started: ``"bpf+handoff"`` (the
+        kernel program, hand-off for the rest), ``"handoff"`` or
+        ``"none"``."""
+        return self._in_force
 
     @property
     def steering_note(self) -> str | None:
@@ -529,6 +527,7 @@ class Supervisor:
             inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self._inboxes.append((inbox, outbox))
         interface = self._options["interface"]
+        self._in_force = "handoff"
         if self._steering == "handoff":
             self._bpf = "steering='handoff' asked for no program"
             return
@@ -543,6 +542,8 @@ class Supervisor:
             if self._steering == "bpf":
                 raise
             self._bpf = f"no steering program: {exc}"
+            return
+        self._in_force = "bpf+handoff"
 
     def _release_sockets(self) -> None:
         for group in self._listeners:
@@ -1100,7 +1101,7 @@ class _Worker:
         if supervisor._steering == "none":
             return
         assert supervisor._shares is not None
-        in_kernel = supervisor._bpf is None
+        in_kernel = supervisor._in_force == "bpf+handoff"
         if self.server.mode == "socket":
             # The loop accepts natively: no connection passes here first.
             self.steering = "bpf" if in_kernel else "none"

@@ -679,6 +679,35 @@ def test_supervisor_closed_from_another_thread_and_as_a_context_manager():
     assert json.loads(lines[-1]) == [0, 0]
 
 
+def test_connections_from_no_queue_are_served_where_they_land_and_counted():
+    # Loopback has no NAPI instance: no connection names an RX queue, so
+    # each is served by the worker that accepted it, counted unsteerable.
+    # Socket mode accepts in the loop: only the program steers there.
+    lines = run_script(
+        CLIENT
+        + textwrap.dedent("""
+        from iouzcrx import Supervisor
+        for mode in ("bufring", "socket"):
+            sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode=mode,
+                             interface="lo", queues=[0, 1], steering="bpf")
+            with sup:
+                assert [one_connection(sup.port)[0] for _ in range(4)] == ["OK"] * 4
+            print(json.dumps([sup.steering, sup.stats()]))
+        """)
+    )
+    cases = zip(lines[-2:], ("bufring", "socket"), ("bpf+handoff", "bpf"), strict=True)
+    for line, mode, in_worker in cases:
+        in_force, final = json.loads(line)
+        assert in_force == "bpf+handoff"
+        assert [w["queues"] for w in final] == [[0], [1]]
+        assert {w["steering"] for w in final} == {in_worker}
+        assert {w["mode"] for w in final} == {mode}
+        assert sum(w["connections"] for w in final) == 4
+        counted = sum(w["unsteerable"] for w in final)
+        assert counted == (4 if mode == "bufring" else 0)
+        assert sum(w["handed_off"] + w["adopted"] + w["steered"] for w in final) == 0
+
+
 def test_a_far_restart_deadline_does_not_break_supervision():
     # A worker killed with backoff=1e9 restarts in 1e9 s: wait() without a
     # timeout must still sleep (in bounded steps) and stop on close().
