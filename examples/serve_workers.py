@@ -83,15 +83,17 @@ def main() -> int:
     parser.add_argument("--interface", help="NIC for zerocopy mode (with --queue)")
     parser.add_argument("--queue", type=int, help="NIC RX queue for zerocopy mode")
     parser.add_argument(
-        "--queues", help="RX queues of --interface split among the workers, e.g. 0-7"
+        "--queues", help="RX queues of --interface split among the workers, e.g. 0-7 or 0,2,4"
     )
     parser.add_argument("--steering", choices=STEERING, default="auto")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0)
     args = parser.parse_args()
     queues = None
     if args.queues:
-        first, _, last = args.queues.partition("-")
-        queues = range(int(first), int(last or first) + 1)
+        queues = []
+        for part in args.queues.split(","):  # "0-3,8"
+            first, _, last = part.partition("-")
+            queues.extend(range(int(first), int(last or first) + 1))
     final = iouzcrx.serve(
         Digest,
         args.host,
