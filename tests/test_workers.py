@@ -634,7 +634,9 @@ def test_supervisor_close_is_safe_twice_from_a_signal_handler_and_in_a_forked_ch
         CLIENT
         + textwrap.dedent("""
         from iouzcrx import Supervisor
-        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring")
+        # With steering: the child's copies include the hand-off sockets.
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+                         interface="lo", queues=[0, 1])
         sup.start()
         pids = [w["pid"] for w in sup.stats()]
 
