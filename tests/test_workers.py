@@ -340,8 +340,9 @@ def test_the_steering_program_puts_a_thousand_connections_on_the_workers_owning_
 
 
 @requires_veth
-def test_without_the_program_workers_hand_each_connection_to_the_owner_of_its_queue():
-    report = in_namespace("veth", "3", "7", "120", "handoff")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_without_the_program_workers_hand_each_connection_to_the_owner_of_its_queue(loop):
+    report = in_namespace("veth", "3", "7", "120", "handoff", loop)
     assert report["listening"]["steering"] == "handoff"
     assert report["listening"]["queues"] == [[0, 1], [2, 3], [4, 5, 6]]
     final = check_steered(report, 3, 120)

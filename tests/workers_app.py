@@ -11,7 +11,7 @@ server answers ``OK <pid> <length>`` or ``BAD <pid> <reason>``.
 Run as a script (inside ``unshare -n``, as root), it holds the steering
 scenarios of tests/test_workers.py, each printing one JSON report:
 
-    python workers_app.py veth WORKERS QUEUES CONNECTIONS STEERING [down]
+    python workers_app.py veth WORKERS QUEUES CONNECTIONS STEERING [down] [asyncio|uvloop]
 
 serves ``Verify`` with ``python -m iouzcrx serve --interface qa --queues
 0-(QUEUES-1)`` on one end of a veth pair with QUEUES queues, runs
@@ -187,7 +187,7 @@ def _events(proc: subprocess.Popen[str]) -> Any:
 
 
 def scenario(
-    workers: int, queues: int, count: int, steering: str, down: bool = False
+    workers: int, queues: int, count: int, steering: str, down: bool = False, loop: str = ""
 ) -> dict[str, Any]:
     """With ``down``, the last worker is killed before the clients start
     and kept from restarting until the first worker has handed it a
@@ -200,7 +200,8 @@ def scenario(
          "--host", SERVER_ADDRESS, "--port", "0", "--workers", str(workers),
          "--mode", "bufring", "--interface", "qa", "--queues", f"0-{queues - 1}",
          "--steering", steering, "--json", "--stats-interval", "0.1",
-         "--backoff", "0.05", "--max-backoff", "0.2", "--init", "workers_app:refuse_when_told"],
+         "--backoff", "0.05", "--max-backoff", "0.2", "--init", "workers_app:refuse_when_told"]
+        + (["--loop", loop] if loop else []),
         cwd=here, stdout=subprocess.PIPE, text=True,
         env=dict(os.environ, WORKERS_APP_REFUSE=refuse),
     )  # fmt: skip
@@ -362,10 +363,12 @@ def tun_scenario() -> dict[str, list[int]]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["veth"] and len(sys.argv) in (6, 7):
+    if sys.argv[1:2] == ["veth"] and len(sys.argv) >= 6:
         workers, queues, count = (int(x) for x in sys.argv[2:5])
-        down = sys.argv[6:] == ["down"]
-        print(json.dumps(scenario(workers, queues, count, sys.argv[5], down)))
+        extra = sys.argv[6:]
+        loop = next((a for a in extra if a in ("asyncio", "uvloop")), "")
+        report = scenario(workers, queues, count, sys.argv[5], "down" in extra, loop)
+        print(json.dumps(report))
     elif sys.argv[1:] == ["tun"]:
         print(json.dumps(tun_scenario()))
     else:
