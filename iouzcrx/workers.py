@@ -438,7 +438,12 @@ class Supervisor:
         ``bytes`` (received by its current process, as of its last report),
         ``restarts``, ``aborted`` (connections cut at shutdown after
         ``shutdown_timeout``), ``returncode`` (of its last process) and
-        ``error`` (why it last failed to start)."""
+        ``error`` (why it last failed to start); with ``queues=``, its
+        ``queues``, the ``steering`` in force in it, and of the connections
+        its current process accepted or adopted: ``steered`` (accepted on
+        one of its queues), ``handed_off`` (to the owner of theirs),
+        ``adopted`` (handed to it) and ``unsteerable`` (no worker's queue,
+        or the owner's inbox was full: served where they landed)."""
         return [slot.stats() for slot in self._slots]
 
     def start(self) -> None:
