@@ -362,6 +362,15 @@ class Supervisor:
                     f"queues={queues!r})"
                 )
             self._shares = _queue_shares(queues, self._workers, server_options.get("interface"))
+        elif (
+            self._workers > 1
+            and server_options.get("queue") is not None
+            and server_options.get("mode") == "zerocopy"
+        ):
+            raise InvalidConfiguration(
+                f"queue={server_options['queue']!r} with workers={self._workers}: an RX queue "
+                "binds to one worker's ring only; pass queues=[...] to give each worker its own"
+            )
         elif steering in ("bpf", "handoff"):
             raise InvalidConfiguration(
                 f"steering={steering!r} needs queues=[...] and interface=: it sends each "

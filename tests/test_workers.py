@@ -817,6 +817,10 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
         ({"queues": 3, "interface": "lo"}, "queues must be a list"),
         ({"queues": [0, 1], "interface": "lo", "queue": 0}, "pass queue= or queues="),
         ({"steering": "ebpf"}, "steering must be one of"),
+        (
+            {"queue": 3, "interface": "lo", "mode": "zerocopy"},
+            "queue=3 with workers=2: an RX queue binds to one worker's ring only",
+        ),
         ({"steering": "bpf"}, "steering='bpf' needs queues="),
     ],
 )
