@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -97,6 +98,8 @@ def _driver(interface: str) -> str | None:
 
 
 def _ethtool_driver(interface: str) -> str | None:
+    """``ETHTOOL_GDRVINFO``'s driver name: every device answers it, veth
+    (which has no bus device in sysfs) included."""
     siocethtool = 0x8946
     ethtool_gdrvinfo = 0x00000003
     info = bytearray(196)  # struct ethtool_drvinfo
@@ -105,8 +108,6 @@ def _ethtool_driver(interface: str) -> str | None:
     request = struct.pack("16sP", interface.encode()[:15], ctypes.addressof(buffer))
     request += bytes(40 - len(request))  # struct ifreq is 40 bytes
     try:
-        import fcntl
-
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             fcntl.ioctl(sock.fileno(), siocethtool, request)
     except OSError:
