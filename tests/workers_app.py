@@ -35,11 +35,13 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import iouzcrx
@@ -194,7 +196,7 @@ def scenario(
     connection: it then serves what queued on its socket and in its inbox."""
     _veth(queues)
     here = os.path.dirname(os.path.abspath(__file__))
-    refuse = os.path.join(here, f".refuse-{os.getpid()}")
+    refuse = os.path.join(tempfile.mkdtemp(prefix="workers-app-"), "refuse")
     server = subprocess.Popen(
         [sys.executable, "-m", "iouzcrx", "serve", "workers_app:Verify",
          "--host", SERVER_ADDRESS, "--port", "0", "--workers", str(workers),
@@ -258,8 +260,7 @@ def scenario(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if os.path.exists(refuse):
-            os.unlink(refuse)
+        shutil.rmtree(os.path.dirname(refuse), ignore_errors=True)
     return report
 
 
