@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import requires_copy_mode
-from isolation import PACKAGE_ROOT, TESTS, child_env, run_python
+from isolation import TESTS, child_env, run_python
 from workers_app import HEADER, TUN_OWNERS, TUN_PER_QUEUE, TUN_QUEUES, payload
 
 import iouzcrx
@@ -279,7 +279,7 @@ def in_namespace(*args: str) -> Any:
         capture_output=True,
         text=True,
         timeout=180,
-        env=child_env(PYTHONPATH=PACKAGE_ROOT),
+        env=child_env(),
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
