@@ -535,19 +535,20 @@ class Supervisor:
         if self._steering == "none":
             return
         assert self._shares is not None
+        interface = self._options["interface"]
+        # A misspelt interface would steer nothing, silently: refuse it.
+        offset = _steering.queue_mapping_offset(interface)
         for _ in range(self._workers):
             # Seqpacket, not datagram: a datagram pair holds only
             # net.unix.max_dgram_qlen (10) messages, too few for a burst.
             inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self._inboxes.append((inbox, outbox))
-        interface = self._options["interface"]
         self._in_force = "handoff"
         if self._steering == "handoff":
             self._bpf = "steering='handoff' asked for no program"
             return
         owners = {q: i for i, share in enumerate(self._shares) for q in share}
         try:
-            offset = _steering.queue_mapping_offset(interface)
             program = _steering.steering_program(owners, offset=offset)
             for sock in self._listeners[0]:
                 # One program per reuseport group, i.e. per address.

@@ -761,6 +761,18 @@ def test_a_bad_backlog_fails_start_before_any_fork():
         assert sup.closed
 
 
+def test_steering_over_a_missing_interface_fails_start_naming_it():
+    for steering_mode in ("auto", "handoff"):
+        sup = iouzcrx.Supervisor(
+            "workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+            interface="nosuch0", queues=[0, 1], steering=steering_mode,
+        )  # fmt: skip
+        with pytest.raises(iouzcrx.InterfaceNotFound, match="nosuch0"):
+            sup.start()
+        sup.close()
+        assert sup.closed and sup.stats()[0]["pid"] is None
+
+
 def test_the_supervisor_refuses_to_fork_from_a_running_loop():
     async def inside() -> None:
         sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
