@@ -10,6 +10,11 @@ The same application from the command line (from this directory):
 
     python -m iouzcrx serve serve_workers:Digest --workers 4 --port 9000
 
+On a NIC with several RX queues, each worker can own some of them, and each
+connection is served by the worker owning the queue it arrives on:
+
+    python examples/serve_workers.py --workers 4 --interface eth0 --queues 0-7
+
 Ctrl-C or SIGTERM stops it gracefully: the workers stop accepting, let open
 connections finish (--shutdown-timeout), and each one's stats are printed.
 A worker that crashes is restarted.
@@ -24,6 +29,7 @@ import os
 from typing import Any
 
 import iouzcrx
+from iouzcrx.workers import STEERING
 
 
 class Digest(iouzcrx.ZeroCopyProtocol):
@@ -54,6 +60,8 @@ def report(event: dict[str, Any]) -> None:
     kind = event["event"]
     if kind == "listening":
         print(f"listening on port {event['port']}", flush=True)
+        if event["steering"] != "none":
+            print(f"queues {event['queues']}, steering {event['steering']}", flush=True)
     elif kind == "serving":
         print(f"worker {event['worker']} pid {event['pid']}: mode {event['mode']}", flush=True)
     elif kind == "exited" and "restart_in" in event:
@@ -74,8 +82,18 @@ def main() -> int:
     parser.add_argument("--mode", choices=("auto", *iouzcrx.MODES), default="auto")
     parser.add_argument("--interface", help="NIC for zerocopy mode (with --queue)")
     parser.add_argument("--queue", type=int, help="NIC RX queue for zerocopy mode")
+    parser.add_argument(
+        "--queues", help="RX queues of --interface split among the workers, e.g. 0-7 or 0,2,4"
+    )
+    parser.add_argument("--steering", choices=STEERING, default="auto")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0)
     args = parser.parse_args()
+    queues = None
+    if args.queues:
+        queues = []
+        for part in args.queues.split(","):  # "0-3,8"
+            first, _, last = part.partition("-")
+            queues.extend(range(int(first), int(last or first) + 1))
     final = iouzcrx.serve(
         Digest,
         args.host,
@@ -84,13 +102,15 @@ def main() -> int:
         mode=args.mode,
         interface=args.interface,
         queue=args.queue,
+        queues=queues,
+        steering=args.steering,
         shutdown_timeout=args.shutdown_timeout,
         on_event=report,
     )
     for w in final:
         print(
             f"worker {w['worker']}: {w['connections']} connections, {w['bytes']} bytes, "
-            f"{w['restarts']} restarts, exit {w['returncode']}"
+            f"{w['handed_off']} handed off, {w['restarts']} restarts, exit {w['returncode']}"
         )
     return 0 if all(w["returncode"] == 0 for w in final) else 1
 

@@ -91,6 +91,10 @@ class ZcrxServer(asyncio.AbstractServer):
         self._router: QueueRouter | None = None
         self._routed: dict[int, int] = {}
         self._unrouted = 0
+        # Called with each connection the ring accepted; True when it took
+        # the socket (a supervised worker handing it to the worker that
+        # owns its RX queue).
+        self._steer: Callable[[socket.socket], bool] | None = None
         if self.mode == "socket":
             selection.backend.on_available = functools.partial(
                 loop.call_soon_threadsafe, self._resume_starved
@@ -253,12 +257,15 @@ class ZcrxServer(asyncio.AbstractServer):
         )
         self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
 
-    def _new_connection(self, conn: socket.socket) -> None:
-        """Serve ``conn``, accepted non-blocking by the ring; it is closed
-        here if it cannot be served."""
+    def _new_connection(self, conn: socket.socket, *, steerable: bool = True) -> None:
+        """Serve ``conn``, accepted non-blocking by the ring (or handed over
+        by another worker: not ``steerable``); it is closed here if it
+        cannot be served."""
         try:
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if steerable and self._steer is not None and self._steer(conn):
+                return
             selection = self._route(conn)
             protocol = self._protocol_factory()
             connection = attach_connection(self._reactor, selection, conn, protocol, self._detach)

@@ -4,14 +4,31 @@ receive queue, sharing one port through ``SO_REUSEPORT``, under a supervisor.
     iouzcrx.serve(Sink, "0.0.0.0", 9000, workers=4, mode="auto")
     python -m iouzcrx serve mymodule:Sink --port 9000 --workers 4
 
-The supervisor (the calling process) never makes a ring or a loop: it binds
-the port (so that port 0 resolves once, and a restarted worker finds the port
-still ours), forks the workers, restarts one that dies (with exponential
-backoff, so a worker that dies at start does not spin), stops them on
-SIGTERM/SIGINT (each closes its server, lets its connections drain for
-``shutdown_timeout`` seconds, then aborts the rest; a worker still alive after
-``kill_timeout`` more seconds is killed) and gathers the stats each worker
-writes to its own pipe as JSON lines.
+The supervisor (the calling process) never makes a ring or a loop. It makes
+one listening socket per worker (per address), bound with ``SO_REUSEPORT``
+and listening in worker order, and keeps them all its life: worker i serves
+socket i, inherited through ``fork()``. So port 0 resolves once, a worker
+restarted after a crash serves the connections that queued on its socket
+while it was down (instead of their being refused), and the kernel's
+reuseport group keeps its order (it reorders the group when a member
+closes), which the steering below relies on. It forks the workers,
+restarts one that dies (with exponential backoff, so a worker that dies at
+start does not spin), stops them on SIGTERM/SIGINT (each closes its server,
+lets its connections drain for ``shutdown_timeout`` seconds, then aborts
+the rest; a worker still alive after ``kill_timeout`` more seconds is
+killed) and gathers the stats each worker writes to its own pipe as JSON
+lines.
+
+Steering (``interface=`` and ``queues=[...]``): the RX queues are split
+among the workers, each owning a contiguous share (and registering zcrx
+queues for it in zerocopy mode), and each connection is sent to the worker
+owning the RX queue it arrives on. A classic BPF program on the reuseport
+group does it in the kernel, for the SYN (``iouzcrx.steering``); a
+connection that still reaches another worker (no program could be
+attached, a queue it does not know) is handed over by the worker that
+accepted it: the socket's ``SO_INCOMING_NAPI_ID`` names its RX queue
+(``iouzcrx.netdev``), and the socket is sent over a unix seqpacket socket
+(``SCM_RIGHTS``) to the owner, which serves it as if it had accepted it.
 
 The application is inherited through ``fork()``: nothing is pickled, so
 closures and lambdas work, and an ``"module:attribute"`` string is imported in
@@ -23,6 +40,7 @@ database connections) is made after the fork: by the protocol factory, or by
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import errno
@@ -43,12 +61,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from iouzcrx import steering as _steering
 from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.loop import run as run_loop
+from iouzcrx.netdev import QueueRouter
 from iouzcrx.server import MAX_WORKERS, bound_sockets, check_workers, create_zcrx_server
 from iouzcrx.streams import start_server
 
-__all__ = ["MAX_WORKERS", "Supervisor", "WorkerStartError", "serve"]
+__all__ = ["MAX_WORKERS", "STEERING", "Supervisor", "WorkerStartError", "serve"]
 
 log = logging.getLogger("iouzcrx")
 
@@ -77,7 +97,8 @@ _SERVER_OPTIONS = frozenset(
     }
 )
 _REFUSED_OPTIONS = {
-    "sock": "each worker binds its own socket to host:port with SO_REUSEPORT; pass host and port",
+    "sock": "the supervisor binds a socket per worker to host:port with SO_REUSEPORT; "
+    "pass host and port",
     "reuse_port": "workers always share the port with SO_REUSEPORT",
     "start_serving": "workers serve as soon as they are started",
     "ssl": "zero-copy receive sees the payload as the NIC wrote it; terminate TLS in front",
@@ -85,6 +106,16 @@ _REFUSED_OPTIONS = {
 }
 
 _PR_SET_PDEATHSIG = 1
+
+# How connections reach the worker owning their RX queue (queues=):
+# "auto" attaches the BPF program where the driver records RX queues and
+# hands off whatever still lands elsewhere; "bpf" insists on the program
+# (and hands off too); "handoff" only hands off; "none" leaves connections
+# where the kernel's reuseport hash puts them.
+STEERING = ("auto", "bpf", "handoff", "none")
+
+# Connections handed over at once before a worker looks at its loop again.
+_ADOPT_BATCH = 64
 
 # Below this, stats reports keep a worker and the supervisor busy.
 _MIN_STATS_INTERVAL = 0.01
@@ -142,24 +173,76 @@ def _seconds(name: str, value: Any, *, positive: bool = False, least: float = 0.
     return seconds
 
 
-def _reserve_port(host: Any, port: Any, family: int, flags: int) -> tuple[list[socket.socket], int]:
-    """Bind (without listening) a socket per address the workers will bind,
-    with SO_REUSEPORT: it fixes a port-0 request to one port for every worker
-    and keeps the port ours while all of them restart. A bound socket that
-    does not listen receives no connections."""
-    sockets = bound_sockets(
-        host, port, family=family, flags=flags, reuse_address=True, reuse_port=True, one_port=True
-    )
-    if not sockets:
-        raise OSError(errno.EADDRNOTAVAIL, f"host {host!r} resolves to no address")
-    return sockets, sockets[0].getsockname()[1]
+def _listeners(
+    host: Any, port: Any, workers: int, *, family: int, flags: int, backlog: int
+) -> list[list[socket.socket]]:
+    """Per worker, a listening socket per address ``host`` resolves to, all
+    with ``SO_REUSEPORT``. They listen in worker order, which is their
+    order in each address's reuseport group (the index a steering program
+    returns)."""
+    groups: list[list[socket.socket]] = []
+    try:
+        for _ in range(workers):
+            bound = bound_sockets(
+                host,
+                port,
+                family=family,
+                flags=flags,
+                reuse_address=True,
+                reuse_port=True,
+                one_port=True,
+            )
+            if not bound:
+                raise OSError(errno.EADDRNOTAVAIL, f"host {host!r} resolves to no address")
+            groups.append(bound)
+            # A port-0 request resolves once: the others bind the same port.
+            port = bound[0].getsockname()[1]
+        for group in groups:
+            for sock in group:
+                sock.listen(backlog)
+    except BaseException:
+        for group in groups:
+            for sock in group:
+                sock.close()
+        raise
+    return groups
+
+
+def _queue_shares(queues: Any, workers: int, interface: Any) -> list[tuple[int, ...]]:
+    """``queues`` split into ``workers`` contiguous shares, in order."""
+    if isinstance(queues, (str, bytes)) or not hasattr(queues, "__iter__"):
+        raise TypeError(f"queues must be a list of RX queue indexes such as [0, 1], not {queues!r}")
+    listed: list[int] = []
+    for item in queues:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"queues must hold int RX queue indexes, not {item!r}")
+        queue = int(item)
+        listed.append(queue)
+        if not 0 <= queue <= 0xFFFE:
+            raise InvalidConfiguration(f"queues must hold RX queue indexes 0-65534, not {queue}")
+    if len(set(listed)) != len(listed):
+        raise InvalidConfiguration(f"queues names an RX queue twice: {listed!r}")
+    if interface is None:
+        raise InvalidConfiguration(
+            "queues= needs interface= (the NIC whose RX queues they are, e.g. 'eth0')"
+        )
+    if len(listed) < workers:
+        raise InvalidConfiguration(
+            f"workers={workers} but queues= lists {len(listed)} RX queue(s) {listed!r}: each "
+            f"worker owns at least one queue; pass workers={len(listed) or 1} or more queues"
+        )
+    count = len(listed)
+    return [
+        tuple(listed[i * count // workers : (i + 1) * count // workers]) for i in range(workers)
+    ]
 
 
 class _Slot:
     """One worker position: the process now filling it and what it said."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, queues: tuple[int, ...] = ()) -> None:
         self.index = index
+        self.queues = queues  # the RX queues it owns (queues=)
         self.pid: int | None = None  # the process now in the slot
         self.last_pid: int | None = None
         self.pidfd: int | None = None
@@ -187,6 +270,12 @@ class _Slot:
             "aborted": self.counters.get("aborted", 0),
             "returncode": self.returncode,
             "error": self.error,
+            "queues": list(self.queues),
+            "steering": self.counters.get("steering", "none"),
+            "steered": self.counters.get("steered", 0),
+            "handed_off": self.counters.get("handed_off", 0),
+            "adopted": self.counters.get("adopted", 0),
+            "unsteerable": self.counters.get("unsteerable", 0),
         }
 
 
@@ -198,6 +287,17 @@ class Supervisor:
     (``start_server``), or a ``"module:attribute"`` string naming either.
     ``server_options`` are ``create_zcrx_server``'s (``mode``, ``interface``,
     ``queue``, ``area_size``, ``buffer_size``, ``backlog``, ...).
+
+    ``queues=[...]`` (with ``interface=``) splits those RX queues among the
+    workers, worker i owning a contiguous share (``stats()`` names it); in
+    ``zerocopy``/``auto`` mode each worker registers zcrx queues for its
+    share. ``steering`` (one of ``STEERING``) says how a connection reaches
+    the worker owning its RX queue: ``"auto"`` (default) attaches a
+    reuseport BPF program where the kernel takes it and hands off, over a
+    unix socket, any connection still accepted by another worker;
+    ``"bpf"`` insists on the program; ``"handoff"`` only hands off;
+    ``"none"`` leaves the kernel's hash alone. More workers than queues is
+    refused.
 
     ``start()`` forks the workers and returns once every one serves (or
     raises ``WorkerStartError``); ``wait()`` supervises; ``close()`` stops
@@ -232,6 +332,8 @@ class Supervisor:
         start_timeout: float = 60.0,
         worker_init: Callable[[int], object] | None = None,
         on_event: Callable[[dict[str, Any]], object] | None = None,
+        queues: Any = None,
+        steering: str = "auto",
         **server_options: Any,
     ) -> None:
         self._workers = check_workers(workers)
@@ -248,6 +350,33 @@ class Supervisor:
             raise TypeError(
                 "limit= is a stream option: it needs an async def handler(reader, writer)"
             )
+        if steering not in STEERING:
+            raise InvalidConfiguration(
+                f"steering must be one of {', '.join(map(repr, STEERING))}, not {steering!r}"
+            )
+        self._shares: list[tuple[int, ...]] | None = None
+        if queues is not None:
+            if server_options.get("queue") is not None:
+                raise InvalidConfiguration(
+                    f"pass queue= or queues=, not both (queue={server_options['queue']!r}, "
+                    f"queues={queues!r})"
+                )
+            self._shares = _queue_shares(queues, self._workers, server_options.get("interface"))
+        elif (
+            self._workers > 1
+            and server_options.get("queue") is not None
+            and server_options.get("mode") == "zerocopy"
+        ):
+            raise InvalidConfiguration(
+                f"queue={server_options['queue']!r} with workers={self._workers}: an RX queue "
+                "binds to one worker's ring only; pass queues=[...] to give each worker its own"
+            )
+        elif steering in ("bpf", "handoff"):
+            raise InvalidConfiguration(
+                f"steering={steering!r} needs queues=[...] and interface=: it sends each "
+                "connection to the worker owning its RX queue"
+            )
+        self._steering = steering if self._shares is not None else "none"
         if use_uvloop is not None and not isinstance(use_uvloop, bool):
             raise TypeError(f"use_uvloop must be True, False or None, not {use_uvloop!r}")
         if worker_init is not None and not callable(worker_init):
@@ -272,8 +401,16 @@ class Supervisor:
         self._on_event = on_event
         self._options = server_options
         self._owner = os.getpid()
-        self._slots = [_Slot(i) for i in range(self._workers)]
-        self._reserved: list[socket.socket] = []
+        self._slots = [
+            _Slot(i, self._shares[i] if self._shares is not None else ())
+            for i in range(self._workers)
+        ]
+        # Per worker: its listening sockets (one per address) and the
+        # unix socket pair other workers hand its connections over on.
+        self._listeners: list[list[socket.socket]] = []
+        self._inboxes: list[tuple[socket.socket, socket.socket]] = []
+        self._bpf: str | None = None  # why no steering program, when none
+        self._in_force = "none"
         self._port_bound: int | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
@@ -310,7 +447,12 @@ class Supervisor:
         ``bytes`` (received by its current process, as of its last report),
         ``restarts``, ``aborted`` (connections cut at shutdown after
         ``shutdown_timeout``), ``returncode`` (of its last process) and
-        ``error`` (why it last failed to start)."""
+        ``error`` (why it last failed to start); with ``queues=``, its
+        ``queues``, the ``steering`` in force in it, and of the connections
+        its current process accepted or adopted: ``steered`` (accepted on
+        one of its queues), ``handed_off`` (to the owner of theirs),
+        ``adopted`` (handed to it) and ``unsteerable`` (no worker's queue,
+        or the owner's inbox was full: served where they landed)."""
         return [slot.stats() for slot in self._slots]
 
     def start(self) -> None:
@@ -329,18 +471,43 @@ class Supervisor:
                 "start the supervisor outside any running event loop: workers are forked, "
                 "and a forked child cannot use its parent's loop or ring"
             )
-        self._reserved, self._port_bound = _reserve_port(
+        backlog = self._options.get("backlog", 100)
+        if isinstance(backlog, bool) or not isinstance(backlog, int):
+            raise TypeError(f"backlog must be an int, not {backlog!r}")
+        if not -(1 << 31) <= backlog < 1 << 31:
+            # listen() takes a C int; the kernel caps it at somaxconn anyway.
+            raise InvalidConfiguration(
+                f"backlog {backlog} does not fit listen(): pass at most {(1 << 31) - 1}"
+            )
+        self._listeners = _listeners(
             self._host,
             self._port,
-            self._options.get("family", socket.AF_UNSPEC),
-            self._options.get("flags", socket.AI_PASSIVE),
+            self._workers,
+            family=self._options.get("family", socket.AF_UNSPEC),
+            flags=self._options.get("flags", socket.AI_PASSIVE),
+            backlog=backlog,
         )
+        self._port_bound = self._listeners[0][0].getsockname()[1]
+        try:
+            self._steer_setup()
+        except BaseException:
+            self._release_sockets()
+            raise
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._state = "running"
-        addresses = [s.getsockname() for s in self._reserved]
-        self._emit({"event": "listening", "port": self._port_bound, "addresses": addresses})
+        addresses = [s.getsockname() for s in self._listeners[0]]
+        self._emit(
+            {
+                "event": "listening",
+                "port": self._port_bound,
+                "addresses": addresses,
+                "steering": self.steering,
+                "steering_note": self._bpf,
+                "queues": [list(slot.queues) for slot in self._slots],
+            }
+        )
         with self._lock:
             try:
                 self._start_locked()
@@ -349,6 +516,59 @@ class Supervisor:
                 # without run()'s handlers: no worker outlives a failed start.
                 self._finish_locked(force=True)
                 raise
+
+    @property
+    def steering(self) -> str:
+        """The steering in force once started: ``"bpf+handoff"`` (the
+        kernel program, hand-off for the rest), ``"handoff"`` or
+        ``"none"``."""
+        return self._in_force
+
+    @property
+    def steering_note(self) -> str | None:
+        """Why no steering program is attached, when none is (and queues=
+        asks for steering)."""
+        return self._bpf
+
+    def _steer_setup(self) -> None:
+        """The hand-off sockets and, where it can work, the BPF program."""
+        if self._steering == "none":
+            return
+        assert self._shares is not None
+        interface = self._options["interface"]
+        # A misspelt interface would steer nothing, silently: refuse it.
+        offset = _steering.queue_mapping_offset(interface)
+        for _ in range(self._workers):
+            # Seqpacket, not datagram: a datagram pair holds only
+            # net.unix.max_dgram_qlen (10) messages, too few for a burst.
+            inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self._inboxes.append((inbox, outbox))
+        self._in_force = "handoff"
+        if self._steering == "handoff":
+            self._bpf = "steering='handoff' asked for no program"
+            return
+        owners = {q: i for i, share in enumerate(self._shares) for q in share}
+        try:
+            program = _steering.steering_program(owners, offset=offset)
+            for sock in self._listeners[0]:
+                # One program per reuseport group, i.e. per address.
+                _steering.attach_steering(sock, program)
+        except (OSError, ValueError) as exc:
+            if self._steering == "bpf":
+                raise
+            self._bpf = f"no steering program: {exc}"
+            return
+        self._in_force = "bpf+handoff"
+
+    def _release_sockets(self) -> None:
+        for group in self._listeners:
+            for sock in group:
+                sock.close()
+        self._listeners = []
+        for pair in self._inboxes:
+            for sock in pair:
+                sock.close()
+        self._inboxes = []
 
     def _start_locked(self) -> None:
         for slot in self._slots:
@@ -471,9 +691,11 @@ class Supervisor:
                 "supervisor runs it (a child may only close() its copy)"
             )
 
-    def _forget_in_child(self) -> None:
+    def _forget_in_child(self, keep: int | None = None) -> None:
         """In a forked child: close this process's copies of the
-        supervisor's fds; the workers are not ours to signal."""
+        supervisor's fds (but worker ``keep``'s sockets, and every worker's
+        hand-off outbox, in that worker); the workers are not ours to
+        signal."""
         if self._state == "closed":
             return
         self._state = "closed"
@@ -490,9 +712,15 @@ class Supervisor:
             if fd >= 0:
                 _close_fd(fd)
         self._wake_r = self._wake_w = -1
-        for sock in self._reserved:
-            sock.close()
-        self._reserved = []
+        for index, group in enumerate(self._listeners):
+            if index != keep:
+                for sock in group:
+                    sock.close()
+        for index, (inbox, outbox) in enumerate(self._inboxes):
+            if index != keep:
+                inbox.close()
+            if keep is None:
+                outbox.close()
 
     # -- supervision (under self._lock, in the supervising thread) -------------------
 
@@ -726,9 +954,7 @@ class Supervisor:
         if self._selector is not None:
             self._selector.close()
             self._selector = None
-        for sock in self._reserved:
-            sock.close()
-        self._reserved = []
+        self._release_sockets()
         wake_r, wake_w = self._wake_r, self._wake_w
         self._wake_r = self._wake_w = -1
         for fd in (wake_r, wake_w):
@@ -741,8 +967,9 @@ class Supervisor:
 
     def _worker_main(self, index: int, pipe: int, blocked: set[Any]) -> int:
         # The supervisor's fds are not the worker's to keep: another worker's
-        # pipe held open here would hide that worker's death.
-        self._forget_in_child()
+        # pipe held open here would hide that worker's death, another's
+        # listening socket would be one it never accepts on.
+        self._forget_in_child(keep=index)
         self._state = "worker"
         # SIGINT from a terminal reaches the whole group: the supervisor turns
         # it into one orderly SIGTERM per worker.
@@ -767,6 +994,14 @@ class _Worker:
         self.pipe = pipe
         self.connections = 0
         self.server: Any = None
+        # Steering (queues=): the RX queue -> worker map, the router that
+        # finds a socket's RX queue, this worker's inbox, every outbox.
+        self.owners: dict[int, int] = {}
+        self.router: QueueRouter | None = None
+        self.inbox: socket.socket | None = None
+        self.outboxes: list[socket.socket] = []
+        self.steering = "none"
+        self.steered = self.handed_off = self.adopted = self.unsteerable = 0
 
     def send(self, event: str, **fields: Any) -> None:
         fields["event"] = event
@@ -778,7 +1013,14 @@ class _Worker:
 
     def counters(self) -> dict[str, Any]:
         server = self.server
-        stats: dict[str, Any] = {"connections": self.connections}
+        stats: dict[str, Any] = {
+            "connections": self.connections,
+            "steering": self.steering,
+            "steered": self.steered,
+            "handed_off": self.handed_off,
+            "adopted": self.adopted,
+            "unsteerable": self.unsteerable,
+        }
         if server is None:
             return stats
         stats["mode"] = server.mode
@@ -822,10 +1064,20 @@ class _Worker:
             if supervisor._worker_init is not None:
                 supervisor._worker_init(self.index)
             make = start_server if supervisor._streams else create_zcrx_server
-            args: tuple[Any, ...] = (self.application(), supervisor._host, supervisor._port_bound)
+            args: tuple[Any, ...] = (self.application(),)
             if make is create_zcrx_server:
                 args = (loop, *args)
-            self.server = await make(*args, reuse_port=True, **supervisor._options)
+            first, *others = supervisor._listeners[self.index]
+            self.server = await make(
+                *args, sock=first, start_serving=False, **self.server_options()
+            )
+            # Every address's socket of this worker: create_zcrx_server
+            # takes one as sock=.
+            for sock in others:
+                sock.setblocking(False)
+                self.server._sockets.append(sock)
+            self.start_steering(loop)
+            await self.server.start_serving()
         except (Exception, SystemExit) as exc:
             traceback.print_exc()
             self.send("failed", error=f"{type(exc).__name__}: {exc}")
@@ -838,6 +1090,7 @@ class _Worker:
         finally:
             reporter.cancel()
         server.close()
+        self.stop_steering(loop)
         aborted = 0
         if not await self.drained(supervisor._shutdown_timeout):
             aborted = len(server._connections)
@@ -845,6 +1098,85 @@ class _Worker:
             await self.drained(supervisor._kill_timeout)
         self.send("stopped", stats=self.counters(), aborted=aborted)
         return 0
+
+    def server_options(self) -> dict[str, Any]:
+        options = dict(self.supervisor._options)
+        share = self.supervisor._slots[self.index].queues
+        if share:
+            if options.get("mode", "auto") in ("auto", "zerocopy"):
+                options["queues"] = list(share)
+            else:
+                # The queues only say which connections are this worker's:
+                # the other modes bind no NIC queue.
+                options.pop("interface", None)
+        return options
+
+    def start_steering(self, loop: asyncio.AbstractEventLoop) -> None:
+        supervisor = self.supervisor
+        if supervisor._steering == "none":
+            return
+        assert supervisor._shares is not None
+        in_kernel = supervisor._in_force == "bpf+handoff"
+        if self.server.mode == "socket":
+            # The loop accepts natively: no connection passes here first.
+            self.steering = "bpf" if in_kernel else "none"
+            return
+        self.steering = "bpf+handoff" if in_kernel else "handoff"
+        self.owners = {q: i for i, share in enumerate(supervisor._shares) for q in share}
+        self.router = QueueRouter(supervisor._options["interface"], self.owners)
+        self.inbox = supervisor._inboxes[self.index][0]
+        self.outboxes = [outbox for _inbox, outbox in supervisor._inboxes]
+        self.inbox.setblocking(False)
+        loop.add_reader(self.inbox.fileno(), self.adopt)
+        self.server._steer = self.steer
+        self.adopt()  # handed over while this worker was down
+
+    def stop_steering(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.inbox is None:
+            return
+        self.adopt()  # already accepted: served, not dropped
+        loop.remove_reader(self.inbox.fileno())
+
+    def steer(self, conn: socket.socket) -> bool:
+        """Whether ``conn`` was handed to the worker owning its RX queue."""
+        assert self.router is not None
+        queue, _napi_id = self.router.route(conn)
+        owner = self.owners.get(queue) if queue is not None else None
+        if owner is None:
+            self.unsteerable += 1
+            return False
+        if owner == self.index:
+            self.steered += 1
+            return False
+        try:
+            socket.send_fds(self.outboxes[owner], [b"c"], [conn.fileno()], socket.MSG_DONTWAIT)
+        except OSError:
+            # The owner's inbox is full (it is down or far behind): serve
+            # it here rather than drop it.
+            self.unsteerable += 1
+            return False
+        conn.close()
+        self.handed_off += 1
+        return True
+
+    def adopt(self) -> None:
+        """Serve the connections other workers handed over."""
+        assert self.inbox is not None and self.server is not None
+        for _ in range(_ADOPT_BATCH):
+            try:
+                _data, fds, _flags, _address = socket.recv_fds(
+                    self.inbox, 16, 4, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # the supervisor closed the pair: stopping
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                conn.setblocking(False)
+                self.adopted += 1
+                self.server._new_connection(conn, steerable=False)
+        # More may be waiting: the reader fires again while any are.
 
     async def report_every(self, interval: float) -> None:
         while True:
@@ -903,10 +1235,26 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _queue_list(text: str) -> list[int]:
+    """``0-3,8`` -> [0, 1, 2, 3, 8]."""
+    queues: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a list of RX queues such as 0-7 or 0,2,4"
+            ) from None
+        if high < low:
+            raise argparse.ArgumentTypeError(f"queue range {part!r} runs backwards")
+        queues.extend(range(low, high + 1))
+    return queues
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m iouzcrx serve MODULE:APP [options]``."""
-    import argparse
-
     from iouzcrx.modes import MODES
 
     parser = argparse.ArgumentParser(
@@ -921,6 +1269,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("auto", *MODES), default="auto")
     parser.add_argument("--interface", help="NIC for zerocopy mode")
     parser.add_argument("--queue", type=int, help="NIC RX queue for zerocopy mode")
+    parser.add_argument(
+        "--queues",
+        type=_queue_list,
+        metavar="LIST",
+        help="RX queues of --interface split among the workers, e.g. 0-7 or 0,2,4",
+    )
+    parser.add_argument(
+        "--steering",
+        choices=STEERING,
+        default="auto",
+        help="how connections reach the worker owning their RX queue (with --queues)",
+    )
     parser.add_argument("--area", type=int, help="receive area per worker, MiB")
     parser.add_argument("--backlog", type=int, default=100)
     parser.add_argument(
@@ -947,6 +1307,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="first restart delay after a crash, doubled per crash in a row",
     )
+    parser.add_argument(
+        "--max-backoff",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest restart delay (default 10)",
+    )
     parser.add_argument("--stats-interval", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument(
         "--init",
@@ -962,6 +1329,9 @@ def main(argv: list[str] | None = None) -> int:
         options["interface"] = args.interface
     if args.queue is not None:
         options["queue"] = args.queue
+    if args.queues is not None:
+        options["queues"] = args.queues
+        options["steering"] = args.steering
     if args.area is not None:
         options["area_size"] = args.area << 20
 
@@ -972,6 +1342,12 @@ def main(argv: list[str] | None = None) -> int:
         kind = event["event"]
         if kind == "listening":
             print(f"listening on port {event['port']}: {event['addresses']}", flush=True)
+            if event["steering"] != "none" or event["steering_note"]:
+                print(
+                    f"queues per worker {event['queues']}, steering {event['steering']}"
+                    + (f" ({event['steering_note']})" if event["steering_note"] else ""),
+                    flush=True,
+                )
         elif kind == "serving":
             print(
                 f"worker {event['worker']} (pid {event['pid']}) serving, mode {event['mode']}",
@@ -987,10 +1363,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif kind == "stopped":
             for w in event["workers"]:
+                steered = (
+                    f", steering {w['steering']}: {w['steered']} steered, {w['handed_off']} "
+                    f"handed off, {w['adopted']} adopted, {w['unsteerable']} unsteerable"
+                    if w["queues"]
+                    else ""
+                )
                 print(
                     f"worker {w['worker']}: mode {w['mode']}, {w['connections']} connections, "
                     f"{w['bytes']} bytes, {w['restarts']} restarts, exit "
-                    f"{w['returncode']}",
+                    f"{w['returncode']}{steered}",
                     flush=True,
                 )
 
@@ -1004,6 +1386,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=args.shutdown_timeout,
             kill_timeout=args.kill_timeout,
             backoff=args.backoff,
+            max_backoff=args.max_backoff,
             stats_interval=args.stats_interval,
             worker_init=None if args.init is None else _resolve(args.init),
             on_event=on_event,

@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 from conftest import requires_copy_mode
 from isolation import TESTS, child_env, run_python
-from workers_app import HEADER, payload
+from workers_app import HEADER, TUN_OWNERS, TUN_PER_QUEUE, TUN_QUEUES, payload
 
 import iouzcrx
+from iouzcrx import steering
 from iouzcrx.loop import uvloop_available
 
 LOOPS = [
@@ -247,6 +248,153 @@ def test_streams_handler_is_served_by_workers():
     assert sum(w["connections"] for w in final) == 50
 
 
+# -- steering: each connection reaches the worker owning its RX queue ------------------
+
+
+def _namespace_reason(*devices: str) -> str | None:
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root to make network namespaces and network devices"
+    for tool in ("unshare", "ip", "ethtool"):
+        if shutil.which(tool) is None:
+            return f"needs {tool!r} on PATH"
+    for device in devices:
+        if not os.path.exists(device):
+            return f"needs {device}"
+    return None
+
+
+requires_veth = pytest.mark.skipif(_namespace_reason() is not None, reason=str(_namespace_reason()))
+requires_tun = pytest.mark.skipif(
+    _namespace_reason("/dev/net/tun") is not None, reason=str(_namespace_reason("/dev/net/tun"))
+)
+
+
+def in_namespace(*args: str) -> Any:
+    """tests/workers_app.py's scenario ``args`` in a new network namespace;
+    its JSON report."""
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, os.path.join(TESTS, "workers_app.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@requires_tun
+def test_the_steering_program_sends_each_rx_queue_to_its_socket_when_the_kernel_runs_it():
+    # tun records the RX queue of what is written into each of its queues as
+    # a NIC driver does; the listener that accepts each handshake is the
+    # kernel's choice, made by the program.
+    landed = in_namespace("tun")
+    assert sorted(landed) == [str(q) for q in range(TUN_QUEUES)]
+    for rx_queue, indexes in landed.items():
+        assert len(indexes) == TUN_PER_QUEUE
+        owner = TUN_OWNERS.get(int(rx_queue))
+        if owner is not None:
+            assert indexes == [owner] * TUN_PER_QUEUE, f"queue {rx_queue}: {indexes}"
+
+
+def check_steered(report: dict[str, Any], workers: int, count: int) -> list[dict[str, Any]]:
+    """Every byte verified, and every connection served by the worker that
+    owns the RX queue its packets arrived on; the final stats."""
+    assert report["client_rc"] == 0 and report["server_rc"] == 0
+    shares = report["listening"]["queues"]
+    pids = {int(k): v for k, v in report["pids"].items()}
+    napi_to_queue = {int(k): v for k, v in report["napi_to_queue"].items()}
+    conns = report["connections"]
+    assert len(conns) == count and len(shares) == workers
+    for c in conns:
+        _, pid, napi_id = c["hello"]
+        assert c["verdict"] == ["OK", pid, str(c["length"] - HEADER.size)], c
+        queue = napi_to_queue[int(napi_id)]
+        (owner,) = [i for i, share in enumerate(shares) if queue in share]
+        assert int(pid) == pids[owner], f"queue {queue} is worker {owner}'s: {c}"
+    final = report["final"]
+    assert [w["returncode"] for w in final] == [0] * workers
+    for w in final:
+        mine = [c for c in conns if int(c["hello"][1]) == w["pid"]]
+        assert w["connections"] == len(mine) == w["steered"] + w["adopted"]
+        assert w["bytes"] == sum(c["length"] for c in mine)
+        assert w["unsteerable"] == 0 and w["queues"] == shares[w["worker"]]
+    assert sum(w["handed_off"] for w in final) == sum(w["adopted"] for w in final)
+    return final
+
+
+@requires_veth
+def test_the_steering_program_puts_a_thousand_connections_on_the_workers_owning_their_queues():
+    # veth delivers on the RX queue of the sender's TX queue and leaves that
+    # index in queue_mapping: the program reads it for the SYN.
+    report = in_namespace("veth", "4", "8", "1000", "auto")
+    assert report["listening"]["steering"] == "bpf+handoff"
+    assert report["listening"]["queues"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    final = check_steered(report, 4, 1000)
+    assert {w["steering"] for w in final} == {"bpf+handoff"}
+    assert sum(w["handed_off"] for w in final) == 0, final
+    assert all(w["connections"] > 0 for w in final)
+
+
+@requires_veth
+@pytest.mark.parametrize("loop", LOOPS)
+def test_without_the_program_workers_hand_each_connection_to_the_owner_of_its_queue(loop):
+    report = in_namespace("veth", "3", "7", "120", "handoff", loop)
+    assert report["listening"]["steering"] == "handoff"
+    assert report["listening"]["queues"] == [[0, 1], [2, 3], [4, 5, 6]]
+    final = check_steered(report, 3, 120)
+    assert {w["steering"] for w in final} == {"handoff"}
+    # The kernel's hash put some on the wrong worker: the hand-off ran.
+    assert sum(w["handed_off"] for w in final) > 0, final
+
+
+@requires_veth
+def test_a_worker_down_while_its_connections_arrive_serves_them_once_restarted():
+    # Worker 1 is down (killed, kept from restarting) while the clients
+    # start: its connections queue on its listening socket, or in its
+    # inbox once worker 0 accepted and handed them over. Its next process
+    # serves them all.
+    report = in_namespace("veth", "2", "4", "40", "handoff", "down")
+    final = check_steered(report, 2, 40)
+    assert final[1]["restarts"] >= 1 and final[0]["restarts"] == 0
+    assert final[1]["pid"] == report["pids"]["1"]
+    assert final[0]["handed_off"] > 0 and final[1]["adopted"] > 0, final
+
+
+def test_the_steering_program_refuses_bad_tables_naming_the_value():
+    for owners, offset, words in [
+        ({}, 1, "at least one RX queue"),
+        ({0: 0}, 2, "offset must be 0 or 1"),
+        ({-1: 0}, 1, "RX queue -1"),
+        ({True: 0}, 1, "RX queue True"),
+        ({0xFFFF: 0}, 1, "RX queue 65535"),
+        ({0: -1}, 1, "socket index -1"),
+        ({0: 0xFFFFFFFF}, 1, "socket index 4294967295"),
+        (dict.fromkeys(range(3000), 0), 1, "3000 queues do not fit"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            steering.steering_program(owners, offset=offset)
+        assert words in str(info.value), (owners, offset)
+    program = steering.steering_program({0: 1, 7: 0})
+    assert len(program) == 8 * (1 + 2 * 2 + 1)
+
+
+def test_the_steering_program_needs_a_reuseport_socket():
+    import socket
+
+    with socket.socket() as sock:
+        with pytest.raises(steering.SteeringUnavailable, match="refused"):
+            steering.attach_steering(sock, steering.steering_program({0: 0}))
+        with pytest.raises(ValueError, match="not a classic BPF program"):
+            steering.attach_steering(sock, b"\0" * 7)
+    with pytest.raises(iouzcrx.InterfaceNotFound, match="nosuch0"):
+        steering.queue_mapping_offset("nosuch0")
+    assert steering.queue_mapping_offset("lo") == 1
+
+
 # -- a crash costs only the crashed worker's connections -------------------------------
 
 
@@ -314,6 +462,54 @@ def test_a_worker_that_dies_at_start_is_restarted_with_growing_backoff(tmp_path)
         returncode, final = server.stop()
     assert returncode == 0
     assert final[0]["restarts"] == 0 and final[1]["restarts"] >= 5
+
+
+def test_a_restarted_worker_serves_the_connections_queued_on_its_socket_while_it_was_down(
+    tmp_path,
+):
+    refuse = tmp_path / "refuse"
+    env = child_env(WORKERS_APP_REFUSE=str(refuse))
+    args = ("workers_app:Verify", "--workers", "2", "--mode", "bufring", "--backoff", "0.05")
+    args += ("--max-backoff", "0.2", "--init", "workers_app:refuse_when_told")
+    with served(*args, env=env) as server:
+        pids = server.serving(2)
+        # Worker 1 cannot come back while the file names it; its listening
+        # socket, the supervisor's, keeps taking connections meanwhile.
+        refuse.write_text("1")
+        os.kill(pids[1], signal.SIGKILL)
+        server.wait_for(lambda e: e["event"] == "exited" and e["pid"] == pids[1])
+
+        async def scenario() -> list[Stream]:
+            streams = [Stream(server.port, seed, 64 << 10) for seed in range(30)]
+
+            async def connect(s: Stream) -> None:
+                s.reader, s.writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", server.port), EVENT_TIMEOUT
+                )
+
+            await asyncio.gather(*(connect(s) for s in streams))
+            await asyncio.gather(*(s.send(0, 1000) for s in streams))
+            refuse.unlink()
+
+            async def rest(s: Stream) -> None:
+                hello = await asyncio.wait_for(s.reader.readline(), EVENT_TIMEOUT)
+                assert hello.startswith(b"HELLO "), hello
+                s.pid = int(hello.split()[1])
+                await s.finish(1000)
+
+            await asyncio.gather(*(rest(s) for s in streams))
+            return streams
+
+        streams = asyncio.run(scenario())
+        again = server.wait_for(lambda e: e["event"] == "serving" and e["worker"] == 1)
+        bad = [(s.seed, s.pid, s.reply, s.error) for s in streams if not s.verified]
+        assert not bad, bad
+        # Every connection was made while worker 1 was down: those the
+        # kernel queued on its socket waited for its next process.
+        assert {s.pid for s in streams} == {pids[0], again["pid"]}
+        returncode, final = server.stop()
+    assert returncode == 0
+    assert final[1]["connections"] == sum(1 for s in streams if s.pid == again["pid"])
 
 
 # -- graceful stop ------------------------------------------------------------------
@@ -439,7 +635,9 @@ def test_supervisor_close_is_safe_twice_from_a_signal_handler_and_in_a_forked_ch
         CLIENT
         + textwrap.dedent("""
         from iouzcrx import Supervisor
-        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring")
+        # With steering: the child's copies include the hand-off sockets.
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+                         interface="lo", queues=[0, 1])
         sup.start()
         pids = [w["pid"] for w in sup.stats()]
 
@@ -484,6 +682,35 @@ def test_supervisor_closed_from_another_thread_and_as_a_context_manager():
     assert json.loads(lines[-1]) == [0, 0]
 
 
+def test_connections_from_no_queue_are_served_where_they_land_and_counted():
+    # Loopback has no NAPI instance: no connection names an RX queue, so
+    # each is served by the worker that accepted it, counted unsteerable.
+    # Socket mode accepts in the loop: only the program steers there.
+    lines = run_script(
+        CLIENT
+        + textwrap.dedent("""
+        from iouzcrx import Supervisor
+        for mode in ("bufring", "socket"):
+            sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode=mode,
+                             interface="lo", queues=[0, 1], steering="bpf")
+            with sup:
+                assert [one_connection(sup.port)[0] for _ in range(4)] == ["OK"] * 4
+            print(json.dumps([sup.steering, sup.stats()]))
+        """)
+    )
+    cases = zip(lines[-2:], ("bufring", "socket"), ("bpf+handoff", "bpf"), strict=True)
+    for line, mode, in_worker in cases:
+        in_force, final = json.loads(line)
+        assert in_force == "bpf+handoff"
+        assert [w["queues"] for w in final] == [[0], [1]]
+        assert {w["steering"] for w in final} == {in_worker}
+        assert {w["mode"] for w in final} == {mode}
+        assert sum(w["connections"] for w in final) == 4
+        counted = sum(w["unsteerable"] for w in final)
+        assert counted == (4 if mode == "bufring" else 0)
+        assert sum(w["handed_off"] + w["adopted"] + w["steered"] for w in final) == 0
+
+
 def test_a_far_restart_deadline_does_not_break_supervision():
     # A worker killed with backoff=1e9 restarts in 1e9 s: wait() without a
     # timeout must still sleep (in bounded steps) and stop on close().
@@ -521,6 +748,31 @@ def test_a_worker_that_cannot_start_fails_start_with_its_error():
     assert lines[0].startswith("refused: worker ") and "buffer_size" in lines[0]
 
 
+def test_a_bad_backlog_fails_start_before_any_fork():
+    for backlog, error, words in [
+        ("9", TypeError, "backlog must be an int, not '9'"),
+        (1 << 40, iouzcrx.InvalidConfiguration, f"backlog {1 << 40} does not fit"),
+    ]:
+        sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, backlog=backlog)
+        with pytest.raises(error, match=words):
+            sup.start()
+        sup.close()
+        sup.close()
+        assert sup.closed
+
+
+def test_steering_over_a_missing_interface_fails_start_naming_it():
+    for steering_mode in ("auto", "handoff"):
+        sup = iouzcrx.Supervisor(
+            "workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+            interface="nosuch0", queues=[0, 1], steering=steering_mode,
+        )  # fmt: skip
+        with pytest.raises(iouzcrx.InterfaceNotFound, match="nosuch0"):
+            sup.start()
+        sup.close()
+        assert sup.closed and sup.stats()[0]["pid"] is None
+
+
 def test_the_supervisor_refuses_to_fork_from_a_running_loop():
     async def inside() -> None:
         sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
@@ -556,7 +808,7 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
 @pytest.mark.parametrize(
     "kwargs,words",
     [
-        ({"sock": object()}, "each worker binds its own socket"),
+        ({"sock": object()}, "binds a socket per worker"),
         ({"reuse_port": False}, "SO_REUSEPORT"),
         ({"colour": "red"}, "unknown server option(s) colour"),
         ({"limit": 10}, "needs an async def handler"),
@@ -569,6 +821,19 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
         ({"stats_interval": 1e-300}, "stats_interval must be at least 0.01 s"),
         ({"use_uvloop": "yes"}, "use_uvloop must be"),
         ({"worker_init": 3}, "worker_init must be callable"),
+        ({"queues": [0, 1]}, "queues= needs interface="),
+        ({"queues": [0], "interface": "lo"}, "workers=2 but queues= lists 1 RX queue(s) [0]"),
+        ({"queues": [0, 0], "interface": "lo"}, "names an RX queue twice"),
+        ({"queues": [0, "1"], "interface": "lo"}, "not '1'"),
+        ({"queues": [0, 1 << 16], "interface": "lo"}, "not 65536"),
+        ({"queues": 3, "interface": "lo"}, "queues must be a list"),
+        ({"queues": [0, 1], "interface": "lo", "queue": 0}, "pass queue= or queues="),
+        ({"steering": "ebpf"}, "steering must be one of"),
+        (
+            {"queue": 3, "interface": "lo", "mode": "zerocopy"},
+            "queue=3 with workers=2: an RX queue binds to one worker's ring only",
+        ),
+        ({"steering": "bpf"}, "steering='bpf' needs queues="),
     ],
 )
 def test_bad_supervisor_options_are_refused_before_any_fork(kwargs, words):
@@ -615,6 +880,27 @@ def test_the_cli_reports_bad_workers_and_exits_1():
     )
     assert result.returncode == 1
     assert "workers must be from 1 to 1024 processes, not 0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (("--queues", "3-1"), 2, "queue range '3-1' runs backwards"),
+        (("--queues", "a"), 2, "'a' is not a list of RX queues"),
+        (("--queues", "0-3", "--workers", "5", "--interface", "lo"), 1, "workers=5 but"),
+    ],
+)
+def test_the_cli_reports_bad_queues(args, code, words):
+    result = subprocess.run(
+        [sys.executable, "-m", "iouzcrx", "serve", "workers_app:Verify", *args],
+        cwd=TESTS,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == code
+    assert words in result.stderr
 
 
 # -- the example ----------------------------------------------------------------------
