@@ -260,6 +260,11 @@ def _check_arguments(
                 f"rx_buf_len must be 0 (page-sized chunks) or a power of two >= {_PAGE_SIZE}, "
                 f"not {rx_buf_len}"
             )
+        if rx_buf_len > _HUGE_PAGE_SIZE:
+            raise InvalidConfiguration(
+                f"rx_buf_len {rx_buf_len} is larger than a 2 MiB page, the largest physically "
+                f"contiguous unit an area can be made of: use at most {_HUGE_PAGE_SIZE}"
+            )
         if area_size % rx_buf_len:
             raise InvalidConfiguration(
                 f"area_size {area_size} must be a multiple of rx_buf_len {rx_buf_len}"
