@@ -139,7 +139,10 @@ def select_mode(
                     queue=queue if zerocopy else None,
                     rq_entries=rq_entries,
                     area_size=area_size,
-                    rx_buf_len=rx_buf_len,
+                    # Large chunks are the NIC's: where auto falls back to copy
+                    # mode, the kernel copies into pages (as it only can), rather
+                    # than the fallback failing on a zerocopy tuning.
+                    rx_buf_len=0 if mode == "auto" and not zerocopy else rx_buf_len,
                     hugepages=hugepages,
                 )
         except InvalidConfiguration:

@@ -218,6 +218,47 @@ def queue_rx_buf_len(ifindex: int, queue: int) -> int | None:
     return _provider_rx_buf_len(replies[0], NETDEV_A_QUEUE_IO_URING)
 
 
+def _send_on(nsim: Nsim, queue: int) -> None:
+    """New flows of the peer leave on its TX queue ``queue`` (XPS), which
+    the simulated link hands to our RX queue ``queue``."""
+    every_cpu = format((1 << (os.cpu_count() or 1)) - 1, "x")
+    xps = f"/sys/class/net/{nsim.peer}/queues/tx-{{}}/xps_cpus"
+    writes = " && ".join(
+        f"echo {every_cpu if q == queue else '0'} > {xps.format(q)}" for q in range(nsim.queues)
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", test_zcrx_nic.PEER_NS, "sh", "-c", writes],
+        check=True,
+        capture_output=True,
+        timeout=SETUP_TIMEOUT,
+    )
+
+
+def _split_payload_bytes(queue: int) -> int | None:
+    """Payload bytes the simulated NIC's header/data split wrote into
+    memory-provider buffers of RX ``queue`` (its debugfs hds_stats), or None
+    for a module without the split."""
+    path = f"/sys/kernel/debug/netdevsim/netdevsim{test_zcrx_nic.DEVICE_ID}/ports/0/hds_stats"
+    if not os.path.isdir("/sys/kernel/debug/netdevsim"):
+        subprocess.run(
+            ["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
+            capture_output=True,
+            timeout=SETUP_TIMEOUT,
+            check=False,
+        )
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        words = line.split()
+        if words[:2] == ["queue", str(queue)]:
+            fields = dict(zip(words[2::2], words[3::2], strict=False))
+            return int(fields["niov_bytes"])
+    return None
+
+
 def _needs_rx_buf_len() -> None:
     if not FEATURES.zcrx_rx_buf_len:
         pytest.skip(f"rx_buf_len needs Linux >= 7.0; this is {FEATURES.release}")
@@ -287,7 +328,9 @@ def test_the_nic_takes_large_chunks_on_reserved_huge_pages(nsim):
 def test_data_through_a_queue_of_16k_chunks_arrives_byte_exact(nsim):
     _needs_rx_buf_len()
     total = 3 * MIB  # more than the area: chunks go back and are used again
+    _send_on(nsim, 0)
     client, server = _pair_across_the_link()
+    split_before = _split_payload_bytes(0)
     with iouzcrx.Ring() as ring, server:
         queue = _zerocopy(ring, nsim, 0, area_size=2 * MIB, rx_buf_len=16384)
         receiver = queue.recv_multishot(server)
@@ -308,7 +351,14 @@ def test_data_through_a_queue_of_16k_chunks_arrives_byte_exact(nsim):
             sender.join(SETUP_TIMEOUT)
         assert sender.error is None
         assert received == total and verifier.pos == total
-        assert queue.stats()["chunk_size"] == 16384
+        stats = queue.stats()
+        assert stats["chunk_size"] == 16384
+        split_after = _split_payload_bytes(0)
+        if split_before is not None and split_after is not None and split_after > split_before:
+            # The NIC wrote the payload into the area (true zero copy): a
+            # completion never spans chunks, so completions averaging more
+            # than a page prove the chunks are larger than pages.
+            assert stats["bytes"] / stats["chunks"] > 4096, stats
     wait_unbound(nsim, 0)
 
 
@@ -355,3 +405,20 @@ def test_large_chunks_in_copy_mode_are_refused_naming_rx_buf_len(ring):
         assert "rx_buf_len=16384" in str(exc) and "rx_buf_len=0" in str(exc)
     else:
         assert queue.chunk_size == 16384  # a kernel that copies into large chunks
+
+
+@pytest.mark.vm
+def test_auto_falls_back_from_large_chunks_on_the_nic_to_page_chunks_in_copy_mode(ring):
+    """rx_buf_len tunes the NIC's buffers: when auto cannot have the NIC
+    queue, the copy-mode fallback copies into pages rather than failing."""
+    selection = iouzcrx.select_mode(
+        ring, interface="lo", queue=0, area_size=4 * MIB, rx_buf_len=16384
+    )
+    assert "zerocopy" in selection.refused
+    if FEATURES.zcrx_nodev:
+        assert selection.mode == "copy"
+        assert selection.backend.chunk_size == 4096
+        assert not selection.backend.area.transparent_hugepages
+    else:
+        assert selection.mode == "bufring" and "copy" in selection.refused
+    selection.backend.close()
