@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from test_zcrx_nic import SETUP_TIMEOUT, Nsim, _pair_across_the_link, bound, wai
 import iouzcrx
 from iouzcrx._area import Area, _thp_refusal, _thp_setting
 from iouzcrx._netlink import as_u32, attrs
+from iouzcrx.errors import zcrx_register_error
 
 # The simulated NIC's session fixture, shared with the NIC tests.
 nsim = test_zcrx_nic.nsim
@@ -422,3 +424,19 @@ def test_auto_falls_back_from_large_chunks_on_the_nic_to_page_chunks_in_copy_mod
     else:
         assert selection.mode == "bufring" and "copy" in selection.refused
     selection.backend.close()
+
+
+@pytest.mark.parametrize(
+    ("err", "kind", "named"),
+    [
+        (errno.ERANGE, iouzcrx.MemoryLimit, "not physically contiguous in 16384-byte units"),
+        (errno.EOPNOTSUPP, iouzcrx.NicUnsupported, "QCFG_RX_PAGE_SIZE"),
+        (errno.EINVAL, iouzcrx.NicMisconfigured, "largest receive buffer is smaller"),
+    ],
+)
+def test_each_kernel_refusal_of_large_chunks_names_rx_buf_len(err, kind, named):
+    # The kernel's errno for each refusal the simulated NIC cannot produce
+    # here (ERANGE: an area whose huge pages were split before it was pinned).
+    exc = zcrx_register_error(err, mode="zerocopy", interface="eth1", queue=3, rx_buf_len=16384)
+    assert isinstance(exc, kind) and exc.errno == err
+    assert named in str(exc) and "rx_buf_len=16384" in str(exc)
