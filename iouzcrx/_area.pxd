@@ -7,7 +7,11 @@ cdef class Area:
     """Page-aligned anonymous memory the kernel writes received data into."""
     cdef char *base
     cdef readonly size_t size
-    cdef readonly bint hugepages
+    cdef size_t mapped                # size, rounded up to whole 2 MiB pages for THP
+    cdef readonly bint hugepages      # reserved (hugetlb) huge pages
+    cdef readonly bint transparent_hugepages
+    cdef readonly size_t page_size    # of the pages backing it: 4 KiB or 2 MiB
+    cdef int check_huge(self, size_t contiguous) except -1
 
 
 cdef class PinAccount

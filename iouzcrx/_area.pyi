@@ -8,13 +8,28 @@ class Area:
 
     It stays mapped while anything references it: the receive queue and every
     buffer exported over it, so a view can never outlive its memory.
+
+    ``contiguous`` (0, or a power of two up to 2 MiB) asks that every aligned
+    ``contiguous`` bytes be physically contiguous, as zcrx chunks larger than
+    a page need: reserved huge pages (``hugepages=True``) are; otherwise the
+    area is mapped 2 MiB-aligned with transparent huge pages and checked to be
+    backed by them, and refused (``MemoryLimit`` naming the fix) where it is
+    not.
     """
 
     size: int
-    """Bytes mapped."""
+    """Bytes of the area (the mapping is rounded up to 2 MiB with
+    transparent huge pages)."""
     hugepages: bool
-    """Whether the area is backed by huge pages."""
-    def __init__(self, size: int, hugepages: bool = False) -> None: ...
+    """Whether reserved (hugetlb) huge pages back the area."""
+    transparent_hugepages: bool
+    """Whether transparent huge pages back the area."""
+    page_size: int
+    """Bytes of the pages backing the area: 4096, or 2 MiB for huge pages."""
+    def __init__(self, size: int, hugepages: bool = False, contiguous: int = 0) -> None: ...
+    def small_page_bytes(self) -> int | None:
+        """Bytes of the area mapped by 4 KiB pages rather than 2 MiB ones now,
+        or None where the kernel does not tell."""
 
 class BufferOwner(RingClient):
     """Hands out views over its area and takes each buffer back exactly once."""

@@ -16,9 +16,15 @@ class ZcrxQueue(ReceiveQueue):
     RX queue ``queue`` of ``interface``, set up for zero-copy receive, and
     the NIC writes into the area itself. ``area_size`` defaults to 64 MiB;
     ``rq_entries`` (the refill ring's size) defaults to room for every chunk
-    of the area; ``rx_buf_len`` 0 means page-sized chunks (larger ones need
-    Linux 7.0 and a NIC that supports them). Views over the area come out of
-    ``recv_multishot(sock)``.
+    of the area; ``rx_buf_len`` 0 means page-sized chunks. Larger ones (a
+    power of two up to 2 MiB, ``zerocopy`` mode) need Linux 7.0, a driver that
+    takes a receive page size (bnxt, mlx5) and an area physically contiguous
+    in chunk units: reserved huge pages with ``hugepages=True``, otherwise
+    transparent huge pages (2 MiB-aligned, ``area_size`` rounded up to 2 MiB
+    of memory). An area the kernel does not back with huge pages is refused
+    with ``MemoryLimit`` naming the fix, never quietly cut into page-sized
+    chunks; ``stats()["chunk_size"]`` is the size in use. Views over the area
+    come out of ``recv_multishot(sock)``.
 
     The kernel frees a zcrx queue (and unpins its area) only with its ring:
     ``close()`` stops the receives and detaches the queue, but the queue and
@@ -60,4 +66,5 @@ class ZcrxQueue(ReceiveQueue):
         return; ``flush=False``: as without ``ZCRX_CTRL_FLUSH_RQ``)."""
     def stats(self) -> dict[str, Any]:
         """``ReceiveQueue.stats()`` plus ``zcrx_id``, ``rq_entries``,
-        ``chunk_size`` and ``flushes``."""
+        ``chunk_size``, ``flushes`` and ``area_page_size`` (bytes of the pages
+        backing the area: 2 MiB when huge pages back it)."""

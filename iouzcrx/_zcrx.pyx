@@ -33,6 +33,7 @@ cdef enum:
     PAGE_SIZE = 4096
     RQ_HEADER_RESERVE = 128   # covers the 7.3 layout (entries at 128) and older (64)
     DEFAULT_AREA_SIZE = 64 * 1024 * 1024
+    HUGE_PAGE_SIZE = 2 * 1024 * 1024
 
 ZCRX_MODES = ("zerocopy", "copy")
 
@@ -91,6 +92,10 @@ cdef class ZcrxQueue(ReceiveQueue):
         if buf_len and (buf_len < PAGE_SIZE or buf_len & (buf_len - 1)):
             raise InvalidConfiguration(
                 f"rx_buf_len must be 0 or a power of two >= {PAGE_SIZE}, not {buf_len}")
+        if buf_len > HUGE_PAGE_SIZE:
+            raise InvalidConfiguration(
+                f"rx_buf_len {buf_len} is larger than a 2 MiB page, the largest physically "
+                f"contiguous unit an area can be made of: use at most {HUGE_PAGE_SIZE}")
         cdef uint32_t chunk = buf_len or PAGE_SIZE
         cdef uint64_t chunks = _checks.size("area_size", area_size, chunk) // chunk
         cdef uint32_t entries
@@ -147,6 +152,10 @@ cdef class ZcrxQueue(ReceiveQueue):
                     f"copy mode needs ZCRX_REG_NODEV (Linux >= 7.1); this kernel "
                     f"({features.release}) does not offer it")
             reg_flags = IOUZ_ZCRX_REG_NODEV
+        if buf_len == PAGE_SIZE:
+            # The default chunk: asked for explicitly, 7.3 would demand
+            # QCFG_RX_PAGE_SIZE of the driver for what every driver does.
+            buf_len = 0
         if buf_len and not features.zcrx_rx_buf_len:
             raise KernelTooOld(
                 _errno.EOPNOTSUPP,
@@ -157,7 +166,9 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.mode = mode
         self.interface = interface
         self.queue = queue
-        self.area = Area(area_size, hugepages)
+        # Chunks beyond a page must be physically contiguous (the kernel checks
+        # the area's segments): huge pages, reserved or transparent.
+        self.area = Area(area_size, hugepages, buf_len)
         header = max(RQ_HEADER_RESERVE, features.rq_hdr_size)
         self.region_size = page_align(header + entries * sizeof(iouz_zcrx_rqe))
         cdef void *region = mmap(NULL, self.region_size, PROT_READ | PROT_WRITE,
@@ -376,6 +387,7 @@ cdef class ZcrxQueue(ReceiveQueue):
         stats = ReceiveQueue.stats(self)
         stats.update(zcrx_id=self.zcrx_id, rq_entries=self.rq_entries,
                      chunk_size=self.chunk_size, flushes=self.flushes)
+        stats["area_page_size"] = self.area.page_size
         return stats
 
     def __repr__(self):

@@ -193,6 +193,16 @@ def zcrx_register_error(
         return InterfaceNotFound(
             err, f"no network interface {interface!r} in this network namespace (see 'ip link')"
         )
+    if err == errno.ERANGE and large_chunks:
+        # The queue index was checked against sysfs before: with large chunks
+        # the kernel's other ERANGE is an area not contiguous in chunk units.
+        return MemoryLimit(
+            err,
+            f"the kernel refused rx_buf_len={rx_buf_len} on {where}: the area is not "
+            f"physically contiguous in {rx_buf_len}-byte units (its huge pages were split "
+            "or never there: pass hugepages=True with reserved huge pages), or the RX "
+            "queue index is out of range",
+        )
     if err == errno.ERANGE:
         return QueueOutOfRange(
             err,
@@ -204,6 +214,14 @@ def zcrx_register_error(
         return InvalidConfiguration(
             f"copy mode refused rx_buf_len={rx_buf_len}: the kernel copies into "
             "page-sized chunks in copy mode; pass rx_buf_len=0 (or 4096)"
+        )
+    if err in (errno.EOPNOTSUPP, errno.ENOTSUP) and mode == "zerocopy" and large_chunks:
+        return NicUnsupported(
+            err,
+            f"{interface} refused rx_buf_len={rx_buf_len} on queue {queue}: its driver does "
+            "not take a receive page size (QCFG_RX_PAGE_SIZE; in Linux 7.3 only bnxt and "
+            "mlx5 do), or it cannot host a zero-copy queue at all; pass rx_buf_len=0 "
+            "(page-sized chunks) to tell which",
         )
     if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
         if mode == "copy" and nodev:
@@ -220,6 +238,13 @@ def zcrx_register_error(
             "API / DMA device (virtual NICs such as lo, veth and virtio-net never do; "
             "use mlx5, bnxt, gve or fbnic), or the kernel lacks CONFIG_IO_URING_ZCRX; "
             "use mode='copy' or mode='bufring' instead",
+        )
+    if err == errno.EINVAL and mode == "zerocopy" and large_chunks:
+        return NicMisconfigured(
+            err,
+            f"{interface} refused queue {queue} with rx_buf_len={rx_buf_len}: its driver's "
+            "largest receive buffer is smaller (try a smaller power of two, or 0), or "
+            f"header split is off or hds-thresh is not 0 (set up with: {_NIC_SETUP})",
         )
     if err == errno.EINVAL:
         if mode == "copy":

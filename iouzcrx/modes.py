@@ -139,7 +139,10 @@ def select_mode(
                     queue=queue if zerocopy else None,
                     rq_entries=rq_entries,
                     area_size=area_size,
-                    rx_buf_len=rx_buf_len,
+                    # Large chunks are the NIC's: where auto falls back to copy
+                    # mode, the kernel copies into pages (as it only can), rather
+                    # than the fallback failing on a zerocopy tuning.
+                    rx_buf_len=0 if mode == "auto" and not zerocopy else rx_buf_len,
                     hugepages=hugepages,
                 )
         except InvalidConfiguration:
@@ -259,6 +262,11 @@ def _check_arguments(
             raise InvalidConfiguration(
                 f"rx_buf_len must be 0 (page-sized chunks) or a power of two >= {_PAGE_SIZE}, "
                 f"not {rx_buf_len}"
+            )
+        if rx_buf_len > _HUGE_PAGE_SIZE:
+            raise InvalidConfiguration(
+                f"rx_buf_len {rx_buf_len} is larger than a 2 MiB page, the largest physically "
+                f"contiguous unit an area can be made of: use at most {_HUGE_PAGE_SIZE}"
             )
         if area_size % rx_buf_len:
             raise InvalidConfiguration(

@@ -67,6 +67,102 @@ EDITS = [
         "\terr = nsim_create_page_pool(&qmem->rq->page_pool, &qmem->rq->napi);\n",
         "a restarted queue's new pool knows its device and queue index",
     ),
+    # Receive buffers larger than a page (zcrx rx_buf_len): the queue API's
+    # QCFG_RX_PAGE_SIZE, honoured by RX page pools of that order.
+    (
+        "netdev.c",
+        "static int nsim_create_page_pool(struct page_pool **p, struct napi_struct *napi)\n"
+        "{\n"
+        "\tstruct page_pool_params params = {\n"
+        "\t\t.order = 0,\n",
+        "static int nsim_create_page_pool_order(struct page_pool **p, struct napi_struct *napi,\n"
+        "\t\t\t\t       unsigned int order)\n"
+        "{\n"
+        "\tstruct page_pool_params params = {\n"
+        "\t\t.order = order,\n",
+        "RX page pools of a given order",
+    ),
+    (
+        "netdev.c",
+        "\tpool = page_pool_create(&params);\n",
+        "\t/* A buffer is PAGE_SIZE << order bytes: sync all of it for the device. */\n"
+        "\tif (params.flags & PP_FLAG_DMA_SYNC_DEV)\n"
+        "\t\tparams.max_len = PAGE_SIZE << order;\n"
+        "\tpool = page_pool_create(&params);\n",
+        "a pool syncs whole buffers of its order",
+    ),
+    (
+        "netdev.c",
+        "static int nsim_init_napi(struct netdevsim *ns)\n",
+        "static int nsim_create_page_pool(struct page_pool **p, struct napi_struct *napi)\n"
+        "{\n"
+        "\treturn nsim_create_page_pool_order(p, napi, 0);\n"
+        "}\n"
+        "\n"
+        "/* The page order of a queue's receive buffers: its configured page size. */\n"
+        "static unsigned int nsim_rx_page_order(const struct netdev_queue_config *qcfg)\n"
+        "{\n"
+        "\tif (!qcfg || qcfg->rx_page_size <= PAGE_SIZE)\n"
+        "\t\treturn 0;\n"
+        "\treturn ilog2(qcfg->rx_page_size) - PAGE_SHIFT;\n"
+        "}\n"
+        "\n"
+        "static int nsim_init_napi(struct netdevsim *ns)\n",
+        "page-sized pools by default; the order of a queue config's page size",
+    ),
+    (
+        "netdev.c",
+        "\t\treturn nsim_create_page_pool(&qmem->pp, &ns->rq[idx]->napi);\n",
+        "\t\treturn nsim_create_page_pool_order(&qmem->pp, &ns->rq[idx]->napi,\n"
+        "\t\t\t\t\t\t   nsim_rx_page_order(qcfg));\n",
+        "a restarted queue's pool (reset mode 1) takes the configured page size",
+    ),
+    (
+        "netdev.c",
+        "\terr = nsim_create_page_pool(&qmem->rq->page_pool, &qmem->rq->napi);\n",
+        "\terr = nsim_create_page_pool_order(&qmem->rq->page_pool, &qmem->rq->napi,\n"
+        "\t\t\t\t\t  nsim_rx_page_order(qcfg));\n",
+        "a restarted queue's new pool takes the configured page size",
+    ),
+    (
+        "netdev.c",
+        "static const struct netdev_queue_mgmt_ops nsim_queue_mgmt_ops = {\n",
+        "/* Like a NIC with a largest receive buffer: page sizes up to 64 KiB. */\n"
+        "#define NSIM_MAX_RX_PAGE_SIZE\t(64 * 1024)\n"
+        "\n"
+        "static void nsim_queue_default_qcfg(struct net_device *dev,\n"
+        "\t\t\t\t    struct netdev_queue_config *qcfg)\n"
+        "{\n"
+        "\tqcfg->rx_page_size = PAGE_SIZE;\n"
+        "}\n"
+        "\n"
+        "static int nsim_queue_validate_qcfg(struct net_device *dev,\n"
+        "\t\t\t\t    struct netdev_queue_config *qcfg,\n"
+        "\t\t\t\t    struct netlink_ext_ack *extack)\n"
+        "{\n"
+        "\tu32 size = qcfg->rx_page_size;\n"
+        "\n"
+        "\tif (size && (size < PAGE_SIZE || size > NSIM_MAX_RX_PAGE_SIZE ||\n"
+        "\t\t     !is_power_of_2(size))) {\n"
+        '\t\tNL_SET_ERR_MSG_MOD(extack, "rx page size not supported");\n'
+        "\t\treturn -EINVAL;\n"
+        "\t}\n"
+        "\treturn 0;\n"
+        "}\n"
+        "\n"
+        "static const struct netdev_queue_mgmt_ops nsim_queue_mgmt_ops = {\n",
+        "queue config defaults and validation of the rx page size",
+    ),
+    (
+        "netdev.c",
+        "\t.ndo_queue_stop\t\t= nsim_queue_stop,\n};\n",
+        "\t.ndo_queue_stop\t\t= nsim_queue_stop,\n"
+        "\t.ndo_default_qcfg\t= nsim_queue_default_qcfg,\n"
+        "\t.ndo_validate_qcfg\t= nsim_queue_validate_qcfg,\n"
+        "\t.supported_params\t= QCFG_RX_PAGE_SIZE,\n"
+        "};\n",
+        "the queue API advertises QCFG_RX_PAGE_SIZE",
+    ),
 ]
 
 
