@@ -7,10 +7,12 @@ build script's output); without it these tests skip with that reason.
 
 What the simulated NIC is: two linked ports of one netdevsim device, the
 second in a network namespace; what a port sends on TX queue q arrives on its
-peer's RX queue q. Its page pools are DMA-mapped for a 64-bit DMA mask on the
-bus device, but nothing is ever DMA'd: netdevsim hands the sender's skb over
-as is, so received payload reaches a bound queue through the kernel's copy
-fallback, not through the queue's page pool.
+peer's RX queue q, so the peer's XPS setting steers flows onto queues. With
+header split on, the receiving port writes each TCP payload into buffers of
+the RX queue's page pool (io_uring's area when the queue is bound) and drops
+the packet when the pool is empty; its debugfs ``hds_stats`` counts, per
+queue, the payload bytes placed in memory-provider buffers (zero copy) or in
+ordinary pages (which a zcrx receive can only copy), and the drops.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Nsim:
     ifindex: int
     peer: str
     queues: int
+    hds_stats: str
+    """debugfs file of ``interface``'s header-split counters."""
 
 
 def _run(*cmd: str) -> str:
@@ -200,9 +204,57 @@ def nsim() -> Iterator[Nsim]:
         _run("ip", "-n", PEER_NS, "link", "set", "lo", "up")
         # What zcrx requires of the receiving NIC: header split, threshold 0.
         nlclient.rings_set(local, tcp_data_split=True, hds_thresh=0)
-        yield Nsim(interface=local, ifindex=local_index, peer=peer, queues=NUM_QUEUES)
+        nic = Nsim(
+            interface=local,
+            ifindex=local_index,
+            peer=peer,
+            queues=NUM_QUEUES,
+            hds_stats=_hds_stats_path(device, local),
+        )
+        steer(nic, 0)
+        yield nic
     finally:
         _teardown()
+
+
+def _hds_stats_path(device: str, port: str) -> str:
+    """The port's debugfs directory is named by its port index; its
+    phys_port_name ("p1") carries the index plus one."""
+    if not os.path.isdir("/sys/kernel/debug/netdevsim"):
+        if not os.path.ismount("/sys/kernel/debug"):
+            _run("mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug")
+    with open(f"{device}/net/{port}/phys_port_name", encoding="ascii") as f:
+        index = int(f.read().strip().lstrip("p")) - 1
+    path = f"/sys/kernel/debug/netdevsim/netdevsim{DEVICE_ID}/ports/{index}/hds_stats"
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: the module lacks the header-split edits of edit.py")
+    return path
+
+
+def hds_stats(nsim: Nsim) -> dict[int, dict[str, int]]:
+    """Per RX queue: what the simulated NIC's header split did so far."""
+    out: dict[int, dict[str, int]] = {}
+    with open(nsim.hds_stats, encoding="ascii") as f:
+        for line in f:
+            words = line.split()
+            values = {k: int(v) for k, v in zip(words[2::2], words[3::2], strict=True)}
+            out[int(words[1])] = values
+    return out
+
+
+def hds_delta(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]]):
+    return {q: {k: after[q][k] - before[q][k] for k in after[q]} for q in after}
+
+
+def steer(nsim: Nsim, queue: int | None) -> None:
+    """Make the peer send every new flow on TX queue ``queue`` (arriving on
+    our RX queue ``queue``) through XPS, or by flow hash with ``None``."""
+    mask = format((1 << (os.cpu_count() or 1)) - 1, "x")
+    script = []
+    for q in range(nsim.queues):
+        value = mask if q == queue else "0"
+        script.append(f"echo {value} > /sys/class/net/{nsim.peer}/queues/tx-{q}/xps_cpus")
+    _run("ip", "netns", "exec", PEER_NS, "sh", "-c", " && ".join(script))
 
 
 def bound(nsim: Nsim, queue: int) -> bool:
@@ -221,6 +273,7 @@ def queues_released(nsim: Nsim) -> Iterator[None]:
     yield
     for queue in range(nsim.queues):
         wait_unbound(nsim, queue)
+    steer(nsim, 0)
 
 
 def zerocopy(ring: iouzcrx.Ring, nsim: Nsim, queue: int, **kw) -> iouzcrx.ZcrxQueue:
@@ -370,33 +423,79 @@ def _pair_across_the_link() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def test_data_through_a_bound_queue_arrives_byte_exact(nsim):
-    """Less than an area's worth: netdevsim hands the sender's pages over, so
-    this is the kernel's copy fallback into the bound queue's area."""
-    total = 512 << 10
+def _receive_and_verify(receiver, seed: int, total: int, *, timeout: float = 60.0) -> None:
+    verifier = Verifier(seed)
+    assert receive_all(receiver, verifier, timeout=timeout) == total
+    assert verifier.pos == total
+
+
+def test_data_through_a_bound_queue_arrives_by_zero_copy(nsim):
+    """8 MiB through the 1 MiB area of queue 0, every byte verified, and
+    every payload byte placed by the NIC into the area's buffers: none went
+    through ordinary pages, so none was copied into the area."""
+    total = 8 << 20
     client, server = _pair_across_the_link()
     with iouzcrx.Ring() as ring, server:
         queue = zerocopy(ring, nsim, 0, area_size=1 << 20)
+        before = hds_stats(nsim)
         receiver = queue.recv_multishot(server)
         sender = Sender(client, seed=41, total=total)
         sender.start()
-        verifier = Verifier(41)
-        assert receive_all(receiver, verifier, timeout=60.0) == total
+        _receive_and_verify(receiver, 41, total)
         sender.join(SETUP_TIMEOUT)
         assert sender.error is None
-        assert verifier.pos == total
+        delta = hds_delta(before, hds_stats(nsim))
+    assert delta[0]["niov_bytes"] >= total, delta  # retransmissions count again
+    assert all(d["page_bytes"] == 0 and d["unsplit"] == 0 for d in delta.values()), delta
     wait_unbound(nsim, 0)
 
 
+def test_concurrent_connections_through_a_bound_queue_by_zero_copy(nsim):
+    count, each = 4, 1 << 20
+    steer(nsim, 2)
+    pairs = [_pair_across_the_link() for _ in range(count)]
+    with iouzcrx.Ring() as ring:
+        queue = zerocopy(ring, nsim, 2, area_size=1 << 20)
+        before = hds_stats(nsim)
+        verifiers = [Verifier(50 + i) for i in range(count)]
+        receivers = [
+            queue.recv_multishot(server, on_data=verifier.feed)
+            for (_, server), verifier in zip(pairs, verifiers, strict=True)
+        ]
+        senders = [Sender(client, seed=50 + i, total=each) for i, (client, _) in enumerate(pairs)]
+        for sender in senders:
+            sender.start()
+        try:
+            ring.wait_for(lambda: all(r.finished for r in receivers), 120)
+        finally:
+            for _, server in pairs:
+                server.close()
+            for sender in senders:
+                sender.join(SETUP_TIMEOUT)
+        assert [r.error for r in receivers] == [None] * count
+        assert [v.pos for v in verifiers] == [each] * count
+        assert all(s.error is None for s in senders)
+        delta = hds_delta(before, hds_stats(nsim))
+    assert delta[2]["niov_bytes"] >= count * each, delta
+    assert all(d["page_bytes"] == 0 for d in delta.values()), delta
+    wait_unbound(nsim, 2)
+
+
 def test_more_than_an_area_through_the_copy_fallback(nsim):
-    # In zerocopy mode the chunks the kernel copied into go back through the
-    # refill ring, which it drains only when the queue's page pool refills or
-    # on a flush. Without flushing on -ENOMEM, after an area's worth every
-    # receive ended in -ENOMEM and was re-armed at once, for ever.
+    """A flow that arrives on an unbound queue (1) while the socket receives
+    through queue 0's ifq: the NIC puts its payload in ordinary pages and the
+    kernel copies it into the area. It arrives byte-exact, counted as such.
+
+    In zerocopy mode the chunks the kernel copied into go back through the
+    refill ring, which it drains only when the queue's page pool refills or
+    on a flush. Without flushing on -ENOMEM, after an area's worth every
+    receive ended in -ENOMEM and was re-armed at once, for ever."""
     total = 1 << 20  # four areas' worth
+    steer(nsim, 1)
     client, server = _pair_across_the_link()
     with iouzcrx.Ring() as ring, server:
         queue = zerocopy(ring, nsim, 0, area_size=256 << 10)
+        before = hds_stats(nsim)
         receiver = queue.recv_multishot(server)
         sender = Sender(client, seed=43, total=total)
         sender.start()
@@ -414,4 +513,75 @@ def test_more_than_an_area_through_the_copy_fallback(nsim):
             # Unblock a sender stuck on a full window, whatever happened.
             server.shutdown(socket.SHUT_RDWR)
             sender.join(SETUP_TIMEOUT)
+        delta = hds_delta(before, hds_stats(nsim))
+    assert delta[1]["page_bytes"] >= total, delta
+    assert all(d["niov_bytes"] == 0 for d in delta.values()), delta
     wait_unbound(nsim, 0)
+
+
+def test_an_exhausted_area_drops_at_the_nic_and_recovers_when_views_are_released(nsim):
+    """A reader that holds its views empties the queue's page pool: the NIC
+    drops what it cannot place (as hardware does) and TCP retransmits once
+    the views are released; nothing spins meanwhile."""
+    total = 1 << 20
+    client, server = _pair_across_the_link()
+    with iouzcrx.Ring() as ring, server:
+        queue = zerocopy(ring, nsim, 0, area_size=256 << 10)  # 64 buffers
+        before = hds_stats(nsim)
+        receiver = queue.recv_multishot(server)
+        sender = Sender(client, seed=45, total=total)
+        sender.start()
+        verifier = Verifier(45)
+        held = []
+        deadline = time.monotonic() + 60.0
+        try:
+            while hds_delta(before, hds_stats(nsim))[0]["drops"] == 0:
+                assert time.monotonic() < deadline, "the NIC never ran out of buffers"
+                try:
+                    view = receiver.get(0.2)
+                except TimeoutError:
+                    continue
+                assert view is not None, "EOF before the area was exhausted"
+                held.append(view)
+            rearms = queue.stats()["rearms"]
+            # Stuck without buffers, the receive waits: it does not spin.
+            with pytest.raises(TimeoutError):
+                while True:
+                    view = receiver.get(1.0)
+                    assert view is not None
+                    held.append(view)
+            assert queue.stats()["rearms"] - rearms < 100
+            for view in held:
+                verifier.feed(view)
+                view.release()
+            held.clear()
+            assert verifier.pos + receive_all(receiver, verifier, timeout=60.0) == total
+            assert verifier.pos == total
+        finally:
+            for view in held:
+                view.release()
+            server.shutdown(socket.SHUT_RDWR)
+            sender.join(SETUP_TIMEOUT)
+        assert sender.error is None
+        delta = hds_delta(before, hds_stats(nsim))
+    assert delta[0]["drops"] > 0 and delta[0]["niov_bytes"] >= total, delta
+    wait_unbound(nsim, 0)
+
+
+def test_a_queue_registered_again_carries_data_by_zero_copy_each_time(nsim):
+    total = 256 << 10
+    steer(nsim, 3)
+    for attempt in range(3):
+        client, server = _pair_across_the_link()
+        with iouzcrx.Ring() as ring, server:
+            queue = zerocopy(ring, nsim, 3)
+            before = hds_stats(nsim)
+            receiver = queue.recv_multishot(server)
+            sender = Sender(client, seed=60 + attempt, total=total)
+            sender.start()
+            _receive_and_verify(receiver, 60 + attempt, total)
+            sender.join(SETUP_TIMEOUT)
+            assert sender.error is None
+            delta = hds_delta(before, hds_stats(nsim))
+            assert delta[3]["niov_bytes"] >= total, (attempt, delta)
+        wait_unbound(nsim, 3)
