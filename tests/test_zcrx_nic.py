@@ -42,6 +42,8 @@ NUM_QUEUES = 4
 PEER_NS = "iouzcrx-nsim-peer"
 LOCAL_ADDR = "192.0.2.1"  # TEST-NET-1: never routed anywhere real
 PEER_ADDR = "192.0.2.2"
+LOCAL_ADDR6 = "2001:db8:7::1"  # the documentation prefix
+PEER_ADDR6 = "2001:db8:7::2"
 CLONE_NEWNET = 0x40000000
 SETUP_TIMEOUT = 30.0
 
@@ -199,8 +201,10 @@ def nsim() -> Iterator[Nsim]:
             os.close(own_ns)
             os.close(peer_ns)
         _run("ip", "addr", "add", f"{LOCAL_ADDR}/24", "dev", local)
+        _run("ip", "addr", "add", f"{LOCAL_ADDR6}/64", "dev", local, "nodad")
         _run("ip", "link", "set", local, "up")
         _run("ip", "-n", PEER_NS, "addr", "add", f"{PEER_ADDR}/24", "dev", peer)
+        _run("ip", "-n", PEER_NS, "addr", "add", f"{PEER_ADDR6}/64", "dev", peer, "nodad")
         _run("ip", "-n", PEER_NS, "link", "set", peer, "up")
         _run("ip", "-n", PEER_NS, "link", "set", "lo", "up")
         # What zcrx requires of the receiving NIC: header split, threshold 0.
@@ -403,24 +407,25 @@ def test_the_peer_port_is_not_in_this_namespace(nsim):
 # -- data through a bound queue ------------------------------------------------------
 
 
-def _connect_from_peer(port: int) -> socket.socket:
+def _connect_from_peer(port: int, address: str = LOCAL_ADDR) -> socket.socket:
     def connect() -> socket.socket:
-        return socket.create_connection((LOCAL_ADDR, port), timeout=SETUP_TIMEOUT)
+        return socket.create_connection((address, port), timeout=SETUP_TIMEOUT)
 
     sock = _in_peer_ns(connect)
     sock.settimeout(None)
     return sock
 
 
-def _pair_across_the_link() -> tuple[socket.socket, socket.socket]:
+def _pair_across_the_link(ipv6: bool = False) -> tuple[socket.socket, socket.socket]:
     """(client in the peer namespace, server here), connected over the two
     linked netdevsim ports."""
-    with socket.socket() as listener:
-        listener.bind((LOCAL_ADDR, 0))
+    local, remote = (LOCAL_ADDR6, PEER_ADDR6) if ipv6 else (LOCAL_ADDR, PEER_ADDR)
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as listener:
+        listener.bind((local, 0))
         listener.listen(1)
-        client = _connect_from_peer(listener.getsockname()[1])
+        client = _connect_from_peer(listener.getsockname()[1], local)
         server, peer = listener.accept()
-    assert peer[0] == PEER_ADDR
+    assert peer[0] == remote
     return client, server
 
 
@@ -447,6 +452,24 @@ def test_data_through_a_bound_queue_arrives_by_zero_copy(nsim):
         assert sender.error is None
         delta = hds_delta(before, hds_stats(nsim))
     assert delta[0]["niov_bytes"] >= total, delta  # retransmissions count again
+    assert all(d["page_bytes"] == 0 and d["unsplit"] == 0 for d in delta.values()), delta
+    wait_unbound(nsim, 0)
+
+
+def test_ipv6_data_through_a_bound_queue_arrives_by_zero_copy(nsim):
+    total = 1 << 20
+    client, server = _pair_across_the_link(ipv6=True)
+    with iouzcrx.Ring() as ring, server:
+        queue = zerocopy(ring, nsim, 0)
+        before = hds_stats(nsim)
+        receiver = queue.recv_multishot(server)
+        sender = Sender(client, seed=42, total=total)
+        sender.start()
+        _receive_and_verify(receiver, 42, total)
+        sender.join(SETUP_TIMEOUT)
+        assert sender.error is None
+        delta = hds_delta(before, hds_stats(nsim))
+    assert delta[0]["niov_bytes"] >= total, delta
     assert all(d["page_bytes"] == 0 and d["unsplit"] == 0 for d in delta.values()), delta
     wait_unbound(nsim, 0)
 

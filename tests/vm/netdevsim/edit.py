@@ -241,6 +241,8 @@ EDITS = [
         "\tnskb->ip_summed = CHECKSUM_UNNECESSARY;\n"
         "\tskb_record_rx_queue(nskb, rq->napi.index);\n"
         "\tskb_copy_hash(nskb, skb);\n"
+        "\tif (skb_vlan_tag_present(skb))\n"
+        "\t\t__vlan_hwaccel_put_tag(nskb, skb->vlan_proto, skb_vlan_tag_get(skb));\n"
         "\tif (skb_is_gso(skb)) {\n"
         "\t\t/* One large receive (LRO) rather than one frame per segment. */\n"
         "\t\tskb_shinfo(nskb)->gso_size = skb_shinfo(skb)->gso_size;\n"
@@ -326,7 +328,8 @@ EDITS = [
     (
         "netdev.c",
         "#include <linux/debugfs.h>\n",
-        "#include <linux/debugfs.h>\n#include <linux/dma-direct.h>\n#include <net/ip.h>\n"
+        "#include <linux/debugfs.h>\n#include <linux/dma-direct.h>\n#include <linux/if_vlan.h>\n"
+        "#include <net/ip.h>\n"
         "#include <net/ipv6.h>\n#include <net/tcp.h>\n",
         "headers of the header/data split",
     ),
