@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import shutil
 import socket
@@ -541,6 +542,32 @@ def test_more_than_an_area_through_the_copy_fallback(nsim):
     assert delta[1]["page_bytes"] >= total, delta
     assert all(d["niov_bytes"] == 0 for d in delta.values()), delta
     wait_unbound(nsim, 0)
+
+
+def test_a_flow_on_another_ifqs_queue_is_an_error_naming_the_queues(nsim):
+    """Packets that land in the buffers of another zcrx queue (RX queue 2)
+    cannot be received through queue 1's ifq: the kernel refuses (EFAULT),
+    and the receive ends with an error that says what to do."""
+    steer(nsim, 2)
+    client, server = _pair_across_the_link()
+    with iouzcrx.Ring() as ring, server:
+        mine = zerocopy(ring, nsim, 1)
+        zerocopy(ring, nsim, 2)
+        receiver = mine.recv_multishot(server)
+        sender = Sender(client, seed=46, total=64 << 10)
+        sender.start()
+        try:
+            with pytest.raises(OSError) as info:
+                receive_all(receiver, Verifier(46), timeout=30.0)
+        finally:
+            server.shutdown(socket.SHUT_RDWR)
+            sender.join(SETUP_TIMEOUT)
+        assert info.value.errno == errno.EFAULT
+        message = str(info.value)
+        assert f"{nsim.interface} queue 1" in message and "another zcrx queue" in message
+        assert "steer the flow onto RX queue 1" in message and "queues=" in message
+    wait_unbound(nsim, 1)
+    wait_unbound(nsim, 2)
 
 
 def test_an_exhausted_area_drops_at_the_nic_and_recovers_when_views_are_released(nsim):
