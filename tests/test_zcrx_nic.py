@@ -255,7 +255,10 @@ def hds_delta(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]
 def steer(nsim: Nsim, queue: int | None) -> None:
     """Make the peer send every new flow on TX queue ``queue`` (arriving on
     our RX queue ``queue``) through XPS, or by flow hash with ``None``."""
-    mask = format((1 << (os.cpu_count() or 1)) - 1, "x")
+    cpus = os.cpu_count() or 1
+    # The kernel reads a CPU mask as comma-separated 32-bit hex words.
+    words = [(((1 << cpus) - 1) >> shift) & 0xFFFFFFFF for shift in range(0, cpus, 32)]
+    mask = ",".join(format(word, "x") for word in reversed(words))
     script = []
     for q in range(nsim.queues):
         value = mask if q == queue else "0"
