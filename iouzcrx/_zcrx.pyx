@@ -361,6 +361,19 @@ cdef class ZcrxQueue(ReceiveQueue):
             if self.can_flush and self.flushed_tail != self.local_rq_tail:
                 self.flush_refill_ring()
             return self.starve(receiver)
+        if res == -EFAULT and self.mode == "zerocopy":
+            # The kernel found the socket's payload in net_iov buffers of
+            # another ifq's page pool, which this ifq cannot hand out: the
+            # connection's packets arrive on an RX queue bound to another
+            # zcrx queue. The bare errno would not say so.
+            return receiver.finish(kernel_error(
+                EFAULT,
+                f"zerocopy receive on fd {receiver.fd} through {self.interface} queue "
+                f"{self.queue}: its packets arrive on an RX queue bound to another zcrx "
+                "queue, whose buffers this one cannot hand out; steer the flow onto RX "
+                f"queue {self.queue} (an ntuple rule or RSS), or receive it through the "
+                "queue it arrives on (create_zcrx_server(queues=[...]) routes each "
+                "connection by its RX queue)"), False)
         return self.end_by_kernel(receiver, res)
 
     def flush(self):

@@ -163,6 +163,272 @@ EDITS = [
         "};\n",
         "the queue API advertises QCFG_RX_PAGE_SIZE",
     ),
+    # -- header/data split: payload into the RX queue's page pool ---------------
+    (
+        "netdevsim.h",
+        "struct nsim_rq {\n",
+        "/* What the simulated header/data split did on one RX queue: payload\n"
+        " * bytes it wrote into memory-provider buffers (net_iov, e.g. an\n"
+        " * io_uring zcrx area) or into ordinary pool pages, packets it dropped\n"
+        " * because the pool had no buffer, and TCP packets it left whole.\n"
+        " */\n"
+        "#define NSIM_HDS_QUEUES 32\n"
+        "struct nsim_hds_stats {\n"
+        "\tatomic64_t niov_packets;\n"
+        "\tatomic64_t niov_bytes;\n"
+        "\tatomic64_t page_packets;\n"
+        "\tatomic64_t page_bytes;\n"
+        "\tatomic64_t drops;\n"
+        "\tatomic64_t unsplit;\n"
+        "};\n"
+        "\n"
+        "struct nsim_rq {\n",
+        "per-queue counters of the simulated header/data split",
+    ),
+    (
+        "netdevsim.h",
+        "\tstruct dentry *vlan_dfs;\n",
+        "\tstruct dentry *vlan_dfs;\n"
+        "\tstruct dentry *hds_dfs;\n"
+        "\tstruct nsim_hds_stats hds[NSIM_HDS_QUEUES];\n",
+        "the port keeps the split's counters for its first NSIM_HDS_QUEUES queues",
+    ),
+    (
+        "netdev.c",
+        "#define NSIM_RING_SIZE\t\t256\n",
+        "#define NSIM_RING_SIZE\t\t256\n"
+        "\n"
+        "/* Where the TCP payload starts (*hlen, from the network header) and how\n"
+        " * long it is (*plen), or false for anything but unfragmented TCP over\n"
+        " * IPv4 or IPv6 without extension headers.\n"
+        " */\n"
+        "static bool nsim_hds_tcp(struct sk_buff *skb, unsigned int *hlen,\n"
+        "\t\t\t unsigned int *plen)\n"
+        "{\n"
+        "\tunsigned int l3len, len;\n"
+        "\tstruct tcphdr _th;\n"
+        "\tconst struct tcphdr *th;\n"
+        "\n"
+        "\tif (skb->protocol == htons(ETH_P_IP)) {\n"
+        "\t\tstruct iphdr _iph;\n"
+        "\t\tconst struct iphdr *iph;\n"
+        "\n"
+        "\t\tiph = skb_header_pointer(skb, 0, sizeof(_iph), &_iph);\n"
+        "\t\tif (!iph || iph->version != 4 || iph->ihl < 5 ||\n"
+        "\t\t    iph->protocol != IPPROTO_TCP || ip_is_fragment(iph))\n"
+        "\t\t\treturn false;\n"
+        "\t\tl3len = iph->ihl * 4;\n"
+        "\t\tlen = ntohs(iph->tot_len);\n"
+        "\t} else if (skb->protocol == htons(ETH_P_IPV6)) {\n"
+        "\t\tstruct ipv6hdr _ip6h;\n"
+        "\t\tconst struct ipv6hdr *ip6h;\n"
+        "\n"
+        "\t\tip6h = skb_header_pointer(skb, 0, sizeof(_ip6h), &_ip6h);\n"
+        "\t\tif (!ip6h || ip6h->nexthdr != IPPROTO_TCP)\n"
+        "\t\t\treturn false;\n"
+        "\t\tl3len = sizeof(*ip6h);\n"
+        "\t\tlen = l3len + ntohs(ip6h->payload_len);\n"
+        "\t} else {\n"
+        "\t\treturn false;\n"
+        "\t}\n"
+        "\tth = skb_header_pointer(skb, l3len, sizeof(_th), &_th);\n"
+        "\tif (!th || th->doff < 5)\n"
+        "\t\treturn false;\n"
+        "\t*hlen = l3len + th->doff * 4;\n"
+        "\t/* A GSO packet may carry no length of its own (BIG TCP); a shorter\n"
+        "\t * one than the frame means link-layer padding, which is not payload.\n"
+        "\t */\n"
+        "\tif (len < l3len || len > skb->len)\n"
+        "\t\tlen = skb->len;\n"
+        "\tif (len < *hlen)\n"
+        "\t\treturn false;\n"
+        "\t*plen = len - *hlen;\n"
+        "\treturn true;\n"
+        "}\n"
+        "\n"
+        "/* Where the CPU can write what the device would have DMA'd into @netmem.\n"
+        " * A net_iov (memory-provider buffer) has no struct page to map, but on\n"
+        " * this device dma-direct maps without an IOMMU or bounce buffers (64-bit\n"
+        " * mask), so its DMA address is a physical address of the pinned memory\n"
+        " * behind it, which the kernel's direct map covers.\n"
+        " */\n"
+        "static void *nsim_hds_addr(struct page_pool *pool, netmem_ref netmem)\n"
+        "{\n"
+        "\tdma_addr_t dma;\n"
+        "\tphys_addr_t phys;\n"
+        "\n"
+        "\tif (!netmem_is_net_iov(netmem))\n"
+        "\t\treturn netmem_address(netmem);\n"
+        "\tdma = page_pool_get_dma_addr_netmem(netmem);\n"
+        "\tif (!dma)\n"
+        "\t\treturn NULL;\n"
+        "\tphys = dma_to_phys(pool->p.dev, dma);\n"
+        "\tif (!pfn_valid(PHYS_PFN(phys)))\n"
+        "\t\treturn NULL;\n"
+        "\treturn phys_to_virt(phys);\n"
+        "}\n"
+        "\n"
+        "/* Header/data split as a NIC with header split enabled does it: a new\n"
+        " * skb whose linear part holds the headers and whose frags are buffers\n"
+        " * from the RX queue's page pool holding the TCP payload, as if the\n"
+        " * device had written them. With a memory provider (io_uring zcrx,\n"
+        " * devmem) those buffers are net_iovs and the skb is unreadable to the\n"
+        " * CPU; an empty pool drops the packet, as a NIC without descriptors\n"
+        " * does, and TCP retransmits. Returns the skb to receive (the original\n"
+        " * when nothing was split) or NULL when the packet was dropped.\n"
+        " */\n"
+        "static struct sk_buff *nsim_hds_split(struct netdevsim *ns,\n"
+        "\t\t\t\t      struct nsim_rq *rq,\n"
+        "\t\t\t\t      struct sk_buff *skb)\n"
+        "{\n"
+        "\tstruct net_device *dev = rq->napi.dev;\n"
+        "\tstruct page_pool *pool = rq->page_pool;\n"
+        "\tnetmem_ref netmems[MAX_SKB_FRAGS];\n"
+        "\tunsigned int hlen, plen, bufsz, nfrags, off, len, i;\n"
+        "\tstruct nsim_hds_stats *st;\n"
+        "\tstruct sk_buff *nskb;\n"
+        "\tbool niov = false;\n"
+        "\tvoid *addr;\n"
+        "\n"
+        "\tif (!pool || dev->cfg->hds_config != ETHTOOL_TCP_DATA_SPLIT_ENABLED)\n"
+        "\t\treturn skb;\n"
+        "\tif (!nsim_hds_tcp(skb, &hlen, &plen) || !plen ||\n"
+        "\t    plen < dev->cfg->hds_thresh)\n"
+        "\t\treturn skb;\n"
+        "\tst = rq->napi.index < NSIM_HDS_QUEUES ? &ns->hds[rq->napi.index] : NULL;\n"
+        "\tbufsz = PAGE_SIZE << pool->p.order;\n"
+        "\tnfrags = DIV_ROUND_UP(plen, bufsz);\n"
+        "\t/* Extensions (PSP) belong to the sender's skb; a payload beyond\n"
+        "\t * MAX_SKB_FRAGS buffers does not fit one skb: keep those whole.\n"
+        "\t */\n"
+        "\tif (skb_has_extensions(skb) || nfrags > MAX_SKB_FRAGS ||\n"
+        "\t    !pskb_may_pull(skb, hlen)) {\n"
+        "\t\tif (st)\n"
+        "\t\t\tatomic64_inc(&st->unsplit);\n"
+        "\t\treturn skb;\n"
+        "\t}\n"
+        "\tfor (i = 0; i < nfrags; i++) {\n"
+        "\t\tnetmems[i] = page_pool_dev_alloc_netmems(pool);\n"
+        "\t\tif (!netmems[i] || !nsim_hds_addr(pool, netmems[i])) {\n"
+        "\t\t\tif (netmems[i])\n"
+        "\t\t\t\ti++;\n"
+        "\t\t\tgoto drop;\n"
+        "\t\t}\n"
+        "\t\tif (netmem_is_net_iov(netmems[i]))\n"
+        "\t\t\tniov = true;\n"
+        "\t}\n"
+        "\tnskb = napi_alloc_skb(&rq->napi, ETH_HLEN + hlen);\n"
+        "\tif (!nskb)\n"
+        "\t\tgoto drop;\n"
+        "\tskb_put_data(nskb, skb_mac_header(skb), ETH_HLEN);\n"
+        "\tskb_put_data(nskb, skb->data, hlen);\n"
+        "\tfor (i = 0, off = 0; i < nfrags; i++, off += len) {\n"
+        "\t\tlen = min(plen - off, bufsz);\n"
+        "\t\taddr = nsim_hds_addr(pool, netmems[i]);\n"
+        "\t\t/* Within skb->len by nsim_hds_tcp(): cannot fail. */\n"
+        "\t\tWARN_ON_ONCE(skb_copy_bits(skb, hlen + off, addr, len));\n"
+        "\t\tskb_add_rx_frag_netmem(nskb, i, netmems[i], 0, len, bufsz);\n"
+        "\t}\n"
+        "\tskb_mark_for_recycle(nskb);\n"
+        "\tnskb->protocol = eth_type_trans(nskb, dev);\n"
+        "\t/* The device checked the checksum: nothing on the host can read the\n"
+        "\t * payload of a net_iov to do it.\n"
+        "\t */\n"
+        "\tnskb->ip_summed = CHECKSUM_UNNECESSARY;\n"
+        "\tskb_record_rx_queue(nskb, rq->napi.index);\n"
+        "\tskb_copy_hash(nskb, skb);\n"
+        "\tif (skb_vlan_tag_present(skb))\n"
+        "\t\t__vlan_hwaccel_put_tag(nskb, skb->vlan_proto, skb_vlan_tag_get(skb));\n"
+        "\tif (skb_is_gso(skb)) {\n"
+        "\t\t/* One large receive (LRO) rather than one frame per segment. */\n"
+        "\t\tskb_shinfo(nskb)->gso_size = skb_shinfo(skb)->gso_size;\n"
+        "\t\tskb_shinfo(nskb)->gso_type = skb_shinfo(skb)->gso_type;\n"
+        "\t\tskb_shinfo(nskb)->gso_segs = skb_shinfo(skb)->gso_segs;\n"
+        "\t}\n"
+        "\tconsume_skb(skb);\n"
+        "\tif (st) {\n"
+        "\t\tatomic64_inc(niov ? &st->niov_packets : &st->page_packets);\n"
+        "\t\tatomic64_add(plen, niov ? &st->niov_bytes : &st->page_bytes);\n"
+        "\t}\n"
+        "\treturn nskb;\n"
+        "\n"
+        "drop:\n"
+        "\twhile (i--)\n"
+        "\t\tpage_pool_put_full_netmem(pool, netmems[i], true);\n"
+        "\tif (st)\n"
+        "\t\tatomic64_inc(&st->drops);\n"
+        "\tdev_dstats_rx_dropped(dev);\n"
+        "\tkfree_skb_reason(skb, SKB_DROP_REASON_NOMEM);\n"
+        "\treturn NULL;\n"
+        "}\n",
+        "header/data split: TCP payload written into buffers of the RX queue's "
+        "page pool, dropped when the pool is empty",
+    ),
+    (
+        "netdev.c",
+        "\t\t/* skb might be discard at netif_receive_skb, save the len */\n",
+        "\t\tif (!xdp_prog) {\n"
+        "\t\t\tskb = nsim_hds_split(ns, rq, skb);\n"
+        "\t\t\tif (!skb)\n"
+        "\t\t\t\tcontinue;\n"
+        "\t\t}\n"
+        "\n"
+        "\t\t/* skb might be discard at netif_receive_skb, save the len */\n",
+        "received TCP goes through the header/data split (not with XDP)",
+    ),
+    (
+        "netdev.c",
+        "DEFINE_SHOW_ATTRIBUTE(nsim_vlan);\n",
+        "DEFINE_SHOW_ATTRIBUTE(nsim_vlan);\n"
+        "\n"
+        "static int nsim_hds_stats_show(struct seq_file *s, void *data)\n"
+        "{\n"
+        "\tstruct netdevsim *ns = s->private;\n"
+        "\tunsigned int i, n;\n"
+        "\n"
+        "\tn = min_t(unsigned int, ns->netdev->num_rx_queues, NSIM_HDS_QUEUES);\n"
+        "\tfor (i = 0; i < n; i++) {\n"
+        "\t\tstruct nsim_hds_stats *st = &ns->hds[i];\n"
+        "\n"
+        '\t\tseq_printf(s, "queue %u niov_packets %lld niov_bytes %lld "\n'
+        '\t\t\t   "page_packets %lld page_bytes %lld drops %lld unsplit %lld\\n",\n'
+        "\t\t\t   i, atomic64_read(&st->niov_packets),\n"
+        "\t\t\t   atomic64_read(&st->niov_bytes),\n"
+        "\t\t\t   atomic64_read(&st->page_packets),\n"
+        "\t\t\t   atomic64_read(&st->page_bytes),\n"
+        "\t\t\t   atomic64_read(&st->drops),\n"
+        "\t\t\t   atomic64_read(&st->unsplit));\n"
+        "\t}\n"
+        "\treturn 0;\n"
+        "}\n"
+        "DEFINE_SHOW_ATTRIBUTE(nsim_hds_stats);\n",
+        "debugfs hds_stats: the split's counters, one line per queue",
+    ),
+    (
+        "netdev.c",
+        '\tns->vlan_dfs = debugfs_create_file("vlan", 0400, nsim_dev_port->ddir,\n'
+        "\t\t\t\t\t   ns, &nsim_vlan_fops);\n",
+        '\tns->vlan_dfs = debugfs_create_file("vlan", 0400, nsim_dev_port->ddir,\n'
+        "\t\t\t\t\t   ns, &nsim_vlan_fops);\n"
+        '\tns->hds_dfs = debugfs_create_file("hds_stats", 0400,\n'
+        "\t\t\t\t\t  nsim_dev_port->ddir, ns,\n"
+        "\t\t\t\t\t  &nsim_hds_stats_fops);\n",
+        "debugfs hds_stats created with the port",
+    ),
+    (
+        "netdev.c",
+        "\tdebugfs_remove(ns->vlan_dfs);\n",
+        "\tdebugfs_remove(ns->hds_dfs);\n\tdebugfs_remove(ns->vlan_dfs);\n",
+        "debugfs hds_stats removed with the port",
+    ),
+    (
+        "netdev.c",
+        "#include <linux/debugfs.h>\n",
+        "#include <linux/debugfs.h>\n#include <linux/dma-direct.h>\n#include <linux/if_vlan.h>\n"
+        "#include <net/ip.h>\n"
+        "#include <net/ipv6.h>\n#include <net/tcp.h>\n",
+        "headers of the header/data split",
+    ),
 ]
 
 
