@@ -176,7 +176,10 @@ class Farm:
                 if self.kind == "iouzcrx-streams"
                 else protocol_class(self.kind, reporter)
             )
-            options = {"mode": self.args.mode, "backlog": 4096}
+            options: dict[str, Any] = {"mode": self.args.mode, "backlog": 4096}
+            if self.args.interface:
+                options["interface"] = self.args.interface
+                options["queues"] = [int(q) for q in self.args.queues.split(",")]
             self.supervisor = iouzcrx.Supervisor(
                 app,
                 self.args.host,
@@ -482,6 +485,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--farms", default=",".join(FARMS), help="farms to run, comma-separated")
     parser.add_argument("--mode", default="auto", help="iouzcrx receive mode (default auto)")
+    parser.add_argument("--interface", help="iouzcrx zerocopy mode: the NIC (with --queues)")
+    parser.add_argument("--queues", default="", help="iouzcrx zerocopy mode: RX queues, 1,2,3")
     parser.add_argument("--host", default="127.0.0.1", help="address the farms listen on")
     parser.add_argument(
         "--sender-prefix",
@@ -506,6 +511,8 @@ def main(argv: list[str]) -> int:
     if args.vm and not os.environ.get("IOUZCRX_VM"):
         args.mib //= 8
     args.sender_prefix = args.sender_prefix.split()
+    if bool(args.interface) != bool(args.queues):
+        parser.error("--interface and --queues go together")
     results = run_in_vm(args) if args.vm else run(args)
     if args.stdout:
         print(json.dumps(results), flush=True)
