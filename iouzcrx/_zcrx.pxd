@@ -1,7 +1,15 @@
 from libc.stdint cimport uint32_t, uint64_t
 
-from iouzcrx._abi cimport iouz_zcrx_rqe
+from iouzcrx._abi cimport iouz_zcrx_rqe, iouz_zcrx_stats
 from iouzcrx._receive cimport ReceiveQueue
+from iouzcrx._ring cimport Request
+
+
+cdef class ZcrxEvents(Request):
+    cdef readonly uint64_t copy_events
+    cdef readonly uint64_t alloc_fail_events
+    cdef readonly uint64_t unknown_events
+    cdef uint32_t fired              # types that fired and are not armed again
 
 
 cdef class ZcrxQueue(ReceiveQueue):
@@ -21,6 +29,14 @@ cdef class ZcrxQueue(ReceiveQueue):
     cdef uint32_t local_rq_tail
     cdef uint32_t flushed_tail       # local_rq_tail at the last flush
     cdef bint flush_after_publish    # nothing but a flush drains the refill ring
+    # Kernel events and counters (7.2+); NULL/None without them.
+    cdef iouz_zcrx_stats *kernel_stats   # inside region
+    cdef readonly ZcrxEvents events
+    cdef readonly object kernel_stats_missing
+    cdef readonly uint64_t event_rearms
+    cdef uint64_t events_armed_at
+
+    cdef int rearm_events(self, bint now) except -1
 
     cdef int order_for_freelist(self) except -1
     cdef int flush_refill_ring(self) except -1

@@ -1,11 +1,22 @@
 from typing import Any
 
 from iouzcrx._receive import ReceiveQueue
-from iouzcrx._ring import Ring
+from iouzcrx._ring import Request, Ring
 
 ZCRX_MODES: tuple[str, ...]
 
 def rx_queue_count(interface: str) -> int | None: ...
+
+class ZcrxEvents(Request):
+    """Counts the event CQEs the kernel posts for one zcrx queue (Linux
+    7.2+); the ring dispatches them here, never to a receive."""
+
+    copy_events: int
+    """Copy-fallback events seen (one per arming, not per copy)."""
+    alloc_fail_events: int
+    """Buffer allocation failures seen (one per arming)."""
+    unknown_events: int
+    """Events of a type this library does not know."""
 
 class ZcrxQueue(ReceiveQueue):
     """A zero-copy receive interface queue on ``ring``: the area, its refill
@@ -40,6 +51,12 @@ class ZcrxQueue(ReceiveQueue):
     Linux 6.19+)."""
     flushes: int
     """Flushes requested so far."""
+    events: ZcrxEvents | None
+    """The queue's event counters, or None without kernel events."""
+    kernel_stats_missing: str | None
+    """Why the kernel keeps no counters for this queue, or None."""
+    event_rearms: int
+    """Event types armed again after they fired."""
     def __init__(
         self,
         ring: Ring,
@@ -58,6 +75,15 @@ class ZcrxQueue(ReceiveQueue):
     def _emulate_nic_refill(self, flush: bool = True) -> None:
         """Test aid: refill like a NIC-bound queue (no flush after every
         return; ``flush=False``: as without ``ZCRX_CTRL_FLUSH_RQ``)."""
+    def arm_events(self) -> None:
+        """Arm again, now, the event types that fired (the ring does it by
+        itself, at most ten times a second). Owner thread only."""
+    def kernel_counters(self) -> dict[str, int] | None:
+        """The kernel's counters of this queue (Linux 7.2+): ``copies``,
+        ``copied_bytes``, ``copy_events``, ``alloc_fail_events``,
+        ``event_rearms``; None without them (see ``kernel_stats_missing``)."""
     def stats(self) -> dict[str, Any]:
         """``ReceiveQueue.stats()`` plus ``zcrx_id``, ``rq_entries``,
-        ``chunk_size`` and ``flushes``."""
+        ``chunk_size``, ``flushes``, the ``kernel_counters()`` (None each
+        without them), ``zero_copy_bytes``, ``zero_copy_share``,
+        ``kernel_stats`` and ``kernel_stats_missing``."""

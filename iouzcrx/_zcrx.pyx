@@ -14,17 +14,18 @@ from libc.string cimport memmove, memset
 from libc.stdlib cimport qsort
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
                          PROT_READ, PROT_WRITE, mmap, munmap)
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area
 from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
-from iouzcrx._ring cimport Ring
+from iouzcrx._ring cimport Request, Ring
 
 import errno as _errno
 import socket as _socket
 
 from iouzcrx import _checks
-from iouzcrx._probe import kernel_features
+from iouzcrx._probe import kernel_features, zcrx_events_missing
 from iouzcrx.errors import (InterfaceNotFound, InvalidConfiguration, KernelTooOld,
                             QueueOutOfRange, kernel_error, zcrx_register_error)
 
@@ -33,6 +34,10 @@ cdef enum:
     PAGE_SIZE = 4096
     RQ_HEADER_RESERVE = 128   # covers the 7.3 layout (entries at 128) and older (64)
     DEFAULT_AREA_SIZE = 64 * 1024 * 1024
+    # An event type fires once and stays silent until re-armed; re-arming
+    # costs a register syscall, so a flood of copies re-arms at most this
+    # often (the kernel's counters keep counting in between).
+    EVENT_REARM_INTERVAL_NS = 100 * 1000 * 1000
 
 ZCRX_MODES = ("zerocopy", "copy")
 
@@ -56,6 +61,35 @@ cdef uint32_t round_up_pow2(uint64_t n) noexcept:
     while p < n:
         p <<= 1
     return <uint32_t>p
+
+
+cdef inline uint64_t monotonic_ns() noexcept:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
+
+
+@cython.final
+cdef class ZcrxEvents(Request):
+    """The user_data of one queue's zcrx event descriptor (Linux 7.2+).
+
+    The kernel posts a 16-byte CQE carrying this object's address when an
+    armed event type fires: ``res`` is the type (copy fallback, allocation
+    failure).  The ring dispatches it like any completion; it never has
+    IORING_CQE_F_MORE and is never in the ring's in-flight set, so the ring
+    keeps it in ``kernel_refs`` until it closes: the queue may be gone by
+    then, the registration is not.  It holds no reference to the queue."""
+
+    cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        if res == IOUZ_ZCRX_EVENT_COPY:
+            self.copy_events += 1
+        elif res == IOUZ_ZCRX_EVENT_ALLOC_FAIL:
+            self.alloc_fail_events += 1
+        else:
+            self.unknown_events += 1
+            return 0
+        self.fired |= 1u << res
+        return 0
 
 
 cdef int _highest_first(const void *a, const void *b) noexcept nogil:
@@ -159,7 +193,17 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.queue = queue
         self.area = Area(area_size, hugepages)
         header = max(RQ_HEADER_RESERVE, features.rq_hdr_size)
-        self.region_size = page_align(header + entries * sizeof(iouz_zcrx_rqe))
+        cdef size_t rqes_end = header + entries * sizeof(iouz_zcrx_rqe)
+        cdef size_t stats_offset = 0
+        cdef size_t stats_align = features.zcrx_stats_alignment
+        if features.zcrx_events:
+            # The kernel's counters live in the refill ring's region, past
+            # every entry (kernel-abi §8.2): memory this queue owns and
+            # unmaps only after the kernel let go of it.
+            stats_offset = (rqes_end + stats_align - 1) // stats_align * stats_align
+            rqes_end = stats_offset + max(<size_t>features.zcrx_stats_size,
+                                          sizeof(iouz_zcrx_stats))
+        self.region_size = page_align(rqes_end)
         cdef void *region = mmap(NULL, self.region_size, PROT_READ | PROT_WRITE,
                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
         if region == MAP_FAILED:
@@ -184,8 +228,31 @@ cdef class ZcrxQueue(ReceiveQueue):
         reg.area_ptr = <uintptr_t>&area_reg
         reg.region_ptr = <uintptr_t>&region_desc
         reg.rx_buf_len = buf_len
+        cdef iouz_zcrx_event_desc event_desc
+        memset(&event_desc, 0, sizeof(event_desc))
+        cdef ZcrxEvents events = None
+        if features.zcrx_events:
+            events = ZcrxEvents.__new__(ZcrxEvents)
+            event_desc.user_data = <uintptr_t><void *>events
+            event_desc.type_mask = features.zcrx_event_types & (
+                (1u << IOUZ_ZCRX_EVENT_ALLOC_FAIL) | (1u << IOUZ_ZCRX_EVENT_COPY))
+            event_desc.flags = IOUZ_ZCRX_EVENT_DESC_FLAG_STATS
+            event_desc.stats_offset = stats_offset
+            reg.event_desc = <uintptr_t>&event_desc
         ring.check_owner()
         cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        if ret == -EINVAL and events is not None:
+            # The query promised events; a kernel that still refuses the
+            # descriptor gets a queue without them rather than no queue
+            # (a mistake of ours elsewhere fails again, and is reported).
+            reg.event_desc = 0
+            events = None
+            self.kernel_stats_missing = (
+                f"this kernel ({features.release}) refused the zcrx event "
+                "descriptor its query offers (EINVAL)")
+            ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        elif events is None:
+            self.kernel_stats_missing = zcrx_events_missing(features)
         if ret < 0:
             raise zcrx_register_error(-ret, mode=mode, interface=interface, queue=queue,
                                       rx_buf_len=buf_len, nodev=features.zcrx_nodev)
@@ -206,6 +273,10 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.total_buffers = self.area.size // self.chunk_size
         self.can_flush = features.zcrx_ctrl_flush
         self.setup_returns(max(<uint64_t>self.rq_entries, self.total_buffers))
+        if events is not None:
+            ring.kernel_refs.append(events)
+            self.events = events
+            self.kernel_stats = <iouz_zcrx_stats *>(self.region + stats_offset)
         ring.add_client(self)
 
     def __dealloc__(self):
@@ -304,6 +375,68 @@ cdef class ZcrxQueue(ReceiveQueue):
             self.return_epoch += 1
         return 0
 
+    # -- kernel events and statistics (Linux 7.2+) -------------------------------
+
+    cdef int before_enter(self) except -1:
+        ReceiveQueue.before_enter(self)
+        if self.events is not None and self.events.fired and not self.closed:
+            self.rearm_events(False)
+        return 0
+
+    cdef int rearm_events(self, bint now) except -1:
+        """Arm again the event types that fired, at most once per
+        EVENT_REARM_INTERVAL_NS unless ``now``."""
+        cdef ZcrxEvents events = self.events
+        cdef uint64_t clock = monotonic_ns()
+        cdef iouz_zcrx_ctrl ctrl
+        cdef uint32_t event_type
+        cdef int ret
+        if not now and clock - self.events_armed_at < EVENT_REARM_INTERVAL_NS:
+            return 0
+        self.events_armed_at = clock
+        self.ring.check_owner()
+        for event_type in range(<uint32_t>IOUZ_ZCRX_EVENT_TYPES):
+            if not (events.fired & (1u << event_type)):
+                continue
+            events.fired &= ~(1u << event_type)
+            memset(&ctrl, 0, sizeof(ctrl))
+            ctrl.zcrx_id = self.zcrx_id
+            ctrl.op = IOUZ_ZCRX_CTRL_ARM_EVENT
+            ctrl.payload[0] = event_type
+            ret = iouz_register(self.ring.fd, IOUZ_REGISTER_ZCRX_CTRL, &ctrl, 0)
+            # EINVAL: not fired as far as the kernel knows (armed already).
+            if ret < 0 and ret != -EINVAL:
+                raise kernel_error(-ret, "ZCRX_CTRL_ARM_EVENT")
+            self.event_rearms += 1
+        return 0
+
+    def arm_events(self):
+        """Arm again, now, the event types that fired since they were last
+        armed (the ring does it by itself, at most ten times a second).
+        Owner thread only; nothing to do without kernel events."""
+        if self.events is None or self.closed:
+            return
+        self.rearm_events(True)
+
+    def kernel_counters(self):
+        """The kernel's own counters of this queue's zcrx instance (Linux
+        7.2+): ``copies`` (copy operations: one per piece of a packet the
+        kernel copied, which may fill several chunks) and ``copied_bytes``
+        (data the kernel copied
+        into the area instead of the NIC writing it there: all of it in
+        ``copy`` mode, off-queue traffic in ``zerocopy`` mode), and the event
+        CQEs seen: ``copy_events``, ``alloc_fail_events``.  None where the
+        kernel does not keep them (``kernel_stats_missing`` says why)."""
+        if self.kernel_stats == NULL:
+            return None
+        return {
+            "copies": iouz_load_relaxed64(&self.kernel_stats.copy_count),
+            "copied_bytes": iouz_load_relaxed64(&self.kernel_stats.copy_bytes),
+            "copy_events": self.events.copy_events,
+            "alloc_fail_events": self.events.alloc_fail_events,
+            "event_rearms": self.event_rearms,
+        }
+
     # -- receives ------------------------------------------------------------
 
     cdef int arm(self, Receiver receiver) except -1:
@@ -376,6 +509,21 @@ cdef class ZcrxQueue(ReceiveQueue):
         stats = ReceiveQueue.stats(self)
         stats.update(zcrx_id=self.zcrx_id, rq_entries=self.rq_entries,
                      chunk_size=self.chunk_size, flushes=self.flushes)
+        counters = self.kernel_counters()
+        if counters is None:
+            stats.update(kernel_stats=False, kernel_stats_missing=self.kernel_stats_missing,
+                         copies=None, copied_bytes=None, zero_copy_bytes=None,
+                         zero_copy_share=None, copy_events=None, alloc_fail_events=None)
+            return stats
+        received = self.bytes_received
+        copied = counters["copied_bytes"]
+        # The kernel counts every copy into the area, of which this queue
+        # received all (the other users of a shared queue aside).
+        zero_copy = received - copied if received > copied else 0
+        stats.update(kernel_stats=True, kernel_stats_missing=None,
+                     zero_copy_bytes=zero_copy,
+                     zero_copy_share=zero_copy / received if received else None,
+                     **counters)
         return stats
 
     def __repr__(self):
