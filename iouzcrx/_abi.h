@@ -422,6 +422,12 @@ static inline uint64_t iouz_load_relaxed64(const uint64_t *p)
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
+/* Take an fd out of its owner once, even when two threads close at once. */
+static inline int iouz_exchange_int(int *p, int v)
+{
+    return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+}
+
 static inline void iouz_store_release16(uint16_t *p, uint16_t v)
 {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);

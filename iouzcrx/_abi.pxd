@@ -233,6 +233,7 @@ cdef extern from "_abi.h" nogil:
     uint32_t iouz_load_acquire(const uint32_t *p)
     uint32_t iouz_load_relaxed(const uint32_t *p)
     uint64_t iouz_load_relaxed64(const uint64_t *p)
+    int iouz_exchange_int(int *p, int v)
     void iouz_store_release(uint32_t *p, uint32_t v)
     void iouz_store_release16(uint16_t *p, uint16_t v)
     void iouz_atomic_or(uint32_t *p, uint32_t bits)

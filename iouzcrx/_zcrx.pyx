@@ -15,6 +15,10 @@ from libc.stdlib cimport qsort
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
                          PROT_READ, PROT_WRITE, mmap, munmap)
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close as close_fd
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock)
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area
@@ -23,9 +27,10 @@ from iouzcrx._ring cimport Request, Ring
 
 import errno as _errno
 import socket as _socket
+import weakref as _weakref
 
 from iouzcrx import _checks
-from iouzcrx._probe import kernel_features, zcrx_events_missing
+from iouzcrx._probe import kernel_features, zcrx_events_missing, zcrx_export_missing
 from iouzcrx.errors import (InterfaceNotFound, InvalidConfiguration, KernelTooOld,
                             QueueOutOfRange, kernel_error, zcrx_register_error)
 
@@ -67,6 +72,109 @@ cdef inline uint64_t monotonic_ns() noexcept:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
     return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
+
+
+@cython.final
+@cython.no_gc_clear
+cdef class RefillRing:
+    """The refill ring's region (user memory the kernel pinned at
+    registration) and the producer side of the ring.
+
+    The kernel reads the ring as single-producer. A queue imported into
+    another ring (export_queue) shares this object, so every producer step
+    (read the head, write entries, publish the tail, flush) happens under
+    ``lock``, taken without the GIL held: the queues live on different
+    threads and, with free-threaded Python, without a GIL at all."""
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+        self.sharers = []
+
+    def __dealloc__(self):
+        # The kernel pinned the region's pages: unmapping only drops our
+        # view of them, whatever rings still use the queue.
+        if self.region != NULL:
+            munmap(self.region, self.region_size)
+            self.region = NULL
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+            self.lock = NULL
+
+    cdef int acquire(self) except -1:
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        return 0
+
+    cdef void release(self) noexcept:
+        PyThread_release_lock(self.lock)
+
+    cdef int returns_reached_kernel(self, ZcrxQueue by) except -1:
+        """Chunks went back to the kernel: any sharer starved for them
+        may receive again; wake the rings of the others."""
+        cdef ZcrxQueue queue
+        self.epoch += 1
+        if len(self.sharers) < 2:
+            return 0
+        for ref in self.sharers:
+            queue = ref()
+            if queue is not None and queue is not by and queue.starved and not queue.closed:
+                queue.ring.wake()
+        return 0
+
+
+@cython.final
+cdef class ZcrxExport:
+    """A zcrx queue exported from its ring (ZCRX_CTRL_EXPORT, Linux 6.19+):
+    owns the ``[zcrx]`` file descriptor the kernel made, which keeps the
+    queue registered even after its ring closes.  ``ZcrxQueue.imported()``
+    registers the same queue on another ring of this process.  ``close()``
+    is idempotent; the fd is also closed when the object is collected."""
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close_fd(self.fd)
+            self.fd = -1
+
+    def fileno(self):
+        """The exported queue's fd (ValueError once closed)."""
+        if self.fd < 0:
+            raise ValueError("the zcrx export is closed")
+        return self.fd
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    def close(self):
+        """Close the fd. The queue stays registered with the rings that
+        use it. Closing twice is harmless."""
+        cdef int fd = iouz_exchange_int(&self.fd, -1)
+        if fd >= 0:
+            close_fd(fd)
+
+    def detach(self):
+        """Hand over the fd (to send it to another process, say): the
+        caller closes it; this object no longer does."""
+        cdef int fd = iouz_exchange_int(&self.fd, -1)
+        if fd < 0:
+            raise ValueError("the zcrx export is closed")
+        return fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.fd < 0 else f"fd={self.fd}"
+        return f"<ZcrxExport {self.mode} {state}>"
 
 
 @cython.final
@@ -203,12 +311,14 @@ cdef class ZcrxQueue(ReceiveQueue):
             stats_offset = (rqes_end + stats_align - 1) // stats_align * stats_align
             rqes_end = stats_offset + max(<size_t>features.zcrx_stats_size,
                                           sizeof(iouz_zcrx_stats))
-        self.region_size = page_align(rqes_end)
-        cdef void *region = mmap(NULL, self.region_size, PROT_READ | PROT_WRITE,
+        cdef RefillRing refill = RefillRing.__new__(RefillRing)
+        refill.region_size = page_align(rqes_end)
+        cdef void *region = mmap(NULL, refill.region_size, PROT_READ | PROT_WRITE,
                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
         if region == MAP_FAILED:
             raise kernel_error(errno, "mapping the refill ring")
-        self.region = <char *>region
+        refill.region = <char *>region
+        self.refill = refill
 
         cdef iouz_zcrx_area_reg area_reg
         cdef iouz_region_desc region_desc
@@ -218,8 +328,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         memset(&reg, 0, sizeof(reg))
         area_reg.addr = <uintptr_t>self.area.base
         area_reg.len = self.area.size
-        region_desc.user_addr = <uintptr_t>self.region
-        region_desc.size = self.region_size
+        region_desc.user_addr = <uintptr_t>refill.region
+        region_desc.size = refill.region_size
         region_desc.flags = IOUZ_MEM_REGION_TYPE_USER
         reg.if_idx = if_idx
         reg.if_rxq = if_rxq
@@ -259,30 +369,110 @@ cdef class ZcrxQueue(ReceiveQueue):
 
         self.zcrx_id = reg.zcrx_id
         self.rq_entries = reg.rq_entries
-        self.rq_mask = reg.rq_entries - 1
+        refill.rq_entries = reg.rq_entries
+        refill.rq_mask = reg.rq_entries - 1
         # 6.18/6.19 leave rx_buf_len untouched (reserved): chunks are pages.
         self.chunk_size = reg.rx_buf_len or chunk
-        self.buffer_unit = self.chunk_size
-        self.tokens_are_offsets = True
-        self.rq_head = <uint32_t *>(self.region + reg.offsets.head)
-        self.rq_tail = <uint32_t *>(self.region + reg.offsets.tail)
-        self.rqes = <iouz_zcrx_rqe *>(self.region + reg.offsets.rqes)
-        self.local_rq_tail = self.rq_tail[0]
-        self.flushed_tail = self.local_rq_tail
-        self.flush_after_publish = mode == "copy"
-        self.total_buffers = self.area.size // self.chunk_size
-        self.can_flush = features.zcrx_ctrl_flush
-        self.setup_returns(max(<uint64_t>self.rq_entries, self.total_buffers))
+        refill.rq_head = <uint32_t *>(refill.region + reg.offsets.head)
+        refill.rq_tail = <uint32_t *>(refill.region + reg.offsets.tail)
+        refill.rqes = <iouz_zcrx_rqe *>(refill.region + reg.offsets.rqes)
+        refill.local_tail = refill.rq_tail[0]
+        refill.flushed_tail = refill.local_tail
         if events is not None:
             ring.kernel_refs.append(events)
             self.events = events
-            self.kernel_stats = <iouz_zcrx_stats *>(self.region + stats_offset)
-        ring.add_client(self)
+            self.kernel_stats = <iouz_zcrx_stats *>(refill.region + stats_offset)
+        self.attach(features)
 
-    def __dealloc__(self):
-        if self.region != NULL:
-            munmap(self.region, self.region_size)
-            self.region = NULL
+    cdef int attach(self, features) except -1:
+        """What a registered queue and an imported one set up alike."""
+        self.buffer_unit = self.chunk_size
+        self.tokens_are_offsets = True
+        self.flush_after_publish = self.mode == "copy"
+        self.total_buffers = self.area.size // self.chunk_size
+        self.can_flush = features.zcrx_ctrl_flush
+        self.setup_returns(max(<uint64_t>self.rq_entries, self.total_buffers))
+        self.refill.acquire()
+        try:
+            self.refill.sharers = [ref for ref in self.refill.sharers if ref() is not None]
+            self.refill.sharers.append(_weakref.ref(self))
+            self.refill_epoch = self.refill.epoch
+        finally:
+            self.refill.release()
+        self.ring.add_client(self)
+        return 0
+
+    # -- one queue, several rings (Linux 6.19+) -----------------------------------
+
+    def export_queue(self):
+        """Export this queue (ZCRX_CTRL_EXPORT): a ZcrxExport owning the
+        kernel's fd for it, to pass to ``ZcrxQueue.imported()`` on another
+        ring of this process.  Owner thread only."""
+        self.ring.check_owner()
+        if self.closed:
+            raise ValueError(f"the {self.mode} receive queue is closed")
+        missing = zcrx_export_missing(kernel_features())
+        if missing is not None:
+            raise KernelTooOld(_errno.EOPNOTSUPP, missing)
+        cdef iouz_zcrx_ctrl ctrl
+        memset(&ctrl, 0, sizeof(ctrl))
+        ctrl.zcrx_id = self.zcrx_id
+        ctrl.op = IOUZ_ZCRX_CTRL_EXPORT
+        cdef int ret = iouz_register(self.ring.fd, IOUZ_REGISTER_ZCRX_CTRL, &ctrl, 0)
+        if ret < 0:
+            raise kernel_error(-ret, "ZCRX_CTRL_EXPORT")
+        cdef ZcrxExport export = ZcrxExport.__new__(ZcrxExport)
+        # zc_export.zcrx_fd: the low 32 bits of the union's first word.
+        export.fd = <int>(ctrl.payload[0] & 0xFFFFFFFF)
+        export.source = self
+        export.mode = self.mode
+        return export
+
+    @staticmethod
+    def imported(Ring ring not None, export):
+        """The queue of ``export`` (a ZcrxExport of this process) registered
+        on ``ring`` (ZCRX_REG_IMPORT, Linux 6.19+): the same area and refill
+        ring, a receive queue of its own on that ring's thread.  Call it on
+        ``ring``'s owner thread.  Returns go to the shared refill ring under
+        a lock; the kernel's copy counters and events stay with the
+        exporting queue."""
+        ring.check_owner()
+        if not isinstance(export, ZcrxExport):
+            raise TypeError(
+                f"export must be the ZcrxExport of a queue of this process (from "
+                f"queue.export_queue()), not {export!r}; a queue cannot be imported "
+                "from another process: its area and refill ring are this process's "
+                "private memory")
+        features = kernel_features()
+        missing = zcrx_export_missing(features)
+        if missing is not None:
+            raise KernelTooOld(_errno.EOPNOTSUPP, missing)
+        cdef ZcrxExport source = export
+        if source.fd < 0 or source.source is None:
+            raise ValueError("the zcrx export is closed: export the queue again")
+        cdef ZcrxQueue origin = source.source
+        cdef iouz_zcrx_ifq_reg reg
+        memset(&reg, 0, sizeof(reg))
+        reg.if_idx = source.fd
+        reg.flags = IOUZ_ZCRX_REG_IMPORT
+        cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        if ret < 0:
+            raise kernel_error(-ret, "importing a zcrx queue (ZCRX_REG_IMPORT)")
+        cdef ZcrxQueue queue = ZcrxQueue.__new__(ZcrxQueue)
+        queue.ring = ring
+        queue.mode = origin.mode
+        queue.interface = origin.interface
+        queue.queue = origin.queue
+        queue.area = origin.area
+        queue.refill = origin.refill
+        queue.zcrx_id = reg.zcrx_id
+        queue.rq_entries = origin.rq_entries
+        queue.chunk_size = origin.chunk_size
+        queue.kernel_stats_missing = (
+            "an imported queue: the kernel counts copies on the exporting queue "
+            "(its stats())")
+        queue.attach(features)
+        return queue
 
     # -- refill ring ---------------------------------------------------------
 
@@ -295,16 +485,25 @@ cdef class ZcrxQueue(ReceiveQueue):
         NIC needs buffers, but the copy fallback (data that did not arrive
         through this queue) allocates only from chunks the kernel already
         took: while a receive waits for buffers, flush as well."""
+        cdef RefillRing refill = self.refill
+        cdef bint copy_mode = self.flush_after_publish
+        if copy_mode:
+            self.order_for_freelist()
+        refill.acquire()
+        try:
+            self.publish_locked(refill, copy_mode)
+        finally:
+            refill.release()
+        return 0
+
+    cdef int publish_locked(self, RefillRing refill, bint copy_mode) except -1:
         cdef size_t done = 0
         cdef uint32_t head, free, n, i
         cdef iouz_zcrx_rqe *rqe
         cdef bint flushed_when_full = False
-        cdef bint copy_mode = self.flush_after_publish
-        if copy_mode:
-            self.order_for_freelist()
         while done < self.pending_count:
-            head = iouz_load_acquire(self.rq_head)
-            free = self.rq_entries - (self.local_rq_tail - head)
+            head = iouz_load_acquire(refill.rq_head)
+            free = refill.rq_entries - (refill.local_tail - head)
             if free == 0:
                 # Full: in copy mode nothing else will ever drain it, and on a
                 # NIC it only drains when the NIC needs buffers.
@@ -316,12 +515,12 @@ cdef class ZcrxQueue(ReceiveQueue):
             flushed_when_full = False
             n = <uint32_t>min(<size_t>free, self.pending_count - done)
             for i in range(n):
-                rqe = &self.rqes[(self.local_rq_tail + i) & self.rq_mask]
+                rqe = &refill.rqes[(refill.local_tail + i) & refill.rq_mask]
                 rqe.off = self.pending[done + i].token
                 rqe.len = self.pending[done + i].length
                 rqe.pad = 0
-            self.local_rq_tail += n
-            iouz_store_release(self.rq_tail, self.local_rq_tail)
+            refill.local_tail += n
+            iouz_store_release(refill.rq_tail, refill.local_tail)
             done += n
             self.refills += 1
         if done:
@@ -359,7 +558,16 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.pending_ascending = False
         return 0
 
+    cdef int flush_with_lock(self) except -1:
+        self.refill.acquire()
+        try:
+            self.flush_refill_ring()
+        finally:
+            self.refill.release()
+        return 0
+
     cdef int flush_refill_ring(self) except -1:
+        """ZCRX_CTRL_FLUSH_RQ; the caller holds the refill ring's lock."""
         cdef iouz_zcrx_ctrl ctrl
         memset(&ctrl, 0, sizeof(ctrl))
         ctrl.zcrx_id = self.zcrx_id
@@ -369,15 +577,23 @@ cdef class ZcrxQueue(ReceiveQueue):
         if ret < 0:
             raise kernel_error(-ret, "ZCRX_CTRL_FLUSH_RQ")
         self.flushes += 1
-        if self.flushed_tail != self.local_rq_tail:
+        cdef RefillRing refill = self.refill
+        if refill.flushed_tail != refill.local_tail:
             # Entries the kernel had not taken are now free chunks.
-            self.flushed_tail = self.local_rq_tail
+            refill.flushed_tail = refill.local_tail
             self.return_epoch += 1
+            refill.returns_reached_kernel(self)
         return 0
 
     # -- kernel events and statistics (Linux 7.2+) -------------------------------
 
     cdef int before_enter(self) except -1:
+        cdef RefillRing refill = self.refill
+        if refill.epoch != self.refill_epoch:
+            # Another ring sharing this queue put chunks back: a receive
+            # starved here may find them.
+            self.refill_epoch = refill.epoch
+            self.return_epoch += 1
         ReceiveQueue.before_enter(self)
         if self.events is not None and self.events.fired and not self.closed:
             self.rearm_events(False)
@@ -480,8 +696,8 @@ cdef class ZcrxQueue(ReceiveQueue):
             # ring since the last flush are not free yet: on a NIC queue only
             # the page pool's refill or a flush takes them, and the pool may
             # never refill for a flow that does not arrive on this queue.
-            if self.can_flush and self.flushed_tail != self.local_rq_tail:
-                self.flush_refill_ring()
+            if self.can_flush and self.refill.flushed_tail != self.refill.local_tail:
+                self.flush_with_lock()
             return self.starve(receiver)
         return self.end_by_kernel(receiver, res)
 
@@ -493,7 +709,7 @@ cdef class ZcrxQueue(ReceiveQueue):
             return
         self.publish_returns()
         if self.can_flush:
-            self.flush_refill_ring()
+            self.flush_with_lock()
 
     def _emulate_nic_refill(self, bint flush=True):
         """Test aid: refill like a queue bound to a NIC (no flush after
@@ -515,10 +731,15 @@ cdef class ZcrxQueue(ReceiveQueue):
                          copies=None, copied_bytes=None, zero_copy_bytes=None,
                          zero_copy_share=None, copy_events=None, alloc_fail_events=None)
             return stats
-        received = self.bytes_received
+        # The kernel counts every copy into the area, whichever ring's
+        # receive it was for: compare with what all of them received.
+        cdef ZcrxQueue sharer
+        received = 0
+        for ref in self.refill.sharers:
+            sharer = ref()
+            if sharer is not None:
+                received += sharer.bytes_received
         copied = counters["copied_bytes"]
-        # The kernel counts every copy into the area, of which this queue
-        # received all (the other users of a shared queue aside).
         zero_copy = received - copied if received > copied else 0
         stats.update(kernel_stats=True, kernel_stats_missing=None,
                      zero_copy_bytes=zero_copy,
