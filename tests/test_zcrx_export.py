@@ -131,3 +131,47 @@ def test_two_rings_share_one_queue_and_both_receive_byte_exact(ring, listener):
     export.close()
     server_a.close()
     server_b.close()
+
+
+@pytest.mark.vm
+@requires_copy_mode
+@requires_export
+def test_export_misuse_gets_clear_errors_and_a_forked_child_leaves_the_parents_fd(ring):
+    queue = iouzcrx.ZcrxQueue(ring, mode="copy", area_size=1 << 20)
+    failures: list[BaseException] = []
+
+    def from_another_thread() -> None:
+        try:
+            queue.export_queue()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=from_another_thread)
+    thread.start()
+    thread.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], iouzcrx.WrongThread)
+    export = queue.export_queue()
+    fd = export.fileno()
+    pid = os.fork()
+    if pid == 0:  # the child closes its own copy only
+        try:
+            export.close()
+            export.close()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "zcrx" in os.readlink(f"/proc/self/fd/{fd}")
+    # Closing from another thread, twice at once: one close of the fd.
+    closers = [threading.Thread(target=export.close) for _ in range(2)]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join(30)
+    assert export.closed
+    queue.close()
+    with pytest.raises(ValueError, match="closed"):
+        queue.export_queue()
+    # The counters stay readable after the ring is gone.
+    ring.close()
+    assert queue.stats()["copied_bytes"] == (0 if FEATURES.zcrx_events else None)
