@@ -118,10 +118,12 @@ class ZcrxQueue(ReceiveQueue):
         """The kernel's counters of this queue (Linux 7.2+): ``copies``,
         ``copied_bytes``, ``copy_events``, ``alloc_fail_events``,
         ``event_rearms``; None without them (see ``kernel_stats_missing``)."""
+    def zero_copy_stats(self) -> dict[str, Any]:
+        """What shows whether zero copy happens (part of ``stats()``): the
+        ``kernel_counters()`` (each None without them), ``zero_copy_bytes``
+        and ``zero_copy_share`` (against the bytes every ring sharing the
+        queue received: the kernel counts its copies per queue, not per
+        ring), ``kernel_stats`` and ``kernel_stats_missing``."""
     def stats(self) -> dict[str, Any]:
         """``ReceiveQueue.stats()`` plus ``zcrx_id``, ``rq_entries``,
-        ``chunk_size``, ``flushes``, the ``kernel_counters()`` (None each
-        without them), ``zero_copy_bytes``, ``zero_copy_share`` (against the
-        bytes every ring sharing the queue received: the kernel counts its
-        copies per queue, not per ring), ``kernel_stats`` and
-        ``kernel_stats_missing``."""
+        ``chunk_size`` and ``flushes``."""

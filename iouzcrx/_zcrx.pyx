@@ -39,10 +39,6 @@ cdef enum:
     PAGE_SIZE = 4096
     RQ_HEADER_RESERVE = 128   # covers the 7.3 layout (entries at 128) and older (64)
     DEFAULT_AREA_SIZE = 64 * 1024 * 1024
-    # An event type fires once and stays silent until re-armed; re-arming
-    # costs a register syscall, so a flood of copies re-arms at most this
-    # often (the kernel's counters keep counting in between).
-    EVENT_REARM_INTERVAL_NS = 100 * 1000 * 1000
 
 ZCRX_MODES = ("zerocopy", "copy")
 
@@ -66,6 +62,13 @@ cdef uint32_t round_up_pow2(uint64_t n) noexcept:
     while p < n:
         p <<= 1
     return <uint32_t>p
+
+
+cdef enum:
+    # An event type fires once and stays silent until re-armed; re-arming
+    # costs a register syscall, so a flood of copies re-arms at most this
+    # often (the kernel's counters keep counting in between).
+    EVENT_REARM_INTERVAL_NS = 100 * 1000 * 1000
 
 
 cdef inline uint64_t monotonic_ns() noexcept:
@@ -722,17 +725,24 @@ cdef class ZcrxQueue(ReceiveQueue):
             self.can_flush = False
 
     def stats(self):
-        stats = ReceiveQueue.stats(self)
+        stats = self.zero_copy_stats()
+        stats.update(ReceiveQueue.stats(self))
         stats.update(zcrx_id=self.zcrx_id, rq_entries=self.rq_entries,
                      chunk_size=self.chunk_size, flushes=self.flushes)
+        return stats
+
+    def zero_copy_stats(self):
+        """What shows whether zero copy happens: ``kernel_counters()``
+        (each None without them), ``zero_copy_bytes`` and
+        ``zero_copy_share`` (against the bytes every ring sharing the queue
+        received: the kernel counts its copies per queue, not per ring),
+        ``kernel_stats`` and ``kernel_stats_missing``."""
         counters = self.kernel_counters()
         if counters is None:
-            stats.update(kernel_stats=False, kernel_stats_missing=self.kernel_stats_missing,
-                         copies=None, copied_bytes=None, zero_copy_bytes=None,
-                         zero_copy_share=None, copy_events=None, alloc_fail_events=None)
-            return stats
-        # The kernel counts every copy into the area, whichever ring's
-        # receive it was for: compare with what all of them received.
+            return dict(kernel_stats=False, kernel_stats_missing=self.kernel_stats_missing,
+                        copies=None, copied_bytes=None, zero_copy_bytes=None,
+                        zero_copy_share=None, copy_events=None, alloc_fail_events=None,
+                        event_rearms=None)
         cdef ZcrxQueue sharer
         received = 0
         for ref in self.refill.sharers:
@@ -741,11 +751,8 @@ cdef class ZcrxQueue(ReceiveQueue):
                 received += sharer.bytes_received
         copied = counters["copied_bytes"]
         zero_copy = received - copied if received > copied else 0
-        stats.update(kernel_stats=True, kernel_stats_missing=None,
-                     zero_copy_bytes=zero_copy,
-                     zero_copy_share=zero_copy / received if received else None,
-                     **counters)
-        return stats
+        return dict(kernel_stats=True, kernel_stats_missing=None, zero_copy_bytes=zero_copy,
+                    zero_copy_share=zero_copy / received if received else None, **counters)
 
     def __repr__(self):
         where = f" {self.interface}:{self.queue}" if self.interface is not None else ""
