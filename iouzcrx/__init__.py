@@ -15,7 +15,7 @@ from iouzcrx._bufring import BufRingQueue
 from iouzcrx._probe import KernelFeatures, kernel_features
 from iouzcrx._receive import ReceiveQueue, Receiver
 from iouzcrx._ring import Completion, Ring
-from iouzcrx._zcrx import ZcrxQueue
+from iouzcrx._zcrx import ZcrxExport, ZcrxQueue
 from iouzcrx.errors import (
     InterfaceNotFound,
     InvalidConfiguration,
@@ -122,6 +122,7 @@ __all__ = [
     "Ring",
     "WrongProcess",
     "WrongThread",
+    "ZcrxExport",
     "ZcrxQueue",
     "kernel_features",
 ]

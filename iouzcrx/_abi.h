@@ -207,8 +207,9 @@ struct iouz_query_hdr {
 };
 IOUZ_ASSERT_SIZE(struct iouz_query_hdr, 40);
 
-#define IOUZ_QUERY_OPCODES 0
-#define IOUZ_QUERY_ZCRX    1
+#define IOUZ_QUERY_OPCODES    0
+#define IOUZ_QUERY_ZCRX       1
+#define IOUZ_QUERY_ZCRX_EVENT 3
 
 struct iouz_query_opcodes {
     uint32_t nr_request_opcodes;
@@ -234,17 +235,36 @@ struct iouz_query_zcrx {
 IOUZ_ASSERT_SIZE(struct iouz_query_zcrx, 40);
 IOUZ_ASSERT_OFFSET(struct iouz_query_zcrx, rq_hdr_size, 24);
 
+/* IO_URING_QUERY_ZCRX_EVENT (7.2+) */
+struct iouz_query_zcrx_event {
+    uint32_t event_flags;          /* bit (1 << type) per event type */
+    uint32_t stats_size;
+    uint32_t stats_off_alignment;
+    uint32_t resv1;
+    uint64_t resv2[4];
+};
+IOUZ_ASSERT_SIZE(struct iouz_query_zcrx_event, 48);
+
 /* ---- zcrx ---------------------------------------------------------------- */
 
 #define IOUZ_ZCRX_REG_IMPORT   (1u << 0)
 #define IOUZ_ZCRX_REG_NODEV    (1u << 1)
 #define IOUZ_ZCRX_FEATURE_RX_PAGE_SIZE (1u << 0)
+#define IOUZ_ZCRX_FEATURE_EVENT        (1u << 1)
 #define IOUZ_ZCRX_AREA_SHIFT   48
 #define IOUZ_ZCRX_AREA_MASK    (~((1ull << IOUZ_ZCRX_AREA_SHIFT) - 1))
 #define IOUZ_RQ_MAX_ENTRIES    32768u
 #define IOUZ_MEM_REGION_TYPE_USER 1u
 
-#define IOUZ_ZCRX_CTRL_FLUSH_RQ 0
+#define IOUZ_ZCRX_CTRL_FLUSH_RQ   0
+#define IOUZ_ZCRX_CTRL_EXPORT     1   /* 6.19+ */
+#define IOUZ_ZCRX_CTRL_ARM_EVENT  2   /* 7.2+ */
+
+/* zcrx events (7.2+): one CQE per armed type, then silence until re-armed. */
+#define IOUZ_ZCRX_EVENT_ALLOC_FAIL 0
+#define IOUZ_ZCRX_EVENT_COPY       1
+#define IOUZ_ZCRX_EVENT_TYPES      2
+#define IOUZ_ZCRX_EVENT_DESC_FLAG_STATS (1u << 0)
 
 struct iouz_region_desc {
     uint64_t user_addr;
@@ -292,6 +312,7 @@ IOUZ_ASSERT_SIZE(struct iouz_zcrx_ifq_reg, 96);
 IOUZ_ASSERT_OFFSET(struct iouz_zcrx_ifq_reg, offsets, 32);
 IOUZ_ASSERT_OFFSET(struct iouz_zcrx_ifq_reg, zcrx_id, 64);
 IOUZ_ASSERT_OFFSET(struct iouz_zcrx_ifq_reg, rx_buf_len, 68);
+IOUZ_ASSERT_OFFSET(struct iouz_zcrx_ifq_reg, event_desc, 72);
 
 struct iouz_zcrx_rqe {
     uint64_t off;
@@ -307,6 +328,24 @@ struct iouz_zcrx_ctrl {
     uint64_t payload[6];
 };
 IOUZ_ASSERT_SIZE(struct iouz_zcrx_ctrl, 72);
+/* payload[0]: zc_export.zcrx_fd (low 32 bits, out) or zc_arm_event.event_type. */
+
+struct iouz_zcrx_event_desc {
+    uint64_t user_data;
+    uint32_t type_mask;
+    uint32_t flags;
+    uint64_t stats_offset;   /* into the refill ring's region */
+    uint64_t resv2[9];
+};
+IOUZ_ASSERT_SIZE(struct iouz_zcrx_event_desc, 96);
+IOUZ_ASSERT_OFFSET(struct iouz_zcrx_event_desc, stats_offset, 16);
+
+/* The kernel adds to these with plain stores on its receive path. */
+struct iouz_zcrx_stats {
+    uint64_t copy_count;
+    uint64_t copy_bytes;
+};
+IOUZ_ASSERT_SIZE(struct iouz_zcrx_stats, 16);
 
 /* ---- provided buffer rings ----------------------------------------------- */
 
@@ -375,6 +414,18 @@ static inline void iouz_store_release(uint32_t *p, uint32_t v)
 static inline void iouz_atomic_or(uint32_t *p, uint32_t bits)
 {
     __atomic_fetch_or(p, bits, __ATOMIC_RELEASE);
+}
+
+/* A counter the kernel updates while we read it: one untorn 64-bit load. */
+static inline uint64_t iouz_load_relaxed64(const uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+/* Take an fd out of its owner once, even when two threads close at once. */
+static inline int iouz_exchange_int(int *p, int v)
+{
+    return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
 }
 
 static inline void iouz_store_release16(uint16_t *p, uint16_t v)

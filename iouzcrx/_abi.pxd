@@ -60,14 +60,22 @@ cdef extern from "_abi.h" nogil:
         IOUZ_PROBE_OPS
         IOUZ_QUERY_OPCODES
         IOUZ_QUERY_ZCRX
+        IOUZ_QUERY_ZCRX_EVENT
 
         IOUZ_ZCRX_REG_IMPORT
         IOUZ_ZCRX_REG_NODEV
         IOUZ_ZCRX_FEATURE_RX_PAGE_SIZE
+        IOUZ_ZCRX_FEATURE_EVENT
         IOUZ_ZCRX_AREA_SHIFT
         IOUZ_RQ_MAX_ENTRIES
         IOUZ_MEM_REGION_TYPE_USER
         IOUZ_ZCRX_CTRL_FLUSH_RQ
+        IOUZ_ZCRX_CTRL_EXPORT
+        IOUZ_ZCRX_CTRL_ARM_EVENT
+        IOUZ_ZCRX_EVENT_ALLOC_FAIL
+        IOUZ_ZCRX_EVENT_COPY
+        IOUZ_ZCRX_EVENT_TYPES
+        IOUZ_ZCRX_EVENT_DESC_FLAG_STATS
         IOUZ_BUF_RING_TAIL_OFFSET
 
     const uint64_t IOUZ_OFF_SQ_RING
@@ -152,6 +160,11 @@ cdef extern from "_abi.h" nogil:
         uint32_t rq_hdr_size
         uint32_t rq_hdr_alignment
 
+    struct iouz_query_zcrx_event:
+        uint32_t event_flags
+        uint32_t stats_size
+        uint32_t stats_off_alignment
+
     struct iouz_region_desc:
         uint64_t user_addr
         uint64_t size
@@ -179,6 +192,7 @@ cdef extern from "_abi.h" nogil:
         iouz_zcrx_offsets offsets
         uint32_t zcrx_id
         uint32_t rx_buf_len
+        uint64_t event_desc
 
     struct iouz_zcrx_rqe:
         uint64_t off
@@ -188,6 +202,17 @@ cdef extern from "_abi.h" nogil:
     struct iouz_zcrx_ctrl:
         uint32_t zcrx_id
         uint32_t op
+        uint64_t payload[6]
+
+    struct iouz_zcrx_event_desc:
+        uint64_t user_data
+        uint32_t type_mask
+        uint32_t flags
+        uint64_t stats_offset
+
+    struct iouz_zcrx_stats:
+        uint64_t copy_count
+        uint64_t copy_bytes
 
     struct iouz_buf:
         uint64_t addr
@@ -207,6 +232,8 @@ cdef extern from "_abi.h" nogil:
 
     uint32_t iouz_load_acquire(const uint32_t *p)
     uint32_t iouz_load_relaxed(const uint32_t *p)
+    uint64_t iouz_load_relaxed64(const uint64_t *p)
+    int iouz_exchange_int(int *p, int v)
     void iouz_store_release(uint32_t *p, uint32_t v)
     void iouz_store_release16(uint16_t *p, uint16_t v)
     void iouz_atomic_or(uint32_t *p, uint32_t bits)

@@ -9,6 +9,8 @@ OP_SEND: int
 
 def query_opcodes() -> dict[str, int] | None: ...
 def query_zcrx() -> dict[str, int] | None: ...
+def query_zcrx_event() -> dict[str, int] | None:
+    """``IO_URING_QUERY_ZCRX_EVENT``, or None before Linux 7.2."""
 
 class KernelFeatures:
     """What the running kernel offers iouzcrx, measured rather than inferred
@@ -38,6 +40,20 @@ class KernelFeatures:
     """Whether the kernel takes ``ZCRX_CTRL_FLUSH_RQ``."""
     zcrx_rx_buf_len: bool
     """Whether chunks larger than a page (``rx_buf_len``) can be asked for."""
+    zcrx_event_query: dict[str, int] | None
+    """``IO_URING_QUERY_ZCRX_EVENT``, or None before Linux 7.2."""
+    zcrx_events: bool
+    """Whether a zcrx queue can register for events (copy fallback,
+    allocation failure) and kernel copy statistics (Linux 7.2+)."""
+    zcrx_event_types: int
+    """Event types the kernel offers, one bit per type."""
+    zcrx_stats_size: int
+    """Bytes of the kernel's zcrx statistics (0 without them)."""
+    zcrx_stats_alignment: int
+    """Alignment the kernel requires of the statistics' offset."""
+    zcrx_export: bool
+    """Whether a zcrx queue can be exported to another ring and imported
+    there (Linux 6.19+)."""
     rq_hdr_size: int
     """Size of the refill ring's header, as the kernel reports it."""
     rq_hdr_alignment: int
@@ -58,6 +74,12 @@ class KernelFeatures:
         ``IORING_OP_RECV``."""
     def as_dict(self) -> dict[str, Any]:
         """The features as a JSON-ready dict (``python -m iouzcrx features``)."""
+
+def zcrx_events_missing(features: KernelFeatures) -> str | None:
+    """Why there are no zcrx events or kernel statistics, or None."""
+
+def zcrx_export_missing(features: KernelFeatures) -> str | None:
+    """Why zcrx queues cannot be shared between rings, or None."""
 
 def enter_error(exc: OSError) -> OSError: ...
 def eventfd_wakes_at_once(ring: Ring) -> bool: ...

@@ -70,6 +70,26 @@ def query_zcrx():
     }
 
 
+def query_zcrx_event():
+    """IO_URING_QUERY_ZCRX_EVENT as a dict, or None before Linux 7.2 (no
+    zcrx events or kernel statistics)."""
+    cdef iouz_query_zcrx_event data
+    cdef iouz_query_hdr hdr
+    memset(&data, 0, sizeof(data))
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.query_data = <uint64_t>&data
+    hdr.query_op = IOUZ_QUERY_ZCRX_EVENT
+    hdr.size = sizeof(data)
+    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
+    if ret < 0 or hdr.result < 0:
+        return None
+    return {
+        "event_flags": data.event_flags,
+        "stats_size": data.stats_size,
+        "stats_off_alignment": data.stats_off_alignment,
+    }
+
+
 class KernelFeatures:
     """What the running kernel offers iouzcrx.  Built once per process by
     kernel_features(); every mode decision reads it."""
@@ -87,6 +107,21 @@ class KernelFeatures:
         self.zcrx_import = bool(zq.get("register_flags", 0) & IOUZ_ZCRX_REG_IMPORT)
         self.zcrx_ctrl_flush = zq.get("nr_ctrl_opcodes", 0) > IOUZ_ZCRX_CTRL_FLUSH_RQ
         self.zcrx_rx_buf_len = bool(zq.get("features", 0) & IOUZ_ZCRX_FEATURE_RX_PAGE_SIZE)
+        # Events and the kernel's copy statistics (7.2+) need both the
+        # feature bit and the event query; an odd kernel with one and not
+        # the other gets neither.
+        self.zcrx_event_query = query_zcrx_event() if self.zcrx_query else None
+        eq = self.zcrx_event_query or {}
+        self.zcrx_events = (bool(zq.get("features", 0) & IOUZ_ZCRX_FEATURE_EVENT)
+                            and eq.get("event_flags", 0) != 0
+                            and zq.get("nr_ctrl_opcodes", 0) > IOUZ_ZCRX_CTRL_ARM_EVENT)
+        self.zcrx_event_types = eq.get("event_flags", 0) if self.zcrx_events else 0
+        self.zcrx_stats_size = eq.get("stats_size", 0) if self.zcrx_events else 0
+        self.zcrx_stats_alignment = eq.get("stats_off_alignment", 8) or 8
+        # Sharing one queue between rings: export on one side, import on
+        # the other (6.19+).
+        self.zcrx_export = (self.zcrx_import
+                            and zq.get("nr_ctrl_opcodes", 0) > IOUZ_ZCRX_CTRL_EXPORT)
         # Before the query existed the refill-queue header was 8 bytes with the
         # entries at offset 64; 128 covers every layout so far.
         self.rq_hdr_size = zq.get("rq_hdr_size", 0)
@@ -141,6 +176,9 @@ class KernelFeatures:
             "zcrx_import": self.zcrx_import,
             "zcrx_ctrl_flush": self.zcrx_ctrl_flush,
             "zcrx_rx_buf_len": self.zcrx_rx_buf_len,
+            "zcrx_events": self.zcrx_events,
+            "zcrx_stats_size": self.zcrx_stats_size,
+            "zcrx_export": self.zcrx_export,
             "rq_hdr_size": self.rq_hdr_size,
             "recvsend_bundle": self.recvsend_bundle,
             "eventfd_prompt": self.eventfd_prompt,
@@ -149,6 +187,27 @@ class KernelFeatures:
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
         return f"KernelFeatures({fields})"
+
+
+def zcrx_events_missing(features):
+    """Why ``features`` has no zcrx events or kernel statistics, or None
+    when it has them."""
+    if features.zcrx_events:
+        return None
+    if features.zcrx_query is None:
+        return (f"kernel zcrx statistics and events need Linux >= 7.2; this kernel "
+                f"({features.release}) cannot even answer the zcrx query (6.19+)")
+    return (f"kernel zcrx statistics and events need Linux >= 7.2; this kernel "
+            f"({features.release}) does not report them in its zcrx query")
+
+
+def zcrx_export_missing(features):
+    """Why ``features`` cannot share a zcrx queue between rings (export and
+    import), or None when it can."""
+    if features.zcrx_export:
+        return None
+    return (f"sharing a zcrx queue between rings (ZCRX_CTRL_EXPORT, ZCRX_REG_IMPORT) "
+            f"needs Linux >= 6.19; this kernel ({features.release}) does not offer it")
 
 
 def enter_error(exc):

@@ -62,6 +62,9 @@ cdef class Ring:
     cdef uint16_t next_buffer_group
 
     cdef set inflight
+    # Objects whose address the kernel holds as user_data outside any
+    # request (a zcrx queue's event descriptor): alive until the ring closes.
+    cdef list kernel_refs
     cdef list clients                # weak references; rebound, never mutated
     cdef list dropped_buffer_groups  # to unregister on the owner thread
     cdef list callback_errors

@@ -180,6 +180,7 @@ cdef class Ring:
         self.eventfd = -1
         self.closed = True
         self.inflight = set()
+        self.kernel_refs = []
         self.clients = []
         self.dropped_buffer_groups = []
         self.callback_errors = []
@@ -873,6 +874,7 @@ cdef class Ring:
             self.clients = []
             self.inflight.clear()
             self.release_resources()
+            self.kernel_refs = []
             for client in clients:
                 client.ring_closed()
         return 0
@@ -884,6 +886,7 @@ cdef class Ring:
         self.dropped_buffer_groups = []
         self.inflight.clear()
         self.release_resources()
+        self.kernel_refs = []
         return 0
 
     def __enter__(self):

@@ -14,17 +14,23 @@ from libc.string cimport memmove, memset
 from libc.stdlib cimport qsort
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
                          PROT_READ, PROT_WRITE, mmap, munmap)
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close as close_fd
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock)
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area
 from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
-from iouzcrx._ring cimport Ring
+from iouzcrx._ring cimport Request, Ring
 
 import errno as _errno
 import socket as _socket
+import weakref as _weakref
 
 from iouzcrx import _checks
-from iouzcrx._probe import kernel_features
+from iouzcrx._probe import kernel_features, zcrx_events_missing, zcrx_export_missing
 from iouzcrx.errors import (InterfaceNotFound, InvalidConfiguration, KernelTooOld,
                             QueueOutOfRange, kernel_error, zcrx_register_error)
 
@@ -57,6 +63,145 @@ cdef uint32_t round_up_pow2(uint64_t n) noexcept:
     while p < n:
         p <<= 1
     return <uint32_t>p
+
+
+cdef enum:
+    # An event type fires once and stays silent until re-armed; re-arming
+    # costs a register syscall, so a flood of copies re-arms at most this
+    # often (the kernel's counters keep counting in between).
+    EVENT_REARM_INTERVAL_NS = 100 * 1000 * 1000
+
+
+cdef inline uint64_t monotonic_ns() noexcept:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
+
+
+@cython.final
+@cython.no_gc_clear
+cdef class RefillRing:
+    """The refill ring's region (user memory the kernel pinned at
+    registration) and the producer side of the ring.
+
+    The kernel reads the ring as single-producer. A queue imported into
+    another ring (export_queue) shares this object, so every producer step
+    (read the head, write entries, publish the tail, flush) happens under
+    ``lock``, taken without the GIL held: the queues live on different
+    threads and, with free-threaded Python, without a GIL at all."""
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+        self.sharers = []
+
+    def __dealloc__(self):
+        # The kernel pinned the region's pages: unmapping only drops our
+        # view of them, whatever rings still use the queue.
+        if self.region != NULL:
+            munmap(self.region, self.region_size)
+            self.region = NULL
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+            self.lock = NULL
+
+    cdef int acquire(self) except -1:
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        return 0
+
+    cdef void release(self) noexcept:
+        PyThread_release_lock(self.lock)
+
+    cdef int returns_reached_kernel(self, ZcrxQueue by) except -1:
+        """Chunks went back to the kernel: any sharer starved for them
+        may receive again; wake the rings of the others."""
+        cdef ZcrxQueue queue
+        self.epoch += 1
+        if len(self.sharers) < 2:
+            return 0
+        for ref in self.sharers:
+            queue = ref()
+            if queue is not None and queue is not by and queue.starved and not queue.closed:
+                queue.ring.wake()
+        return 0
+
+
+@cython.final
+cdef class ZcrxExport:
+    """A zcrx queue exported from its ring (ZCRX_CTRL_EXPORT, Linux 6.19+):
+    owns the ``[zcrx]`` file descriptor the kernel made, which keeps the
+    queue registered even after its ring closes.  ``ZcrxQueue.imported()``
+    registers the same queue on another ring of this process.  ``close()``
+    is idempotent; the fd is also closed when the object is collected."""
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close_fd(self.fd)
+            self.fd = -1
+
+    def fileno(self):
+        """The exported queue's fd (ValueError once closed)."""
+        if self.fd < 0:
+            raise ValueError("the zcrx export is closed")
+        return self.fd
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    def close(self):
+        """Close the fd. The queue stays registered with the rings that
+        use it. Closing twice is harmless."""
+        cdef int fd = iouz_exchange_int(&self.fd, -1)
+        if fd >= 0:
+            close_fd(fd)
+
+    def detach(self):
+        """Hand over the fd (to send it to another process, say): the
+        caller closes it; this object no longer does."""
+        cdef int fd = iouz_exchange_int(&self.fd, -1)
+        if fd < 0:
+            raise ValueError("the zcrx export is closed")
+        return fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.fd < 0 else f"fd={self.fd}"
+        return f"<ZcrxExport {self.mode} {state}>"
+
+
+@cython.final
+cdef class ZcrxEvents(Request):
+    """The user_data of one queue's zcrx event descriptor (Linux 7.2+).
+
+    The kernel posts a 16-byte CQE carrying this object's address when an
+    armed event type fires: ``res`` is the type (copy fallback, allocation
+    failure).  The ring dispatches it like any completion; it never has
+    IORING_CQE_F_MORE and is never in the ring's in-flight set, so the ring
+    keeps it in ``kernel_refs`` until it closes: the queue may be gone by
+    then, the registration is not.  It holds no reference to the queue."""
+
+    cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        if res == IOUZ_ZCRX_EVENT_COPY:
+            self.copy_events += 1
+        elif res == IOUZ_ZCRX_EVENT_ALLOC_FAIL:
+            self.alloc_fail_events += 1
+        else:
+            self.unknown_events += 1
+            return 0
+        self.fired |= 1u << res
+        return 0
 
 
 cdef int _highest_first(const void *a, const void *b) noexcept nogil:
@@ -170,12 +315,24 @@ cdef class ZcrxQueue(ReceiveQueue):
         # the area's segments): huge pages, reserved or transparent.
         self.area = Area(area_size, hugepages, buf_len)
         header = max(RQ_HEADER_RESERVE, features.rq_hdr_size)
-        self.region_size = page_align(header + entries * sizeof(iouz_zcrx_rqe))
-        cdef void *region = mmap(NULL, self.region_size, PROT_READ | PROT_WRITE,
+        cdef size_t rqes_end = header + entries * sizeof(iouz_zcrx_rqe)
+        cdef size_t stats_offset = 0
+        cdef size_t stats_align = features.zcrx_stats_alignment
+        if features.zcrx_events:
+            # The kernel's counters live in the refill ring's region, past
+            # every entry (kernel-abi §8.2): memory this queue owns and
+            # unmaps only after the kernel let go of it.
+            stats_offset = (rqes_end + stats_align - 1) // stats_align * stats_align
+            rqes_end = stats_offset + max(<size_t>features.zcrx_stats_size,
+                                          sizeof(iouz_zcrx_stats))
+        cdef RefillRing refill = RefillRing.__new__(RefillRing)
+        refill.region_size = page_align(rqes_end)
+        cdef void *region = mmap(NULL, refill.region_size, PROT_READ | PROT_WRITE,
                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
         if region == MAP_FAILED:
             raise kernel_error(errno, "mapping the refill ring")
-        self.region = <char *>region
+        refill.region = <char *>region
+        self.refill = refill
 
         cdef iouz_zcrx_area_reg area_reg
         cdef iouz_region_desc region_desc
@@ -185,8 +342,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         memset(&reg, 0, sizeof(reg))
         area_reg.addr = <uintptr_t>self.area.base
         area_reg.len = self.area.size
-        region_desc.user_addr = <uintptr_t>self.region
-        region_desc.size = self.region_size
+        region_desc.user_addr = <uintptr_t>refill.region
+        region_desc.size = refill.region_size
         region_desc.flags = IOUZ_MEM_REGION_TYPE_USER
         reg.if_idx = if_idx
         reg.if_rxq = if_rxq
@@ -195,34 +352,141 @@ cdef class ZcrxQueue(ReceiveQueue):
         reg.area_ptr = <uintptr_t>&area_reg
         reg.region_ptr = <uintptr_t>&region_desc
         reg.rx_buf_len = buf_len
+        cdef iouz_zcrx_event_desc event_desc
+        memset(&event_desc, 0, sizeof(event_desc))
+        cdef ZcrxEvents events = None
+        if features.zcrx_events:
+            events = ZcrxEvents.__new__(ZcrxEvents)
+            event_desc.user_data = <uintptr_t><void *>events
+            event_desc.type_mask = features.zcrx_event_types & (
+                (1u << IOUZ_ZCRX_EVENT_ALLOC_FAIL) | (1u << IOUZ_ZCRX_EVENT_COPY))
+            event_desc.flags = IOUZ_ZCRX_EVENT_DESC_FLAG_STATS
+            event_desc.stats_offset = stats_offset
+            reg.event_desc = <uintptr_t>&event_desc
         ring.check_owner()
         cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        if ret == -EINVAL and events is not None:
+            # The query promised events; a kernel that still refuses the
+            # descriptor gets a queue without them rather than no queue
+            # (a mistake of ours elsewhere fails again, and is reported).
+            reg.event_desc = 0
+            events = None
+            self.kernel_stats_missing = (
+                f"this kernel ({features.release}) refused the zcrx event "
+                "descriptor its query offers (EINVAL)")
+            ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        elif events is None:
+            self.kernel_stats_missing = zcrx_events_missing(features)
         if ret < 0:
             raise zcrx_register_error(-ret, mode=mode, interface=interface, queue=queue,
                                       rx_buf_len=buf_len, nodev=features.zcrx_nodev)
 
         self.zcrx_id = reg.zcrx_id
         self.rq_entries = reg.rq_entries
-        self.rq_mask = reg.rq_entries - 1
+        refill.rq_entries = reg.rq_entries
+        refill.rq_mask = reg.rq_entries - 1
         # 6.18/6.19 leave rx_buf_len untouched (reserved): chunks are pages.
         self.chunk_size = reg.rx_buf_len or chunk
+        refill.rq_head = <uint32_t *>(refill.region + reg.offsets.head)
+        refill.rq_tail = <uint32_t *>(refill.region + reg.offsets.tail)
+        refill.rqes = <iouz_zcrx_rqe *>(refill.region + reg.offsets.rqes)
+        refill.local_tail = refill.rq_tail[0]
+        refill.flushed_tail = refill.local_tail
+        if events is not None:
+            ring.kernel_refs.append(events)
+            self.events = events
+            self.kernel_stats = <iouz_zcrx_stats *>(refill.region + stats_offset)
+        self.attach(features)
+
+    cdef int attach(self, features) except -1:
+        """What a registered queue and an imported one set up alike."""
         self.buffer_unit = self.chunk_size
         self.tokens_are_offsets = True
-        self.rq_head = <uint32_t *>(self.region + reg.offsets.head)
-        self.rq_tail = <uint32_t *>(self.region + reg.offsets.tail)
-        self.rqes = <iouz_zcrx_rqe *>(self.region + reg.offsets.rqes)
-        self.local_rq_tail = self.rq_tail[0]
-        self.flushed_tail = self.local_rq_tail
-        self.flush_after_publish = mode == "copy"
+        self.flush_after_publish = self.mode == "copy"
         self.total_buffers = self.area.size // self.chunk_size
         self.can_flush = features.zcrx_ctrl_flush
         self.setup_returns(max(<uint64_t>self.rq_entries, self.total_buffers))
-        ring.add_client(self)
+        self.refill.acquire()
+        try:
+            self.refill.sharers = [ref for ref in self.refill.sharers if ref() is not None]
+            self.refill.sharers.append(_weakref.ref(self))
+            self.refill_epoch = self.refill.epoch
+        finally:
+            self.refill.release()
+        self.ring.add_client(self)
+        return 0
 
-    def __dealloc__(self):
-        if self.region != NULL:
-            munmap(self.region, self.region_size)
-            self.region = NULL
+    # -- one queue, several rings (Linux 6.19+) -----------------------------------
+
+    def export_queue(self):
+        """Export this queue (ZCRX_CTRL_EXPORT): a ZcrxExport owning the
+        kernel's fd for it, to pass to ``ZcrxQueue.imported()`` on another
+        ring of this process.  Owner thread only."""
+        self.ring.check_owner()
+        if self.closed:
+            raise ValueError(f"the {self.mode} receive queue is closed")
+        missing = zcrx_export_missing(kernel_features())
+        if missing is not None:
+            raise KernelTooOld(_errno.EOPNOTSUPP, missing)
+        cdef iouz_zcrx_ctrl ctrl
+        memset(&ctrl, 0, sizeof(ctrl))
+        ctrl.zcrx_id = self.zcrx_id
+        ctrl.op = IOUZ_ZCRX_CTRL_EXPORT
+        cdef int ret = iouz_register(self.ring.fd, IOUZ_REGISTER_ZCRX_CTRL, &ctrl, 0)
+        if ret < 0:
+            raise kernel_error(-ret, "ZCRX_CTRL_EXPORT")
+        cdef ZcrxExport export = ZcrxExport.__new__(ZcrxExport)
+        # zc_export.zcrx_fd: the low 32 bits of the union's first word.
+        export.fd = <int>(ctrl.payload[0] & 0xFFFFFFFF)
+        export.source = self
+        export.mode = self.mode
+        return export
+
+    @staticmethod
+    def imported(Ring ring not None, export):
+        """The queue of ``export`` (a ZcrxExport of this process) registered
+        on ``ring`` (ZCRX_REG_IMPORT, Linux 6.19+): the same area and refill
+        ring, a receive queue of its own on that ring's thread.  Call it on
+        ``ring``'s owner thread.  Returns go to the shared refill ring under
+        a lock; the kernel's copy counters and events stay with the
+        exporting queue."""
+        ring.check_owner()
+        if not isinstance(export, ZcrxExport):
+            raise TypeError(
+                f"export must be the ZcrxExport of a queue of this process (from "
+                f"queue.export_queue()), not {export!r}; a queue cannot be imported "
+                "from another process: its area and refill ring are this process's "
+                "private memory")
+        features = kernel_features()
+        missing = zcrx_export_missing(features)
+        if missing is not None:
+            raise KernelTooOld(_errno.EOPNOTSUPP, missing)
+        cdef ZcrxExport source = export
+        if source.fd < 0 or source.source is None:
+            raise ValueError("the zcrx export is closed: export the queue again")
+        cdef ZcrxQueue origin = source.source
+        cdef iouz_zcrx_ifq_reg reg
+        memset(&reg, 0, sizeof(reg))
+        reg.if_idx = source.fd
+        reg.flags = IOUZ_ZCRX_REG_IMPORT
+        cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_ZCRX_IFQ, &reg, 1)
+        if ret < 0:
+            raise kernel_error(-ret, "importing a zcrx queue (ZCRX_REG_IMPORT)")
+        cdef ZcrxQueue queue = ZcrxQueue.__new__(ZcrxQueue)
+        queue.ring = ring
+        queue.mode = origin.mode
+        queue.interface = origin.interface
+        queue.queue = origin.queue
+        queue.area = origin.area
+        queue.refill = origin.refill
+        queue.zcrx_id = reg.zcrx_id
+        queue.rq_entries = origin.rq_entries
+        queue.chunk_size = origin.chunk_size
+        queue.kernel_stats_missing = (
+            "an imported queue: the kernel counts copies on the exporting queue "
+            "(its stats())")
+        queue.attach(features)
+        return queue
 
     # -- refill ring ---------------------------------------------------------
 
@@ -235,16 +499,25 @@ cdef class ZcrxQueue(ReceiveQueue):
         NIC needs buffers, but the copy fallback (data that did not arrive
         through this queue) allocates only from chunks the kernel already
         took: while a receive waits for buffers, flush as well."""
+        cdef RefillRing refill = self.refill
+        cdef bint copy_mode = self.flush_after_publish
+        if copy_mode:
+            self.order_for_freelist()
+        refill.acquire()
+        try:
+            self.publish_locked(refill, copy_mode)
+        finally:
+            refill.release()
+        return 0
+
+    cdef int publish_locked(self, RefillRing refill, bint copy_mode) except -1:
         cdef size_t done = 0
         cdef uint32_t head, free, n, i
         cdef iouz_zcrx_rqe *rqe
         cdef bint flushed_when_full = False
-        cdef bint copy_mode = self.flush_after_publish
-        if copy_mode:
-            self.order_for_freelist()
         while done < self.pending_count:
-            head = iouz_load_acquire(self.rq_head)
-            free = self.rq_entries - (self.local_rq_tail - head)
+            head = iouz_load_acquire(refill.rq_head)
+            free = refill.rq_entries - (refill.local_tail - head)
             if free == 0:
                 # Full: in copy mode nothing else will ever drain it, and on a
                 # NIC it only drains when the NIC needs buffers.
@@ -256,12 +529,12 @@ cdef class ZcrxQueue(ReceiveQueue):
             flushed_when_full = False
             n = <uint32_t>min(<size_t>free, self.pending_count - done)
             for i in range(n):
-                rqe = &self.rqes[(self.local_rq_tail + i) & self.rq_mask]
+                rqe = &refill.rqes[(refill.local_tail + i) & refill.rq_mask]
                 rqe.off = self.pending[done + i].token
                 rqe.len = self.pending[done + i].length
                 rqe.pad = 0
-            self.local_rq_tail += n
-            iouz_store_release(self.rq_tail, self.local_rq_tail)
+            refill.local_tail += n
+            iouz_store_release(refill.rq_tail, refill.local_tail)
             done += n
             self.refills += 1
         if done:
@@ -299,7 +572,16 @@ cdef class ZcrxQueue(ReceiveQueue):
         self.pending_ascending = False
         return 0
 
+    cdef int flush_with_lock(self) except -1:
+        self.refill.acquire()
+        try:
+            self.flush_refill_ring()
+        finally:
+            self.refill.release()
+        return 0
+
     cdef int flush_refill_ring(self) except -1:
+        """ZCRX_CTRL_FLUSH_RQ; the caller holds the refill ring's lock."""
         cdef iouz_zcrx_ctrl ctrl
         memset(&ctrl, 0, sizeof(ctrl))
         ctrl.zcrx_id = self.zcrx_id
@@ -309,11 +591,81 @@ cdef class ZcrxQueue(ReceiveQueue):
         if ret < 0:
             raise kernel_error(-ret, "ZCRX_CTRL_FLUSH_RQ")
         self.flushes += 1
-        if self.flushed_tail != self.local_rq_tail:
+        cdef RefillRing refill = self.refill
+        if refill.flushed_tail != refill.local_tail:
             # Entries the kernel had not taken are now free chunks.
-            self.flushed_tail = self.local_rq_tail
+            refill.flushed_tail = refill.local_tail
             self.return_epoch += 1
+            refill.returns_reached_kernel(self)
         return 0
+
+    # -- kernel events and statistics (Linux 7.2+) -------------------------------
+
+    cdef int before_enter(self) except -1:
+        cdef RefillRing refill = self.refill
+        if refill.epoch != self.refill_epoch:
+            # Another ring sharing this queue put chunks back: a receive
+            # starved here may find them.
+            self.refill_epoch = refill.epoch
+            self.return_epoch += 1
+        ReceiveQueue.before_enter(self)
+        if self.events is not None and self.events.fired and not self.closed:
+            self.rearm_events(False)
+        return 0
+
+    cdef int rearm_events(self, bint now) except -1:
+        """Arm again the event types that fired, at most once per
+        EVENT_REARM_INTERVAL_NS unless ``now``."""
+        cdef ZcrxEvents events = self.events
+        cdef uint64_t clock = monotonic_ns()
+        cdef iouz_zcrx_ctrl ctrl
+        cdef uint32_t event_type
+        cdef int ret
+        if not now and clock - self.events_armed_at < EVENT_REARM_INTERVAL_NS:
+            return 0
+        self.events_armed_at = clock
+        self.ring.check_owner()
+        for event_type in range(<uint32_t>IOUZ_ZCRX_EVENT_TYPES):
+            if not (events.fired & (1u << event_type)):
+                continue
+            events.fired &= ~(1u << event_type)
+            memset(&ctrl, 0, sizeof(ctrl))
+            ctrl.zcrx_id = self.zcrx_id
+            ctrl.op = IOUZ_ZCRX_CTRL_ARM_EVENT
+            ctrl.payload[0] = event_type
+            ret = iouz_register(self.ring.fd, IOUZ_REGISTER_ZCRX_CTRL, &ctrl, 0)
+            # EINVAL: not fired as far as the kernel knows (armed already).
+            if ret < 0 and ret != -EINVAL:
+                raise kernel_error(-ret, "ZCRX_CTRL_ARM_EVENT")
+            self.event_rearms += 1
+        return 0
+
+    def arm_events(self):
+        """Arm again, now, the event types that fired since they were last
+        armed (the ring does it by itself, at most ten times a second).
+        Owner thread only; nothing to do without kernel events."""
+        if self.events is None or self.closed:
+            return
+        self.rearm_events(True)
+
+    def kernel_counters(self):
+        """The kernel's own counters of this queue's zcrx instance (Linux
+        7.2+): ``copies`` (copy operations: one per piece of a packet the
+        kernel copied, which may fill several chunks) and ``copied_bytes``
+        (data the kernel copied
+        into the area instead of the NIC writing it there: all of it in
+        ``copy`` mode, off-queue traffic in ``zerocopy`` mode), and the event
+        CQEs seen: ``copy_events``, ``alloc_fail_events``.  None where the
+        kernel does not keep them (``kernel_stats_missing`` says why)."""
+        if self.kernel_stats == NULL:
+            return None
+        return {
+            "copies": iouz_load_relaxed64(&self.kernel_stats.copy_count),
+            "copied_bytes": iouz_load_relaxed64(&self.kernel_stats.copy_bytes),
+            "copy_events": self.events.copy_events,
+            "alloc_fail_events": self.events.alloc_fail_events,
+            "event_rearms": self.event_rearms,
+        }
 
     # -- receives ------------------------------------------------------------
 
@@ -358,8 +710,8 @@ cdef class ZcrxQueue(ReceiveQueue):
             # ring since the last flush are not free yet: on a NIC queue only
             # the page pool's refill or a flush takes them, and the pool may
             # never refill for a flow that does not arrive on this queue.
-            if self.can_flush and self.flushed_tail != self.local_rq_tail:
-                self.flush_refill_ring()
+            if self.can_flush and self.refill.flushed_tail != self.refill.local_tail:
+                self.flush_with_lock()
             return self.starve(receiver)
         if res == -EFAULT and self.mode == "zerocopy":
             # The kernel found the socket's payload in net_iov buffers of
@@ -384,7 +736,7 @@ cdef class ZcrxQueue(ReceiveQueue):
             return
         self.publish_returns()
         if self.can_flush:
-            self.flush_refill_ring()
+            self.flush_with_lock()
 
     def _emulate_nic_refill(self, bint flush=True):
         """Test aid: refill like a queue bound to a NIC (no flush after
@@ -397,11 +749,35 @@ cdef class ZcrxQueue(ReceiveQueue):
             self.can_flush = False
 
     def stats(self):
-        stats = ReceiveQueue.stats(self)
+        stats = self.zero_copy_stats()
+        stats.update(ReceiveQueue.stats(self))
         stats.update(zcrx_id=self.zcrx_id, rq_entries=self.rq_entries,
                      chunk_size=self.chunk_size, flushes=self.flushes)
         stats["area_page_size"] = self.area.page_size
         return stats
+
+    def zero_copy_stats(self):
+        """What shows whether zero copy happens: ``kernel_counters()``
+        (each None without them), ``zero_copy_bytes`` and
+        ``zero_copy_share`` (against the bytes every ring sharing the queue
+        received: the kernel counts its copies per queue, not per ring),
+        ``kernel_stats`` and ``kernel_stats_missing``."""
+        counters = self.kernel_counters()
+        if counters is None:
+            return dict(kernel_stats=False, kernel_stats_missing=self.kernel_stats_missing,
+                        copies=None, copied_bytes=None, zero_copy_bytes=None,
+                        zero_copy_share=None, copy_events=None, alloc_fail_events=None,
+                        event_rearms=None)
+        cdef ZcrxQueue sharer
+        received = 0
+        for ref in self.refill.sharers:
+            sharer = ref()
+            if sharer is not None:
+                received += sharer.bytes_received
+        copied = counters["copied_bytes"]
+        zero_copy = received - copied if received > copied else 0
+        return dict(kernel_stats=True, kernel_stats_missing=None, zero_copy_bytes=zero_copy,
+                    zero_copy_share=zero_copy / received if received else None, **counters)
 
     def __repr__(self):
         where = f" {self.interface}:{self.queue}" if self.interface is not None else ""

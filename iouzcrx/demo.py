@@ -11,6 +11,7 @@ import resource
 import socket
 import sys
 import time
+from typing import Any
 
 import iouzcrx
 from iouzcrx import create_zcrx_server
@@ -132,6 +133,7 @@ async def stream(connections: int, per_connection: int, mode: str, area_mib: int
     for p in senders:
         p.join()
     stats = server.backend.stats()
+    zero_copy = server.stats()["zero_copy"]
     server.close()
     server.abort_clients()
     await server.wait_closed()
@@ -150,7 +152,25 @@ async def stream(connections: int, per_connection: int, mode: str, area_mib: int
         f"buffers recycled: {stats['buffers_returned']} "
         f"(area {stats['total_buffers']} buffers, {stats['rearms']} re-arms)"
     )
+    print(zero_copy_line(zero_copy))
     return 0
+
+
+def zero_copy_line(summary: dict[str, Any]) -> str:
+    """The report's answer to "did zero copy happen?", from the kernel's own
+    counters where it keeps them."""
+    if not summary["kernel_stats"]:
+        share = summary["zero_copy_share"]
+        known = "none" if share == 0.0 else "unknown"
+        return f"zero copy:        {known} ({summary['kernel_stats_missing']})"
+    received = summary["bytes_received"]
+    copied = summary["copied_bytes"]
+    share = summary["zero_copy_share"]
+    percent = "n/a" if share is None else f"{share:.1%}"
+    return (
+        f"zero copy:        {percent} of {received} bytes; the kernel copied "
+        f"{copied} bytes (its zcrx counters)"
+    )
 
 
 def run(

@@ -231,6 +231,23 @@ def kernel_checks(features: KernelFeatures, zcrx_config: str | None) -> list[Che
             status="WARN",
         ),
         _feature(
+            "kernel.zcrx_events",
+            features.zcrx_events,
+            "zcrx events and copy statistics",
+            "7.2",
+            "stats() cannot show how much the kernel copied instead of the NIC "
+            "(zero copy is unverifiable)",
+            status="WARN",
+        ),
+        _feature(
+            "kernel.zcrx_export",
+            features.zcrx_export,
+            "zcrx queue export/import",
+            "6.19",
+            "one NIC queue cannot be shared by several rings",
+            status="INFO",
+        ),
+        _feature(
             "kernel.zcrx_query",
             features.zcrx_query is not None,
             "IO_URING_QUERY_ZCRX",

@@ -142,22 +142,70 @@ class ZcrxServer(asyncio.AbstractServer):
         ``connections_routed``) and ``unrouted_connections``: connections
         whose packets arrive on no queue of this server (another queue,
         another device, loopback). Those are served by the first queue, the
-        kernel copying their data into its area."""
+        kernel copying their data into its area.
+
+        ``zero_copy`` sums what shows whether zero copy happens, from the
+        kernel's own zcrx counters (Linux 7.2+): ``bytes_received``,
+        ``copied_bytes`` (what the kernel copied into the areas) and
+        ``zero_copy_share``; without those counters ``kernel_stats`` is false
+        and ``kernel_stats_missing`` says why. Each queue's stats carry the
+        same per queue (``copied_bytes``, ``copies``,
+        ``zero_copy_share``, ``copy_events``, ``alloc_fail_events``). The
+        kernel does not say which completion was a copy, so a connection has
+        its bytes and chunks, not a copy share of its own."""
         backend_stats = getattr(self._selection.backend, "stats", None)
         queues: dict[int, dict[str, Any]] = {}
         for queue, (selection, _key) in self._routes.items():
             queue_stats = dict(selection.backend.stats())
             queue_stats["connections_routed"] = self._routed.get(queue, 0)
             queues[queue] = queue_stats
+        backend = backend_stats() if backend_stats is not None else {}
         return {
             "mode": self.mode,
             "connections": len(self._connections),
-            "backend": backend_stats() if backend_stats is not None else {},
+            "backend": backend,
             "queues": queues,
+            "zero_copy": self._zero_copy_summary(backend, queues),
             "unrouted_connections": self._unrouted,
             "routing_error": None
             if self._router is None or self._router.error is None
             else str(self._router.error),
+        }
+
+    def _zero_copy_summary(
+        self, backend: dict[str, Any], queues: dict[int, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """How much of what the server received the NIC wrote into the area
+        itself, over all its queues, from the kernel's own counters."""
+        every = list(queues.values()) or [backend]
+        received = sum(stats.get("bytes", 0) for stats in every)
+        if self.mode not in ("zerocopy", "copy"):
+            return {
+                "kernel_stats": False,
+                "kernel_stats_missing": f"{self.mode} mode has no zcrx queue: the kernel "
+                "copies every byte",
+                "bytes_received": received,
+                "copied_bytes": None,
+                "zero_copy_share": 0.0,
+            }
+        missing = next(
+            (s["kernel_stats_missing"] for s in every if not s.get("kernel_stats")), None
+        )
+        if missing is not None:
+            return {
+                "kernel_stats": False,
+                "kernel_stats_missing": missing,
+                "bytes_received": received,
+                "copied_bytes": None,
+                "zero_copy_share": None,
+            }
+        copied = sum(stats["copied_bytes"] for stats in every)
+        return {
+            "kernel_stats": True,
+            "kernel_stats_missing": None,
+            "bytes_received": received,
+            "copied_bytes": copied,
+            "zero_copy_share": max(received - copied, 0) / received if received else None,
         }
 
     def get_loop(self) -> asyncio.AbstractEventLoop:

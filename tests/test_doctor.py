@@ -109,10 +109,14 @@ def test_io_uring_is_available() -> None:
         ("kernel.zcrx_nodev", "7.1"),
         ("kernel.zcrx_flush", "6.19"),
         ("kernel.zcrx_rx_buf_len", "7.0"),
+        ("kernel.zcrx_events", "7.2"),
+        ("kernel.zcrx_export", "6.19"),
     ):
         assert f"Linux {version}" in checks[name][1], (name, checks[name])
     assert (checks["kernel.recv_zc"][0] == "OK") is FEATURES.recv_zc
     assert (checks["kernel.zcrx_nodev"][0] == "OK") is FEATURES.zcrx_nodev
+    assert (checks["kernel.zcrx_events"][0] == "OK") is FEATURES.zcrx_events
+    assert (checks["kernel.zcrx_export"][0] == "OK") is FEATURES.zcrx_export
 
 
 def test_capabilities_match_capeff() -> None:

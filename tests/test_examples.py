@@ -72,3 +72,9 @@ def test_the_demo_streams_verifies_and_reports(mode):
     assert "byte-exact" in lines["verified"] and str(1 << 28) in lines["verified"]
     assert "GB/s" in lines["throughput"] and "s/GB" in lines["receiver CPU"]
     assert int(lines["buffers recycled"].split()[0]) > 0
+    # Whether zero copy happened, from the kernel's counters where it keeps them.
+    if expected == "copy" and FEATURES.zcrx_events:
+        assert lines["zero copy"].split()[0] == "0.0%"
+        assert f"the kernel copied {1 << 28} bytes" in lines["zero copy"]
+    else:
+        assert lines["zero copy"].split()[0] in ("none", "unknown")
