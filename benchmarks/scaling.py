@@ -217,12 +217,12 @@ class Farm:
                     raise RuntimeError(f"a {self.kind} worker did not start")
         return int(port)
 
-    def stats(self) -> list[dict[str, Any]]:
-        return self.supervisor.stats() if self.supervisor is not None else []
-
-    def stop(self) -> None:
+    def stop(self) -> list[dict[str, Any]]:
+        """Stop the workers; iouzcrx's report their final counters."""
+        stats: list[dict[str, Any]] = []
         if self.supervisor is not None:
             self.supervisor.close()
+            stats = self.supervisor.stats()
             self.supervisor = None
         for pid in self.pids:
             try:
@@ -235,6 +235,7 @@ class Farm:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        return stats
 
 
 def _serve_stock(kind: str, host: str, port: int, reporter: Reporter, ready_w: int) -> None:
@@ -289,9 +290,8 @@ def run_once(kind: str, workers: int, args: argparse.Namespace, sender: Path) ->
             pending += chunk
             *lines, pending = pending.split(b"\n")
             ends += [json.loads(line) for line in lines if line]
-        stats = farm.stats()
     finally:
-        farm.stop()
+        stats = farm.stop()
         os.close(report_r)
         if report_w >= 0:
             os.close(report_w)
@@ -312,12 +312,12 @@ def figures(
         w["cpu"] = max(w["cpu"], e["cpu"])
     cpu = sum(w["cpu"] - w["cpu0"] for w in per_worker.values())
     mode = stats[0].get("mode") if stats else None
-    copied = [s.get("kernel_copied_bytes") for s in stats]
+    copied = [s.get("copied_bytes") for s in stats]
     share: float | None = None
-    if mode != "zerocopy":
-        share = 0.0  # stock sockets, copy, bufring and socket modes: the kernel copies
+    if mode not in ("zerocopy", "copy"):
+        share = 0.0  # stock sockets, bufring and socket modes: the kernel copies
     elif all(isinstance(c, int) for c in copied):
-        share = 1 - sum(c for c in copied if isinstance(c, int)) / total
+        share = max(total - sum(c for c in copied if isinstance(c, int)), 0) / total
     return {
         "gbps": total / seconds / 1e9,
         "cpu_s_per_gb": cpu / (total / 1e9),
@@ -335,9 +335,9 @@ def figures(
 
 
 def zero_copy_note(mode: str) -> str:
-    if mode == "zerocopy":
-        return "from the kernel's per-queue copy counters"
-    return f"0 by definition: the kernel copies every byte in {mode} mode"
+    if mode in ("zerocopy", "copy"):
+        return "from the kernel's zcrx copy counters, summed over the workers"
+    return f"0 by definition: the kernel copies every byte in {mode} mode and in stock sockets"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

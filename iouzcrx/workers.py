@@ -266,6 +266,8 @@ class _Slot:
             "connections": self.counters.get("connections", 0),
             "open": self.counters.get("open", 0),
             "bytes": self.counters.get("bytes", 0),
+            "copied_bytes": self.counters.get("copied_bytes"),
+            "zero_copy_share": self.counters.get("zero_copy_share"),
             "restarts": max(self.started - 1, 0),
             "aborted": self.counters.get("aborted", 0),
             "returncode": self.returncode,
@@ -445,6 +447,9 @@ class Supervisor:
         """Per worker: ``worker`` (index), ``pid``, ``state``, ``mode``,
         ``connections`` (accepted by its current process), ``open``,
         ``bytes`` (received by its current process, as of its last report),
+        ``copied_bytes`` and ``zero_copy_share`` (of those bytes, what the
+        kernel copied and the share it did not, from its zcrx counters: None
+        where the kernel has none; 0.0 share in the copying modes),
         ``restarts``, ``aborted`` (connections cut at shutdown after
         ``shutdown_timeout``), ``returncode`` (of its last process) and
         ``error`` (why it last failed to start); with ``queues=``, its
@@ -1026,9 +1031,13 @@ class _Worker:
         stats["mode"] = server.mode
         stats["open"] = len(server._connections)
         try:
-            stats["bytes"] = server.backend.stats()["bytes"]
+            # Over every queue the worker owns, with the kernel's copy counters.
+            zero_copy = server.stats()["zero_copy"]
         except Exception:
-            pass
+            return stats
+        stats["bytes"] = zero_copy["bytes_received"]
+        stats["copied_bytes"] = zero_copy["copied_bytes"]
+        stats["zero_copy_share"] = zero_copy["zero_copy_share"]
         return stats
 
     def application(self) -> Any:

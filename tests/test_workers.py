@@ -212,6 +212,8 @@ def test_a_thousand_connections_over_several_workers_arrive_byte_exact(loop, wor
     assert returncode == 0
     assert [w["returncode"] for w in final] == [0] * workers
     assert {w["mode"] for w in final} == {"bufring"}
+    # bufring mode receives with the kernel's copy: nothing is zero copy.
+    assert {(w["copied_bytes"], w["zero_copy_share"]) for w in final} == {(None, 0.0)}
     assert sum(w["connections"] for w in final) == 1000
     total = sum(len(s.data) for s in streams)
     assert sum(w["bytes"] for w in final) == total
@@ -236,6 +238,9 @@ def test_workers_each_register_their_own_zcrx_queue_in_copy_mode():
     assert returncode == 0
     assert [w["mode"] for w in final] == ["copy", "copy"]
     assert sum(w["bytes"] for w in final) == sum(len(s.data) for s in streams)
+    # The kernel's own counters: in copy mode it copied every byte.
+    assert [w["copied_bytes"] for w in final] == [w["bytes"] for w in final]
+    assert [w["zero_copy_share"] for w in final] == [0.0, 0.0]
 
 
 def test_streams_handler_is_served_by_workers():
