@@ -464,11 +464,24 @@ def run_in_vm(args: argparse.Namespace) -> dict[str, Any]:
     inner = [sys.executable, str(Path(__file__).relative_to(REPO)), "--stdout"]
     inner += ["--workers", args.workers, "--repeat", str(args.repeat), "--farms", args.farms]
     inner += ["--connections", str(args.connections), "--mib", str(args.mib)]
+    env = dict(os.environ)
+    # A vCPU per worker (at least the VM's usual two), unless told otherwise.
+    most = max(int(n) for n in args.workers.split(","))
+    env.setdefault("IOUZCRX_VM_CPUS", str(max(most, 2)))
+    if args.nic:
+        inner.append("--nic")
+        build = subprocess.run(
+            [str(REPO / "tests" / "vm" / "netdevsim" / "build")],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        env["IOUZCRX_NETDEVSIM_KO"] = build.stdout.strip().splitlines()[-1]
     done = subprocess.run(
         ["bash", str(REPO / "tests" / "vm" / "run"), "--", *inner],
         stdout=subprocess.PIPE,
         text=True,
-        env=os.environ | {"IOUZCRX_VM_CPUS": str(max(int(n) for n in args.workers.split(",")) + 1)},
+        env=env,
     )
     if done.returncode != 0:
         raise SystemExit(f"the scaling run failed in the VM (exit {done.returncode})")
@@ -476,6 +489,24 @@ def run_in_vm(args: argparse.Namespace) -> dict[str, Any]:
         if line.startswith("{"):
             return json.loads(line)  # type: ignore[no-any-return]
     raise SystemExit("the VM run printed no results")
+
+
+def use_the_simulated_nic(args: argparse.Namespace) -> None:
+    """In the VM: set the simulated NIC up (tests/nsim.py) and point the
+    run at it: every RX queue bound for the workers' zerocopy mode, the
+    sender in the peer namespace."""
+    up = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "nsim.py"), "up"],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    nic = json.loads(up.stdout.strip().splitlines()[-1])
+    args.mode = "zerocopy"
+    args.interface = nic["interface"]
+    args.queues = ",".join(str(q) for q in range(nic["queues"]))
+    args.host = nic["addresses"]["local"]
+    args.sender_prefix = ["ip", "netns", "exec", nic["peer_netns"]]
 
 
 def main(argv: list[str]) -> int:
@@ -499,6 +530,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="1/16 of the bytes, one repetition")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--vm", action="store_true", help="run in the test VM (copy mode)")
+    parser.add_argument(
+        "--nic",
+        action="store_true",
+        help="with --vm: zerocopy mode on the simulated NIC (netdevsim), sender in its peer netns",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results")
     parser.add_argument("--name", help="file name stem (default scaling-host or scaling-vm)")
     parser.add_argument("--stdout", action="store_true", help="print the JSON results only")
@@ -513,11 +549,15 @@ def main(argv: list[str]) -> int:
     args.sender_prefix = args.sender_prefix.split()
     if bool(args.interface) != bool(args.queues):
         parser.error("--interface and --queues go together")
+    if args.nic and not (args.vm or os.environ.get("IOUZCRX_VM")):
+        parser.error("--nic needs --vm: the simulated NIC exists in the test VM only")
+    if args.nic and not args.vm:
+        use_the_simulated_nic(args)
     results = run_in_vm(args) if args.vm else run(args)
     if args.stdout:
         print(json.dumps(results), flush=True)
         return 1 if results["failures"] else 0
-    stem = args.name or ("scaling-vm" if args.vm else "scaling-host")
+    stem = args.name or ("scaling-nic" if args.nic else "scaling-vm" if args.vm else "scaling-host")
     if args.quick and not args.name:
         stem = f"quick-{stem}"
     args.output.mkdir(parents=True, exist_ok=True)
