@@ -24,17 +24,23 @@ OP_ACCEPT = IOUZ_OP_ACCEPT
 OP_SEND = IOUZ_OP_SEND
 
 
+cdef bint _query(uint32_t op, void *data, uint32_t size):
+    """Ask IORING_REGISTER_QUERY for one entry; whether the kernel answered
+    it (the call succeeds even where one entry is unknown: see its result)."""
+    cdef iouz_query_hdr hdr
+    memset(data, 0, size)
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.query_data = <uint64_t>data
+    hdr.query_op = op
+    hdr.size = size
+    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
+    return ret >= 0 and hdr.result >= 0
+
+
 def query_opcodes():
     """IO_URING_QUERY_OPCODES as a dict, or None before Linux 6.18."""
     cdef iouz_query_opcodes data
-    cdef iouz_query_hdr hdr
-    memset(&data, 0, sizeof(data))
-    memset(&hdr, 0, sizeof(hdr))
-    hdr.query_data = <uint64_t>&data
-    hdr.query_op = IOUZ_QUERY_OPCODES
-    hdr.size = sizeof(data)
-    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
-    if ret < 0 or hdr.result < 0:
+    if not _query(IOUZ_QUERY_OPCODES, &data, sizeof(data)):
         return None
     return {
         "nr_request_opcodes": data.nr_request_opcodes,
@@ -51,14 +57,7 @@ def query_zcrx():
     """IO_URING_QUERY_ZCRX as a dict, or None where the kernel cannot answer
     (before 6.19; 6.18 has zcrx but only the flags=0 registration)."""
     cdef iouz_query_zcrx data
-    cdef iouz_query_hdr hdr
-    memset(&data, 0, sizeof(data))
-    memset(&hdr, 0, sizeof(hdr))
-    hdr.query_data = <uint64_t>&data
-    hdr.query_op = IOUZ_QUERY_ZCRX
-    hdr.size = sizeof(data)
-    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
-    if ret < 0 or hdr.result < 0:
+    if not _query(IOUZ_QUERY_ZCRX, &data, sizeof(data)):
         return None
     return {
         "register_flags": data.register_flags,
@@ -74,14 +73,7 @@ def query_zcrx_event():
     """IO_URING_QUERY_ZCRX_EVENT as a dict, or None before Linux 7.2 (no
     zcrx events or kernel statistics)."""
     cdef iouz_query_zcrx_event data
-    cdef iouz_query_hdr hdr
-    memset(&data, 0, sizeof(data))
-    memset(&hdr, 0, sizeof(hdr))
-    hdr.query_data = <uint64_t>&data
-    hdr.query_op = IOUZ_QUERY_ZCRX_EVENT
-    hdr.size = sizeof(data)
-    cdef int ret = iouz_register(-1, IOUZ_REGISTER_QUERY, &hdr, 0)
-    if ret < 0 or hdr.result < 0:
+    if not _query(IOUZ_QUERY_ZCRX_EVENT, &data, sizeof(data)):
         return None
     return {
         "event_flags": data.event_flags,
