@@ -12,7 +12,7 @@ pool is empty; its debugfs ``hds_stats`` counts, per queue, the payload bytes
 placed in memory-provider buffers (zero copy) or in ordinary pages (which a
 zcrx receive can only copy), and the drops.
 
-As a command (root, in the VM)::
+As a command (root, in the VM: ``tests/vm/run`` sets ``IOUZCRX_VM=1``)::
 
     python3 tests/nsim.py up [--ko PATH]   # prints the NIC as one JSON object
     python3 tests/nsim.py down
@@ -41,7 +41,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import nlclient
+try:
+    import nlclient
+except ModuleNotFoundError:
+    # Run as a script: the checkout (iouzcrx) is beside this directory.
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nlclient
 
 KO_ENV = "IOUZCRX_NETDEVSIM_KO"
 DEVICE_ID = 7  # netdevsim device numbers are global; an unusual one avoids clashes
@@ -319,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("down", help="remove it")
     args = parser.parse_args(argv)
+    if os.environ.get("IOUZCRX_VM") != "1":
+        # It loads a module built for the VM's kernel and makes devices.
+        print(f"tests/nsim.py {args.command}: runs in the VM only (tests/vm/run)", file=sys.stderr)
+        return 2
     try:
         if args.command == "down":
             down()
