@@ -66,8 +66,8 @@ def serve(nsim: Nsim, workers: int, *extra: str) -> Any:
         "workers_app:Verify",
         "--host", LOCAL_ADDR, "--workers", str(workers), "--mode", "zerocopy",
         "--interface", nsim.interface, "--queues", "1-3", "--steering", "bpf",
-        "--area", "1", "--backlog", "1024", "--stats-interval", "0.1",
-        "--backoff", "0.05", "--max-backoff", "0.5", *extra,
+        "--area", "1", "--backlog", "1024", "--backoff", "0.05", "--max-backoff", "0.5",
+        *extra,
     )  # fmt: skip
 
 
@@ -224,14 +224,16 @@ def test_a_killed_worker_loses_only_its_connections_and_registers_its_queues_aga
     first find its queues busy; the supervisor's restarts with backoff get
     it through, and it serves new connections by zero copy."""
     nsim = spread
-    with serve(nsim, 2) as server:
+    # A quick restart may come before the kernel has released the queues
+    # (QueueBusy): with or without that, the worker must get through.
+    with serve(nsim, 2, "--backoff", "0.005") as server:
         shares = server.events[0]["queues"]
         assert shares == [[1], [2, 3]]
         pids = server.serving(2)
         victim = pids[1]
 
         async def midstream() -> list[Conn]:
-            conns = [Conn(server.port, seed, 4096 + seed * 31) for seed in range(60)]
+            conns = [Conn(server.port, seed, 4096 + seed * 31) for seed in range(40)]
             await asyncio.gather(*(c.open() for c in conns))
             assert {c.pid for c in conns} == set(pids.values()), [c.pid for c in conns]
             await asyncio.gather(*(c.send(0, len(c.data) // 2) for c in conns))
@@ -262,7 +264,7 @@ def test_a_killed_worker_loses_only_its_connections_and_registers_its_queues_aga
         assert bound(nsim, 2) and bound(nsim, 3)
 
         before = hds_stats(nsim)
-        after = in_peer(lambda: run_conns(server.port, range(100, 160), lambda s: 2048 + s))
+        after = in_peer(lambda: run_conns(server.port, range(100, 140), lambda s: 2048 + s))
         delta = hds_delta(before, hds_stats(nsim))
         returncode, final = server.stop()
     bad = [(c.seed, c.pid, c.reply, c.error) for c in after if not c.verified]
