@@ -15,8 +15,10 @@ load). A NIC driver (and tun) records the RX queue there as queue + 1
 hand a peer's packet to the RX queue of the peer's TX queue (veth,
 netdevsim) record nothing: the value is still the sender's TX queue index,
 which is the index of the RX queue they deliver on (measured on veth,
-Linux 6.18: the value equals the queue whose NAPI instance delivered the
-connection).
+Linux 6.18, and on netdevsim, Linux 7.3: the value equals the queue whose
+NAPI instance delivered the connection). A netdevsim that splits headers
+from payload records the queue (+ 1) on the skbs it rebuilds, but only for
+segments with payload: the SYN the program sees is passed on as it came.
 """
 
 from __future__ import annotations

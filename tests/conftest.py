@@ -48,6 +48,32 @@ RECEIVE_MODES = [
 SCALE = 16 if IN_VM else 1
 
 
+@pytest.fixture(scope="session")
+def nsim() -> Iterator[Any]:
+    """The simulated NIC (tests/nsim.py), set up once for every test file of
+    the session that asks for it; flows go to RX queue 0 until a test steers
+    them elsewhere."""
+    import nsim as simulated
+
+    if not IN_VM:
+        pytest.skip("the simulated NIC is loaded in the VM only: tests/vm/run")
+    ko = os.environ.get(simulated.KO_ENV)
+    if not ko:
+        pytest.skip(
+            f"{simulated.KO_ENV} is not set: build the module with tests/vm/netdevsim/build "
+            f"and set {simulated.KO_ENV} to the path it prints"
+        )
+    try:
+        nic = simulated.up(ko)
+    except simulated.NsimUnavailable as exc:
+        pytest.fail(str(exc))
+    try:
+        simulated.steer(nic, 0)
+        yield nic
+    finally:
+        simulated.down()
+
+
 def make_queue(
     ring: iouzcrx.Ring, mode: str, *, area_size: int = 8 << 20, buffer_size: int = 64 << 10, **kw
 ) -> iouzcrx.ReceiveQueue:

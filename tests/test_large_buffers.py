@@ -28,17 +28,14 @@ from collections.abc import Iterator
 
 import nlclient
 import pytest
-import test_zcrx_nic
 from conftest import FEATURES, IN_VM, Sender, Verifier
-from test_zcrx_nic import SETUP_TIMEOUT, Nsim, _pair_across_the_link, bound, wait_unbound
+from nsim import DEVICE_ID, PEER_NS, SETUP_TIMEOUT, Nsim, bound, wait_unbound
+from test_zcrx_nic import _pair_across_the_link
 
 import iouzcrx
 from iouzcrx._area import Area, _thp_refusal, _thp_setting
 from iouzcrx._netlink import as_u32, attrs
 from iouzcrx.errors import zcrx_register_error
-
-# The simulated NIC's session fixture, shared with the NIC tests.
-nsim = test_zcrx_nic.nsim
 
 MIB = 1 << 20
 HUGE = 2 * MIB
@@ -229,7 +226,7 @@ def _send_on(nsim: Nsim, queue: int) -> None:
         f"echo {every_cpu if q == queue else '0'} > {xps.format(q)}" for q in range(nsim.queues)
     )
     subprocess.run(
-        ["ip", "netns", "exec", test_zcrx_nic.PEER_NS, "sh", "-c", writes],
+        ["ip", "netns", "exec", PEER_NS, "sh", "-c", writes],
         check=True,
         capture_output=True,
         timeout=SETUP_TIMEOUT,
@@ -240,7 +237,7 @@ def _split_payload_bytes(queue: int) -> int | None:
     """Payload bytes the simulated NIC's header/data split wrote into
     memory-provider buffers of RX ``queue`` (its debugfs hds_stats), or None
     for a module without the split."""
-    path = f"/sys/kernel/debug/netdevsim/netdevsim{test_zcrx_nic.DEVICE_ID}/ports/0/hds_stats"
+    path = f"/sys/kernel/debug/netdevsim/netdevsim{DEVICE_ID}/ports/0/hds_stats"
     if not os.path.isdir("/sys/kernel/debug/netdevsim"):
         subprocess.run(
             ["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],

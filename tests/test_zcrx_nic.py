@@ -1,282 +1,42 @@
 """Zero-copy receive bound to a real NIC queue: netdevsim, the kernel's
-simulated NIC, rebuilt by tests/vm/netdevsim/build so that the kernel lets
-io_uring zcrx bind to its RX queues. Runs in the VM only.
+simulated NIC (tests/nsim.py sets it up, once per session: the ``nsim``
+fixture of conftest.py), rebuilt by tests/vm/netdevsim/build so that the
+kernel lets io_uring zcrx bind to its RX queues. Runs in the VM only.
 
 The module's path comes from IOUZCRX_NETDEVSIM_KO (tests/run sets it from the
 build script's output); without it these tests skip with that reason.
-
-What the simulated NIC is: two linked ports of one netdevsim device, the
-second in a network namespace; what a port sends on TX queue q arrives on its
-peer's RX queue q, so the peer's XPS setting steers flows onto queues. With
-header split on, the receiving port writes each TCP payload into buffers of
-the RX queue's page pool (io_uring's area when the queue is bound) and drops
-the packet when the pool is empty; its debugfs ``hds_stats`` counts, per
-queue, the payload bytes placed in memory-provider buffers (zero copy) or in
-ordinary pages (which a zcrx receive can only copy), and the drops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
-import shutil
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import nlclient
 import pytest
-from conftest import IN_VM, Sender, Verifier, receive_all
+from conftest import Sender, Verifier, receive_all
+from nsim import (
+    LOCAL_ADDR,
+    LOCAL_ADDR6,
+    PEER_ADDR,
+    PEER_ADDR6,
+    SETUP_TIMEOUT,
+    Nsim,
+    bound,
+    hds_delta,
+    hds_stats,
+    steer,
+    wait_unbound,
+)
+from nsim import in_peer_ns as _in_peer_ns
 
 import iouzcrx
 
 pytestmark = [pytest.mark.vm, pytest.mark.netdevsim]
-
-KO_ENV = "IOUZCRX_NETDEVSIM_KO"
-DEVICE_ID = 7  # netdevsim device numbers are global; an unusual one avoids clashes
-NUM_QUEUES = 4
-PEER_NS = "iouzcrx-nsim-peer"
-LOCAL_ADDR = "192.0.2.1"  # TEST-NET-1: never routed anywhere real
-PEER_ADDR = "192.0.2.2"
-LOCAL_ADDR6 = "2001:db8:7::1"  # the documentation prefix
-PEER_ADDR6 = "2001:db8:7::2"
-CLONE_NEWNET = 0x40000000
-MTU = 9000
-SETUP_TIMEOUT = 30.0
-
-
-@dataclass
-class Nsim:
-    """The simulated NIC: ``interface`` (this namespace) linked to ``peer``
-    (in the ``PEER_NS`` namespace)."""
-
-    interface: str
-    ifindex: int
-    peer: str
-    queues: int
-    hds_stats: str
-    """debugfs file of ``interface``'s header-split counters."""
-
-
-def _run(*cmd: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SETUP_TIMEOUT, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _load_module(ko: str) -> None:
-    if os.path.isdir("/sys/module/netdevsim"):
-        # Loaded by an earlier run in this boot (a chroot cannot see the file).
-        return
-    if not os.path.isfile(ko):
-        pytest.fail(f"{KO_ENV}={ko} does not exist (run tests/vm/netdevsim/build)")
-    if not (shutil.which("modinfo") and shutil.which("modprobe") and shutil.which("insmod")):
-        # A chroot (tests/chroot/run --exec) has neither kmod nor the booted
-        # kernel's modules: the suite's first run, on the guest's own root,
-        # loads the module for the runs that follow.
-        pytest.fail(f"netdevsim is not loaded and kmod's tools are missing to load {ko}")
-    # Its dependencies come from the booted kernel's own modules.
-    for dep in _run("modinfo", "-F", "depends", ko).strip().split(","):
-        if dep:
-            _run("modprobe", dep)
-    _run("insmod", ko)
-
-
-def _wait_for(what: str, predicate) -> None:
-    deadline = time.monotonic() + SETUP_TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _ports(device: str) -> list[str]:
-    """The device's ports by port index (udev may rename them as they come)."""
-    netdir = f"{device}/net"
-    names = sorted(os.listdir(netdir)) if os.path.isdir(netdir) else []
-    ports = []
-    for name in names:
-        try:
-            with open(f"{netdir}/{name}/phys_port_name", encoding="ascii") as f:
-                ports.append((f.read().strip(), name))
-        except OSError:
-            return []
-    return [name for _, name in sorted(ports)]
-
-
-def _settled_ports(device: str) -> list[str]:
-    """The ports' names once udev has renamed them (a rename under the
-    setup's feet would make it act on a name that no longer exists)."""
-    if shutil.which("udevadm"):
-        subprocess.run(["udevadm", "settle", "-t", "10"], timeout=SETUP_TIMEOUT, check=False)
-        return _ports(device)
-    # Without udevadm (in a chroot) the guest's udev still renames: wait a
-    # little for names the kernel enumerated (NET_NAME_ENUM) to change, and
-    # keep them if udev's policy leaves them as they are.
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        ports = _ports(device)
-        types = []
-        for name in ports:
-            try:
-                with open(f"/sys/class/net/{name}/name_assign_type", encoding="ascii") as f:
-                    types.append(f.read().strip())
-            except OSError:
-                types.append("?")
-        if len(ports) == 2 and "1" not in types and "?" not in types:
-            return ports
-        time.sleep(0.1)
-    return _ports(device)
-
-
-def _in_peer_ns(fn):
-    """Run ``fn()`` on a thread that joined the peer namespace (setns is
-    per-thread for network namespaces); return its result. Sockets it makes
-    stay in that namespace."""
-    result: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{PEER_NS}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result["value"] = fn()
-        except BaseException as exc:
-            result["error"] = exc
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(SETUP_TIMEOUT)
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["value"]
-
-
-def _teardown() -> None:
-    if os.path.exists(f"/sys/bus/netdevsim/devices/netdevsim{DEVICE_ID}"):
-        with open("/sys/bus/netdevsim/del_device", "w", encoding="ascii") as f:
-            f.write(f"{DEVICE_ID}")
-    if os.path.exists(f"/run/netns/{PEER_NS}"):
-        subprocess.run(["ip", "netns", "del", PEER_NS], timeout=SETUP_TIMEOUT, check=False)
-
-
-@pytest.fixture(scope="session")
-def nsim() -> Iterator[Nsim]:
-    if not IN_VM:
-        pytest.skip("the simulated NIC is loaded in the VM only: tests/vm/run")
-    ko = os.environ.get(KO_ENV)
-    if not ko:
-        pytest.skip(
-            f"{KO_ENV} is not set: build the module with tests/vm/netdevsim/build and "
-            f"set {KO_ENV} to the path it prints"
-        )
-    _load_module(ko)
-    _teardown()
-    device = f"/sys/bus/netdevsim/devices/netdevsim{DEVICE_ID}"
-    try:
-        with open("/sys/bus/netdevsim/new_device", "w", encoding="ascii") as f:
-            f.write(f"{DEVICE_ID} 2 {NUM_QUEUES}")
-        _wait_for("two netdevsim ports", lambda: len(_ports(device)) == 2)
-        local, peer = _settled_ports(device)
-        _run("ip", "netns", "add", PEER_NS)
-        _run("ip", "link", "set", peer, "netns", PEER_NS)
-        local_index = socket.if_nametoindex(local)
-        peer_index = _in_peer_ns(lambda: socket.if_nametoindex(peer))
-        # link_device takes "netns-fd:ifindex" for both ends, fds of the writer.
-        own_ns = os.open("/proc/self/ns/net", os.O_RDONLY)
-        peer_ns = os.open(f"/run/netns/{PEER_NS}", os.O_RDONLY)
-        try:
-            with open("/sys/bus/netdevsim/link_device", "w", encoding="ascii") as f:
-                f.write(f"{own_ns}:{local_index} {peer_ns}:{peer_index}")
-        finally:
-            os.close(own_ns)
-            os.close(peer_ns)
-        _run("ip", "addr", "add", f"{LOCAL_ADDR}/24", "dev", local)
-        _run("ip", "addr", "add", f"{LOCAL_ADDR6}/64", "dev", local, "nodad")
-        # Jumbo frames, as zero-copy deployments use: a full segment's
-        # payload spans several 4 KiB buffers, whatever the sender batches.
-        _run("ip", "link", "set", local, "mtu", str(MTU), "up")
-        _run("ip", "-n", PEER_NS, "addr", "add", f"{PEER_ADDR}/24", "dev", peer)
-        _run("ip", "-n", PEER_NS, "addr", "add", f"{PEER_ADDR6}/64", "dev", peer, "nodad")
-        _run("ip", "-n", PEER_NS, "link", "set", peer, "mtu", str(MTU), "up")
-        _run("ip", "-n", PEER_NS, "link", "set", "lo", "up")
-        # What zcrx requires of the receiving NIC: header split, threshold 0.
-        nlclient.rings_set(local, tcp_data_split=True, hds_thresh=0)
-        nic = Nsim(
-            interface=local,
-            ifindex=local_index,
-            peer=peer,
-            queues=NUM_QUEUES,
-            hds_stats=_hds_stats_path(device, local),
-        )
-        steer(nic, 0)
-        yield nic
-    finally:
-        _teardown()
-
-
-def _hds_stats_path(device: str, port: str) -> str:
-    """The port's debugfs directory is named by its port index; its
-    phys_port_name ("p1") carries the index plus one."""
-    if not os.path.isdir("/sys/kernel/debug/netdevsim"):
-        if not os.path.ismount("/sys/kernel/debug"):
-            _run("mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug")
-    with open(f"{device}/net/{port}/phys_port_name", encoding="ascii") as f:
-        index = int(f.read().strip().lstrip("p")) - 1
-    path = f"/sys/kernel/debug/netdevsim/netdevsim{DEVICE_ID}/ports/{index}/hds_stats"
-    if not os.path.exists(path):
-        pytest.fail(f"{path} is missing: the module lacks the header-split edits of edit.py")
-    return path
-
-
-def hds_stats(nsim: Nsim) -> dict[int, dict[str, int]]:
-    """Per RX queue: what the simulated NIC's header split did so far."""
-    out: dict[int, dict[str, int]] = {}
-    with open(nsim.hds_stats, encoding="ascii") as f:
-        for line in f:
-            words = line.split()
-            values = {k: int(v) for k, v in zip(words[2::2], words[3::2], strict=True)}
-            out[int(words[1])] = values
-    return out
-
-
-def hds_delta(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]]):
-    return {q: {k: after[q][k] - before[q][k] for k in after[q]} for q in after}
-
-
-def steer(nsim: Nsim, queue: int | None) -> None:
-    """Make the peer send every new flow on TX queue ``queue`` (arriving on
-    our RX queue ``queue``) through XPS, or by flow hash with ``None``."""
-    cpus = os.cpu_count() or 1
-    # The kernel reads a CPU mask as comma-separated 32-bit hex words.
-    words = [(((1 << cpus) - 1) >> shift) & 0xFFFFFFFF for shift in range(0, cpus, 32)]
-    mask = ",".join(format(word, "x") for word in reversed(words))
-    script = []
-    for q in range(nsim.queues):
-        value = mask if q == queue else "0"
-        script.append(f"echo {value} > /sys/class/net/{nsim.peer}/queues/tx-{q}/xps_cpus")
-    _run("ip", "netns", "exec", PEER_NS, "sh", "-c", " && ".join(script))
-
-
-def bound(nsim: Nsim, queue: int) -> bool:
-    return bool(nlclient.queue_get(nsim.ifindex, queue)["io_uring"])
-
-
-def wait_unbound(nsim: Nsim, queue: int) -> None:
-    """The kernel detaches an ifq from its queue when the ring is freed, which
-    it finishes in a worker after close() returns."""
-    _wait_for(f"{nsim.interface} queue {queue} to be released", lambda: not bound(nsim, queue))
 
 
 @pytest.fixture(autouse=True)
