@@ -269,7 +269,7 @@ def run_once(kind: str, workers: int, args: argparse.Namespace, sender: Path) ->
         port = farm.start()
         os.close(report_w)
         report_w = -1
-        cmd = [str(sender), "--port", str(port), "--scenario", "bulk"]
+        cmd = [str(sender), "--host", args.host, "--port", str(port), "--scenario", "bulk"]
         cmd += ["--connections", str(args.connections), "--bytes", str(per_connection)]
         done = subprocess.run(
             args.sender_prefix + cmd, capture_output=True, text=True, timeout=args.timeout
@@ -357,6 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "connections": args.connections,
         "mib": args.mib,
+        "interface": args.interface,
+        "queues": args.queues,
         "repeat": args.repeat,
         "runs": {},
         "failures": [],
@@ -409,13 +411,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     m = results["machine"]
+    command = "python benchmarks/scaling.py"
+    link = "over loopback"
+    if results.get("interface"):
+        link = (
+            f"from a peer namespace over {results['interface']}, RX queues "
+            f"{results['queues']} bound for the workers"
+        )
+        command += " --vm --nic" if m["in_vm"] else f" --interface {results['interface']}"
+    elif m["in_vm"]:
+        command += " --vm"
     lines = [
         f"Scaling of {results['date']} {'in the VM' if m['in_vm'] else 'on the host'}: "
         f"Linux {m['kernel']}, {m['cores']} cores, Python {m['python']}, iouzcrx {m['iouzcrx']}. "
         f"Receive mode `{results['mode']}`; the C sender's bulk scenario, "
-        f"{results['connections']} connections, {results['mib']} MiB per run over loopback; "
-        f"medians of {results['repeat']} interleaved runs. Command: "
-        "`python benchmarks/scaling.py" + (" --vm" if m["in_vm"] else "") + "`.",
+        f"{results['connections']} connections, {results['mib']} MiB per run {link}; "
+        f"medians of {results['repeat']} interleaved runs. Command: `{command}`.",
         "",
         f"Zero-copy share: {results['zero_copy_note']}.",
         "",
@@ -437,11 +448,16 @@ def report(results: dict[str, Any]) -> str:
                 f"| {'—' if share is None else f'{share:.0%}'} |"
             )
     cores = m["cores"] or 1
+    where = (
+        f"This VM has {cores} vCPUs, emulated (TCG) on the host's cores, and the sender "
+        "runs on them too"
+        if m["in_vm"]
+        else f"This machine has {cores} cores and the sender runs on them too"
+    )
     lines += [
         "",
-        f"This machine has {cores} cores and the sender runs on them too: loopback TCP "
-        "charges the kernel's receive work to whichever side it interrupts, so N "
-        f"workers can reach N× one worker only while N + 1 ≤ {cores}. Above that the "
+        f"{where}: the kernel's TCP work is charged to whichever side it interrupts, so "
+        f"N workers can reach N× one worker only while N + 1 ≤ {cores}. Above that the "
         "figure shows how the farm shares the cores, not how it would scale with one "
         "core per worker; CPU s/GB per worker is the figure that carries over.",
     ]

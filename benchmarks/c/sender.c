@@ -1,7 +1,8 @@
 /*
  * sender: load generator for the receive benchmarks.
  *
- * Connects to a receiver on 127.0.0.1 and drives one of three scenarios:
+ * Connects to a receiver on 127.0.0.1 (or the IPv4 address given with
+ * --host) and drives one of three scenarios:
  *
  *   sender --port P --scenario bulk  --connections N --bytes B [--send-size S]
  *       N threads, one connection each, established before anyone sends (a
@@ -32,6 +33,7 @@
  */
 
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
 #include <netinet/in.h>
@@ -63,6 +65,7 @@
 
 static struct {
     enum scenario scenario;
+    struct in_addr host;
     int port;
     long connections;
     unsigned long long bytes;
@@ -85,7 +88,8 @@ static void usage(void)
           "  sender --port P --scenario bulk --connections N --bytes B [--send-size S]\n"
           "  sender --port P --scenario rr --request-size K --response-size R --requests Q"
           " [--warmup W]\n"
-          "  sender --port P --scenario short --connections M --bytes B [--threads T]\n",
+          "  sender --port P --scenario short --connections M --bytes B [--threads T]\n"
+          "  (any of them with --host A.B.C.D; the default is 127.0.0.1)\n",
           stderr);
     exit(1);
 }
@@ -102,7 +106,7 @@ static int connect_to_receiver(void)
     struct sockaddr_in addr = {
         .sin_family = AF_INET,
         .sin_port = htons((uint16_t)opt.port),
-        .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+        .sin_addr = opt.host,
     };
     for (int attempt = 0;; attempt++) {
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -118,7 +122,9 @@ static int connect_to_receiver(void)
             nanosleep(&pause, NULL);
             continue;
         }
-        die("connect to 127.0.0.1:%d: %s", opt.port, strerror(err));
+        char text[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &opt.host, text, sizeof(text));
+        die("connect to %s:%d: %s", text, opt.port, strerror(err));
     }
 }
 
@@ -290,6 +296,7 @@ static void parse_args(int argc, char **argv)
     opt.send_size = DEFAULT_SEND_SIZE;
     opt.warmup = DEFAULT_WARMUP;
     opt.threads = 1;
+    opt.host.s_addr = htonl(INADDR_LOOPBACK);
     for (int i = 1; i < argc; i++) {
         const char *name = argv[i];
         if (strcmp(name, "-h") == 0 || strcmp(name, "--help") == 0)
@@ -302,6 +309,9 @@ static void parse_args(int argc, char **argv)
         if (strcmp(name, "--port") == 0) {
             opt.port = (int)parse_in_range(name, value, 1, 65535);
             have_port = 1;
+        } else if (strcmp(name, "--host") == 0) {
+            if (inet_pton(AF_INET, value, &opt.host) != 1)
+                die("--host must be an IPv4 address, not %s", value);
         } else if (strcmp(name, "--scenario") == 0) {
             scenario = value;
         } else if (strcmp(name, "--connections") == 0) {
