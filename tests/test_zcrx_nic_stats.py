@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import FEATURES, Sender, Verifier, receive_all
-from test_zcrx_nic import _pair_across_the_link, nsim, wait_unbound, zerocopy  # noqa: F401
+from nsim import wait_unbound
+from test_zcrx_nic import _pair_across_the_link, zerocopy
 
 import iouzcrx
 
@@ -22,7 +23,7 @@ pytestmark = [
 ]
 
 
-def test_the_kernel_counters_say_whether_the_nic_queue_received_by_zero_copy(nsim):  # noqa: F811
+def test_the_kernel_counters_say_whether_the_nic_queue_received_by_zero_copy(nsim):
     total = 512 << 10
     # The NIC itself places payloads into the area only with header split.
     nic_writes_payloads = getattr(nsim, "hds_stats", None) is not None
