@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -155,8 +156,9 @@ class ServerCollector:
 
 class Exporter:
     """A running exporter: its collector, registered, and its HTTP server.
-    ``close()`` stops both; closing twice (or from another thread) is
-    harmless."""
+    ``close()`` stops both; closing twice, from another thread or in a
+    forked child is harmless (a child only closes its copy of the
+    listening socket)."""
 
     def __init__(
         self, collector: ServerCollector, registry: CollectorRegistry, http: Any, thread: Any
@@ -167,6 +169,7 @@ class Exporter:
         self._thread = thread
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
 
     @property
     def port(self) -> int:
@@ -178,10 +181,15 @@ class Exporter:
             if self._closed:
                 return
             self._closed = True
-        self._http.shutdown()
-        self._http.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        if os.getpid() != self._pid:
+            # A forked child has no serving thread: shutdown() would wait
+            # for ever for it to stop.
+            self._http.server_close()
+        else:
+            self._http.shutdown()
+            self._http.server_close()
+            if self._thread is not None:
+                self._thread.join(5)
         try:
             self.registry.unregister(self.collector)
         except KeyError:
