@@ -78,8 +78,17 @@ class ServerCollector:
         stats = getattr(server, "stats", None)
         if not callable(stats):
             raise TypeError(f"server must have a stats() method (a ZcrxServer), not {server!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        # A wait longer than the platform's (inf included) fails every
+        # scrape from inside the threading module: refuse it here.
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= threading.TIMEOUT_MAX
+        ):
+            raise ValueError(
+                f"timeout must be a positive number of seconds up to "
+                f"{threading.TIMEOUT_MAX:g}, not {timeout!r}"
+            )
         self._stats: Callable[[], dict[str, Any]] = stats
         self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._timeout = timeout

@@ -113,6 +113,10 @@ def test_bad_arguments_are_named():
                 start_exporter(server, port=70000)
             with pytest.raises(ValueError, match="timeout"):
                 ServerCollector(server, timeout=0)
+            # Waits the threading module cannot make would fail every scrape.
+            for timeout in (float("inf"), float("nan"), 1e300, True, "1"):
+                with pytest.raises(ValueError, match="timeout"):
+                    ServerCollector(server, timeout=timeout)
         finally:
             server.close()
             await server.wait_closed()
