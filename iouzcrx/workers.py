@@ -213,6 +213,7 @@ def _queue_shares(queues: Any, workers: int, interface: Any) -> list[tuple[int, 
     if isinstance(queues, (str, bytes)) or not hasattr(queues, "__iter__"):
         raise TypeError(f"queues must be a list of RX queue indexes such as [0, 1], not {queues!r}")
     listed: list[int] = []
+    seen: set[int] = set()
     for item in queues:
         if isinstance(item, bool) or not isinstance(item, numbers.Integral):
             raise TypeError(f"queues must hold int RX queue indexes, not {item!r}")
@@ -220,8 +221,14 @@ def _queue_shares(queues: Any, workers: int, interface: Any) -> list[tuple[int, 
         listed.append(queue)
         if not 0 <= queue <= 0xFFFE:
             raise InvalidConfiguration(f"queues must hold RX queue indexes 0-65534, not {queue}")
-    if len(set(listed)) != len(listed):
-        raise InvalidConfiguration(f"queues names an RX queue twice: {listed!r}")
+        # Checked as they come: an endless iterator then ends within 65,535
+        # items (a repeat or an index out of range) instead of never.
+        if queue in seen:
+            raise InvalidConfiguration(
+                f"queues names an RX queue twice ({queue}): "
+                f"{listed[:16]!r}{' ...' if len(listed) > 16 else ''}"
+            )
+        seen.add(queue)
     if interface is None:
         raise InvalidConfiguration(
             "queues= needs interface= (the NIC whose RX queues they are, e.g. 'eth0')"

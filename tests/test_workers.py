@@ -810,6 +810,13 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
     assert words in str(info.value)
 
 
+def endless(item: Any) -> Iterator[int]:
+    """``item(i)`` for i = 0, 1, ... and a failure past any finite need."""
+    for i in range(1 << 17):
+        yield item(i)
+    raise AssertionError("queues= was read on past where it had to fail")
+
+
 @pytest.mark.parametrize(
     "kwargs,words",
     [
@@ -829,6 +836,10 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
         ({"queues": [0, 1]}, "queues= needs interface="),
         ({"queues": [0], "interface": "lo"}, "workers=2 but queues= lists 1 RX queue(s) [0]"),
         ({"queues": [0, 0], "interface": "lo"}, "names an RX queue twice"),
+        # Endless iterators end at the first repeat or out-of-range index
+        # (these stand for endless ones: they fail if read on past that).
+        ({"queues": endless(lambda i: 0), "interface": "lo"}, "names an RX queue twice (0)"),
+        ({"queues": endless(lambda i: i), "interface": "lo"}, "not 65535"),
         ({"queues": [0, "1"], "interface": "lo"}, "not '1'"),
         ({"queues": [0, 1 << 16], "interface": "lo"}, "not 65536"),
         ({"queues": 3, "interface": "lo"}, "queues must be a list"),
