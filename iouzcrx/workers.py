@@ -424,7 +424,7 @@ class Supervisor:
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._lock = threading.Lock()
-        self._state = "new"  # running, stopping, closed
+        self._state = "new"  # starting, running, stopping, closed
         self._stop_requested = False
         self._kill_requested = False
         self._kill_at: float | None = None
@@ -470,10 +470,10 @@ class Supervisor:
     def start(self) -> None:
         """Bind the port, fork the workers and return once each serves.
         Raises ``WorkerStartError`` (after stopping the others) if one fails
-        before it serves."""
+        before it serves. A close() meanwhile (from ``on_event``, a signal
+        handler or another thread) stops whatever started: start() then
+        returns with the supervisor closed."""
         self._check_owner("start")
-        if self._state != "new":
-            raise RuntimeError(f"{self!r} was already started")
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -483,6 +483,23 @@ class Supervisor:
                 "start the supervisor outside any running event loop: workers are forked, "
                 "and a forked child cannot use its parent's loop or ring"
             )
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"{self!r} was already started")
+            if self._stop_requested:
+                self._state = "closed"
+                raise RuntimeError(f"{self!r} was closed before it started")
+            # Not "new" any more: a close() from now on leaves the stop to
+            # this method, which alone knows what it has made so far.
+            self._state = "starting"
+        try:
+            self._start_unlocked()
+        except BaseException:
+            if self._state == "starting":
+                self._state = "new"
+            raise
+
+    def _start_unlocked(self) -> None:
         backlog = self._options.get("backlog", 100)
         if isinstance(backlog, bool) or not isinstance(backlog, int):
             raise TypeError(f"backlog must be an int, not {backlog!r}")
@@ -505,10 +522,13 @@ class Supervisor:
         except BaseException:
             self._release_sockets()
             raise
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._state = "running"
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        except BaseException:
+            self._release_sockets()
+            raise
         addresses = [s.getsockname() for s in self._listeners[0]]
         self._emit(
             {
@@ -521,13 +541,19 @@ class Supervisor:
             }
         )
         with self._lock:
+            self._state = "running"
             try:
-                self._start_locked()
+                if not self._stop_requested:
+                    self._start_locked()
             except BaseException:
                 # A fork that failed, a worker that could not start, Ctrl-C
                 # without run()'s handlers: no worker outlives a failed start.
                 self._finish_locked(force=True)
                 raise
+            if self._stop_requested:
+                # close() came while starting: it only asked (the lock was
+                # ours, or the state said "starting").
+                self._finish_locked(force=self._kill_requested)
 
     @property
     def steering(self) -> str:
@@ -607,8 +633,8 @@ class Supervisor:
         whether it is closed."""
         self._check_owner("wait")
         deadline = None if timeout is None else time.monotonic() + _seconds("timeout", timeout)
-        if self._state == "new":
-            raise RuntimeError(f"{self!r} was not started: call start() first")
+        if self._state in ("new", "starting"):
+            raise RuntimeError(f"{self!r} was not started: call start() first (and let it return)")
         with self._lock:
             while self._state != "closed":
                 if self._stop_requested:
@@ -631,12 +657,11 @@ class Supervisor:
             self._forget_in_child()
             return
         self._request_stop(kill=False)
-        if self._state == "new":
-            self._state = "closed"
-            return
         if self._lock.acquire(blocking=False):
             try:
-                if self._state != "closed":
+                if self._state == "new":
+                    self._state = "closed"
+                elif self._state not in ("closed", "starting"):
                     self._finish_locked(force=self._kill_requested)
             finally:
                 self._lock.release()

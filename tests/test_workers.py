@@ -687,6 +687,48 @@ def test_supervisor_closed_from_another_thread_and_as_a_context_manager():
     assert json.loads(lines[-1]) == [0, 0]
 
 
+def test_supervisor_closed_while_it_starts_stops_what_started_and_leaves_nothing():
+    lines = run_script(
+        textwrap.dedent("""
+        import json, os, socket, threading
+        from iouzcrx import Supervisor
+        results = []
+        for when in ("listening", "started"):
+            for from_thread in (False, True):
+                sup = None
+
+                def on_event(event, when=when, from_thread=from_thread):
+                    if event["event"] == when:
+                        if from_thread:
+                            closer = threading.Thread(target=sup.close)
+                            closer.start()
+                            closer.join(60)
+                        else:
+                            sup.close()
+
+                sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2,
+                                 mode="bufring", use_uvloop=False, on_event=on_event,
+                                 interface="lo", queues=[0, 1], steering="handoff")
+                sup.start()  # returns: what it started is stopped
+                try:
+                    os.waitpid(-1, os.WNOHANG)
+                    children = True
+                except ChildProcessError:
+                    children = False
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", sup.port))  # the port was let go
+                sup.close()
+                results.append([when, from_thread, sup.closed, children])
+        print(json.dumps(results))
+        """)
+    )
+    assert json.loads(lines[-1]) == [
+        [when, from_thread, True, False]
+        for when in ("listening", "started")
+        for from_thread in (False, True)
+    ]
+
+
 def test_connections_from_no_queue_are_served_where_they_land_and_counted():
     # Loopback has no NAPI instance: no connection names an RX queue, so
     # each is served by the worker that accepted it, counted unsteerable.
