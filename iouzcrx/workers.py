@@ -229,10 +229,18 @@ def _queue_shares(queues: Any, workers: int, interface: Any) -> list[tuple[int, 
                 f"{listed[:16]!r}{' ...' if len(listed) > 16 else ''}"
             )
         seen.add(queue)
+    if not listed:
+        raise InvalidConfiguration("queues= needs at least one RX queue index (or leave it out)")
     if interface is None:
         raise InvalidConfiguration(
             "queues= needs interface= (the NIC whose RX queues they are, e.g. 'eth0')"
         )
+    # Checked here, before any fork, as create_zcrx_server checks it: the
+    # steering set-up would otherwise fail on it without naming it.
+    if not isinstance(interface, str):
+        raise TypeError(f"interface must be a str such as 'eth0', not {interface!r}")
+    if not interface or "\0" in interface or "/" in interface:
+        raise InvalidConfiguration(f"interface {interface!r} is not a network interface name")
     if len(listed) < workers:
         raise InvalidConfiguration(
             f"workers={workers} but queues= lists {len(listed)} RX queue(s) {listed!r}: each "

@@ -885,6 +885,14 @@ def endless(item: Any) -> Iterator[int]:
         ({"queues": [0, "1"], "interface": "lo"}, "not '1'"),
         ({"queues": [0, 1 << 16], "interface": "lo"}, "not 65536"),
         ({"queues": 3, "interface": "lo"}, "queues must be a list"),
+        ({"queues": [], "interface": "lo"}, "queues= needs at least one RX queue"),
+        ({"queues": [0, 1], "interface": "lo\0"}, "interface 'lo\\x00' is not a network"),
+        ({"queues": [0, 1], "interface": ""}, "interface '' is not a network"),
+        (
+            {"queues": [0, 1], "interface": b"lo"},
+            "interface must be a str such as 'eth0', not b'lo'",
+        ),
+        ({"queues": [0, 1], "interface": 1}, "interface must be a str such as 'eth0', not 1"),
         ({"queues": [0, 1], "interface": "lo", "queue": 0}, "pass queue= or queues="),
         ({"steering": "ebpf"}, "steering must be one of"),
         (
