@@ -137,8 +137,22 @@ cdef class ZcrxExport:
     registers the same queue on another ring of this process.  ``close()``
     is idempotent; the fd is also closed when the object is collected."""
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self.fd = -1
+
+    def __init__(self, *args, **kwargs):
+        # Arguments were silently dropped: ZcrxExport(fd) looked like it
+        # adopted an fd, and left an empty export.
+        if args or kwargs:
+            raise TypeError(
+                "ZcrxExport() takes no arguments: get one from queue.export_queue(); "
+                "it cannot adopt an fd")
+
+    def __reduce__(self):
+        raise TypeError(
+            "a ZcrxExport owns a file descriptor of this process and cannot be pickled "
+            "or copied: export the queue again for another ring (an fd to send to "
+            "another process comes from detach())")
 
     def __dealloc__(self):
         if self.fd >= 0:
