@@ -89,8 +89,19 @@ class ServerCollector:
                 f"timeout must be a positive number of seconds up to "
                 f"{threading.TIMEOUT_MAX:g}, not {timeout!r}"
             )
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    "no running event loop: call this on the server's loop, or pass "
+                    "loop=<the server's loop>"
+                ) from None
+        elif not isinstance(loop, asyncio.AbstractEventLoop):
+            # Checked now: every scrape would fail on it, far from here.
+            raise TypeError(f"loop must be the server's event loop, not {loop!r}")
         self._stats: Callable[[], dict[str, Any]] = stats
-        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._loop = loop
         self._timeout = timeout
 
     def _read(self) -> dict[str, Any] | None:

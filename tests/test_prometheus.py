@@ -102,6 +102,12 @@ def test_a_scrape_from_another_thread_of_a_stopped_loop_reports_down():
 
 
 def test_bad_arguments_are_named():
+    # Outside a loop, and a loop that is not one: every scrape would fail.
+    with pytest.raises(RuntimeError, match="pass loop="):
+        ServerCollector(type("Server", (), {"stats": lambda self: {}})())
+    with pytest.raises(TypeError, match="loop must be the server's event loop, not 5"):
+        ServerCollector(type("Server", (), {"stats": lambda self: {}})(), loop=5)  # type: ignore[arg-type]
+
     async def main() -> None:
         with pytest.raises(TypeError, match="stats"):
             ServerCollector(object())
