@@ -440,6 +440,14 @@ class Supervisor:
     def __repr__(self) -> str:
         return f"<Supervisor {self._state} workers={self._workers} port={self._port_bound}>"
 
+    def __reduce__(self) -> Any:
+        # A copy would share the workers, sockets and lock: closing it would
+        # stop the original's workers behind the original's back.
+        raise TypeError(
+            "a Supervisor owns its worker processes and listening sockets: it cannot be "
+            "copied or pickled; make another Supervisor (on another port) instead"
+        )
+
     # -- public ------------------------------------------------------------------
 
     @property

@@ -820,6 +820,17 @@ def test_steering_over_a_missing_interface_fails_start_naming_it():
         assert sup.closed and sup.stats()[0]["pid"] is None
 
 
+def test_a_supervisor_is_neither_copied_nor_pickled():
+    import copy
+    import pickle
+
+    sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            duplicate(sup)
+    sup.close()
+
+
 def test_the_supervisor_refuses_to_fork_from_a_running_loop():
     async def inside() -> None:
         sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
