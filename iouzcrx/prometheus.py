@@ -242,6 +242,16 @@ def start_exporter(
     target.register(collector)
     try:
         http, thread = start_http_server(port, addr=addr, registry=target)
+    except OSError as exc:
+        target.unregister(collector)
+        if exc.errno is None:
+            raise
+        # The socket's own message names neither the address nor the port.
+        raise OSError(
+            exc.errno,
+            f"cannot serve metrics on {addr!r} port {port}: {exc.strerror}; pick another "
+            "port (port=0 picks a free one, see Exporter.port) or addr",
+        ) from exc
     except BaseException:
         target.unregister(collector)
         raise

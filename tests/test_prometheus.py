@@ -117,6 +117,10 @@ def test_bad_arguments_are_named():
         try:
             with pytest.raises(ValueError, match="port"):
                 start_exporter(server, port=70000)
+            registry = prometheus_client.CollectorRegistry()
+            with start_exporter(server, port=0, registry=registry) as first:
+                with pytest.raises(OSError, match=f"'127.0.0.1' port {first.port}: .*port=0"):
+                    start_exporter(server, port=first.port, registry=registry)
             with pytest.raises(ValueError, match="timeout"):
                 ServerCollector(server, timeout=0)
             # Waits the threading module cannot make would fail every scrape.
