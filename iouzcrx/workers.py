@@ -512,8 +512,22 @@ class Supervisor:
             self._start_unlocked()
         except BaseException:
             if self._state == "starting":
+                # Failed before any fork (a bind, the steering set-up, an
+                # on_event that raised SystemExit): let go of what it made.
+                self._release_setup()
                 self._state = "new"
             raise
+
+    def _release_setup(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                _close_fd(fd)
+        self._release_sockets()
 
     def _start_unlocked(self) -> None:
         backlog = self._options.get("backlog", 100)

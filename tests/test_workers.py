@@ -729,6 +729,31 @@ def test_supervisor_closed_while_it_starts_stops_what_started_and_leaves_nothing
     ]
 
 
+def test_a_start_that_fails_before_forking_keeps_no_socket_or_pipe():
+    lines = run_script(
+        textwrap.dedent("""
+        import json, os
+        from iouzcrx import Supervisor
+
+        def on_event(event):
+            if event["event"] == "listening":
+                raise SystemExit(3)  # not an Exception: it goes through start()
+
+        before = set(os.listdir("/proc/self/fd"))
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+                         use_uvloop=False, on_event=on_event, interface="lo",
+                         queues=[0, 1], steering="handoff")
+        try:
+            sup.start()
+        except SystemExit as exc:
+            code = exc.code
+        sup.close()
+        print(json.dumps([code, sup.closed, sorted(set(os.listdir("/proc/self/fd")) - before)]))
+        """)
+    )
+    assert json.loads(lines[-1]) == [3, True, []]
+
+
 def test_connections_from_no_queue_are_served_where_they_land_and_counted():
     # Loopback has no NAPI instance: no connection names an RX queue, so
     # each is served by the worker that accepted it, counted unsteerable.
