@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -58,7 +59,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from iouzcrx import steering as _steering
@@ -432,6 +433,7 @@ class Supervisor:
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread holding _lock
         self._state = "new"  # starting, running, stopping, closed
         self._stop_requested = False
         self._kill_requested = False
@@ -499,7 +501,9 @@ class Supervisor:
                 "start the supervisor outside any running event loop: workers are forked, "
                 "and a forked child cannot use its parent's loop or ring"
             )
-        with self._lock:
+        if self._state != "new":  # before the lock: on_event may be asking
+            raise RuntimeError(f"{self!r} was already started")
+        with self._supervising("start"):
             if self._state != "new":
                 raise RuntimeError(f"{self!r} was already started")
             if self._stop_requested:
@@ -570,7 +574,7 @@ class Supervisor:
                 "queues": [list(slot.queues) for slot in self._slots],
             }
         )
-        with self._lock:
+        with self._supervising("start"):
             self._state = "running"
             try:
                 if not self._stop_requested:
@@ -665,7 +669,7 @@ class Supervisor:
         deadline = None if timeout is None else time.monotonic() + _seconds("timeout", timeout)
         if self._state in ("new", "starting"):
             raise RuntimeError(f"{self!r} was not started: call start() first (and let it return)")
-        with self._lock:
+        with self._supervising("wait"):
             while self._state != "closed":
                 if self._stop_requested:
                     self._finish_locked(force=self._kill_requested)
@@ -688,12 +692,14 @@ class Supervisor:
             return
         self._request_stop(kill=False)
         if self._lock.acquire(blocking=False):
+            self._holder = threading.get_ident()
             try:
                 if self._state == "new":
                     self._state = "closed"
                 elif self._state not in ("closed", "starting"):
                     self._finish_locked(force=self._kill_requested)
             finally:
+                self._holder = None
                 self._lock.release()
 
     def kill(self) -> None:
@@ -750,6 +756,24 @@ class Supervisor:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass  # full (a wake-up is pending anyway) or closed
+
+    @contextlib.contextmanager
+    def _supervising(self, what: str) -> Iterator[None]:
+        """Hold the supervision lock; refuse a call from the thread that
+        holds it (on_event or a signal handler run by the supervision
+        itself), which would wait for itself for ever."""
+        if self._holder == threading.get_ident():
+            raise RuntimeError(
+                f"Supervisor.{what}() from inside the supervision (an on_event callback or "
+                "a signal handler it runs) would wait for itself: call close() or kill() "
+                "there, which only ask"
+            )
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._holder = None
 
     def _check_owner(self, what: str) -> None:
         if os.getpid() != self._owner:

@@ -754,6 +754,37 @@ def test_a_start_that_fails_before_forking_keeps_no_socket_or_pipe():
     assert json.loads(lines[-1]) == [3, True, []]
 
 
+def test_wait_or_start_from_on_event_is_refused_instead_of_waiting_for_itself():
+    lines = run_script(
+        textwrap.dedent("""
+        import json, signal
+        from iouzcrx import Supervisor
+        signal.alarm(60)  # a supervisor waiting for itself ends here, not in the test
+        answers = {}
+        sup = None
+
+        def on_event(event):
+            call = {"started": "wait", "serving": "wait", "stopped": "start"}.get(event["event"])
+            if call is not None and event["event"] not in answers:
+                try:
+                    getattr(sup, call)()
+                    answers[event["event"]] = "returned"
+                except RuntimeError as exc:
+                    answers[event["event"]] = str(exc)
+
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=1, mode="bufring",
+                         use_uvloop=False, on_event=on_event)
+        sup.start()
+        sup.close()
+        print(json.dumps(answers))
+        """)
+    )
+    answers = json.loads(lines[-1])
+    assert "would wait for itself" in answers["started"]
+    assert "would wait for itself" in answers["serving"]
+    assert "already started" in answers["stopped"]
+
+
 def test_connections_from_no_queue_are_served_where_they_land_and_counted():
     # Loopback has no NAPI instance: no connection names an RX queue, so
     # each is served by the worker that accepted it, counted unsteerable.
