@@ -334,7 +334,7 @@ cdef class ReceiveQueue(BufferOwner):
         views it counts pin their share of the area, and starts again once
         enough of them are gone.
         """
-        if self.closed:
+        if self.closed or self.ring is None:
             raise ValueError(f"the {self.mode} receive queue is closed")
         self.ring.check_owner()
         # Checked now: a completion that finds a bad callback or fd could
@@ -374,6 +374,9 @@ cdef class ReceiveQueue(BufferOwner):
             return
         cdef Ring ring = self.ring
         cdef Receiver receiver
+        if ring is None:  # made by __new__, never set up: nothing to undo
+            self.closed = True
+            return
         if not ring.closed:
             ring.check_thread()
         self.closed = True

@@ -137,8 +137,22 @@ cdef class ZcrxExport:
     registers the same queue on another ring of this process.  ``close()``
     is idempotent; the fd is also closed when the object is collected."""
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self.fd = -1
+
+    def __init__(self, *args, **kwargs):
+        # Arguments were silently dropped: ZcrxExport(fd) looked like it
+        # adopted an fd, and left an empty export.
+        if args or kwargs:
+            raise TypeError(
+                "ZcrxExport() takes no arguments: get one from queue.export_queue(); "
+                "it cannot adopt an fd")
+
+    def __reduce__(self):
+        raise TypeError(
+            "a ZcrxExport owns a file descriptor of this process and cannot be pickled "
+            "or copied: export the queue again for another ring (an fd to send to "
+            "another process comes from detach())")
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -422,9 +436,9 @@ cdef class ZcrxQueue(ReceiveQueue):
         """Export this queue (ZCRX_CTRL_EXPORT): a ZcrxExport owning the
         kernel's fd for it, to pass to ``ZcrxQueue.imported()`` on another
         ring of this process.  Owner thread only."""
-        self.ring.check_owner()
-        if self.closed:
+        if self.closed or self.ring is None:
             raise ValueError(f"the {self.mode} receive queue is closed")
+        self.ring.check_owner()
         missing = zcrx_export_missing(kernel_features())
         if missing is not None:
             raise KernelTooOld(_errno.EOPNOTSUPP, missing)
@@ -731,9 +745,9 @@ cdef class ZcrxQueue(ReceiveQueue):
     def flush(self):
         """Publish pending returns and have the kernel take the refill ring now
         (ZCRX_CTRL_FLUSH_RQ, Linux 6.19+)."""
-        self.ring.check_owner()
-        if self.closed:
+        if self.closed or self.ring is None:
             return
+        self.ring.check_owner()
         self.publish_returns()
         if self.can_flush:
             self.flush_with_lock()
@@ -743,6 +757,8 @@ cdef class ZcrxQueue(ReceiveQueue):
         every return), and with ``flush=False`` like a kernel without
         ZCRX_CTRL_FLUSH_RQ, so that a copy-mode queue exercises the
         starvation handling of zerocopy mode."""
+        if self.ring is None:
+            raise ValueError("the zcrx queue was never set up")
         self.ring.check_owner()
         self.flush_after_publish = False
         if not flush:
@@ -753,7 +769,7 @@ cdef class ZcrxQueue(ReceiveQueue):
         stats.update(ReceiveQueue.stats(self))
         stats.update(zcrx_id=self.zcrx_id, rq_entries=self.rq_entries,
                      chunk_size=self.chunk_size, flushes=self.flushes)
-        stats["area_page_size"] = self.area.page_size
+        stats["area_page_size"] = self.area.page_size if self.area is not None else None
         return stats
 
     def zero_copy_stats(self):
@@ -781,5 +797,6 @@ cdef class ZcrxQueue(ReceiveQueue):
 
     def __repr__(self):
         where = f" {self.interface}:{self.queue}" if self.interface is not None else ""
-        return (f"<ZcrxQueue {self.mode}{where} area={self.area.size} "
+        area = self.area.size if self.area is not None else None
+        return (f"<ZcrxQueue {self.mode}{where} area={area} "
                 f"chunks={self.total_buffers} in_use={self.buffers_in_use}>")

@@ -173,15 +173,20 @@ def check_queues(queues: Any, *, queue: Any, interface: Any, mode: str) -> list[
     if isinstance(queues, (str, bytes)) or not hasattr(queues, "__iter__"):
         raise TypeError(f"queues must be a list of RX queue indexes such as [0, 1], not {queues!r}")
     result: list[int] = []
+    seen: set[int] = set()
     for item in queues:
         index = _integer("queue", item)
         if not 0 <= index <= _MAX_QUEUE:
             raise InvalidConfiguration(
                 f"queues must hold non-negative RX queue indexes, not {index}"
             )
-        if index in result:
-            raise InvalidConfiguration(f"queues names RX queue {index} twice: {list(queues)!r}")
         result.append(index)
+        if index in seen:
+            # What was read so far: queues may be an iterator, even an
+            # endless one, whose rest must not be read.
+            shown = f"{result[:16]!r}{' ...' if len(result) > 16 else ''}"
+            raise InvalidConfiguration(f"queues names RX queue {index} twice: {shown}")
+        seen.add(index)
     if not result:
         raise InvalidConfiguration("queues= needs at least one RX queue index (or leave it out)")
     if interface is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -77,10 +78,30 @@ class ServerCollector:
         stats = getattr(server, "stats", None)
         if not callable(stats):
             raise TypeError(f"server must have a stats() method (a ZcrxServer), not {server!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        # A wait longer than the platform's (inf included) fails every
+        # scrape from inside the threading module: refuse it here.
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= threading.TIMEOUT_MAX
+        ):
+            raise ValueError(
+                f"timeout must be a positive number of seconds up to "
+                f"{threading.TIMEOUT_MAX:g}, not {timeout!r}"
+            )
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    "no running event loop: call this on the server's loop, or pass "
+                    "loop=<the server's loop>"
+                ) from None
+        elif not isinstance(loop, asyncio.AbstractEventLoop):
+            # Checked now: every scrape would fail on it, far from here.
+            raise TypeError(f"loop must be the server's event loop, not {loop!r}")
         self._stats: Callable[[], dict[str, Any]] = stats
-        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._loop = loop
         self._timeout = timeout
 
     def _read(self) -> dict[str, Any] | None:
@@ -155,8 +176,9 @@ class ServerCollector:
 
 class Exporter:
     """A running exporter: its collector, registered, and its HTTP server.
-    ``close()`` stops both; closing twice (or from another thread) is
-    harmless."""
+    ``close()`` stops both; closing twice, from another thread or in a
+    forked child is harmless (a child only closes its copy of the
+    listening socket)."""
 
     def __init__(
         self, collector: ServerCollector, registry: CollectorRegistry, http: Any, thread: Any
@@ -167,6 +189,7 @@ class Exporter:
         self._thread = thread
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
 
     @property
     def port(self) -> int:
@@ -178,10 +201,15 @@ class Exporter:
             if self._closed:
                 return
             self._closed = True
-        self._http.shutdown()
-        self._http.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        if os.getpid() != self._pid:
+            # A forked child has no serving thread: shutdown() would wait
+            # for ever for it to stop.
+            self._http.server_close()
+        else:
+            self._http.shutdown()
+            self._http.server_close()
+            if self._thread is not None:
+                self._thread.join(5)
         try:
             self.registry.unregister(self.collector)
         except KeyError:
@@ -214,6 +242,16 @@ def start_exporter(
     target.register(collector)
     try:
         http, thread = start_http_server(port, addr=addr, registry=target)
+    except OSError as exc:
+        target.unregister(collector)
+        if exc.errno is None:
+            raise
+        # The socket's own message names neither the address nor the port.
+        raise OSError(
+            exc.errno,
+            f"cannot serve metrics on {addr!r} port {port}: {exc.strerror}; pick another "
+            "port (port=0 picks a free one, see Exporter.port) or addr",
+        ) from exc
     except BaseException:
         target.unregister(collector)
         raise

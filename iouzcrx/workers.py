@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -58,7 +59,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from iouzcrx import steering as _steering
@@ -213,6 +214,7 @@ def _queue_shares(queues: Any, workers: int, interface: Any) -> list[tuple[int, 
     if isinstance(queues, (str, bytes)) or not hasattr(queues, "__iter__"):
         raise TypeError(f"queues must be a list of RX queue indexes such as [0, 1], not {queues!r}")
     listed: list[int] = []
+    seen: set[int] = set()
     for item in queues:
         if isinstance(item, bool) or not isinstance(item, numbers.Integral):
             raise TypeError(f"queues must hold int RX queue indexes, not {item!r}")
@@ -220,12 +222,26 @@ def _queue_shares(queues: Any, workers: int, interface: Any) -> list[tuple[int, 
         listed.append(queue)
         if not 0 <= queue <= 0xFFFE:
             raise InvalidConfiguration(f"queues must hold RX queue indexes 0-65534, not {queue}")
-    if len(set(listed)) != len(listed):
-        raise InvalidConfiguration(f"queues names an RX queue twice: {listed!r}")
+        # Checked as they come: an endless iterator then ends within 65,535
+        # items (a repeat or an index out of range) instead of never.
+        if queue in seen:
+            raise InvalidConfiguration(
+                f"queues names an RX queue twice ({queue}): "
+                f"{listed[:16]!r}{' ...' if len(listed) > 16 else ''}"
+            )
+        seen.add(queue)
+    if not listed:
+        raise InvalidConfiguration("queues= needs at least one RX queue index (or leave it out)")
     if interface is None:
         raise InvalidConfiguration(
             "queues= needs interface= (the NIC whose RX queues they are, e.g. 'eth0')"
         )
+    # Checked here, before any fork, as create_zcrx_server checks it: the
+    # steering set-up would otherwise fail on it without naming it.
+    if not isinstance(interface, str):
+        raise TypeError(f"interface must be a str such as 'eth0', not {interface!r}")
+    if not interface or "\0" in interface or "/" in interface:
+        raise InvalidConfiguration(f"interface {interface!r} is not a network interface name")
     if len(listed) < workers:
         raise InvalidConfiguration(
             f"workers={workers} but queues= lists {len(listed)} RX queue(s) {listed!r}: each "
@@ -417,13 +433,22 @@ class Supervisor:
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._lock = threading.Lock()
-        self._state = "new"  # running, stopping, closed
+        self._holder: int | None = None  # the thread holding _lock
+        self._state = "new"  # starting, running, stopping, closed
         self._stop_requested = False
         self._kill_requested = False
         self._kill_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<Supervisor {self._state} workers={self._workers} port={self._port_bound}>"
+
+    def __reduce__(self) -> Any:
+        # A copy would share the workers, sockets and lock: closing it would
+        # stop the original's workers behind the original's back.
+        raise TypeError(
+            "a Supervisor owns its worker processes and listening sockets: it cannot be "
+            "copied or pickled; make another Supervisor (on another port) instead"
+        )
 
     # -- public ------------------------------------------------------------------
 
@@ -463,10 +488,10 @@ class Supervisor:
     def start(self) -> None:
         """Bind the port, fork the workers and return once each serves.
         Raises ``WorkerStartError`` (after stopping the others) if one fails
-        before it serves."""
+        before it serves. A close() meanwhile (from ``on_event``, a signal
+        handler or another thread) stops whatever started: start() then
+        returns with the supervisor closed."""
         self._check_owner("start")
-        if self._state != "new":
-            raise RuntimeError(f"{self!r} was already started")
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -476,6 +501,39 @@ class Supervisor:
                 "start the supervisor outside any running event loop: workers are forked, "
                 "and a forked child cannot use its parent's loop or ring"
             )
+        if self._state != "new":  # before the lock: on_event may be asking
+            raise RuntimeError(f"{self!r} was already started")
+        with self._supervising("start"):
+            if self._state != "new":
+                raise RuntimeError(f"{self!r} was already started")
+            if self._stop_requested:
+                self._state = "closed"
+                raise RuntimeError(f"{self!r} was closed before it started")
+            # Not "new" any more: a close() from now on leaves the stop to
+            # this method, which alone knows what it has made so far.
+            self._state = "starting"
+        try:
+            self._start_unlocked()
+        except BaseException:
+            if self._state == "starting":
+                # Failed before any fork (a bind, the steering set-up, an
+                # on_event that raised SystemExit): let go of what it made.
+                self._release_setup()
+                self._state = "new"
+            raise
+
+    def _release_setup(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                _close_fd(fd)
+        self._release_sockets()
+
+    def _start_unlocked(self) -> None:
         backlog = self._options.get("backlog", 100)
         if isinstance(backlog, bool) or not isinstance(backlog, int):
             raise TypeError(f"backlog must be an int, not {backlog!r}")
@@ -498,10 +556,13 @@ class Supervisor:
         except BaseException:
             self._release_sockets()
             raise
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._state = "running"
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        except BaseException:
+            self._release_sockets()
+            raise
         addresses = [s.getsockname() for s in self._listeners[0]]
         self._emit(
             {
@@ -513,14 +574,20 @@ class Supervisor:
                 "queues": [list(slot.queues) for slot in self._slots],
             }
         )
-        with self._lock:
+        with self._supervising("start"):
+            self._state = "running"
             try:
-                self._start_locked()
+                if not self._stop_requested:
+                    self._start_locked()
             except BaseException:
                 # A fork that failed, a worker that could not start, Ctrl-C
                 # without run()'s handlers: no worker outlives a failed start.
                 self._finish_locked(force=True)
                 raise
+            if self._stop_requested:
+                # close() came while starting: it only asked (the lock was
+                # ours, or the state said "starting").
+                self._finish_locked(force=self._kill_requested)
 
     @property
     def steering(self) -> str:
@@ -600,9 +667,9 @@ class Supervisor:
         whether it is closed."""
         self._check_owner("wait")
         deadline = None if timeout is None else time.monotonic() + _seconds("timeout", timeout)
-        if self._state == "new":
-            raise RuntimeError(f"{self!r} was not started: call start() first")
-        with self._lock:
+        if self._state in ("new", "starting"):
+            raise RuntimeError(f"{self!r} was not started: call start() first (and let it return)")
+        with self._supervising("wait"):
             while self._state != "closed":
                 if self._stop_requested:
                     self._finish_locked(force=self._kill_requested)
@@ -624,14 +691,15 @@ class Supervisor:
             self._forget_in_child()
             return
         self._request_stop(kill=False)
-        if self._state == "new":
-            self._state = "closed"
-            return
         if self._lock.acquire(blocking=False):
+            self._holder = threading.get_ident()
             try:
-                if self._state != "closed":
+                if self._state == "new":
+                    self._state = "closed"
+                elif self._state not in ("closed", "starting"):
                     self._finish_locked(force=self._kill_requested)
             finally:
+                self._holder = None
                 self._lock.release()
 
     def kill(self) -> None:
@@ -688,6 +756,24 @@ class Supervisor:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass  # full (a wake-up is pending anyway) or closed
+
+    @contextlib.contextmanager
+    def _supervising(self, what: str) -> Iterator[None]:
+        """Hold the supervision lock; refuse a call from the thread that
+        holds it (on_event or a signal handler run by the supervision
+        itself), which would wait for itself for ever."""
+        if self._holder == threading.get_ident():
+            raise RuntimeError(
+                f"Supervisor.{what}() from inside the supervision (an on_event callback or "
+                "a signal handler it runs) would wait for itself: call close() or kill() "
+                "there, which only ask"
+            )
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._holder = None
 
     def _check_owner(self, what: str) -> None:
         if os.getpid() != self._owner:

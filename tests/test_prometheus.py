@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
+import textwrap
 import urllib.request
 
 import pytest
@@ -99,6 +102,12 @@ def test_a_scrape_from_another_thread_of_a_stopped_loop_reports_down():
 
 
 def test_bad_arguments_are_named():
+    # Outside a loop, and a loop that is not one: every scrape would fail.
+    with pytest.raises(RuntimeError, match="pass loop="):
+        ServerCollector(type("Server", (), {"stats": lambda self: {}})())
+    with pytest.raises(TypeError, match="loop must be the server's event loop, not 5"):
+        ServerCollector(type("Server", (), {"stats": lambda self: {}})(), loop=5)  # type: ignore[arg-type]
+
     async def main() -> None:
         with pytest.raises(TypeError, match="stats"):
             ServerCollector(object())
@@ -108,10 +117,59 @@ def test_bad_arguments_are_named():
         try:
             with pytest.raises(ValueError, match="port"):
                 start_exporter(server, port=70000)
+            registry = prometheus_client.CollectorRegistry()
+            with start_exporter(server, port=0, registry=registry) as first:
+                with pytest.raises(OSError, match=f"'127.0.0.1' port {first.port}: .*port=0"):
+                    start_exporter(server, port=first.port, registry=registry)
             with pytest.raises(ValueError, match="timeout"):
                 ServerCollector(server, timeout=0)
+            # Waits the threading module cannot make would fail every scrape.
+            for timeout in (float("inf"), float("nan"), 1e300, True, "1"):
+                with pytest.raises(ValueError, match="timeout"):
+                    ServerCollector(server, timeout=timeout)
         finally:
             server.close()
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_an_exporter_inherited_by_a_forked_child_closes_there_without_hanging():
+    # The child is its own process (fork from the test's thread-rich
+    # interpreter would be unsafe); it forks, closes in the grandchild,
+    # then in itself, and the parent still serves in between.
+    code = textwrap.dedent(
+        """
+        import asyncio, os, signal, sys, urllib.request
+        import prometheus_client
+        import iouzcrx
+        from iouzcrx.prometheus import start_exporter
+
+        async def main():
+            server = await iouzcrx.create_zcrx_server(
+                asyncio.Protocol, "127.0.0.1", 0, mode="bufring", area_size=1 << 20)
+            exporter = start_exporter(
+                server, port=0, registry=prometheus_client.CollectorRegistry())
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(20)  # a hang ends this process, not only the test
+                exporter.close()
+                exporter.close()
+                os._exit(0)
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+            url = f"http://127.0.0.1:{exporter.port}/metrics"
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+            exporter.close()
+            server.close()
+            await server.wait_closed()
+            print(os.waitstatus_to_exitcode(status), "iouzcrx_up 1.0" in text)
+
+        asyncio.run(main())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True"]

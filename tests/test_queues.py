@@ -6,6 +6,7 @@ the ``queues=`` option of ``create_zcrx_server``."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 from isolation import PACKAGE_ROOT
@@ -244,11 +246,19 @@ async def test_queue_and_queues_together_are_refused():
         )  # fmt: skip
 
 
+def never_read() -> Iterator[int]:
+    """Items no one may ask for."""
+    raise AssertionError("queues= was read on past its first repeat")
+    yield 0  # a generator
+
+
 @pytest.mark.parametrize(
     ("queues", "error", "match"),
     [
         ([], InvalidConfiguration, "at least one"),
         ([0, 0], InvalidConfiguration, "twice"),
+        # An iterator is not read past its first repeat (it may be endless).
+        (lambda: itertools.chain([0, 0], never_read()), InvalidConfiguration, r"0 twice: \[0, 0\]"),
         ([0, -1], InvalidConfiguration, "non-negative"),
         ([0, "1"], TypeError, "queue must be an integer"),
         (3, TypeError, "queues must be"),
@@ -256,6 +266,8 @@ async def test_queue_and_queues_together_are_refused():
     ],
 )
 async def test_bad_queues_are_named(queues, error, match):
+    if callable(queues):  # an iterator, made afresh for each loop
+        queues = queues()
     with pytest.raises(error, match=match):
         await iouzcrx.create_zcrx_server(
             asyncio.Protocol, "127.0.0.1", 0, interface="lo", queues=queues

@@ -687,6 +687,104 @@ def test_supervisor_closed_from_another_thread_and_as_a_context_manager():
     assert json.loads(lines[-1]) == [0, 0]
 
 
+def test_supervisor_closed_while_it_starts_stops_what_started_and_leaves_nothing():
+    lines = run_script(
+        textwrap.dedent("""
+        import json, os, socket, threading
+        from iouzcrx import Supervisor
+        results = []
+        for when in ("listening", "started"):
+            for from_thread in (False, True):
+                sup = None
+
+                def on_event(event, when=when, from_thread=from_thread):
+                    if event["event"] == when:
+                        if from_thread:
+                            closer = threading.Thread(target=sup.close)
+                            closer.start()
+                            closer.join(60)
+                        else:
+                            sup.close()
+
+                sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2,
+                                 mode="bufring", use_uvloop=False, on_event=on_event,
+                                 interface="lo", queues=[0, 1], steering="handoff")
+                sup.start()  # returns: what it started is stopped
+                try:
+                    os.waitpid(-1, os.WNOHANG)
+                    children = True
+                except ChildProcessError:
+                    children = False
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", sup.port))  # the port was let go
+                sup.close()
+                results.append([when, from_thread, sup.closed, children])
+        print(json.dumps(results))
+        """)
+    )
+    assert json.loads(lines[-1]) == [
+        [when, from_thread, True, False]
+        for when in ("listening", "started")
+        for from_thread in (False, True)
+    ]
+
+
+def test_a_start_that_fails_before_forking_keeps_no_socket_or_pipe():
+    lines = run_script(
+        textwrap.dedent("""
+        import json, os
+        from iouzcrx import Supervisor
+
+        def on_event(event):
+            if event["event"] == "listening":
+                raise SystemExit(3)  # not an Exception: it goes through start()
+
+        before = set(os.listdir("/proc/self/fd"))
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2, mode="bufring",
+                         use_uvloop=False, on_event=on_event, interface="lo",
+                         queues=[0, 1], steering="handoff")
+        try:
+            sup.start()
+        except SystemExit as exc:
+            code = exc.code
+        sup.close()
+        print(json.dumps([code, sup.closed, sorted(set(os.listdir("/proc/self/fd")) - before)]))
+        """)
+    )
+    assert json.loads(lines[-1]) == [3, True, []]
+
+
+def test_wait_or_start_from_on_event_is_refused_instead_of_waiting_for_itself():
+    lines = run_script(
+        textwrap.dedent("""
+        import json, signal
+        from iouzcrx import Supervisor
+        signal.alarm(60)  # a supervisor waiting for itself ends here, not in the test
+        answers = {}
+        sup = None
+
+        def on_event(event):
+            call = {"started": "wait", "serving": "wait", "stopped": "start"}.get(event["event"])
+            if call is not None and event["event"] not in answers:
+                try:
+                    getattr(sup, call)()
+                    answers[event["event"]] = "returned"
+                except RuntimeError as exc:
+                    answers[event["event"]] = str(exc)
+
+        sup = Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=1, mode="bufring",
+                         use_uvloop=False, on_event=on_event)
+        sup.start()
+        sup.close()
+        print(json.dumps(answers))
+        """)
+    )
+    answers = json.loads(lines[-1])
+    assert "would wait for itself" in answers["started"]
+    assert "would wait for itself" in answers["serving"]
+    assert "already started" in answers["stopped"]
+
+
 def test_connections_from_no_queue_are_served_where_they_land_and_counted():
     # Loopback has no NAPI instance: no connection names an RX queue, so
     # each is served by the worker that accepted it, counted unsteerable.
@@ -778,6 +876,17 @@ def test_steering_over_a_missing_interface_fails_start_naming_it():
         assert sup.closed and sup.stats()[0]["pid"] is None
 
 
+def test_a_supervisor_is_neither_copied_nor_pickled():
+    import copy
+    import pickle
+
+    sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            duplicate(sup)
+    sup.close()
+
+
 def test_the_supervisor_refuses_to_fork_from_a_running_loop():
     async def inside() -> None:
         sup = iouzcrx.Supervisor("workers_app:Verify", "127.0.0.1", 0, workers=2)
@@ -810,6 +919,13 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
     assert words in str(info.value)
 
 
+def endless(item: Any) -> Iterator[int]:
+    """``item(i)`` for i = 0, 1, ... and a failure past any finite need."""
+    for i in range(1 << 17):
+        yield item(i)
+    raise AssertionError("queues= was read on past where it had to fail")
+
+
 @pytest.mark.parametrize(
     "kwargs,words",
     [
@@ -829,9 +945,21 @@ def test_bad_workers_values_are_refused_naming_the_value(workers, error, words):
         ({"queues": [0, 1]}, "queues= needs interface="),
         ({"queues": [0], "interface": "lo"}, "workers=2 but queues= lists 1 RX queue(s) [0]"),
         ({"queues": [0, 0], "interface": "lo"}, "names an RX queue twice"),
+        # Endless iterators end at the first repeat or out-of-range index
+        # (these stand for endless ones: they fail if read on past that).
+        ({"queues": endless(lambda i: 0), "interface": "lo"}, "names an RX queue twice (0)"),
+        ({"queues": endless(lambda i: i), "interface": "lo"}, "not 65535"),
         ({"queues": [0, "1"], "interface": "lo"}, "not '1'"),
         ({"queues": [0, 1 << 16], "interface": "lo"}, "not 65536"),
         ({"queues": 3, "interface": "lo"}, "queues must be a list"),
+        ({"queues": [], "interface": "lo"}, "queues= needs at least one RX queue"),
+        ({"queues": [0, 1], "interface": "lo\0"}, "interface 'lo\\x00' is not a network"),
+        ({"queues": [0, 1], "interface": ""}, "interface '' is not a network"),
+        (
+            {"queues": [0, 1], "interface": b"lo"},
+            "interface must be a str such as 'eth0', not b'lo'",
+        ),
+        ({"queues": [0, 1], "interface": 1}, "interface must be a str such as 'eth0', not 1"),
         ({"queues": [0, 1], "interface": "lo", "queue": 0}, "pass queue= or queues="),
         ({"steering": "ebpf"}, "steering must be one of"),
         (

@@ -5,7 +5,9 @@ both stays byte-exact while they recycle the same small area."""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import threading
 
 import pytest
@@ -47,6 +49,22 @@ def test_an_export_closes_twice_harmlessly():
     export.close()
     with pytest.raises(ValueError, match="closed"):
         export.fileno()
+
+
+def test_an_export_adopts_no_fd_and_is_neither_pickled_nor_copied():
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        # It would look as if it owned fd, and own nothing.
+        with pytest.raises(TypeError, match="export_queue"):
+            iouzcrx.ZcrxExport(fd)
+        with pytest.raises(TypeError, match="export_queue"):
+            iouzcrx.ZcrxExport(fd=fd)
+    finally:
+        os.close(fd)
+    export = iouzcrx.ZcrxExport()
+    for duplicate in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            duplicate(export)
 
 
 @pytest.mark.vm
