@@ -518,6 +518,14 @@ def use_the_simulated_nic(args: argparse.Namespace) -> None:
         check=True,
     )
     nic = json.loads(up.stdout.strip().splitlines()[-1])
+    # The simulated NIC delivers on the RX queue the sender transmitted on,
+    # and TCP picks a new TX queue for a flow when it retransmits: a flow
+    # would move to another worker's queue mid-stream, which RSS on a real
+    # NIC (a hash of the addresses and ports) never does.
+    subprocess.run(
+        ["ip", "netns", "exec", nic["peer_netns"], "sysctl", "-qw", "net.core.txrehash=0"],
+        check=True,
+    )
     args.mode = "zerocopy"
     args.interface = nic["interface"]
     args.queues = ",".join(str(q) for q in range(nic["queues"]))
