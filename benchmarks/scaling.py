@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from suite import compile_programs, last_json
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MIB = 1 << 20
@@ -365,11 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="iouzcrx-scaling-") as build:
-        sender = Path(build) / "sender"
-        cc = os.environ.get("CC", "cc")
-        subprocess.run(
-            [cc, "-O2", "-pthread", "-o", str(sender), str(HERE / "c" / "sender.c")], check=True
-        )
+        sender = compile_programs(Path(build))["sender"]
         for n in counts:
             samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in farms}
             for rep in range(args.repeat):
@@ -501,10 +499,10 @@ def run_in_vm(args: argparse.Namespace) -> dict[str, Any]:
     )
     if done.returncode != 0:
         raise SystemExit(f"the scaling run failed in the VM (exit {done.returncode})")
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)  # type: ignore[no-any-return]
-    raise SystemExit("the VM run printed no results")
+    try:
+        return last_json(done.stdout)
+    except ValueError:
+        raise SystemExit("the VM run printed no results") from None
 
 
 def use_the_simulated_nic(args: argparse.Namespace) -> None:
@@ -518,14 +516,6 @@ def use_the_simulated_nic(args: argparse.Namespace) -> None:
         check=True,
     )
     nic = json.loads(up.stdout.strip().splitlines()[-1])
-    # The simulated NIC delivers on the RX queue the sender transmitted on,
-    # and TCP picks a new TX queue for a flow when it retransmits: a flow
-    # would move to another worker's queue mid-stream, which RSS on a real
-    # NIC (a hash of the addresses and ports) never does.
-    subprocess.run(
-        ["ip", "netns", "exec", nic["peer_netns"], "sysctl", "-qw", "net.core.txrehash=0"],
-        check=True,
-    )
     args.mode = "zerocopy"
     args.interface = nic["interface"]
     args.queues = ",".join(str(q) for q in range(nic["queues"]))

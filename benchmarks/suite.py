@@ -162,7 +162,7 @@ class Unavailable(Exception):
     """The receiver cannot run on this machine (its reason is the message)."""
 
 
-def _last_json(text: str) -> dict[str, Any]:
+def last_json(text: str) -> dict[str, Any]:
     for line in reversed(text.splitlines()):
         if line.startswith("{"):
             return json.loads(line)  # type: ignore[no-any-return]
@@ -196,7 +196,7 @@ def run_one(name: str, programs: dict[str, Path], sc: Scenario, timeout: float) 
         out, err = receiver.communicate(timeout=30)
         if receiver.returncode != 0:
             raise RuntimeError(f"{name} failed: {err.strip()}")
-        return {"receiver": _last_json(out), "sender": _last_json(sender.stdout)}
+        return {"receiver": last_json(out), "sender": last_json(sender.stdout)}
     finally:
         if receiver.poll() is None:
             receiver.kill()
@@ -392,7 +392,7 @@ def run_in_vm(args: argparse.Namespace) -> dict[str, Any]:
     )
     if done.returncode != 0:
         raise SystemExit(f"the suite failed in the VM (exit {done.returncode})")
-    return _last_json(done.stdout)
+    return last_json(done.stdout)
 
 
 def main(argv: list[str]) -> int:

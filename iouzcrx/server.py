@@ -179,33 +179,26 @@ class ZcrxServer(asyncio.AbstractServer):
         itself, over all its queues, from the kernel's own counters."""
         every = list(queues.values()) or [backend]
         received = sum(stats.get("bytes", 0) for stats in every)
+        copied: int | None = None
+        share: float | None = None
         if self.mode not in ("zerocopy", "copy"):
-            return {
-                "kernel_stats": False,
-                "kernel_stats_missing": f"{self.mode} mode has no zcrx queue: the kernel "
-                "copies every byte",
-                "bytes_received": received,
-                "copied_bytes": None,
-                "zero_copy_share": 0.0,
-            }
-        missing = next(
-            (s["kernel_stats_missing"] for s in every if not s.get("kernel_stats")), None
-        )
-        if missing is not None:
-            return {
-                "kernel_stats": False,
-                "kernel_stats_missing": missing,
-                "bytes_received": received,
-                "copied_bytes": None,
-                "zero_copy_share": None,
-            }
-        copied = sum(stats["copied_bytes"] for stats in every)
+            missing: str | None = (
+                f"{self.mode} mode has no zcrx queue: the kernel copies every byte"
+            )
+            share = 0.0
+        else:
+            missing = next(
+                (s["kernel_stats_missing"] for s in every if not s.get("kernel_stats")), None
+            )
+            if missing is None:
+                copied = sum(stats["copied_bytes"] for stats in every)
+                share = max(received - copied, 0) / received if received else None
         return {
-            "kernel_stats": True,
-            "kernel_stats_missing": None,
+            "kernel_stats": missing is None,
+            "kernel_stats_missing": missing,
             "bytes_received": received,
             "copied_bytes": copied,
-            "zero_copy_share": max(received - copied, 0) / received if received else None,
+            "zero_copy_share": share,
         }
 
     def get_loop(self) -> asyncio.AbstractEventLoop:

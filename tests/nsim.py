@@ -21,9 +21,10 @@ As a command (root, in the VM: ``tests/vm/run`` sets ``IOUZCRX_VM=1``)::
 it is loaded, replaces any earlier device of this setup and prints
 ``interface``, ``ifindex``, ``peer``, ``peer_netns``, ``addresses`` (``local``,
 ``peer``, ``local6``, ``peer6``), ``queues``, ``mtu`` and ``hds_stats``;
-flows are spread by hash (no XPS steering). A client reaches ``local``
-from the peer namespace (``ip netns exec PEER_NETNS ...``). ``down``
-removes the device and the namespace.
+flows are spread by hash (no XPS steering), each kept on its queue (the
+peer does not rehash a flow onto another TX queue when it retransmits). A
+client reaches ``local`` from the peer namespace (``ip netns exec
+PEER_NETNS ...``). ``down`` removes the device and the namespace.
 """
 
 from __future__ import annotations
@@ -240,6 +241,10 @@ def up(ko: str) -> Nsim:
         _run("ip", "-n", PEER_NS, "addr", "add", f"{PEER_ADDR6}/64", "dev", peer, "nodad")
         _run("ip", "-n", PEER_NS, "link", "set", peer, "mtu", str(MTU), "up")
         _run("ip", "-n", PEER_NS, "link", "set", "lo", "up")
+        # The NIC delivers on the RX queue the peer sent on, and TCP picks a
+        # new TX queue for a flow when it retransmits: off, so that a flow
+        # stays on one queue, as RSS (a hash of addresses and ports) keeps it.
+        _run("ip", "netns", "exec", PEER_NS, "sh", "-c", "echo 0 > /proc/sys/net/core/txrehash")
         # What zcrx requires of the receiving NIC: header split, threshold 0.
         nlclient.rings_set(local, tcp_data_split=True, hds_thresh=0)
         nic = Nsim(

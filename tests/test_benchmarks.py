@@ -17,41 +17,34 @@ import pytest
 from iouzcrx._probe import kernel_features
 
 REPO = Path(__file__).resolve().parent.parent
-SUITE = REPO / "benchmarks" / "suite.py"
+
+
+def run_script(script: str, *args: str, timeout: float) -> str:
+    """Run benchmarks/``script`` with ``args``; its standard output, once it
+    exited with 0."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def run_suite(tmp_path: Path, *args: str) -> dict:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SUITE),
-            "--quick",
-            "--output",
-            str(tmp_path),
-            "--name",
-            "smoke",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    stdout = run_script(
+        "suite.py", "--quick", "--output", str(tmp_path), "--name", "smoke", *args, timeout=900
     )
-    assert done.returncode == 0, done.stderr[-4000:]
     if "--stdout" in args:
-        return json.loads(done.stdout.splitlines()[-1])
+        return json.loads(stdout.splitlines()[-1])
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / f"smoke{suffix}").stat().st_size > 0
     return json.loads((tmp_path / "smoke.json").read_text())
 
 
 def listed_receivers() -> list[str]:
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "receivers.py"), "--list"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)["receivers"]
+    return json.loads(run_script("receivers.py", "--list", timeout=120))["receivers"]
 
 
 @pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
@@ -118,30 +111,13 @@ def test_quick_suite_in_copy_mode(tmp_path: Path) -> None:
         }
 
 
-def run_scaling(tmp_path: Path, *args: str) -> dict:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "scaling.py"),
-            "--workers",
-            "1,2",
-            "--connections",
-            "32",
-            "--mib",
-            "64",
-            "--repeat",
-            "1",
-            "--output",
-            str(tmp_path),
-            "--name",
-            "scaling",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
+def run_scaling(tmp_path: Path) -> dict:
+    run_script(
+        "scaling.py",
+        "--workers", "1,2", "--connections", "32", "--mib", "64", "--repeat", "1",
+        "--output", str(tmp_path), "--name", "scaling",
         timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    )  # fmt: skip
     return json.loads((tmp_path / "scaling.json").read_text())
 
 

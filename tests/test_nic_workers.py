@@ -37,8 +37,7 @@ from nsim import (
     wait_for,
     wait_unbound,
 )
-from test_workers import EVENT_TIMEOUT, process_gone, served
-from workers_app import HEADER, payload
+from test_workers import EVENT_TIMEOUT, Stream, process_gone, served
 
 from iouzcrx.netdev import NetdevFamily
 
@@ -94,54 +93,21 @@ def in_peer(main: Callable[[], Awaitable[Any]]) -> Any:
     return result["value"]
 
 
-class Conn:
-    """One verified stream of the workers_app contract, from the peer."""
+class Conn(Stream):
+    """One verified stream of the workers_app contract, from the peer: its
+    flow keeps its hash, so its packets stay on one RX queue."""
 
-    def __init__(self, port: int, seed: int, length: int) -> None:
-        self.port = port
-        self.seed = seed
-        self.length = length
-        self.data = HEADER.pack(seed, length) + payload(seed, length)
-        self.pid: int | None = None
-        self.napi_id = 0
-        self.reply = ""
-        self.error: BaseException | None = None
-
-    async def open(self) -> None:
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
         sock = socket.socket()
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_TXREHASH, 0)
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, (LOCAL_ADDR, self.port)), EVENT_TIMEOUT)
-            self.reader, self.writer = await asyncio.open_connection(sock=sock)
+            return await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
             raise
-        hello = await asyncio.wait_for(self.reader.readline(), EVENT_TIMEOUT)
-        assert hello.startswith(b"HELLO "), hello
-        _, pid, napi_id = hello.split()
-        self.pid, self.napi_id = int(pid), int(napi_id)
-
-    async def send(self, start: int, end: int) -> None:
-        self.writer.write(self.data[start:end])
-        await asyncio.wait_for(self.writer.drain(), EVENT_TIMEOUT)
-
-    async def finish(self, start: int = 0) -> None:
-        """Send from ``start`` on, EOF, read the verdict."""
-        try:
-            await self.send(start, len(self.data))
-            self.writer.write_eof()
-            reply = await asyncio.wait_for(self.reader.readline(), EVENT_TIMEOUT)
-            self.reply = reply.decode().strip()
-        except (ConnectionError, OSError) as exc:
-            self.error = exc
-        finally:
-            self.writer.close()
-
-    @property
-    def verified(self) -> bool:
-        return self.reply == f"OK {self.pid} {self.length}"
 
 
 async def run_conns(port: int, seeds: range, length: Callable[[int], int]) -> list[Conn]:
@@ -150,8 +116,7 @@ async def run_conns(port: int, seeds: range, length: Callable[[int], int]) -> li
     async def one(seed: int) -> Conn:
         async with limit:
             conn = Conn(port, seed, length(seed))
-            await conn.open()
-            await conn.finish()
+            await conn.run()
             return conn
 
     return await asyncio.gather(*(one(seed) for seed in seeds))

@@ -142,16 +142,21 @@ class Stream:
         self.length = length
         self.data = HEADER.pack(seed, length) + payload(seed, length)
         self.pid: int | None = None
+        self.napi_id = 0  # of the NAPI instance its packets arrive through (0: none)
         self.reply = ""
         self.error: BaseException | None = None
 
-    async def open(self) -> None:
-        self.reader, self.writer = await asyncio.wait_for(
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", self.port), EVENT_TIMEOUT
         )
+
+    async def open(self) -> None:
+        self.reader, self.writer = await self.connect()
         hello = await asyncio.wait_for(self.reader.readline(), EVENT_TIMEOUT)
         assert hello.startswith(b"HELLO "), hello
-        self.pid = int(hello.split()[1])
+        _, pid, napi_id = hello.split()
+        self.pid, self.napi_id = int(pid), int(napi_id)
 
     async def send(self, start: int, end: int) -> None:
         self.writer.write(self.data[start:end])
