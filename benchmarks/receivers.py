@@ -18,8 +18,10 @@ before the first connection, ``rss_mid_kb`` the peak when half the expected
 bytes had arrived, ``maxrss_kb`` the peak at the end: a receiver whose memory
 does not grow with the bytes received shows the last two equal.
 
-Names: ``{asyncio,uvloop}-{protocol,buffered,buffered-aligned}`` for the stock
-loops, and ``iouzcrx-{MODE}-{zerocopy,streams,buffered}-{asyncio,uvloop}``.
+Names: ``{asyncio,uvloop}-{protocol,buffered,buffered-aligned,streams}`` for the
+stock loops, and ``iouzcrx-{MODE}-{zerocopy,streams,buffered,protocol}-{asyncio,uvloop}``.
+The ``protocol`` and ``buffered`` receivers are the same classes on both
+sides: the drop-in a user tries first.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from typing import Any
 
 import iouzcrx
 
-STOCK_APIS = ("protocol", "buffered", "buffered-aligned")
-IOUZCRX_APIS = ("zerocopy", "streams", "buffered")
+STOCK_APIS = ("protocol", "buffered", "buffered-aligned", "streams")
+IOUZCRX_APIS = ("zerocopy", "streams", "buffered", "protocol")
 LOOPS = ("asyncio", "uvloop")
 READ_SIZE = 256 << 10  # what the stock BufferedProtocols offer per read
 
@@ -184,6 +186,10 @@ def _nodelay(transport: Any) -> None:
 async def serve_stock(api: str, figures: Figures, args: argparse.Namespace) -> Any:
     loop = asyncio.get_running_loop()
     aligned = api == "buffered-aligned"
+    if api == "streams":
+        return await asyncio.start_server(
+            lambda r, w: stream_handler(r, w, figures, args), "127.0.0.1", 0, backlog=4096
+        )
 
     def factory() -> asyncio.BaseProtocol:
         if api == "protocol":
@@ -208,6 +214,8 @@ async def serve_iouzcrx(mode: str, api: str, figures: Figures, args: argparse.Na
     def factory() -> asyncio.BaseProtocol:
         if api == "zerocopy":
             return CountingZeroCopyProtocol(figures, args)
+        if api == "protocol":
+            return CountingProtocol(figures, args)
         return CountingBufferedProtocol(figures, args, False)
 
     return await iouzcrx.create_zcrx_server(
@@ -230,6 +238,11 @@ async def stream_handler(
                     break
                 figures.received(len(request))
                 writer.write(response)
+        elif isinstance(reader, asyncio.StreamReader):
+            # The stock reader's iteration yields lines: bulk data is read
+            # in pieces of the stock BufferedProtocols' size instead.
+            while data := await reader.read(READ_SIZE):
+                figures.received(len(data))
         else:
             async for view in reader:
                 figures.received(len(view))

@@ -37,11 +37,14 @@ REPO = HERE.parent
 MIB = 1 << 20
 NOT_AVAILABLE = 2  # a C receiver's exit status when this kernel lacks its path
 # Under emulation every run is slow: the VM measures the copy mode against its
-# C reference, with the best stock receivers and one bufring receiver beside.
+# C reference and the stock uvloop receivers its targets name, with one
+# bufring receiver beside.
 VM_RECEIVERS = [
     "c-*",
     "uvloop-protocol",
+    "uvloop-buffered",
     "uvloop-buffered-aligned",
+    "uvloop-streams",
     "iouzcrx-copy-*",
     "iouzcrx-bufring-zerocopy-uvloop",
 ]
@@ -240,8 +243,15 @@ def figures_of(sc: Scenario, raw: dict[str, Any]) -> dict[str, float]:
     return fig
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def summarise(values: list[float]) -> dict[str, Any]:
+    # The values stay in run order: run i of every receiver ran in the same
+    # round, so report.py pairs them for a ratio's spread.
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
 
 
 # -- the run ---------------------------------------------------------------------
@@ -317,6 +327,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         programs = compile_programs(Path(build))
         for sc in chosen:
             per_receiver: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+            rounds: dict[str, list[int]] = {n: [] for n in names}
             for rep in range(repeat):
                 for name in names:
                     if name in results["unavailable"] or not runs_in(name, sc):
@@ -337,10 +348,11 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                         log(f"{label}: FAILED {exc}")
                         continue
                     per_receiver[name].append(fig)
+                    rounds[name].append(rep)
                     log(f"{label}: " + headline(sc, fig))
             results["runs"][sc.name] = {
                 name: {key: summarise([f[key] for f in figs]) for key in figs[0]}
-                | {"repetitions": len(figs)}
+                | {"repetitions": len(figs), "rounds": rounds[name]}
                 for name, figs in per_receiver.items()
                 if figs
             }
