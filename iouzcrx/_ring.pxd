@@ -101,6 +101,9 @@ cdef class Ring:
     cdef int add_client(self, RingClient client) except -1
     cdef int detach_client(self, RingClient client) except -1
     cdef list live_clients(self)
+    cdef int clients_before_enter(self) except -1
+    cdef int clients_after_reap(self) except -1
+    cdef int forget_dead_clients(self) except -1
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept
     cdef int report_callback_error(self, object exc) except -1

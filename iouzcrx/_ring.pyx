@@ -18,7 +18,8 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport close, getpid, read, write
-from cpython.weakref cimport PyWeakref_NewRef
+from cpython.object cimport PyObject
+from cpython.weakref cimport PyWeakref_GetObject, PyWeakref_NewRef
 
 from iouzcrx._abi cimport *
 
@@ -91,6 +92,47 @@ cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
     number = _checks.integer(name, value, 1, None,
                              f"a number of entries (above {limit} it is clamped)")
     return <unsigned>min(number, limit)
+
+
+cdef int dispatch_completions(Ring ring, uint32_t *head, uint32_t tail,
+                              int *count) except -1:
+    """Hand the CQEs from ``head[0]`` to ``tail`` to their requests; ``head``
+    and ``count`` move past each CQE before its handler runs, so that a
+    handler's exception leaves them right for the caller to go on."""
+    cdef const iouz_cqe *cqe
+    cdef uint64_t user_data, extra
+    cdef int32_t res
+    cdef uint32_t flags
+    cdef uint32_t h = head[0]
+    cdef Request request
+    while h != tail:
+        cqe = <const iouz_cqe *>(ring.cqes + (h & ring.cq_mask) * ring.cqe_stride)
+        flags = cqe.flags
+        if ring.cqe_mixed:
+            if flags & IOUZ_CQE_F_SKIP:
+                # Filler before a 32-byte CQE that would wrap.
+                h += 1
+                head[0] = h
+                continue
+            extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off if flags & IOUZ_CQE_F_32 else 0
+            h += 2 if flags & IOUZ_CQE_F_32 else 1
+        else:
+            extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off
+            h += 1
+        user_data = cqe.user_data
+        res = cqe.res
+        # Release the slot before running handlers: they may drain again.
+        iouz_store_release(ring.cq_head, h)
+        head[0] = h
+        count[0] += 1
+        if user_data == 0:
+            continue
+        request = <Request><void *><uintptr_t>user_data
+        if not (flags & IOUZ_CQE_F_MORE):
+            # Before complete(): it may re-arm the same request.
+            ring.inflight.discard(request)
+        request.complete(res, flags, extra)
+    return 0
 
 
 cdef class Request:
@@ -384,45 +426,18 @@ cdef class Ring:
     cdef int reap(self) except -1:
         cdef uint32_t head = self.cq_head[0]
         cdef uint32_t tail = iouz_load_acquire(self.cq_tail)
-        cdef const iouz_cqe *cqe
-        cdef uint64_t user_data, extra
-        cdef int32_t res
-        cdef uint32_t flags
         cdef int count = 0
-        cdef Request request
-        cdef RingClient client
         while head != tail:
-            cqe = <const iouz_cqe *>(self.cqes + (head & self.cq_mask) * self.cqe_stride)
-            flags = cqe.flags
-            if self.cqe_mixed:
-                if flags & IOUZ_CQE_F_SKIP:
-                    # Filler before a 32-byte CQE that would wrap.
-                    head += 1
-                    continue
-                extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off if flags & IOUZ_CQE_F_32 else 0
-                head += 2 if flags & IOUZ_CQE_F_32 else 1
-            else:
-                extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off
-                head += 1
-            user_data = cqe.user_data
-            res = cqe.res
-            # Release the slot before running handlers: they may drain again.
-            iouz_store_release(self.cq_head, head)
-            count += 1
-            if user_data == 0:
-                continue
-            request = <Request><void *><uintptr_t>user_data
-            if not (flags & IOUZ_CQE_F_MORE):
-                # Before complete(): it may re-arm the same request.
-                self.inflight.discard(request)
+            # One try per batch rather than per CQE: entering a try block
+            # costs more than the dispatch of a completion itself.  A handler
+            # that raises is reported and the walk goes on after its CQE.
             try:
-                request.complete(res, flags, extra)
+                dispatch_completions(self, &head, tail, &count)
             except BaseException as exc:
                 self.report_callback_error(exc)
         self.cqes_reaped += count
         if count:
-            for client in self.live_clients():
-                client.after_reap()
+            self.clients_after_reap()
         return count
 
     cdef int report_callback_error(self, object exc) except -1:
@@ -448,7 +463,6 @@ cdef class Ring:
             self.close_now(1.0)
             return 0
         self.draining = True
-        cdef RingClient client
         cdef int passes = 0
         cdef int more = 0
         cdef int fruitless = 0
@@ -457,8 +471,7 @@ cdef class Ring:
             if self.dropped_buffer_groups:
                 self.release_dropped()
             while True:
-                for client in self.live_clients():
-                    client.before_enter()
+                self.clients_before_enter()
                 # The first pass always enters: that runs the deferred task work
                 # the caller was woken for. Later passes enter only when there
                 # is something to submit or the kernel flags more work; returned
@@ -562,6 +575,46 @@ cdef class Ring:
     cdef int detach_client(self, RingClient client) except -1:
         self.clients = [ref for ref in self.clients
                         if ref() is not None and ref() is not client]
+        return 0
+
+    # The clients' hooks are called on every pass of a drain: they walk the
+    # list in place (add/detach rebind it, so the walk keeps the list it
+    # started with) instead of building a list of the live ones each time.
+
+    cdef int clients_before_enter(self) except -1:
+        cdef list clients = self.clients
+        cdef bint dead = False
+        cdef PyObject *target
+        cdef RingClient client
+        for ref in clients:
+            target = PyWeakref_GetObject(ref)
+            if target == <PyObject *>None:
+                dead = True
+            else:
+                client = <RingClient>target  # a strong reference for the call
+                client.before_enter()
+        if dead:
+            self.forget_dead_clients()
+        return 0
+
+    cdef int clients_after_reap(self) except -1:
+        cdef list clients = self.clients
+        cdef bint dead = False
+        cdef PyObject *target
+        cdef RingClient client
+        for ref in clients:
+            target = PyWeakref_GetObject(ref)
+            if target == <PyObject *>None:
+                dead = True
+            else:
+                client = <RingClient>target  # a strong reference for the call
+                client.after_reap()
+        if dead:
+            self.forget_dead_clients()
+        return 0
+
+    cdef int forget_dead_clients(self) except -1:
+        self.clients = [ref for ref in self.clients if ref() is not None]
         return 0
 
     cdef list live_clients(self):

@@ -221,3 +221,34 @@ def test_receive_through_the_engine_is_byte_exact(ring, listener):
 def test_pattern_helper_is_deterministic():
     assert Pattern(1).expected(5, 100) == Pattern(1).expected(5 + Pattern.BLOCK, 100)
     assert Pattern(1).expected(0, 64) != Pattern(2).expected(0, 64)
+
+
+@pytest.mark.parametrize("handler", [True, False])
+def test_a_raising_completion_handler_leaves_the_rest_of_its_batch_dispatched(ring, handler):
+    a, b = socket.socketpair()
+    with a, b:
+        ran: list[int] = []
+        reported: list[BaseException] = []
+
+        def callback(index: int):
+            def on_sent(res: int, flags: int) -> None:
+                ran.append(index)
+                if index in (0, 2):
+                    raise ValueError(f"handler {index}")
+
+            return on_sent
+
+        if handler:
+            ring.error_handler = reported.append
+        for index in range(4):
+            ring.send(a, b"x", callback=callback(index))
+        if handler:
+            while len(ran) < 4:
+                ring.wait(5)
+            assert [str(e) for e in reported] == ["handler 0", "handler 2"]
+        else:
+            with pytest.raises(ValueError, match="handler 0"):
+                while len(ran) < 4:
+                    ring.wait(5)
+        assert sorted(ran) == [0, 1, 2, 3]
+        assert ring.in_flight == 0
