@@ -37,7 +37,7 @@ from typing import Any
 import iouzcrx
 
 STOCK_APIS = ("protocol", "buffered", "buffered-aligned")
-IOUZCRX_APIS = ("zerocopy", "streams", "buffered")
+IOUZCRX_APIS = ("zerocopy", "streams", "buffered", "protocol")
 LOOPS = ("asyncio", "uvloop")
 READ_SIZE = 256 << 10  # what the stock BufferedProtocols offer per read
 
@@ -208,6 +208,8 @@ async def serve_iouzcrx(mode: str, api: str, figures: Figures, args: argparse.Na
     def factory() -> asyncio.BaseProtocol:
         if api == "zerocopy":
             return CountingZeroCopyProtocol(figures, args)
+        if api == "protocol":
+            return CountingProtocol(figures, args)
         return CountingBufferedProtocol(figures, args, False)
 
     return await iouzcrx.create_zcrx_server(
