@@ -62,6 +62,11 @@ class BytesCollector(Collector, asyncio.Protocol):
         self.data += data
 
 
+class ViewCollector(Collector, iouzcrx.ZeroCopyProtocol):
+    def view_received(self, view: memoryview) -> None:
+        self.data += view
+
+
 class BufferedCollector(Collector, asyncio.BufferedProtocol):
     def __init__(self, size: int = 64 << 10, view: bool = False) -> None:
         super().__init__()
@@ -276,10 +281,14 @@ class CallsBack(BufferedCollector):
 
             asyncio.get_running_loop().call_later(0.05, resume)
         else:
-            # Hand over to a protocol of the other kind, sharing the data.
-            successor: Any = (
-                BytesCollector() if self.where != "data_received" else BufferedCollector(777)
-            )
+            # Hand over to a protocol of another kind, sharing the data.
+            successor: Any
+            if self.action == "to_views":
+                successor = ViewCollector()
+            elif self.where == "data_received":
+                successor = BufferedCollector(777)
+            else:
+                successor = BytesCollector()
             successor.data = self.data
             successor.eof, successor.lost = self.eof, self.lost
             successor.transport = transport
@@ -309,7 +318,7 @@ class CallsBackBytes(CallsBack):
 
 @host_modes
 @pytest.mark.parametrize("where", ["data_received", "get_buffer", "buffer_updated"])
-@pytest.mark.parametrize("action", ["close", "pause", "set_protocol"])
+@pytest.mark.parametrize("action", ["close", "pause", "set_protocol", "to_views"])
 async def test_calling_the_transport_from_each_callback(mode, where, action):
     def make() -> CallsBack:
         kind = CallsBackBytes if where == "data_received" else CallsBack
@@ -329,7 +338,7 @@ async def test_calling_the_transport_from_each_callback(mode, where, action):
             data = await asyncio.wait_for(protocol.eof, TIMEOUT)
             assert protocol.done
             assert data == expected(9, total)
-            if action == "set_protocol":
+            if action in ("set_protocol", "to_views"):
                 assert protocol.transport.get_protocol() is protocol.successor
         if mode != "socket":
             # The ring transports look at the delivery again after each
