@@ -14,6 +14,7 @@ import pytest
 from conftest import RECEIVE_MODES, SCALE, SERVER_MODES, Pattern, connect_pair, make_queue
 
 import iouzcrx
+from iouzcrx._area import PinAccount
 
 server_modes = pytest.mark.parametrize("mode", SERVER_MODES)
 # The copy mode delivers through the same Receiver code as bufring; in the VM
@@ -354,7 +355,10 @@ def test_the_receiver_chooses_its_delivery_by_duck_typing(mode, ring, listener):
     queue = make_queue(ring, mode)
     client, conn = connect_pair(listener)
     with client, conn:
-        receiver = queue.recv_multishot(conn)
+        # A one-buffer pin limit: a view held for a moment would throttle
+        # the receive, copies pin nothing and never do.
+        account = PinAccount(1)
+        receiver = queue.recv_multishot(conn, account=account)
         assert receiver.delivery == "views"
         chunks: list[bytes] = []
 
@@ -386,6 +390,7 @@ def test_the_receiver_chooses_its_delivery_by_duck_typing(mode, ring, listener):
         ring.wait_for(lambda: len(filled) >= 1 << 19, timeout=TIMEOUT)
         assert b"".join(chunks) + filled == payload
         assert queue.buffers_in_use == 0  # the copies pin nothing
+        assert account.pinned == 0 and not account.stalled and not receiver.throttled
         assert receiver.queued == 0
 
         receiver.on_data = len
