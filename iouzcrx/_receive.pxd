@@ -64,7 +64,7 @@ cdef class Receiver(Request):
     cdef readonly object sock
     cdef readonly int fd
     cdef object chunks
-    cdef public object on_data
+    cdef object data_callback         # on_data: gets views (DELIVER_VIEWS)
     cdef public object on_end
     cdef public object on_error
     cdef readonly bint armed
@@ -99,6 +99,14 @@ cdef class Receiver(Request):
     cdef object throttle_cancel     # the Completion of that cancel
     cdef uint32_t run_cap            # most buffers one view may hold
 
+    # How data reaches the program (set_protocol_delivery): views to
+    # on_data (or the queue), or a copy straight from the area into bytes
+    # for data_received or into get_buffer()'s memory, the buffers going
+    # back at once.
+    cdef int delivery_kind
+    cdef object copy_target           # data_received, or get_buffer
+    cdef object copy_updated          # buffer_updated
+
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
@@ -108,5 +116,8 @@ cdef class Receiver(Request):
     cdef int deliver(self, object view) except -1
     cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1
     cdef int deliver_pinned(self, object view) except -1
+    cdef int deliver_owned(self, char *data, Py_ssize_t length, uint64_t token,
+                           uint32_t count, uint32_t first_length) except -1
+    cdef int copy_to_protocol(self, char *data, Py_ssize_t length) except -1
     cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1

@@ -84,7 +84,8 @@ class Receiver(Request):
     fd: int
     """The socket's file descriptor."""
     on_data: Callable[[memoryview], object] | None
-    """Called with each view, instead of queueing it."""
+    """Called with each view, instead of queueing it. Setting it (None
+    included: queue them) switches the delivery back to ``"views"``."""
     on_end: Callable[[BaseException | None], object] | None
     """Called once at the end, with the error or None."""
     on_error: Callable[[BaseException], object] | None
@@ -113,6 +114,26 @@ class Receiver(Request):
     """Kernel completions that carried data for this socket."""
     rearms: int
     """Times the multishot receive was started again."""
+    @property
+    def delivery(self) -> str:
+        """How received data leaves: ``"views"`` (to ``on_data``, or queued for
+        ``get()``), ``"bytes"`` or ``"buffered"`` (``set_protocol_delivery``)."""
+    def set_protocol_delivery(self, protocol: Any) -> str:
+        """Deliver straight to ``protocol``'s own methods, looked up now and
+        chosen as ``iouzcrx.protocols.delivery_methods`` chooses:
+        ``view_received(view)`` gets the views (as ``on_data`` would);
+        else ``get_buffer(n)`` with ``buffer_updated(n)`` gets the data copied
+        from the area into the memory ``get_buffer`` returns (writable, else
+        TypeError; empty: RuntimeError), as many times as the data needs;
+        else ``data_received(data)`` gets it as ``bytes``. A chunk, or a run
+        of adjacent chunks, is copied in one go and its buffers go back at
+        once: copies pin nothing and never throttle the receive. Exceptions
+        from these methods go to ``on_error``. After each call the delivery
+        is looked at again, so a callback that switches it (this method, or
+        setting ``on_data``) or closes the receiver sends the rest of a run
+        where that says. TypeError, with nothing changed, if ``protocol``
+        has none of these methods. Returns the kind chosen, as
+        ``delivery`` names it."""
     def __iter__(self) -> Iterator[memoryview]: ...
     def __next__(self) -> memoryview: ...
     def get(self, timeout: float | None = None) -> memoryview | None:

@@ -11,8 +11,10 @@ from iouzcrx._abi cimport ECANCELED
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromObject
+from libc.string cimport memcpy
 
 from iouzcrx._area cimport BufferOwner, PinAccount
 from iouzcrx._ring cimport Request, Ring
@@ -22,6 +24,7 @@ import gc as _gc
 
 from iouzcrx import _checks
 from iouzcrx.errors import kernel_error
+from iouzcrx.protocols import delivery_methods as _delivery_methods
 
 
 cdef enum:
@@ -39,6 +42,15 @@ cdef enum:
     # more than a buffer at a time.
     PIN_SHARE = 4
     MIN_PIN_LIMIT = 2
+
+
+cdef enum:
+    # Receiver.delivery_kind
+    DELIVER_VIEWS = 0      # views to on_data, or queued for get()
+    DELIVER_BYTES = 1      # bytes to data_received
+    DELIVER_BUFFERED = 2   # copied into get_buffer(), then buffer_updated
+
+_DELIVERY_NAMES = ("views", "bytes", "buffered")
 
 
 # The two halves of queueing buffer returns, shared by give_back and
@@ -78,6 +90,15 @@ cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
         # the next pass publishes anyway.
         queue.wake_requested = True
         queue.ring.wake()
+
+
+cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t count,
+                                uint32_t first_length, Py_ssize_t length) noexcept:
+    # As a Buffer exporting the same chunks returns them when released.
+    if count == 1:
+        queue.give_back(token, <uint32_t>length)
+    else:
+        queue.give_back_run(token, count, first_length, length)
 
 
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
@@ -439,9 +460,11 @@ cdef class Receiver(Request):
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1:
         if self.run_count:
-            self.deliver_pinned(self.take_run())  # the run this chunk does not continue
+            self.flush_run()  # the run this chunk does not continue
         if not fills_buffer:
             # A part-filled buffer cannot be continued: deliver it on its own.
+            if self.delivery_kind != DELIVER_VIEWS:
+                return self.deliver_owned(data, length, token, 1, length)
             if length < self.queue.buffer_unit // COPY_BELOW_SHARE:
                 return self.deliver_copy(data, length, token)
             return self.deliver_pinned(
@@ -466,8 +489,70 @@ cdef class Receiver(Request):
                                         count, self.run_first_length, self.account)
 
     cdef int flush_run(self) except -1:
-        if self.run_count:
-            self.deliver_pinned(self.take_run())
+        cdef uint32_t count = self.run_count
+        if not count:
+            return 0
+        if self.delivery_kind == DELIVER_VIEWS:
+            return self.deliver_pinned(self.take_run())
+        self.run_count = 0
+        self.run_end = NULL
+        return self.deliver_owned(self.run_data, self.run_length, self.run_token, count,
+                                  self.run_first_length)
+
+    cdef int deliver_owned(self, char *data, Py_ssize_t length, uint64_t token,
+                           uint32_t count, uint32_t first_length) except -1:
+        """Deliver a chunk or a run to a bytes or buffered protocol: copied
+        out of the area, its buffers go back at once and pin nothing, so
+        this path never throttles the receive."""
+        self.deliveries += 1
+        self.queue.deliveries += 1
+        try:
+            if not self.discarding:
+                self.copy_to_protocol(data, length)
+        except BaseException as exc:
+            return_buffers(self.queue, token, count, first_length, length)
+            return self.callback_failed(exc)
+        return_buffers(self.queue, token, count, first_length, length)
+        return 0
+
+    cdef int copy_to_protocol(self, char *data, Py_ssize_t length) except -1:
+        """Copy ``length`` bytes of area memory (whose buffers the caller
+        still holds) to the protocol.  The delivery is looked at again after
+        each callback: it may have paused reading or handed the connection
+        to another protocol (set_protocol_delivery) or closed the receive,
+        and what is left goes where that says."""
+        cdef Py_buffer target
+        cdef Py_ssize_t n
+        while length > 0 and not self.discarding:
+            if self.delivery_kind == DELIVER_BYTES:
+                self.copy_target(PyBytes_FromStringAndSize(data, length))
+                return 0
+            if self.delivery_kind == DELIVER_VIEWS:
+                # Views wanted from here on (on_data was set): the rest as a
+                # view over a copy, since the buffers go back now.
+                self.deliveries -= 1  # deliver() counts it again
+                return self.deliver(PyMemoryView_FromObject(
+                    PyBytes_FromStringAndSize(data, length)))
+            buffer_updated = self.copy_updated
+            memory = self.copy_target(length)
+            try:
+                PyObject_GetBuffer(memory, &target, PyBUF_WRITABLE)
+            except (BufferError, TypeError) as exc:
+                raise TypeError(
+                    f"get_buffer({length}) returned {type(memory).__name__!r}, which is not "
+                    "writable contiguous memory: return a bytearray, a writable memoryview "
+                    "or another object exporting a writable buffer") from exc
+            n = target.len
+            if n <= 0:
+                PyBuffer_Release(&target)
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            if n > length:
+                n = length
+            memcpy(target.buf, data, n)
+            PyBuffer_Release(&target)
+            buffer_updated(n)
+            data += n
+            length -= n
         return 0
 
     cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1:
@@ -495,7 +580,7 @@ cdef class Receiver(Request):
         self.deliveries += 1
         if self.discarding:
             return 0  # closed: the view dies here and its buffers go back
-        on_data = self.on_data
+        on_data = self.data_callback
         if on_data is None:
             self.chunks.append(view)
             return 0
@@ -529,6 +614,42 @@ cdef class Receiver(Request):
         if self.on_end is not None:
             self.on_end(error)
         return 0
+
+    @property
+    def on_data(self):
+        """Called with each view instead of queueing it (None: queue them).
+        Setting it switches the receiver to delivering views."""
+        return self.data_callback
+
+    @on_data.setter
+    def on_data(self, callback):
+        self.data_callback = callback
+        self.delivery_kind = DELIVER_VIEWS
+        self.copy_target = None
+        self.copy_updated = None
+
+    def set_protocol_delivery(self, protocol):
+        """Deliver straight to ``protocol``'s methods, chosen as
+        ``iouzcrx.protocols.delivery_for`` chooses (TypeError, and nothing
+        changed, if it has none): ``view_received(view)`` gets the views;
+        ``get_buffer(n)`` with ``buffer_updated(n)``, or ``data_received(bytes)``,
+        get copies made from the area, whose buffers go back at once.
+        Returns the kind chosen, as ``delivery`` does."""
+        kind, method, updated = _delivery_methods(protocol)
+        if kind == "views":
+            self.on_data = method
+        else:
+            self.data_callback = None
+            self.delivery_kind = DELIVER_BYTES if kind == "bytes" else DELIVER_BUFFERED
+            self.copy_target = method
+            self.copy_updated = updated
+        return kind
+
+    @property
+    def delivery(self):
+        """How data is delivered: ``"views"`` (to ``on_data`` or queued),
+        ``"bytes"`` or ``"buffered"`` (see ``set_protocol_delivery``)."""
+        return _DELIVERY_NAMES[self.delivery_kind]
 
     def __iter__(self):
         return self

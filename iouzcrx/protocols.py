@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ZeroCopyProtocol", "delivery_for"]
+__all__ = ["ZeroCopyProtocol", "delivery_for", "delivery_methods"]
 
 
 class ZeroCopyProtocol(asyncio.BaseProtocol):
@@ -37,29 +37,47 @@ class ZeroCopyProtocol(asyncio.BaseProtocol):
         return None
 
 
-def delivery_for(protocol: Any) -> Callable[[memoryview], None]:
-    """The function that hands one received view to ``protocol``.
+def delivery_methods(protocol: Any) -> tuple[str, Callable[..., Any], Callable[..., Any] | None]:
+    """How data reaches ``protocol``: ``("views", view_received, None)``,
+    ``("buffered", get_buffer, buffer_updated)`` or ``("bytes",
+    data_received, None)``, the bound methods looked up once.
 
     Chosen by what the protocol has, as the event loops do (no base class is
-    required): ``view_received`` gets the zero-copy views, else
-    ``get_buffer`` with ``buffer_updated`` gets copies into its buffers, else
-    ``data_received`` gets ``bytes``. TypeError if it has none of these.
+    required), in that order. TypeError if it has none of these.
     """
     view_received = getattr(protocol, "view_received", None)
     if callable(view_received):
-        return view_received  # type: ignore[no-any-return]
+        return "views", view_received, None
     get_buffer = getattr(protocol, "get_buffer", None)
     buffer_updated = getattr(protocol, "buffer_updated", None)
     if callable(get_buffer) and callable(buffer_updated):
-        return _buffered_delivery(get_buffer, buffer_updated)
+        return "buffered", get_buffer, buffer_updated
     data_received = getattr(protocol, "data_received", None)
     if callable(data_received):
-        return _bytes_delivery(data_received)
+        return "bytes", data_received, None
     raise TypeError(
         f"the protocol {protocol!r} cannot take received data: give it view_received(view) "
         "(zero copy, see ZeroCopyProtocol), get_buffer(sizehint) and buffer_updated(nbytes) "
         "(asyncio.BufferedProtocol) or data_received(data) (asyncio.Protocol)"
     )
+
+
+def delivery_for(protocol: Any) -> Callable[[memoryview], None]:
+    """The function that hands one received view to ``protocol``, chosen by
+    ``delivery_methods``: the view itself to ``view_received``, else a copy
+    into ``get_buffer()`` memory or into ``bytes``.
+
+    The ring transports deliver from Cython instead
+    (``Receiver.set_protocol_delivery``, the same choice); this serves the
+    socket mode and data a paused transport holds.
+    """
+    kind, method, updated = delivery_methods(protocol)
+    if kind == "views":
+        return method
+    if kind == "buffered":
+        assert updated is not None
+        return _buffered_delivery(method, updated)
+    return _bytes_delivery(method)
 
 
 def _bytes_delivery(data_received: Callable[[bytes], object]) -> Callable[[memoryview], None]:

@@ -72,7 +72,7 @@ class ZcrxTransport(asyncio.Transport):
         self._watching = False  # the loop watches the socket (Reactor.socket_hints)
         self._generation = 0  # bumps when a receiver is retired (pause, close)
         self._paused = False
-        self._backlog: collections.deque[memoryview] = collections.deque()
+        self._backlog: collections.deque[memoryview | bytes] = collections.deque()
         self._eof_seen = False
         self._closing = False
         self._connection_lost = False
@@ -104,17 +104,19 @@ class ZcrxTransport(asyncio.Transport):
         if self._closing or self._paused or self._eof_seen or self._receiver is not None:
             return
         generation = self._generation
-        # While reading normally the receiver hands each view straight to the
-        # protocol (no Python frame of ours per delivery); an exception the
-        # protocol raises comes back through on_error.  Pausing swaps on_data
-        # for _on_view, which holds views back.
-        self._receiver = self._queue.recv_multishot(
+        # While reading normally the receiver calls the protocol's own methods
+        # (no Python frame of ours per delivery; bytes and buffered protocols
+        # get copies made straight from the area); an exception the protocol
+        # raises comes back through on_error.  Pausing redirects the receiver
+        # to _on_view, which holds the data back.
+        receiver = self._queue.recv_multishot(
             self._sock,
-            on_data=self._deliver,
             on_end=lambda error: self._receive_ended(generation, error),
             on_error=self._on_protocol_error,
             account=self._pins,
         )
+        receiver.set_protocol_delivery(self._protocol)
+        self._receiver = receiver
         self._ops_on_socket += 1
         self._reactor.schedule()
         if self._reactor.socket_hints:
@@ -152,11 +154,11 @@ class ZcrxTransport(asyncio.Transport):
         else:
             self._watch_socket()
 
-    def _on_view(self, view: memoryview) -> None:
+    def _on_view(self, view: memoryview | bytes) -> None:
         if self._paused or self._backlog:
             self._backlog.append(view)
         else:
-            self._deliver_guarded(view)
+            self._deliver_guarded(view if type(view) is memoryview else memoryview(view))
 
     def _deliver_guarded(self, view: memoryview) -> None:
         try:
@@ -224,7 +226,8 @@ class ZcrxTransport(asyncio.Transport):
 
     def _resume(self) -> None:
         while self._backlog and not self._paused and not self._closing:
-            self._deliver_guarded(self._backlog.popleft())
+            held = self._backlog.popleft()
+            self._deliver_guarded(held if type(held) is memoryview else memoryview(held))
         if self._paused or self._closing:
             return
         if self._eof_seen:
@@ -240,10 +243,14 @@ class ZcrxTransport(asyncio.Transport):
         self._generation += 1
         if receiver is None or receiver.finished:
             return
-        receiver.on_data = self._on_view
         if discard:
             receiver.close()
         else:
+            if receiver.delivery == "views":
+                receiver.on_data = self._on_view
+            else:
+                # Copies are held as bytes: they pin no buffer while paused.
+                receiver.set_protocol_delivery(_Holder(self._on_view))
             receiver.cancel()
         self._reactor.schedule()
 
@@ -476,7 +483,17 @@ class ZcrxTransport(asyncio.Transport):
         self._protocol = protocol
         self._deliver = deliver
         if self._receiver is not None:
-            self._receiver.on_data = self._deliver
+            self._receiver.set_protocol_delivery(protocol)
+
+
+class _Holder:
+    """A protocol-shaped sink: a retired receiver hands its copies (bytes) to
+    ``data_received``, the transport's ``_on_view``."""
+
+    __slots__ = ("data_received",)
+
+    def __init__(self, data_received: Any) -> None:
+        self.data_received = data_received
 
 
 def _peername(sock: socket.socket) -> Any:
