@@ -442,7 +442,8 @@ cdef class Receiver(Request):
             self.deliver_pinned(self.take_run())  # the run this chunk does not continue
         if not fills_buffer:
             # A part-filled buffer cannot be continued: deliver it on its own.
-            if length < self.queue.buffer_unit // COPY_BELOW_SHARE:
+            if (length < self.queue.buffer_unit // COPY_BELOW_SHARE
+                    and not self.queue.lends_parts):
                 return self.deliver_copy(data, length, token)
             return self.deliver_pinned(
                 self.queue.export_pinned(data, length, token, 1, length, self.account))
