@@ -17,12 +17,11 @@ cdef class BufRingQueue(ReceiveQueue):
     cdef readonly bint incremental    # IOU_PBUF_RING_INC: buffers are consumed in parts
     cdef readonly object incremental_refused  # why the kernel refused it, or None
     cdef readonly uint64_t peak_buffers_in_use
-    # Incremental ring, per buffer id: bytes the kernel has filled, and the
-    # references that keep it from the ring (the kernel's while it fills it,
-    # one per view over any part of it).
+    # Incremental ring, per buffer id: bytes the kernel has filled of a buffer
+    # it will fill more of, and the references that keep the buffer from the
+    # ring (the kernel's while it fills it, one per view over any part of it).
     cdef uint32_t *consumed
     cdef uint32_t *refs
 
-    cdef int receive_part(self, Receiver receiver, int32_t res, uint32_t flags,
-                          uint32_t bid) except -1
+    cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1
     cdef void release_part(self, uint32_t bid) noexcept

@@ -205,11 +205,46 @@ cdef class BufRingQueue(ReceiveQueue):
 
     cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
                      uint64_t extra) except -1:
-        cdef uint32_t bid
-        if flags & IOUZ_CQE_F_BUFFER and self.incremental:
-            self.receive_part(receiver, res, flags, flags >> IOUZ_CQE_BUFFER_SHIFT)
-        elif flags & IOUZ_CQE_F_BUFFER:
+        cdef uint32_t bid, offset, filled, refs
+        if flags & IOUZ_CQE_F_BUFFER:
             bid = flags >> IOUZ_CQE_BUFFER_SHIFT
+            offset = 0
+            if self.incremental:
+                # This completion's data continues where the last one from
+                # bid stopped: the kernel advanced the ring entry itself, which
+                # is never read back (it may be changing).  The kernel holds a
+                # reference while it has filled part of the buffer and will
+                # fill more (BUF_MORE); each view over a part holds one.  All
+                # counted before the chunk is delivered, whose view may be
+                # gone (and the buffer back) when add_chunk returns.
+                offset = self.consumed[bid]
+                refs = self.refs[bid]
+                if offset:
+                    refs -= 1  # the kernel's, taken again below if it goes on
+                filled = offset + <uint32_t>res if res > 0 else offset
+                if flags & IOUZ_CQE_F_BUF_MORE and filled:
+                    self.consumed[bid] = filled
+                    refs += 1
+                else:
+                    self.consumed[bid] = 0
+                if res > 0:
+                    refs += 1
+                self.refs[bid] = refs
+                if flags & IOUZ_CQE_F_BUF_MORE:
+                    if res > 0:
+                        self.bytes_received += res
+                        self.chunks_received += 1
+                        receiver.add_chunk(
+                            self.area.base + <uint64_t>bid * self.buffer_size + offset,
+                            res, bid, False)
+                    return self.after_data(receiver, res, flags)
+                if refs == 0:
+                    # Finished with no data in this completion and no view
+                    # over an earlier part: straight back.
+                    self.buffers_in_use += 1
+                    ReceiveQueue.give_back(self, bid, 0)
+                    return self.after_data(receiver, res, flags)
+            # Out of the ring: in use until its views are gone.
             self.buffers_in_use += 1
             if self.buffers_in_use > self.peak_buffers_in_use:
                 self.peak_buffers_in_use = self.buffers_in_use
@@ -218,10 +253,13 @@ cdef class BufRingQueue(ReceiveQueue):
                 self.chunks_received += 1
                 # The ring hands buffers out in the order they went back, so a
                 # burst of full buffers is mostly adjacent in the area.
-                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size, res, bid,
-                                   <uint32_t>res == self.buffer_size)
-            else:
+                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size + offset,
+                                   res, bid, offset + <uint32_t>res == self.buffer_size)
+            elif not self.incremental:
                 self.give_back(bid, 0)
+        return self.after_data(receiver, res, flags)
+
+    cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1:
         if flags & IOUZ_CQE_F_MORE:
             return 0
         receiver.armed = False
@@ -232,35 +270,9 @@ cdef class BufRingQueue(ReceiveQueue):
             return self.starve(receiver)
         return self.end_by_kernel(receiver, res)
 
-    cdef int receive_part(self, Receiver receiver, int32_t res, uint32_t flags,
-                          uint32_t bid) except -1:
-        """A completion from an incremental ring: its data continues where the
-        last one from ``bid`` stopped (the kernel advanced the ring entry
-        itself, which we never read back: it may be changing).  The buffer
-        stays in the ring while BUF_MORE is set."""
-        cdef uint32_t offset
-        if self.refs[bid] == 0:
-            self.refs[bid] = 1  # the kernel's, until it has finished the buffer
-        if res > 0:
-            offset = self.consumed[bid]
-            self.consumed[bid] = offset + <uint32_t>res
-            self.refs[bid] += 1  # the view's, taken back by give_back
-            self.bytes_received += res
-            self.chunks_received += 1
-            receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size + offset,
-                               res, bid, offset + <uint32_t>res == self.buffer_size)
-        if not flags & IOUZ_CQE_F_BUF_MORE:
-            # Out of the ring now: in use until its views are gone.
-            self.buffers_in_use += 1
-            if self.buffers_in_use > self.peak_buffers_in_use:
-                self.peak_buffers_in_use = self.buffers_in_use
-            self.release_part(bid)
-        return 0
-
     cdef void release_part(self, uint32_t bid) noexcept:
         self.refs[bid] -= 1
         if self.refs[bid] == 0:
-            self.consumed[bid] = 0
             ReceiveQueue.give_back(self, bid, self.buffer_size)
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
@@ -271,11 +283,19 @@ cdef class BufRingQueue(ReceiveQueue):
 
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept:
-        cdef uint32_t i
+        cdef uint32_t i, bid, finished = 0
         if self.incremental:
             # A run's buffers follow one another: ids token, token + 1, ...
             for i in range(count):
-                self.release_part(<uint32_t>(token + i))
+                bid = <uint32_t>(token + i)
+                self.refs[bid] -= 1
+                finished += self.refs[bid] == 0
+            if finished == count:  # the usual case: all back in one go
+                ReceiveQueue.give_back_run(self, token, count, first_length, length)
+                return
+            for i in range(count):
+                if self.refs[<uint32_t>(token + i)] == 0:
+                    ReceiveQueue.give_back(self, token + i, self.buffer_size)
         else:
             ReceiveQueue.give_back_run(self, token, count, first_length, length)
 
