@@ -5,9 +5,15 @@ finished it and every view over any part of it is gone. On the host kernel."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import FEATURES, Pattern, Verifier, connect_pair, receive_all
@@ -231,3 +237,41 @@ def test_a_bad_environment_value_names_itself_and_the_fix(ring, monkeypatch):
     monkeypatch.setenv("IOUZCRX_BUFRING_INCREMENTAL", "maybe")
     with pytest.raises(InvalidConfiguration, match=r"IOUZCRX_BUFRING_INCREMENTAL='maybe'.*1.*0"):
         iouzcrx.BufRingQueue(ring, area_size=64 * KIB, buffer_size=16 * KIB)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None,
+    reason="the small-chunk benchmark compares with uvloop; uvloop is not installed",
+)
+@pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
+def test_the_small_chunk_benchmark_runs(tmp_path):
+    """benchmarks/small_chunks.py --quick as a smoke test: every receiver gets
+    every byte (the script checks), and the figures are written. No speed
+    is judged here."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "small_chunks.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| iouzcrx-zerocopy-incremental |" in done.stdout
+    result = json.loads((tmp_path / "small_chunks.json").read_text())
+    runs, scenario = result["runs"], result["scenario"]
+    total = scenario["connections"] * scenario["bytes_per_connection"]
+    assert set(runs) == {
+        "uvloop-protocol",
+        "uvloop-buffered",
+        "iouzcrx-zerocopy-copy",
+        "iouzcrx-zerocopy-incremental",
+        "iouzcrx-buffered-copy",
+        "iouzcrx-buffered-incremental",
+    }
+    for api in ("zerocopy", "buffered"):
+        copy, incremental = runs[f"iouzcrx-{api}-copy"], runs[f"iouzcrx-{api}-incremental"]
+        # A classic buffer goes round once per chunk, an incremental one once full.
+        recycled = incremental["buffers_recycled"]["median"]
+        assert recycled <= copy["buffers_recycled"]["median"]
+        # Only full (256 KiB) buffers go back.
+        assert recycled <= total // (256 * KIB)
