@@ -46,8 +46,13 @@ INCREMENTAL_ENV = "IOUZCRX_BUFRING_INCREMENTAL"
 
 
 def _wants_incremental(incremental):
+    if isinstance(incremental, bool):
+        return incremental
     if incremental is not None:
-        return bool(incremental)
+        raise InvalidConfiguration(
+            f"incremental={incremental!r}: use True (an incremental buffer ring where the "
+            f"kernel has one), False (the classic ring) or None (the {INCREMENTAL_ENV} "
+            "environment variable, else True)")
     value = os.environ.get(INCREMENTAL_ENV, "").strip().lower()
     if not value:
         return DEFAULT_INCREMENTAL

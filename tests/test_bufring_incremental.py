@@ -275,3 +275,33 @@ def test_the_small_chunk_benchmark_runs(tmp_path):
         assert recycled <= copy["buffers_recycled"]["median"]
         # Only full (256 KiB) buffers go back.
         assert recycled <= total // (256 * KIB)
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1])
+def test_a_bad_incremental_argument_names_itself_and_the_fix(ring, value):
+    with pytest.raises(InvalidConfiguration, match=rf"incremental={value!r}: use True.*False"):
+        iouzcrx.BufRingQueue(ring, area_size=64 * KIB, buffer_size=16 * KIB, incremental=value)
+
+
+def test_views_outlive_the_queue_and_the_ring(listener):
+    """Views over parts of buffers released after close (twice) of the
+    queue and the ring, one on another thread: nothing is returned to a
+    ring that is gone, and the bytes stay readable."""
+    client, server = connect_pair(listener)
+    with iouzcrx.Ring() as ring:
+        queue = incremental_queue(ring, area_size=64 * KIB, buffer_size=16 * KIB)
+        receiver = queue.recv_multishot(server)
+        views = []
+        for part in (b"a" * 10, b"b" * 20, b"c" * 30):
+            client.sendall(part)
+            views.append(receiver.get(10))
+        queue.close()
+        queue.close()
+    assert [bytes(v) for v in views] == [b"a" * 10, b"b" * 20, b"c" * 30]
+    thread = threading.Thread(target=views.pop().release)
+    thread.start()
+    thread.join(10)
+    views.clear()
+    assert queue.buffers_in_use == 0
+    client.close()
+    server.close()
