@@ -61,6 +61,8 @@ class Scenario:
     response_size: int = 64
     requests: int = 0
     warmup: int = 100  # untimed requests before the timed ones (rr)
+    message_size: str = ""  # bulk: "MIN-MAX" bytes, one send() each, Nagle off
+    message_pause_us: int = 0  # bulk with message_size: a pause after each message
 
     @property
     def expect_bytes(self) -> int:
@@ -101,6 +103,22 @@ def scenarios(quick: bool, vm: bool) -> list[Scenario]:
             "short connections (connect, send 64 KiB, close)",
             connections=5000 // scale,
             bytes_per_connection=64 << 10,
+        ),
+    ]
+
+
+def extra_scenarios(quick: bool, vm: bool) -> list[Scenario]:
+    """Scenarios that run only when named with --scenarios."""
+    scale = (16 if quick else 1) * (8 if vm else 1)
+    return [
+        Scenario(
+            "small64",
+            "bulk",
+            "64 connections of 100-500 B messages, 100 us apart",
+            64,
+            4 * MIB // scale,
+            message_size="100-500",
+            message_pause_us=100,
         ),
     ]
 
@@ -158,6 +176,9 @@ def sender_command(programs: dict[str, Path], sc: Scenario, port: int) -> list[s
         ]
     else:
         cmd += ["--connections", str(sc.connections), "--bytes", str(sc.bytes_per_connection)]
+        if sc.message_size:
+            cmd += ["--message-size", sc.message_size]
+            cmd += ["--message-pause-us", str(sc.message_pause_us)]
     return cmd
 
 
@@ -309,7 +330,9 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     chosen = scenarios(args.quick, args.in_vm)
     if args.scenarios:
         wanted = args.scenarios.split(",")
-        chosen = [sc for sc in chosen if sc.name in wanted]
+        chosen = [
+            sc for sc in chosen + extra_scenarios(args.quick, args.in_vm) if sc.name in wanted
+        ]
     repeat = args.repeat or (1 if args.quick else 3)
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),

@@ -145,6 +145,7 @@ IOUZ_ASSERT_SIZE(struct iouz_zcrx_cqe, 16);
 #define IOUZ_CQE_F_BUFFER   (1u << 0)
 #define IOUZ_CQE_F_MORE     (1u << 1)
 #define IOUZ_CQE_F_SOCK_NONEMPTY (1u << 2)
+#define IOUZ_CQE_F_BUF_MORE (1u << 4)  /* incremental ring: this bid takes more data */
 #define IOUZ_CQE_F_SKIP     (1u << 5)
 #define IOUZ_CQE_F_32       (1u << 15)
 #define IOUZ_CQE_BUFFER_SHIFT 16
@@ -174,6 +175,7 @@ struct iouz_timespec {
 #define IOUZ_REGISTER_PROBE          8
 #define IOUZ_REGISTER_PBUF_RING      22
 #define IOUZ_UNREGISTER_PBUF_RING    23
+#define IOUZ_PBUF_RING_INC           2   /* iouz_buf_reg.flags: incremental consumption (6.12+) */
 #define IOUZ_REGISTER_ZCRX_IFQ       32
 #define IOUZ_REGISTER_QUERY          35
 #define IOUZ_REGISTER_ZCRX_CTRL      36

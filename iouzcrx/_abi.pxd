@@ -41,6 +41,7 @@ cdef extern from "_abi.h" nogil:
         IOUZ_CQE_F_BUFFER
         IOUZ_CQE_F_MORE
         IOUZ_CQE_F_SOCK_NONEMPTY
+        IOUZ_CQE_F_BUF_MORE
         IOUZ_CQE_F_SKIP
         IOUZ_CQE_F_32
         IOUZ_CQE_BUFFER_SHIFT
@@ -53,6 +54,7 @@ cdef extern from "_abi.h" nogil:
         IOUZ_REGISTER_PROBE
         IOUZ_REGISTER_PBUF_RING
         IOUZ_UNREGISTER_PBUF_RING
+        IOUZ_PBUF_RING_INC
         IOUZ_REGISTER_ZCRX_IFQ
         IOUZ_REGISTER_QUERY
         IOUZ_REGISTER_ZCRX_CTRL

@@ -1,7 +1,7 @@
-from libc.stdint cimport uint16_t, uint32_t
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from iouzcrx._abi cimport iouz_buf
-from iouzcrx._receive cimport ReceiveQueue
+from iouzcrx._receive cimport ReceiveQueue, Receiver
 
 
 cdef class BufRingQueue(ReceiveQueue):
@@ -14,3 +14,14 @@ cdef class BufRingQueue(ReceiveQueue):
     cdef uint16_t local_tail
     cdef uint32_t mask
     cdef bint registered
+    cdef readonly bint incremental    # IOU_PBUF_RING_INC: buffers are consumed in parts
+    cdef readonly object incremental_refused  # why the kernel refused it, or None
+    cdef readonly uint64_t peak_buffers_in_use
+    # Incremental ring, per buffer id: bytes the kernel has filled of a buffer
+    # it will fill more of, and the references that keep the buffer from the
+    # ring (the kernel's while it fills it, one per view over any part of it).
+    cdef uint32_t *consumed
+    cdef uint32_t *refs
+
+    cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1
+    cdef void release_part(self, uint32_t bid) noexcept

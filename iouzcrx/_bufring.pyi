@@ -8,6 +8,16 @@ class BufRingQueue(ReceiveQueue):
     ``ring``, for multishot ``IORING_OP_RECV`` (``bufring`` mode, Linux 6.1+).
 
     ``area_size`` defaults to 64 MiB and ``buffer_size`` to 256 KiB.
+
+    ``incremental`` (None: the ``IOUZCRX_BUFRING_INCREMENTAL`` environment
+    variable, 1 or 0, and on when it is unset) asks for an incremental ring
+    (``IOU_PBUF_RING_INC``, Linux 6.12+): the kernel fills each buffer with
+    many chunks, each delivered as a view over its part, and the buffer goes
+    back when the kernel has finished it and every view over a part of it is
+    gone. A kernel that refuses the flag gets the classic ring, where each
+    chunk takes a buffer and a chunk under an eighth of a buffer is copied
+    out so that its buffer goes back at once (``incremental_refused`` says
+    why).
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without ``close()`` is unregistered by the ring's owner
     thread at its next drain.
@@ -19,6 +29,12 @@ class BufRingQueue(ReceiveQueue):
     """Bytes per buffer."""
     ring_entries: int
     """Entries of the provided buffer ring."""
+    incremental: bool
+    """Whether the ring is incremental (``IOU_PBUF_RING_INC``)."""
+    incremental_refused: str | None
+    """Why the kernel refused an incremental ring that was asked for, else None."""
+    peak_buffers_in_use: int
+    """The most buffers out of the kernel's ring at once since creation."""
     def __init__(
         self,
         ring: Ring,
@@ -26,7 +42,8 @@ class BufRingQueue(ReceiveQueue):
         area_size: int = ...,
         buffer_size: int = ...,
         hugepages: bool = False,
+        incremental: bool | None = None,
     ) -> None: ...
     def stats(self) -> dict[str, Any]:
-        """``ReceiveQueue.stats()`` plus ``buffer_group``, ``buffer_size`` and
-        ``ring_entries``."""
+        """``ReceiveQueue.stats()`` plus ``buffer_group``, ``buffer_size``,
+        ``ring_entries``, ``incremental`` and ``peak_buffers_in_use``."""

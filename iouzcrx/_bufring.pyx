@@ -4,11 +4,20 @@
 Works on any kernel with buffer rings; the kernel copies from the socket into
 buffers it picks from the ring, and each buffer is re-added when the last view
 over it goes.
+
+Where the kernel has incremental rings (IOU_PBUF_RING_INC, 6.12+) a receive
+takes only what it fills of the buffer at the ring's head, and the next one
+continues in the same buffer: a small chunk no longer takes a whole buffer
+out of the ring.  Such a buffer goes back once the kernel has finished it
+and every view over a part of it is gone.
 """
+
+import os
 
 cimport cython
 from libc.errno cimport errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
                          PROT_READ, PROT_WRITE, mmap, munmap)
@@ -28,11 +37,40 @@ cdef enum:
     DEFAULT_AREA_SIZE = 64 * 1024 * 1024
     DEFAULT_BUFFER_SIZE = 256 * 1024  # as modes.DEFAULT_BUFFER_SIZE
 
+# The registration flags that ask for an incremental ring; a module global so
+# that a test can add a bit the kernel refuses, as an older kernel refuses INC.
+_INCREMENTAL_FLAGS = IOUZ_PBUF_RING_INC
+# Used when neither the incremental argument nor the environment says.
+DEFAULT_INCREMENTAL = True
+INCREMENTAL_ENV = "IOUZCRX_BUFRING_INCREMENTAL"
+
+
+def _wants_incremental(incremental):
+    if isinstance(incremental, bool):
+        return incremental
+    if incremental is not None:
+        raise InvalidConfiguration(
+            f"incremental={incremental!r}: use True (an incremental buffer ring where the "
+            f"kernel has one), False (the classic ring) or None (the {INCREMENTAL_ENV} "
+            "environment variable, else True)")
+    value = os.environ.get(INCREMENTAL_ENV, "").strip().lower()
+    if not value:
+        return DEFAULT_INCREMENTAL
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise InvalidConfiguration(
+        f"{INCREMENTAL_ENV}={value!r} is neither on nor off: set it to 1 (incremental "
+        "buffer ring where the kernel has one) or 0 (classic ring), or unset it")
+
 
 @cython.final
 @cython.no_gc_clear
 cdef class BufRingQueue(ReceiveQueue):
-    """A provided buffer ring of ``area_size // buffer_size`` buffers on ``ring``.
+    """A provided buffer ring of ``area_size // buffer_size`` buffers on ``ring``,
+    incremental where the kernel has it and ``incremental`` (None: the
+    environment, else on) asks for it.
 
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without close() is unregistered by the ring's owner thread
@@ -40,8 +78,9 @@ cdef class BufRingQueue(ReceiveQueue):
     """
 
     def __init__(self, Ring ring not None, *, area_size=DEFAULT_AREA_SIZE,
-                 buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False):
+                 buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False, incremental=None):
         ring.check_owner()  # before anything is allocated
+        cdef bint want_incremental = _wants_incremental(incremental)
         cdef uint64_t count = buffer_count(_checks.size("area_size", area_size, _checks.PAGE_SIZE),
                                            _checks.size("buffer_size", buffer_size,
                                                         _checks.PAGE_SIZE,
@@ -70,15 +109,40 @@ cdef class BufRingQueue(ReceiveQueue):
         # The ring's tail overlays the reserved field of slot 0.
         self.ring_tail = <uint16_t *>((<char *>bufs) + IOUZ_BUF_RING_TAIL_OFFSET)
 
+        if want_incremental:
+            self.consumed = <uint32_t *>calloc(count, sizeof(uint32_t))
+            self.refs = <uint32_t *>calloc(count, sizeof(uint32_t))
+            if self.consumed == NULL or self.refs == NULL:
+                raise MemoryError()
+
         cdef iouz_buf_reg reg
         memset(&reg, 0, sizeof(reg))
         reg.ring_addr = <uintptr_t>bufs
         reg.ring_entries = entries
         reg.bgid = ring.allocate_buffer_group()
         ring.check_owner()
-        cdef int ret = iouz_register(ring.fd, IOUZ_REGISTER_PBUF_RING, &reg, 1)
+        cdef int ret = 0
+        if want_incremental:
+            reg.flags = <uint16_t>_INCREMENTAL_FLAGS
+            ret = iouz_register(ring.fd, IOUZ_REGISTER_PBUF_RING, &reg, 1)
+            if ret == -EINVAL:
+                # A kernel before 6.12 knows no such flag: the classic ring
+                # works there (and any other fault shows again below).
+                self.incremental_refused = (
+                    "the kernel refused an incremental buffer ring (EINVAL; it needs "
+                    "Linux 6.12 or later)")
+                reg.flags = 0
+            else:
+                self.incremental = ret == 0
+        if not self.incremental:
+            ret = iouz_register(ring.fd, IOUZ_REGISTER_PBUF_RING, &reg, 1)
         if ret < 0:
             raise buffer_ring_error(-ret)
+        if not self.incremental:
+            free(self.consumed)
+            free(self.refs)
+            self.consumed = self.refs = NULL
+        self.lends_parts = self.incremental
         self.buffer_group = reg.bgid
         self.registered = True
         self.total_buffers = count
@@ -102,6 +166,9 @@ cdef class BufRingQueue(ReceiveQueue):
         if self.bufs != NULL:
             munmap(self.bufs, self.bufs_size)
             self.bufs = NULL
+        free(self.consumed)
+        free(self.refs)
+        self.consumed = self.refs = NULL
 
     cdef int release_registration(self) except -1:
         cdef iouz_buf_reg reg
@@ -143,19 +210,61 @@ cdef class BufRingQueue(ReceiveQueue):
 
     cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
                      uint64_t extra) except -1:
-        cdef uint32_t bid
+        cdef uint32_t bid, offset, filled, refs
         if flags & IOUZ_CQE_F_BUFFER:
             bid = flags >> IOUZ_CQE_BUFFER_SHIFT
+            offset = 0
+            if self.incremental:
+                # This completion's data continues where the last one from
+                # bid stopped: the kernel advanced the ring entry itself, which
+                # is never read back (it may be changing).  The kernel holds a
+                # reference while it has filled part of the buffer and will
+                # fill more (BUF_MORE); each view over a part holds one.  All
+                # counted before the chunk is delivered, whose view may be
+                # gone (and the buffer back) when add_chunk returns.
+                offset = self.consumed[bid]
+                refs = self.refs[bid]
+                if offset:
+                    refs -= 1  # the kernel's, taken again below if it goes on
+                filled = offset + <uint32_t>res if res > 0 else offset
+                if flags & IOUZ_CQE_F_BUF_MORE and filled:
+                    self.consumed[bid] = filled
+                    refs += 1
+                else:
+                    self.consumed[bid] = 0
+                if res > 0:
+                    refs += 1
+                self.refs[bid] = refs
+                if flags & IOUZ_CQE_F_BUF_MORE:
+                    if res > 0:
+                        self.bytes_received += res
+                        self.chunks_received += 1
+                        receiver.add_chunk(
+                            self.area.base + <uint64_t>bid * self.buffer_size + offset,
+                            res, bid, False)
+                    return self.after_data(receiver, res, flags)
+                if refs == 0:
+                    # Finished with no data in this completion and no view
+                    # over an earlier part: straight back.
+                    self.buffers_in_use += 1
+                    ReceiveQueue.give_back(self, bid, 0)
+                    return self.after_data(receiver, res, flags)
+            # Out of the ring: in use until its views are gone.
             self.buffers_in_use += 1
+            if self.buffers_in_use > self.peak_buffers_in_use:
+                self.peak_buffers_in_use = self.buffers_in_use
             if res > 0:
                 self.bytes_received += res
                 self.chunks_received += 1
                 # The ring hands buffers out in the order they went back, so a
                 # burst of full buffers is mostly adjacent in the area.
-                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size, res, bid,
-                                   <uint32_t>res == self.buffer_size)
-            else:
+                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size + offset,
+                                   res, bid, offset + <uint32_t>res == self.buffer_size)
+            elif not self.incremental:
                 self.give_back(bid, 0)
+        return self.after_data(receiver, res, flags)
+
+    cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1:
         if flags & IOUZ_CQE_F_MORE:
             return 0
         receiver.armed = False
@@ -166,12 +275,43 @@ cdef class BufRingQueue(ReceiveQueue):
             return self.starve(receiver)
         return self.end_by_kernel(receiver, res)
 
+    cdef void release_part(self, uint32_t bid) noexcept:
+        self.refs[bid] -= 1
+        if self.refs[bid] == 0:
+            ReceiveQueue.give_back(self, bid, self.buffer_size)
+
+    cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
+        if self.incremental:
+            self.release_part(<uint32_t>token)
+        else:
+            ReceiveQueue.give_back(self, token, length)
+
+    cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
+                            Py_ssize_t length) noexcept:
+        cdef uint32_t i, bid, finished = 0
+        if self.incremental:
+            # A run's buffers follow one another: ids token, token + 1, ...
+            for i in range(count):
+                bid = <uint32_t>(token + i)
+                self.refs[bid] -= 1
+                finished += self.refs[bid] == 0
+            if finished == count:  # the usual case: all back in one go
+                ReceiveQueue.give_back_run(self, token, count, first_length, length)
+                return
+            for i in range(count):
+                if self.refs[<uint32_t>(token + i)] == 0:
+                    ReceiveQueue.give_back(self, token + i, self.buffer_size)
+        else:
+            ReceiveQueue.give_back_run(self, token, count, first_length, length)
+
     def stats(self):
         stats = ReceiveQueue.stats(self)
         stats.update(buffer_group=self.buffer_group, buffer_size=self.buffer_size,
-                     ring_entries=self.ring_entries)
+                     ring_entries=self.ring_entries, incremental=self.incremental,
+                     peak_buffers_in_use=self.peak_buffers_in_use)
         return stats
 
     def __repr__(self):
         return (f"<BufRingQueue bgid={self.buffer_group} {self.total_buffers}x"
-                f"{self.buffer_size} in_use={self.buffers_in_use}>")
+                f"{self.buffer_size}{' incremental' if self.incremental else ''} "
+                f"in_use={self.buffers_in_use}>")

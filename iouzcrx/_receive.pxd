@@ -37,6 +37,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef list runs_pending           # receivers holding a run not yet delivered
     cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
     cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
+    cdef bint lends_parts            # the kernel fills the rest of a part-used buffer
     cdef bint collected              # this starvation already ran the GC
 
     cdef int setup_returns(self, size_t capacity) except -1

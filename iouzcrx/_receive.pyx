@@ -465,7 +465,8 @@ cdef class Receiver(Request):
             # A part-filled buffer cannot be continued: deliver it on its own.
             if self.delivery_kind != DELIVER_VIEWS:
                 return self.deliver_owned(data, length, token, 1, length)
-            if length < self.queue.buffer_unit // COPY_BELOW_SHARE:
+            if (length < self.queue.buffer_unit // COPY_BELOW_SHARE
+                    and not self.queue.lends_parts):
                 return self.deliver_copy(data, length, token)
             return self.deliver_pinned(
                 self.queue.export_pinned(data, length, token, 1, length, self.account))

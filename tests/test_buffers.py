@@ -12,6 +12,7 @@ import termios
 import threading
 import time
 
+import conftest
 import pytest
 from conftest import (
     RECEIVE_MODES,
@@ -19,13 +20,21 @@ from conftest import (
     Sender,
     Verifier,
     connect_pair,
-    make_queue,
     receive_all,
 )
 
 import iouzcrx
 
 pytestmark = pytest.mark.parametrize("mode", RECEIVE_MODES)
+
+
+def make_queue(ring, mode, **kw):
+    """In bufring mode the classic ring, where each chunk takes a buffer of
+    its own, which these tests count (the incremental ring, whose chunks
+    share buffers: test_bufring_incremental.py)."""
+    if mode == "bufring":
+        kw.setdefault("incremental", False)
+    return conftest.make_queue(ring, mode, **kw)
 
 
 def first_view(ring, listener, mode, total=256 << 10, **queue_kw):

@@ -11,6 +11,15 @@
  *       buffer, then shutdown(SHUT_WR), reads until the receiver closes, and
  *       closes.
  *
+ *   sender --port P --scenario bulk --connections N --bytes B --message-size MIN-MAX
+ *       The same with small messages: TCP_NODELAY, and one send() per message
+ *       of MIN..MAX bytes (sizes from a fixed pseudo-random sequence per
+ *       connection, the last one cut to make B), so that each connection's
+ *       segments stay about one message long.  With --message-pause-us U
+ *       each connection sleeps U microseconds after every message: a peer
+ *       that sends when it has something to say, rather than a flood that
+ *       the receiver drains in large reads.
+ *
  *   sender --port P --scenario rr --request-size K --response-size R
  *          --requests Q [--warmup W]
  *       One TCP_NODELAY connection: send K bytes, read exactly R bytes back,
@@ -70,6 +79,9 @@ static struct {
     long connections;
     unsigned long long bytes;
     size_t send_size;
+    size_t message_min;     /* nonzero: small messages of message_min..message_max */
+    size_t message_max;
+    long message_pause_us;
     size_t request_size;
     size_t response_size;
     unsigned long long requests;
@@ -86,6 +98,8 @@ static void usage(void)
 {
     fputs("usage:\n"
           "  sender --port P --scenario bulk --connections N --bytes B [--send-size S]\n"
+          "  sender --port P --scenario bulk --connections N --bytes B --message-size MIN-MAX"
+          " [--message-pause-us U]\n"
           "  sender --port P --scenario rr --request-size K --response-size R --requests Q"
           " [--warmup W]\n"
           "  sender --port P --scenario short --connections M --bytes B [--threads T]\n"
@@ -163,12 +177,39 @@ static void finish_connection(int fd)
 
 /* ---- bulk ----------------------------------------------------------------- */
 
+/* Small messages, each its own send() with Nagle off: what a chat or RPC
+ * peer does, where every segment is a message and not a full buffer. */
+static void send_messages(int fd, unsigned long long total, uint32_t seed)
+{
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
+        die("setsockopt TCP_NODELAY: %s", strerror(errno));
+    size_t span = opt.message_max - opt.message_min + 1;
+    unsigned long long left = total;
+    while (left > 0) {
+        seed = seed * 1103515245u + 12345u;
+        size_t n = opt.message_min + (size_t)(seed >> 8) % span;
+        if (n > left)
+            n = (size_t)left;
+        send_all(fd, payload, n);
+        left -= n;
+        if (opt.message_pause_us && left > 0) {
+            struct timespec pause = { opt.message_pause_us / 1000000,
+                                      opt.message_pause_us % 1000000 * 1000 };
+            nanosleep(&pause, NULL);
+        }
+    }
+    atomic_fetch_add_explicit(&bytes_sent, total, memory_order_relaxed);
+}
+
 static void *bulk_thread(void *arg)
 {
-    (void)arg;
     int fd = connect_to_receiver();
     pthread_barrier_wait(&start_barrier);
-    send_bytes(fd, opt.bytes);
+    if (opt.message_min)
+        send_messages(fd, opt.bytes, (uint32_t)(uintptr_t)arg);
+    else
+        send_bytes(fd, opt.bytes);
     finish_connection(fd);
     return NULL;
 }
@@ -202,7 +243,7 @@ static void run_threads(long count, void *(*body)(void *), double *seconds,
     /* Hundreds of threads: keep their stacks small, they only call send/recv. */
     pthread_attr_setstacksize(&attr, 256 * 1024);
     for (long i = 0; i < count; i++) {
-        int err = pthread_create(&threads[i], &attr, body, NULL);
+        int err = pthread_create(&threads[i], &attr, body, (void *)(uintptr_t)(i + 1));
         if (err)
             die("pthread_create: %s", strerror(err));
     }
@@ -321,6 +362,18 @@ static void parse_args(int argc, char **argv)
             have_bytes = 1;
         } else if (strcmp(name, "--send-size") == 0) {
             opt.send_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
+        } else if (strcmp(name, "--message-size") == 0) {
+            char *dash = strchr(value, '-');
+            if (dash == NULL)
+                die("--message-size wants MIN-MAX (bytes), e.g. 100-500, not %s", value);
+            *dash = '\0';
+            opt.message_min = (size_t)parse_in_range(name, value, 1, 1u << 20);
+            opt.message_max = (size_t)parse_in_range(name, dash + 1, 1, 1u << 20);
+            if (opt.message_max < opt.message_min)
+                die("--message-size %zu-%zu: MIN must not exceed MAX", opt.message_min,
+                    opt.message_max);
+        } else if (strcmp(name, "--message-pause-us") == 0) {
+            opt.message_pause_us = (long)parse_in_range(name, value, 0, 10000000);
         } else if (strcmp(name, "--request-size") == 0) {
             opt.request_size = (size_t)parse_in_range(name, value, 1, 1ull << 30);
             have_request_size = 1;
@@ -349,6 +402,8 @@ static void parse_args(int argc, char **argv)
             die("bulk needs --connections and --bytes");
         if (opt.connections > 4096)
             die("bulk runs a thread per connection: at most 4096 connections");
+        if (opt.message_max > opt.send_size)
+            opt.send_size = opt.message_max;  /* the payload buffer holds a message */
     } else if (opt.scenario == RR) {
         if (!have_request_size || !have_response_size || !have_requests)
             die("rr needs --request-size, --response-size and --requests");
