@@ -218,3 +218,25 @@ async def test_bad_separators_are_refused_naming_the_value():
     with pytest.raises(ValueError, match="one-byte"):
         await reader.readuntil(b"")
     assert bytes(await reader.readuntil(bytearray(b"\n"))) == b"x\n"
+
+
+def finished_without_waiting(coroutine: Any) -> Any:
+    """The coroutine's result, given that it returns at its first step: the
+    data was there, so it neither awaited nor made a future."""
+    with pytest.raises(StopIteration) as info:
+        coroutine.send(None)
+    return info.value.value
+
+
+def test_reads_of_buffered_data_return_without_awaiting():
+    reader = ZcrxStreamReader()
+    reader.feed_view(memoryview(b"line one\nline two\nabcdefgh"))
+    reader.feed_view(memoryview(b"ijkl"))
+    assert bytes(finished_without_waiting(reader.readline())) == b"line one\n"
+    assert bytes(finished_without_waiting(reader.readuntil(b"two\n"))) == b"line two\n"
+    assert bytes(finished_without_waiting(reader.readexactly(3))) == b"abc"
+    assert bytes(finished_without_waiting(reader.read(2))) == b"de"
+    assert bytes(finished_without_waiting(reader.__anext__())) == b"fgh"
+    assert bytes(finished_without_waiting(reader.readexactly(4))) == b"ijkl"
+    reader.feed_eof()
+    assert finished_without_waiting(reader.read()) == b""
