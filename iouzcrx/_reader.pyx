@@ -37,6 +37,7 @@ DEFAULT_LIMIT = 1 << 20  # buffered bytes before the reader pauses the transport
 # reading a chunk never moves the others.
 cdef Py_ssize_t COMPACT_AFTER = 32
 
+cdef bytes NEWLINE = b"\n"
 cdef object IncompleteReadError = asyncio.IncompleteReadError
 cdef object LimitOverrunError = asyncio.LimitOverrunError
 cdef object get_running_loop = asyncio.get_running_loop
@@ -382,6 +383,22 @@ cdef class ZcrxStreamReader:
         self._searched = self._size
         return -1
 
+    cdef object _until(self, bytes separator, bint partial_at_eof):
+        """readuntil's answer if it has one now, else None."""
+        cdef Py_ssize_t end = self._find(separator)
+        if end >= 0:
+            return self._take(end)
+        if self._size > self._limit:
+            raise LimitOverrunError(
+                "Separator is not found, and chunk exceed the limit", self._size
+            )
+        if self._eof:
+            partial = self._take(self._size) if self._size else b""
+            if partial_at_eof:
+                return bytes(partial)  # as the partial of IncompleteReadError
+            raise IncompleteReadError(bytes(partial), None)
+        return None
+
     # -- the coroutine API ---------------------------------------------------------------
 
     def __aiter__(self):
@@ -446,7 +463,6 @@ cdef class ZcrxStreamReader:
         """The bytes up to and including ``separator``: a slice of one view when
         they lie in one, else a copy. ``asyncio.LimitOverrunError`` past the
         reader's limit, ``asyncio.IncompleteReadError`` if EOF comes first."""
-        cdef Py_ssize_t end
         if not PyBytes_CheckExact(separator):
             if not isinstance(separator, (bytes, bytearray, memoryview)):
                 raise TypeError(f"separator must be bytes, not {separator!r}")
@@ -454,16 +470,9 @@ cdef class ZcrxStreamReader:
         if not separator:
             raise ValueError("Separator should be at least one-byte string")
         while True:
-            end = self._find(separator)
-            if end >= 0:
-                return self._take(end)
-            if self._size > self._limit:
-                raise LimitOverrunError(
-                    "Separator is not found, and chunk exceed the limit", self._size
-                )
-            if self._eof:
-                partial = self._take(self._size) if self._size else b""
-                raise IncompleteReadError(bytes(partial), None)
+            line = self._until(separator, False)
+            if line is not None:
+                return line
             waiter = self._new_waiter("readuntil")
             try:
                 await waiter
@@ -473,7 +482,13 @@ cdef class ZcrxStreamReader:
 
     async def readline(self):
         """One line, ending with the newline unless EOF came first."""
-        try:
-            return await self.readuntil(b"\n")
-        except IncompleteReadError as exc:
-            return exc.partial
+        while True:
+            line = self._until(NEWLINE, True)
+            if line is not None:
+                return line
+            waiter = self._new_waiter("readline")
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
