@@ -93,7 +93,9 @@ cdef class ZcrxStreamReader:
     ``readuntil`` and ``readline`` return a ``memoryview`` slice when the
     answer lies inside one received chunk, and copy into ``bytes`` only when
     it spans chunks. More than twice ``limit`` bytes buffered pause the
-    transport until reads take them.
+    transport until reads take them. ``readuntil`` and ``readline`` search
+    only what arrived since their last look. One coroutine at a time may
+    wait on a reader: a second gets ``RuntimeError``, as with asyncio's.
     """
 
     cdef readonly Py_ssize_t _limit
