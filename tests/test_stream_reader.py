@@ -240,3 +240,24 @@ def test_reads_of_buffered_data_return_without_awaiting():
     assert bytes(finished_without_waiting(reader.readexactly(4))) == b"ijkl"
     reader.feed_eof()
     assert finished_without_waiting(reader.read()) == b""
+
+
+async def test_releasing_the_area_lets_go_of_every_view_and_keeps_the_bytes():
+    # A bytearray cannot be resized while a view over it lives: resizing it
+    # shows whether the reader still holds one.
+    memories = [bytearray(b"first "), bytearray(b"second "), bytearray(b"third")]
+    reader = ZcrxStreamReader()
+    for memory in memories:
+        reader.feed_view(memoryview(memory))
+    assert bytes(await reader.readexactly(2)) == b"fi"
+    with pytest.raises(BufferError):
+        memories[0].extend(b"!")
+    reader._release_area()
+    reader._release_area()  # twice: nothing more to give back
+    for memory in memories:
+        memory.extend(b"!")
+    reader.feed_view(memoryview(b" fourth"))
+    reader.feed_eof()
+    assert bytes(await reader.readuntil(b"second")) == b"rst second"
+    assert bytes(await reader.read()) == b" third fourth"
+    assert reader.at_eof()
