@@ -17,7 +17,6 @@ from typing import Any
 
 from iouzcrx._reader import DEFAULT_LIMIT, ZcrxStreamReader, check_limit
 from iouzcrx.modes import ModeSelection, select_mode
-from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.reactor import Reactor
 from iouzcrx.server import (
     ZcrxServer,
@@ -32,8 +31,16 @@ from iouzcrx.socket_transport import wire_wakeups
 __all__ = ["ZcrxStreamReader", "ZcrxStreamWriter", "open_connection", "start_server"]
 
 
-class _StreamProtocol(ZeroCopyProtocol):
-    """Feeds a ZcrxStreamReader and lets the writer wait for drain."""
+class _StreamProtocol(asyncio.BaseProtocol):
+    """Feeds a ZcrxStreamReader and lets the writer wait for drain.
+
+    A zero-copy protocol by duck typing, not by subclassing ZeroCopyProtocol:
+    its ``view_received`` is the reader's own bound ``feed_view``, looked up
+    once per connection, so each view goes to the reader with no Python frame
+    in between.
+    """
+
+    view_received: Callable[[memoryview], None]
 
     def __init__(
         self,
@@ -41,6 +48,7 @@ class _StreamProtocol(ZeroCopyProtocol):
         client_connected_cb: Callable[[ZcrxStreamReader, ZcrxStreamWriter], Any] | None = None,
     ) -> None:
         self._reader = reader
+        self.view_received = reader.feed_view
         self._client_connected_cb = client_connected_cb
         self._loop = asyncio.get_running_loop()
         self._paused = False
@@ -78,9 +86,6 @@ class _StreamProtocol(ZeroCopyProtocol):
         )
         if writer is not None:
             writer.close()
-
-    def view_received(self, view: memoryview) -> None:
-        self._reader.feed_view(view)
 
     def eof_received(self) -> bool:
         self._reader.feed_eof()
