@@ -19,7 +19,7 @@ try:
 except ImportError:
     sys.exit("building iouzcrx needs Cython >= 3.1 (a build requirement in pyproject.toml)")
 
-MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe"]
+MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe", "_reader"]
 
 
 def extension(name: str) -> Extension:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from iouzcrx._reader import DEFAULT_LIMIT, ZcrxStreamReader, check_limit
 from iouzcrx.modes import ModeSelection, select_mode
-from iouzcrx.protocols import ZeroCopyProtocol
 from iouzcrx.reactor import Reactor
 from iouzcrx.server import (
     ZcrxServer,
@@ -31,273 +30,17 @@ from iouzcrx.socket_transport import wire_wakeups
 
 __all__ = ["ZcrxStreamReader", "ZcrxStreamWriter", "open_connection", "start_server"]
 
-DEFAULT_LIMIT = 1 << 20  # buffered bytes before the reader pauses the transport
 
-Chunk = memoryview | bytes | bytearray
+class _StreamProtocol(asyncio.BaseProtocol):
+    """Feeds a ZcrxStreamReader and lets the writer wait for drain.
 
-
-def _check_limit(limit: Any) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be a positive int (bytes), not {limit!r}")
-    if limit <= 0:
-        raise ValueError(f"limit must be a positive int (bytes), not {limit}")
-
-
-class ZcrxStreamReader:
-    """Buffered views of one connection, consumed by coroutines.
-
-    Shaped like ``asyncio.StreamReader``; ``async for view in reader``
-    yields the received views themselves. ``read``, ``readexactly``,
-    ``readuntil`` and ``readline`` return a ``memoryview`` slice when the
-    answer lies inside one received chunk, and copy into ``bytes`` only when
-    it spans chunks. More than twice ``limit`` bytes buffered pause the
-    transport until reads take them.
+    A zero-copy protocol by duck typing, not by subclassing ZeroCopyProtocol:
+    its ``view_received`` is the reader's own bound ``feed_view``, looked up
+    once per connection, so each view goes to the reader with no Python frame
+    in between.
     """
 
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
-        _check_limit(limit)
-        self._limit = limit
-        # Views in arrival order; the first may be a bytearray holding a copy
-        # of views given up while the connection's receive was stalled.
-        self._views: collections.deque[memoryview | bytearray] = collections.deque()
-        self._size = 0
-        self._eof = False
-        self._exception: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._transport: asyncio.Transport | None = None
-        self._pins: Any = None  # the transport's PinAccount, if it has one
-        self._paused = False
-
-    def __repr__(self) -> str:
-        return f"<ZcrxStreamReader {self._size} bytes{' eof' if self._eof else ''}>"
-
-    # -- fed by the protocol ---------------------------------------------------------
-
-    def set_transport(self, transport: asyncio.Transport) -> None:
-        """Called by the connection's protocol with its transport."""
-        self._transport = transport
-        pins = transport.get_extra_info("pin_account")
-        if pins is not None:
-            # A stall (this connection's views at their share of the area,
-            # or the area exhausted) wakes a waiting read, which then gives
-            # up its views so that the receive can go on.
-            pins.on_stall = self._wake
-            self._pins = pins
-
-    def feed_view(self, view: memoryview) -> None:
-        """Called by the connection's protocol with each received view."""
-        self._views.append(view)
-        self._size += len(view)
-        self._wake()
-        # Views hold area buffers: stop reading rather than hoard the area.
-        if not self._paused and self._transport is not None and self._size > 2 * self._limit:
-            self._paused = True
-            self._transport.pause_reading()
-
-    def feed_eof(self) -> None:
-        """Called by the connection's protocol when the peer closed its side."""
-        self._eof = True
-        self._wake()
-
-    def _release_area(self) -> None:
-        """The connection is gone: what is still buffered stays readable,
-        but as a copy, so that its buffers go back to the shared area now
-        (not when the program, or the GC, drops this reader)."""
-        if self._pins is not None:
-            self._pins.on_stall = None
-            self._pins = None
-        if self._views:
-            self._spill()
-
-    def set_exception(self, exc: BaseException) -> None:
-        """Make waiting and later reads raise ``exc``."""
-        self._exception = exc
-        self._wake()
-
-    def exception(self) -> BaseException | None:
-        """The exception reads raise, if any."""
-        return self._exception
-
-    def at_eof(self) -> bool:
-        """Whether the peer closed its side and everything was read."""
-        return self._eof and not self._views
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _wait(self) -> None:
-        if self._exception is not None:
-            raise self._exception
-        if self._paused and self._transport is not None:
-            # The caller needs more than is buffered (readexactly of more than
-            # the limit, say): reading must go on or this waits forever.
-            self._paused = False
-            self._transport.resume_reading()
-        if self._pins is not None and self._pins.stalled and self._views:
-            # The read needs more than the views this connection may pin (or
-            # than the area has left): copy them out, so that their buffers
-            # go back and the receive resumes, rather than wait for ever.
-            self._spill()
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def _consumed(self, n: int) -> None:
-        self._size -= n
-        if self._paused and self._size <= self._limit and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-
-    def _spill(self) -> None:
-        """Replace every buffered view by one bytearray holding their bytes."""
-        views = self._views
-        first = views[0]
-        spilled = first if isinstance(first, bytearray) and len(views) > 1 else None
-        if spilled is None:
-            if isinstance(first, bytearray):
-                return  # nothing else buffered
-            spilled = bytearray()
-            spilled += views.popleft()
-        else:
-            views.popleft()
-        while views:
-            spilled += views.popleft()
-        views.append(spilled)
-
-    def _take(self, n: int) -> Chunk:
-        """Remove the first ``n`` buffered bytes (n <= buffered): a slice of
-        the first view if it holds them all, else a copy."""
-        first = self._views[0]
-        if len(first) >= n:
-            if len(first) == n:
-                self._views.popleft()
-                self._consumed(n)
-                return first
-            if isinstance(first, bytearray):
-                # Our own copy: cut the front off in place (bytearray drops
-                # a prefix without moving the rest).
-                head = first[:n]
-                del first[:n]
-                self._consumed(n)
-                return head
-            self._views[0] = first[n:]
-            self._consumed(n)
-            return first[:n]
-        parts = []
-        remaining = n
-        while remaining:
-            view = self._views[0]
-            if len(view) <= remaining:
-                parts.append(self._views.popleft())
-                remaining -= len(view)
-            else:
-                parts.append(view[:remaining])
-                if isinstance(view, bytearray):
-                    del view[:remaining]
-                else:
-                    self._views[0] = view[remaining:]
-                remaining = 0
-        self._consumed(n)
-        return b"".join(parts)
-
-    # -- the coroutine API ---------------------------------------------------------------
-
-    def __aiter__(self) -> ZcrxStreamReader:
-        return self
-
-    async def __anext__(self) -> memoryview:
-        while not self._views:
-            if self._eof:
-                raise StopAsyncIteration
-            await self._wait()
-        view = self._views.popleft()
-        self._consumed(len(view))
-        return view if isinstance(view, memoryview) else memoryview(view)
-
-    async def read(self, n: int = -1) -> Chunk:
-        """Up to ``n`` bytes (all until EOF if ``n < 0``); empty at EOF."""
-        if n == 0:
-            return b""
-        if n < 0:
-            while not self._eof:
-                await self._wait()
-            return self._take(self._size) if self._size else b""
-        while not self._views:
-            if self._eof:
-                return b""
-            await self._wait()
-        return self._take(min(n, len(self._views[0])))
-
-    async def readexactly(self, n: int) -> Chunk:
-        """Exactly ``n`` bytes: a slice of one view when they lie in one, else a
-        copy. ``asyncio.IncompleteReadError`` if EOF comes first."""
-        if n < 0:
-            raise ValueError("readexactly size can not be less than zero")
-        while self._size < n:
-            if self._eof:
-                partial = self._take(self._size) if self._size else b""
-                raise asyncio.IncompleteReadError(bytes(partial), n)
-            await self._wait()
-        return self._take(n) if n else b""
-
-    async def readuntil(self, separator: bytes = b"\n") -> Chunk:
-        """The bytes up to and including ``separator``: a slice of one view when
-        they lie in one, else a copy. ``asyncio.LimitOverrunError`` past the
-        reader's limit, ``asyncio.IncompleteReadError`` if EOF comes first."""
-        if not separator:
-            raise ValueError("Separator should be at least one-byte string")
-        while True:
-            end = self._find(separator)
-            if end >= 0:
-                return self._take(end)
-            if self._size > self._limit:
-                raise asyncio.LimitOverrunError(
-                    "Separator is not found, and chunk exceed the limit", self._size
-                )
-            if self._eof:
-                partial = self._take(self._size) if self._size else b""
-                raise asyncio.IncompleteReadError(bytes(partial), None)
-            await self._wait()
-
-    async def readline(self) -> Chunk:
-        """One line, ending with the newline unless EOF came first."""
-        try:
-            return await self.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial
-
-    def _find(self, separator: bytes) -> int:
-        """Bytes up to and including the first ``separator``, or -1.
-
-        Each view is searched in place (re reads the buffer without copying);
-        only the few bytes around a seam between views are copied, so a
-        separator split across chunks is still found.
-        """
-        pattern = re.compile(re.escape(separator))
-        width = len(separator) - 1
-        offset = 0
-        carry = b""  # the last `width` bytes before the current view
-        for view in self._views:
-            if carry:
-                seam = carry + bytes(view[:width])
-                index = seam.find(separator)
-                if index >= 0:
-                    return offset - len(carry) + index + len(separator)
-            match = pattern.search(view)
-            if match is not None:
-                return offset + match.end()
-            if width:
-                carry = (carry + bytes(view[-width:]))[-width:]
-            offset += len(view)
-        return -1
-
-
-class _StreamProtocol(ZeroCopyProtocol):
-    """Feeds a ZcrxStreamReader and lets the writer wait for drain."""
+    view_received: Callable[[memoryview], None]
 
     def __init__(
         self,
@@ -305,6 +48,7 @@ class _StreamProtocol(ZeroCopyProtocol):
         client_connected_cb: Callable[[ZcrxStreamReader, ZcrxStreamWriter], Any] | None = None,
     ) -> None:
         self._reader = reader
+        self.view_received = reader.feed_view
         self._client_connected_cb = client_connected_cb
         self._loop = asyncio.get_running_loop()
         self._paused = False
@@ -314,7 +58,7 @@ class _StreamProtocol(ZeroCopyProtocol):
         self.writer: ZcrxStreamWriter | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._reader.set_transport(transport)  # type: ignore[arg-type]
+        self._reader.set_transport(transport)
         self.writer = ZcrxStreamWriter(transport, self, self._reader)  # type: ignore[arg-type]
         if self._client_connected_cb is not None:
             result = self._client_connected_cb(self._reader, self.writer)
@@ -342,9 +86,6 @@ class _StreamProtocol(ZeroCopyProtocol):
         )
         if writer is not None:
             writer.close()
-
-    def view_received(self, view: memoryview) -> None:
-        self._reader.feed_view(view)
 
     def eof_received(self) -> bool:
         self._reader.feed_eof()
@@ -459,7 +200,7 @@ async def start_server(
     ``create_zcrx_server``)."""
     loop = asyncio.get_running_loop()
     check_callable("client_connected_cb", client_connected_cb)
-    _check_limit(limit)
+    check_limit(limit)
 
     def factory() -> _StreamProtocol:
         return _StreamProtocol(ZcrxStreamReader(limit), client_connected_cb)
@@ -484,7 +225,7 @@ async def open_connection(
     loop = asyncio.get_running_loop()
     check_host(host, accept_bytes=True)
     check_port(port)
-    _check_limit(limit)
+    check_limit(limit)
     reactor = Reactor.for_loop(loop)
     selection = _client_backend(reactor, mode, area_size, mode_options)
     if selection.mode == "socket":

@@ -21,7 +21,7 @@ import pytest
 
 import iouzcrx
 
-COMPILED = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe"]
+COMPILED = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe", "_reader"]
 
 
 def distribution() -> importlib.metadata.Distribution:
