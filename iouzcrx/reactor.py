@@ -119,7 +119,8 @@ class Reactor:
     def schedule(self) -> None:
         """Drain (submit and reap) once before the loop next waits: called
         whenever SQEs were queued outside a drain."""
-        if not self._drain_scheduled and not self.closed and not self.inherited:
+        # ``inherited`` spelled out: this runs for every operation queued.
+        if not self._drain_scheduled and not self.closed and self.pid == _pid:
             self._drain_scheduled = True
             self.loop.call_soon(self.drain_now)
 
@@ -127,10 +128,11 @@ class Reactor:
         """Submit and reap at once: a scheduled drain, and the reader callback
         of a watched socket."""
         self._drain_scheduled = False
-        if self.ring is None or self.ring.closed or self.closed or self.inherited:
+        ring = self.ring
+        if ring is None or ring.closed or self.closed or self.pid != _pid:
             return
         try:
-            more = self.ring.drain()
+            more = ring.drain()
         except Exception as exc:
             self._report(exc)
             more = False
