@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import platform
+import shutil
 import socket
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 from conftest import RECEIVE_MODES
-from isolation import run_python
+from isolation import child_env, run_python
 
 import iouzcrx
 from iouzcrx import _checks
@@ -22,6 +27,7 @@ from iouzcrx import _checks
 pytestmark = pytest.mark.parametrize("mode", RECEIVE_MODES)
 
 TIMEOUT = 60
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # getsockopt(2) on x86_64: the filter below names the syscall by number.
 GETSOCKOPT_X86_64 = 55
 
@@ -166,3 +172,21 @@ def test_an_accepted_connection_is_served_without_asking_the_kernel_what_its_soc
         """
     )
     assert lines == ["lost None", "bytes 100000", "refused True"], lines
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_benchmarks_connections_counts_no_socket_probe_per_accepted_connection(mode, tmp_path):
+    """benchmarks/connections.py runs, and its system call counts show what
+    the accept path no longer asks (getsockopt, fstat)."""
+    name = f"iouzcrx-{mode}-zerocopy-asyncio"
+    out = tmp_path / "connections.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "connections.py"), "--receivers", name,
+         "--connections", "20,60", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=child_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = json.loads(out.read_text())[name]["syscalls"]
+    assert calls.get("close", 0) >= 1, calls  # each connection was served and closed
+    for probe in ("getsockopt", "fstat", "newfstatat"):
+        assert probe not in calls, calls
