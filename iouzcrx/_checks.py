@@ -18,7 +18,7 @@ from typing import Any
 
 from iouzcrx.errors import InvalidConfiguration
 
-__all__ = ["integer", "size", "timeout", "callback", "stream_socket_fd"]
+__all__ = ["AcceptedSocket", "integer", "size", "timeout", "callback", "stream_socket_fd"]
 
 SIZE_MAX = (1 << 64) - 1
 PAGE_SIZE = 4096
@@ -77,10 +77,28 @@ def callback(name: str, value: object) -> Callable[..., object] | None:
     return value
 
 
+class AcceptedSocket(socket.socket):
+    """A connection the library's own accept returned (a server's ring
+    accept), made with the listener's family, type and protocol.
+
+    It is a connected TCP stream socket for as long as its fd is open: a
+    connected socket never turns into a listening one nor changes type. So
+    ``stream_socket_fd`` asks the kernel nothing about it, which spares
+    every accepted connection six system calls. Sockets a program passes
+    in are plain ``socket.socket`` objects and are always checked."""
+
+    __slots__ = ()
+
+
 def stream_socket_fd(name: str, sock: Any) -> int:
     """The fd of ``sock`` (a socket object or an int fd), which must be an
     open, connected stream socket: a receive on anything else would fail at
     its first completion, or never complete at all (a listening socket)."""
+    if type(sock) is AcceptedSocket:
+        fd: int = sock.fileno()
+        if fd >= 0:
+            return fd
+        # Closed (or detached): the checks below say so.
     if isinstance(sock, bool) or not (isinstance(sock, int) or hasattr(sock, "fileno")):
         raise TypeError(f"{name} must be a connected socket or its fd, not {sock!r}")
     try:

@@ -56,6 +56,9 @@ class Reactor:
         self.ring_error: OSError | None = None
         self.closed = False
         self._drain_scheduled = False
+        # The ring's enter count when the pending drain was scheduled; None
+        # when that drain must run whatever ran since (see _scheduled_drain).
+        self._enters_when_scheduled: int | None = None
         self._watching_eventfd = False
         # Receive backends of client connections (open_connection), per mode.
         self.client_backends: dict[str, Any] = {}
@@ -78,7 +81,7 @@ class Reactor:
             self.ring, self.ring_error = None, features.io_uring_error
             return
         self.ring.error_handler = self._report
-        self.ring.more_work_handler = self.schedule
+        self.ring.more_work_handler = self._drain_again
         # As the ring's own blocking waits do (Ring.watches_sockets).
         self.socket_hints = self.ring.watches_sockets
         # The ring's method is the reader callback itself: no Python frame
@@ -119,23 +122,53 @@ class Reactor:
     def schedule(self) -> None:
         """Drain (submit and reap) once before the loop next waits: called
         whenever SQEs were queued outside a drain."""
-        if not self._drain_scheduled and not self.closed and not self.inherited:
+        # ``inherited`` spelled out: this runs for every operation queued.
+        if not self._drain_scheduled and not self.closed and self.pid == _pid:
             self._drain_scheduled = True
-            self.loop.call_soon(self.drain_now)
+            self._enters_when_scheduled = None if self.ring is None else self.ring.enters
+            self.loop.call_soon(self._scheduled_drain)
+
+    def _drain_again(self) -> None:
+        """A drain stopped with work left: the next one runs, whatever ran
+        in between."""
+        self.schedule()
+        self._enters_when_scheduled = None
+
+    def _scheduled_drain(self) -> None:
+        ring = self.ring
+        since = self._enters_when_scheduled
+        if (
+            since is not None
+            and ring is not None
+            and not ring.closed
+            and ring.enters != since
+            and not self.closed
+            and self.pid == _pid
+            and ring.submit() == 0
+        ):
+            # A drain ran since this one was scheduled (the eventfd's, in the
+            # same loop iteration, typically) and left the ring idle, and
+            # nothing was queued after it (submit() then makes no system
+            # call): another enter would find nothing. Work the kernel
+            # queues from now on signals the eventfd.
+            self._drain_scheduled = False
+            return
+        self.drain_now()
 
     def drain_now(self) -> None:
         """Submit and reap at once: a scheduled drain, and the reader callback
         of a watched socket."""
         self._drain_scheduled = False
-        if self.ring is None or self.ring.closed or self.closed or self.inherited:
+        ring = self.ring
+        if ring is None or ring.closed or self.closed or self.pid != _pid:
             return
         try:
-            more = self.ring.drain()
+            more = ring.drain()
         except Exception as exc:
             self._report(exc)
             more = False
         if more:
-            self.schedule()  # it stopped with work left
+            self._drain_again()
 
     def _report(self, exc: BaseException) -> None:
         loop = self._loop_ref()

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from iouzcrx._checks import AcceptedSocket
 from iouzcrx._ring import CQE_F_MORE
 from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.modes import (
@@ -258,22 +259,38 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         ring = self._reactor.ring
         assert ring is not None
-        self._accepts[sock] = ring.accept(
-            sock, multishot=True, callback=functools.partial(self._on_accept, sock)
+        # Each accepted socket is made with the listener's family, type and
+        # protocol (Ring.accept makes it non-blocking), read here once: the
+        # socket module converts them to enums on every read.
+        family = int(sock.family)
+        on_accept = functools.partial(
+            self._on_accept,
+            sock,
+            family,
+            int(sock.type) | socket.SOCK_NONBLOCK,
+            sock.proto,
+            family in (socket.AF_INET, socket.AF_INET6),
         )
+        self._accepts[sock] = ring.accept(sock, multishot=True, callback=on_accept)
         self._reactor.schedule()
         if self._reactor.socket_hints:
             # A pending connection drains the ring at once (see iouzcrx.reactor).
             self._reactor.watch(sock.fileno(), self._reactor.drain_now)
 
-    def _on_accept(self, sock: socket.socket, res: int, flags: int) -> None:
+    def _on_accept(
+        self,
+        sock: socket.socket,
+        family: int,
+        kind: int,
+        proto: int,
+        tcp: bool,
+        res: int,
+        flags: int,
+    ) -> None:
         if res >= 0:
-            self._accept_failures.pop(sock, None)
-            # Accepted non-blocking (Ring.accept); saying so, and what the
-            # socket is, spares the syscalls socket() would make to find out.
-            self._new_connection(
-                socket.socket(sock.family, sock.type | socket.SOCK_NONBLOCK, sock.proto, res)
-            )
+            if self._accept_failures:
+                self._accept_failures.pop(sock, None)
+            self._new_connection(AcceptedSocket(family, kind, proto, res), tcp=tcp)
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
@@ -298,18 +315,30 @@ class ZcrxServer(asyncio.AbstractServer):
         )
         self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
 
-    def _new_connection(self, conn: socket.socket, *, steerable: bool = True) -> None:
+    def _new_connection(
+        self, conn: socket.socket, *, steerable: bool = True, tcp: bool | None = None
+    ) -> None:
         """Serve ``conn``, accepted non-blocking by the ring (or handed over
         by another worker: not ``steerable``); it is closed here if it
-        cannot be served."""
+        cannot be served. ``tcp``: whether it is a TCP socket, when the
+        caller knows."""
         try:
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
+            if tcp is None:
+                tcp = conn.family in (socket.AF_INET, socket.AF_INET6)
+            if tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if steerable and self._steer is not None and self._steer(conn):
                 return
-            selection = self._route(conn)
+            selection = self._selection if self._router is None else self._route(conn)
             protocol = self._protocol_factory()
-            connection = attach_connection(self._reactor, selection, conn, protocol, self._detach)
+            if selection.mode == "socket":  # a socket handed over by another worker
+                connection = attach_connection(
+                    self._reactor, selection, conn, protocol, self._detach
+                )
+            else:
+                connection = ZcrxTransport(
+                    self._reactor, selection.backend, conn, protocol, on_closed=self._detach
+                )
         except (SystemExit, KeyboardInterrupt):
             conn.close()
             raise
@@ -348,7 +377,8 @@ class ZcrxServer(asyncio.AbstractServer):
 
     def _detach(self, connection: Any) -> None:
         self._connections.discard(connection)
-        self._wake_waiters()
+        if self._closed:  # else nobody waits for the last connection
+            self._wake_waiters()
 
     # -- closing ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import os
 import socket
 from typing import Any
@@ -45,7 +46,8 @@ class ZcrxTransport(asyncio.Transport):
         waiter: asyncio.Future[None] | None = None,
         on_closed: Any = None,
     ) -> None:
-        super().__init__(extra)
+        # What asyncio.BaseTransport.__init__ does, without its frame.
+        self._extra = {} if extra is None else extra
         assert reactor.ring is not None, "ring modes need the reactor's ring"
         self._loop = reactor.loop
         self._reactor = reactor
@@ -55,19 +57,23 @@ class ZcrxTransport(asyncio.Transport):
         self._protocol = protocol
         self._deliver = delivery_for(protocol)
         self._on_closed = on_closed
-        self._extra: dict[str, Any]  # set by asyncio.BaseTransport
-        self._extra.update(
-            socket=sock,
-            sockname=sock.getsockname(),
-            peername=_peername(sock),
-            zcrx_mode=queue.mode,
-            interface=getattr(queue, "interface", None),
-            queue=getattr(queue, "queue", None),
-        )
         # The connection's share of the area, across the receives that pause
         # and resume make: over it, the engine stops this receive alone.
         self._pins = queue.pin_account()
-        self._extra["pin_account"] = self._pins
+        # The addresses are read now, as asyncio's transports do, so that they
+        # are still known once the socket is closed; the queue's names are
+        # looked up when asked for (get_extra_info).
+        try:
+            peername = sock.getpeername()
+        except OSError:
+            peername = None  # reset by the peer already: its receive says so
+        self._extra.update(
+            socket=sock,
+            sockname=sock.getsockname(),
+            peername=peername,
+            zcrx_mode=queue.mode,
+            pin_account=self._pins,
+        )
         self._receiver: Receiver | None = None
         self._watching = False  # the loop watches the socket (Reactor.socket_hints)
         self._generation = 0  # bumps when a receiver is retired (pause, close)
@@ -89,14 +95,39 @@ class ZcrxTransport(asyncio.Transport):
         self._protocol_paused = False
         self._high_water = _DEFAULT_HIGH_WATER
         self._low_water = _DEFAULT_HIGH_WATER // 4
-        self._loop.call_soon(self._protocol.connection_made, self)
-        self._loop.call_soon(self._start_reading)
-        if waiter is not None:
-            self._loop.call_soon(_set_result_unless_cancelled, waiter)
+        # One callback, as uvloop does: connection_made, then reading, then
+        # the waiter, in the order asyncio's three would run them.
+        self._loop.call_soon(self._connection_made, waiter)
+
+    def _connection_made(self, waiter: asyncio.Future[None] | None) -> None:
+        try:
+            self._protocol.connection_made(self)
+        finally:
+            # Even when connection_made raised (the loop reports it), as
+            # asyncio's separate callbacks would: the connection is served
+            # and whoever waits for it is told.
+            try:
+                self._start_reading()
+            finally:
+                if waiter is not None:
+                    _set_result_unless_cancelled(waiter)
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "paused" if self._paused else "reading"
         return f"<ZcrxTransport {self._queue.mode} fd={self._sock.fileno()} {state}>"
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """What asyncio's transports answer, and more (see the class
+        docstring)."""
+        extra = self._extra
+        if name in extra:
+            return extra[name]
+        if name in ("interface", "queue"):
+            # zcrx queues have them, buffer-ring queues neither: looked up
+            # once, when asked, rather than failing a getattr per connection.
+            value = extra[name] = getattr(self._queue, name, None)
+            return value
+        return default
 
     # -- reading ---------------------------------------------------------------
 
@@ -111,7 +142,7 @@ class ZcrxTransport(asyncio.Transport):
         # to _on_view, which holds the data back.
         receiver = self._queue.recv_multishot(
             self._sock,
-            on_end=lambda error: self._receive_ended(generation, error),
+            on_end=functools.partial(self._receive_ended, generation),
             on_error=self._on_protocol_error,
             account=self._pins,
         )
@@ -413,8 +444,10 @@ class ZcrxTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._retire_receiver(discard=True)
-        self._backlog.clear()
+        if self._receiver is not None or self._watching:
+            self._retire_receiver(discard=True)
+        if self._backlog:
+            self._backlog.clear()
         if self._sending is None and not self._write_queue:
             self._loop.call_soon(self._call_connection_lost, None)
 
@@ -456,17 +489,21 @@ class ZcrxTransport(asyncio.Transport):
         try:
             self._protocol.connection_lost(exc)  # type: ignore[arg-type]
         finally:
-            self._unwatch_socket()
-            self._release_socket()
+            if self._watching:
+                self._unwatch_socket()
+            # The socket is closed once no ring operation names it any more
+            # (else by the last one's completion, _op_on_socket_done). A
+            # closed ring has dropped its operations: none is coming back.
+            self._socket_release_wanted = True
+            if self._ops_on_socket == 0 or self._ring.closed:
+                self._sock.close()
             if self._on_closed is not None:
                 self._on_closed(self)
-
-    def _release_socket(self) -> None:
-        """Close the socket once no ring operation names it any more."""
-        self._socket_release_wanted = True
-        if self._ops_on_socket == 0 or self._ring.closed:
-            # A closed ring has dropped its operations: none is coming back.
-            self._sock.close()
+            # As asyncio's and uvloop's transports do: the protocol usually
+            # holds its transport, and without these the pair (and all they
+            # hold) would wait for the cyclic GC instead of going now.
+            self._protocol = None  # type: ignore[assignment]
+            self._deliver = _discard
 
     def _op_on_socket_done(self) -> None:
         self._ops_on_socket -= 1
@@ -496,11 +533,8 @@ class _Holder:
         self.data_received = data_received
 
 
-def _peername(sock: socket.socket) -> Any:
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
+def _discard(view: memoryview) -> None:
+    """The delivery of a transport whose protocol is gone (none comes)."""
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:

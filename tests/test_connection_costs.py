@@ -1,0 +1,199 @@
+"""What one accepted connection costs, as guarantees: the library does not
+ask the kernel again what the sockets it accepted itself are, while a socket
+a program passes in is always checked; and a connection that ended is freed
+by reference counting, not left to the cyclic GC. Each runs on the stock
+loop and on uvloop (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+from conftest import RECEIVE_MODES
+from isolation import child_env, run_python
+
+import iouzcrx
+from iouzcrx import _checks
+
+# Every ring mode; the benchmark script's test runs in bufring mode only (the
+# accept path is the same in every mode, and strace under the VM's TCG makes
+# it take minutes).
+each_mode = pytest.mark.parametrize("mode", RECEIVE_MODES)
+
+TIMEOUT = 60
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# getsockopt(2) on x86_64: the filter below names the syscall by number.
+GETSOCKOPT_X86_64 = 55
+
+
+class Held(iouzcrx.ZeroCopyProtocol):
+    """Holds its transport, as most protocols do (a reference cycle)."""
+
+    def __init__(self, seen: list[Held]) -> None:
+        seen.append(self)
+        self.transport: asyncio.BaseTransport | None = None
+        self.bytes = 0
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def view_received(self, view: memoryview) -> None:
+        self.bytes += len(view)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
+
+async def serve_one(mode: str, seen: list[Held]) -> int:
+    """Serve one connection that sends 64 KiB and closes; its byte count."""
+    server = await asyncio.get_running_loop().create_zcrx_server(
+        lambda: Held(seen), "127.0.0.1", 0, mode=mode
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * (64 << 10))
+        writer.write_eof()
+        while not seen:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(seen[0].lost, TIMEOUT)
+        writer.close()
+    return seen[0].bytes
+
+
+@each_mode
+async def test_an_ended_connection_is_freed_by_reference_counting_alone(mode):
+    seen: list[Held] = []
+    gc.collect()
+    gc.disable()
+    try:
+        assert await serve_one(mode, seen) == 64 << 10
+        protocol = weakref.ref(seen[0])
+        transport = weakref.ref(seen[0].transport)
+        sock = weakref.ref(seen[0].transport.get_extra_info("socket"))
+        seen.clear()
+        for _ in range(3):  # the loop's handles of the last callbacks go
+            await asyncio.sleep(0)
+        assert protocol() is None, "the protocol waits for the cyclic GC"
+        assert transport() is None, "the transport waits for the cyclic GC"
+        assert sock() is None, "the socket waits for the cyclic GC"
+    finally:
+        gc.enable()
+
+
+@each_mode
+async def test_the_sockets_the_server_accepts_are_known_to_be_connected_streams(mode):
+    seen: list[Held] = []
+    assert await serve_one(mode, seen) == 64 << 10
+    accepted = seen[0].transport.get_extra_info("socket")
+    assert type(accepted) is _checks.AcceptedSocket
+    assert isinstance(accepted, socket.socket) and accepted.fileno() == -1  # closed with it
+    # Closed, it gets the full check, which names what is wrong.
+    with pytest.raises(ValueError, match="closed"):
+        _checks.stream_socket_fd("sock", accepted)
+
+
+@each_mode
+async def test_a_socket_a_program_passes_in_is_still_checked(mode):
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with pytest.raises(ValueError, match="listening socket"):
+            _checks.stream_socket_fd("sock", listener)
+        plain = socket.socket(fileno=listener.fileno())
+        try:
+            with pytest.raises(ValueError, match="listening socket"):
+                _checks.stream_socket_fd("sock", plain)
+        finally:
+            plain.detach()
+    finally:
+        listener.close()
+
+
+@each_mode
+@pytest.mark.skipif(
+    platform.machine() != "x86_64",
+    reason=f"the seccomp filter names getsockopt by its x86_64 number, not {platform.machine()}'s",
+)
+def test_an_accepted_connection_is_served_without_asking_the_kernel_what_its_socket_is(mode):
+    """With getsockopt refused by a seccomp filter, a served connection
+    still receives every byte (nothing asks what its socket is), and a
+    socket passed in by the program is still refused by the check."""
+    lines = run_python(
+        f"""
+        import asyncio, errno, socket, threading
+        import isolation
+        import iouzcrx
+
+        class Count(iouzcrx.ZeroCopyProtocol):
+            def __init__(self):
+                self.bytes = 0
+                self.lost = asyncio.get_running_loop().create_future()
+            def view_received(self, view):
+                self.bytes += len(view)
+            def connection_lost(self, exc):
+                self.lost.set_result(exc)
+
+        def client(port):
+            # A blocking client: asyncio's connect would ask SO_ERROR.
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"y" * 100000)
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            protocols = []
+            server = await iouzcrx.create_zcrx_server(
+                lambda: protocols.append(Count()) or protocols[-1],
+                "127.0.0.1", 0, mode={mode!r})
+            isolation.block_io_uring(errno.EPERM, {GETSOCKOPT_X86_64}, {GETSOCKOPT_X86_64})
+            port = server.sockets[0].getsockname()[1]
+            thread = threading.Thread(target=client, args=(port,))
+            thread.start()
+            while not protocols:
+                await asyncio.sleep(0.01)
+            print("lost", await asyncio.wait_for(protocols[0].lost, 30))
+            print("bytes", protocols[0].bytes)
+            other, peer = socket.socketpair()
+            try:
+                server.backend.recv_multishot(other)
+            except ValueError as exc:
+                print("refused", "not a usable socket" in str(exc))
+            other.close()
+            peer.close()
+            server.close()
+            await server.wait_closed()
+            await loop.run_in_executor(None, thread.join)
+
+        asyncio.run(main())
+        """
+    )
+    assert lines == ["lost None", "bytes 100000", "refused True"], lines
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_benchmarks_connections_counts_no_socket_probe_per_accepted_connection(tmp_path):
+    """benchmarks/connections.py runs, and its system call counts show what
+    the accept path no longer asks (getsockopt, fstat)."""
+    name = "iouzcrx-bufring-zerocopy-asyncio"
+    out = tmp_path / "connections.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "connections.py"), "--receivers", name,
+         "--connections", "20,60", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=child_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = json.loads(out.read_text())[name]["syscalls"]
+    assert calls.get("close", 0) >= 1, calls  # each connection was served and closed
+    for probe in ("getsockopt", "fstat", "newfstatat"):
+        assert probe not in calls, calls
