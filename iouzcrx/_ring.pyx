@@ -445,7 +445,14 @@ cdef class Ring:
         Anything but an Exception (KeyboardInterrupt, SystemExit) is raised
         again once the drain is over."""
         if self.error_handler is not None and isinstance(exc, Exception):
-            self.error_handler(exc)
+            try:
+                self.error_handler(exc)
+            except BaseException as error:
+                # Raised here it would cut the walk short: the rest of the
+                # batch, the receive's own bookkeeping and the other clients'
+                # end-of-batch deliveries would wait for a drain that may
+                # never come.  It is raised once the drain is over instead.
+                self.callback_errors.append(error)
         else:
             self.callback_errors.append(exc)
         return 0
