@@ -96,7 +96,7 @@ def _buffered_delivery(
         with view:
             offset, size = 0, len(view)
             while offset < size:
-                target = memoryview(get_buffer(size - offset)).cast("B")
+                target = _writable(get_buffer(size - offset), size - offset)
                 if not len(target):
                     raise RuntimeError("get_buffer() returned an empty buffer")
                 n = min(len(target), size - offset)
@@ -106,3 +106,20 @@ def _buffered_delivery(
                 offset += n
 
     return deliver
+
+
+def _writable(memory: Any, sizehint: int) -> memoryview:
+    """``memory`` as writable bytes, or the TypeError the ring modes raise
+    for the same object (naming it and what to return instead)."""
+    try:
+        target = memoryview(memory)
+        if not target.readonly and target.c_contiguous:
+            return target.cast("B") if target.ndim != 1 or target.format != "B" else target
+        target.release()
+    except TypeError:
+        pass
+    raise TypeError(
+        f"get_buffer({sizehint}) returned {type(memory).__name__!r}, which is not writable "
+        "contiguous memory: return a bytearray, a writable memoryview or another object "
+        "exporting a writable buffer"
+    )
