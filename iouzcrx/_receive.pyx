@@ -21,6 +21,7 @@ from iouzcrx._ring cimport Request, Ring
 
 import collections as _collections
 import gc as _gc
+import os as _os
 
 from iouzcrx import _checks
 from iouzcrx.errors import kernel_error
@@ -90,6 +91,11 @@ cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
         # the next pass publishes anyway.
         queue.wake_requested = True
         queue.ring.wake()
+
+
+cdef bint forked_copy(Ring ring) except -1:
+    """Whether this process is a child forked from ``ring``'s owner."""
+    return ring.owner_pid != _os.getpid()
 
 
 cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t count,
@@ -390,13 +396,21 @@ cdef class ReceiveQueue(BufferOwner):
         area stays mapped until the last view over it is released.  Only the
         ring's owner thread may close a queue (WrongThread otherwise, and the
         queue is left as it was); closing twice is harmless.  A queue that is
-        dropped without close() is released when it is collected."""
+        dropped without close() is released when it is collected.  In a
+        process forked from the owner it only marks this copy closed, as
+        Ring.close does there: the parent's receives go on."""
         if self.closed:
             return
         cdef Ring ring = self.ring
         cdef Receiver receiver
         if ring is None:  # made by __new__, never set up: nothing to undo
             self.closed = True
+            return
+        if forked_copy(ring):
+            # As Ring.close does there: the receives and the registration
+            # are the parent's, and only this process's copy closes.
+            self.closed = True
+            self.starved.clear()
             return
         if not ring.closed:
             ring.check_thread()
@@ -704,8 +718,15 @@ cdef class Receiver(Request):
     def close(self):
         """Cancel, and drop the views not yet taken and any that arrive before
         the cancel completes (their buffers go back).  Owner thread only:
-        from another thread it raises WrongThread and changes nothing."""
+        from another thread it raises WrongThread and changes nothing.  In a
+        process forked from the owner it drops only this copy's queued views
+        (the receive is the parent's)."""
         if not self.finished:
+            if forked_copy(self.queue.ring):
+                # The receive is the parent's: only this copy's views go.
+                self.discarding = True
+                self.chunks.clear()
+                return
             self.queue.ring.check_thread()
         self.discarding = True
         self.flush_run()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import gc
+import os
+import socket
+import threading
 import time
 from typing import Any
 
@@ -233,3 +237,222 @@ async def test_memory_that_cannot_be_written_fails_the_connection_naming_it(
         assert any(c.get("exception") is exc for c in exception_handler_calls)
         assert server.backend.stats()["buffers_in_use"] == 0
         writer.close()
+
+
+# -- views over parts of incremental buffers; many peers -----------------------------
+
+
+def send_in_pieces(client: socket.socket, data: bytes, sizes: list[int]) -> None:
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pos = i = 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        client.sendall(data[pos : pos + n])
+        pos += n
+        i += 1
+    client.shutdown(socket.SHUT_WR)
+
+
+def test_views_over_parts_released_in_a_forked_child_leave_the_parent_receiving(ring, listener):
+    """The child inherits views over parts of the parent's buffers and
+    releases them: it returns nothing to the parent's ring, whose queue
+    still counts those buffers as lent until the parent releases its own
+    copies of the views; the parent then receives on, byte-exact."""
+    queue = bufring_queue(ring, True, area_size=64 * KIB)
+    client, conn = connect_pair(listener)
+    receiver = queue.recv_multishot(conn)
+    views = []
+    for i in range(5):
+        client.sendall(bytes([65 + i]) * 10)
+        views.append(receiver.get(TIMEOUT))
+    lent = queue.buffers_in_use
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 0
+        try:
+            views.clear()
+            gc.collect()
+            code = 0 if queue.buffers_in_use == 0 and queue.buffers_pending_return == 0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [bytes(v) for v in views] == [bytes([65 + i]) * 10 for i in range(5)]
+    assert queue.buffers_in_use == lent
+    payload = Pattern(3).doubled[: 256 * KIB]
+    sender = threading.Thread(target=send_in_pieces, args=(client, payload, [3000, 7, 20_000]))
+    sender.start()
+    got = bytearray()
+    for view in receiver:
+        got += view
+        view.release()
+    sender.join(TIMEOUT)
+    assert got == payload
+    views.clear()
+    assert queue.buffers_in_use == 0, queue.stats()
+    client.close()
+    conn.close()
+    queue.close()
+
+
+def test_tiny_views_held_by_one_connection_throttle_it_alone(ring, listener):
+    """Every view over a part counts as a pinned buffer: a connection that
+    holds its tiny messages stops at its share of the area while another
+    connection's data goes on arriving, and resumes, byte-exact, once it
+    lets go."""
+    queue = bufring_queue(ring, True, area_size=256 * KIB)  # 16 buffers, 4 per account
+    (hog_client, hog_conn), (other_client, other_conn) = (
+        connect_pair(listener),
+        connect_pair(listener),
+    )
+    hog_account = queue.pin_account()
+    held: list[memoryview] = []
+    hog = queue.recv_multishot(hog_conn, on_data=held.append, account=hog_account)
+    other_data = bytearray()
+    other = queue.recv_multishot(other_conn, on_data=other_data.extend, account=queue.pin_account())
+    hog_payload = Pattern(4).doubled[: 64 * KIB]
+    other_payload = Pattern(5).doubled[: 1 << 20]
+    hog_sender = threading.Thread(target=send_in_pieces, args=(hog_client, hog_payload, [10]))
+    hog_sender.start()
+    raised: list[BaseException] = []
+    drain_until(ring, lambda: hog.throttled, raised)
+    assert hog.throttled and hog_account.pinned >= hog_account.limit
+    # Held views pin whole buffers, never more than the account allows.
+    assert queue.buffers_in_use <= hog_account.limit
+    other_sender = threading.Thread(
+        target=send_in_pieces, args=(other_client, other_payload, [500])
+    )
+    other_sender.start()
+    drain_until(ring, lambda: other.finished, raised)
+    assert bytes(other_data) == other_payload
+    assert not hog.finished
+    got = bytearray()
+
+    def take(view: memoryview) -> None:
+        got.extend(view)
+
+    got += b"".join(held)
+    held.clear()
+    hog.on_data = take
+    drain_until(ring, lambda: hog.finished, raised)
+    hog_sender.join(TIMEOUT)
+    other_sender.join(TIMEOUT)
+    assert not raised
+    assert got == hog_payload
+    assert queue.buffers_in_use == 0, queue.stats()
+    assert hog_account.pinned == 0
+    assert queue.stats()["peak_buffers_in_use"] <= queue.total_buffers
+    for sock in (hog_client, hog_conn, other_client, other_conn):
+        sock.close()
+    queue.close()
+
+
+@ring_kinds
+@pytest.mark.parametrize("delivery", ["views", "bytes", "buffered", "mixed"])
+def test_many_peers_of_tiny_and_large_messages_in_a_small_area(
+    ring, listener, incremental, delivery
+):
+    """Twelve connections share eight buffers, each sending 1 B to 20 KiB
+    messages: every stream arrives byte-exact to its kind of delivery
+    (views held until the next one comes, bytes, or copies into a small
+    get_buffer()), no connection is left starved, and every buffer goes
+    back."""
+    peers, total = 12, 200_000
+    queue = bufring_queue(ring, incremental, area_size=128 * KIB)
+    pairs = [connect_pair(listener) for _ in range(peers)]
+    got = [bytearray() for _ in range(peers)]
+    held: list[list[memoryview]] = [[] for _ in range(peers)]
+    receivers = []
+    for i, (_, conn) in enumerate(pairs):
+        kind = delivery if delivery != "mixed" else ("views", "bytes", "buffered")[i % 3]
+        receiver = queue.recv_multishot(conn, account=queue.pin_account())
+        if kind == "views":
+
+            def keep_last(view: memoryview, i: int = i) -> None:
+                got[i].extend(view)
+                held[i][:] = [view]  # the one before goes back now
+
+            receiver.on_data = keep_last
+            receiver.on_end = lambda error, i=i: held[i].clear()
+        elif kind == "bytes":
+            receiver.set_protocol_delivery(type("Bytes", (), {"data_received": got[i].extend}))
+        else:
+            memory = bytearray(777)
+
+            class Buffered:
+                def get_buffer(self, sizehint: int, memory: bytearray = memory) -> bytearray:
+                    return memory
+
+                def buffer_updated(self, n: int, memory: bytearray = memory, i: int = i) -> None:
+                    got[i].extend(memory[:n])
+
+            receiver.set_protocol_delivery(Buffered())
+        receivers.append(receiver)
+    sizes = [1, 7, 100, 500, 3000, 20_000, 13, 1]
+    senders = [
+        threading.Thread(
+            target=send_in_pieces,
+            args=(client, Pattern(i).doubled[:total], sizes[i % 3 :] + sizes[: i % 3]),
+        )
+        for i, (client, _) in enumerate(pairs)
+    ]
+    for sender in senders:
+        sender.start()
+    raised: list[BaseException] = []
+    drain_until(ring, lambda: all(r.finished for r in receivers), raised)
+    for sender in senders:
+        sender.join(TIMEOUT)
+    assert not raised
+    assert [r.finished and r.eof for r in receivers] == [True] * peers
+    assert [len(g) for g in got] == [total] * peers
+    assert all(bytes(got[i]) == Pattern(i).doubled[:total] for i in range(peers))
+    stats = queue.stats()
+    assert stats["buffers_in_use"] == 0, stats
+    assert 0 < stats["peak_buffers_in_use"] <= queue.total_buffers
+    for client, conn in pairs:
+        client.close()
+        conn.close()
+    queue.close()
+
+
+@ring_kinds
+@pytest.mark.parametrize("order", ["receiver-queue-ring", "queue-receiver-ring", "ring-first"])
+def test_a_forked_child_closes_the_parents_receiver_and_queue(ring, listener, incremental, order):
+    """Like the ring, the receiver and queue a child inherits close there
+    (twice, in any order) without touching the parent's: the child's copies
+    of the queued views go, nothing is cancelled or unregistered, and the
+    parent receives on."""
+    queue = bufring_queue(ring, incremental, area_size=64 * KIB)
+    client, conn = connect_pair(listener)
+    receiver = queue.recv_multishot(conn)
+    client.sendall(b"before the fork")
+    ring.wait_for(lambda: receiver.queued, TIMEOUT)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 9
+        try:
+            steps = {
+                "receiver": receiver.close,
+                "queue": queue.close,
+                "ring": ring.close,
+            }
+            names = order.split("-") if order != "ring-first" else ["ring", "queue", "receiver"]
+            for name in names + names:
+                steps[name]()
+            code = 0 if queue.closed and receiver.queued == 0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not queue.closed and not receiver.finished
+    client.sendall(b", and after")
+    got = b""
+    while len(got) < len(b"before the fork, and after"):
+        got += bytes(receiver.get(TIMEOUT))
+    assert got == b"before the fork, and after"
+    receiver.close()
+    ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    assert queue.buffers_in_use == 0, queue.stats()
+    client.close()
+    conn.close()
+    queue.close()
