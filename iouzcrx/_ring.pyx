@@ -519,6 +519,11 @@ cdef class Ring:
                 self.close_now(1.0)
         if self.callback_errors:
             errors, self.callback_errors = self.callback_errors, []
+            # A KeyboardInterrupt or SystemExit first: raising an error
+            # handler's own failure instead would lose it.
+            for error in errors:
+                if not isinstance(error, Exception):
+                    raise error
             raise errors[0]
         return more
 

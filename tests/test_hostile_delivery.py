@@ -97,6 +97,51 @@ def test_an_error_handler_that_raises_does_not_strand_other_connections(
     queue.close()
 
 
+def test_a_keyboard_interrupt_is_not_hidden_by_an_error_handlers_failure(ring, listener):
+    """A drain raises one of the exceptions its callbacks left: a
+    KeyboardInterrupt from one connection's callback wins over an error
+    handler's failure for another, whichever came first in the batch."""
+    queue = bufring_queue(ring, False)
+
+    def handler(exc: BaseException) -> None:
+        raise RuntimeError("the error handler fails")
+
+    ring.error_handler = handler
+    pairs = [connect_pair(listener) for _ in range(2)]
+
+    def refuse(view: memoryview) -> None:
+        raise ValueError("on_data refuses")
+
+    def interrupt(view: memoryview) -> None:
+        raise KeyboardInterrupt
+
+    receivers = [
+        queue.recv_multishot(pairs[0][1], on_data=refuse),
+        queue.recv_multishot(pairs[1][1], on_data=interrupt),
+    ]
+    ring.submit()
+    for client, _ in pairs:  # the failing handler's connection first
+        client.sendall(b"x" * 100)
+        time.sleep(0.05)
+    raised: list[BaseException] = []
+    deadline = time.monotonic() + TIMEOUT
+    while not any(isinstance(e, KeyboardInterrupt) for e in raised):
+        assert time.monotonic() < deadline, f"the interrupt was lost: {raised}"
+        try:
+            ring.wait(0.01)
+        except (Exception, KeyboardInterrupt) as exc:
+            raised.append(exc)
+    raised.clear()
+    for receiver in receivers:
+        receiver.close()
+    ring.error_handler = None
+    ring.wait_for(lambda: all(r.finished for r in receivers), TIMEOUT)
+    for client, conn in pairs:
+        client.close()
+        conn.close()
+    queue.close()
+
+
 # -- get_buffer() handing back odd memory, in the ring and socket modes ------------
 
 server_modes = pytest.mark.parametrize("mode", ["bufring", "socket"])
