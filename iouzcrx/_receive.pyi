@@ -68,7 +68,8 @@ class ReceiveQueue(BufferOwner):
         and the queue is left as it was); closing twice is harmless. A queue
         that is dropped without ``close()`` is released when it is collected.
         In a process forked from the owner it only marks this copy closed, as
-        ``Ring.close`` does there: the parent's receives go on.
+        ``Ring.close`` does there: the parent's receives go on. An exception
+        from an ``on_end`` it calls is raised once every receive is cancelled.
         """
 
 class Receiver(Request):

@@ -398,7 +398,8 @@ cdef class ReceiveQueue(BufferOwner):
         queue is left as it was); closing twice is harmless.  A queue that is
         dropped without close() is released when it is collected.  In a
         process forked from the owner it only marks this copy closed, as
-        Ring.close does there: the parent's receives go on."""
+        Ring.close does there: the parent's receives go on.  An exception
+        from an on_end it calls is raised once every receive is cancelled."""
         if self.closed:
             return
         cdef Ring ring = self.ring
@@ -419,10 +420,19 @@ cdef class ReceiveQueue(BufferOwner):
         if ring.closed:
             return
         ring.detach_client(self)
+        error = None
         for receiver in list(self.receivers):
-            receiver.cancel()
+            try:
+                receiver.cancel()  # a starved one ends here, calling its on_end
+            except BaseException as exc:
+                # Every receive is cancelled even so: a second close() returns
+                # at once and would not get to the others.
+                if error is None:
+                    error = exc
         if not self.receivers:
             self.release_registration()
+        if error is not None:
+            raise error
 
     def pin_account(self):
         """A new PinAccount for one connection: its receives may pin a quarter

@@ -504,3 +504,34 @@ def test_a_forked_child_closes_the_parents_receiver_and_queue(ring, listener, in
     client.close()
     conn.close()
     queue.close()
+
+
+def test_closing_a_queue_cancels_every_receive_when_an_on_end_raises(ring, listener):
+    """A starved receive ends at once when its queue closes; its on_end
+    raising must not leave the queue's other receives running (a second
+    close() would not get to them)."""
+    queue = bufring_queue(ring, False, area_size=32 * KIB)  # two buffers
+    pairs = [connect_pair(listener) for _ in range(2)]
+
+    def fail(error: BaseException | None) -> None:
+        raise ValueError("on_end fails")
+
+    receivers = [
+        queue.recv_multishot(pairs[0][1], on_end=fail),
+        queue.recv_multishot(pairs[1][1]),
+    ]
+    # Views left queued hold both buffers: both receives starve.
+    for client, _ in pairs:
+        client.sendall(b"y" * (64 * KIB))
+    ring.wait_for(lambda: all(r.starved for r in receivers), TIMEOUT)
+    with pytest.raises(ValueError, match="on_end fails"):
+        queue.close()
+    queue.close()
+    ring.wait_for(lambda: all(r.finished for r in receivers), TIMEOUT)
+    assert [r.error for r in receivers] == [None, None]
+    for receiver in receivers:
+        receiver.close()  # the queued views go
+    assert queue.buffers_in_use == 0, queue.stats()
+    for client, conn in pairs:
+        client.close()
+        conn.close()
