@@ -268,11 +268,19 @@ cdef class ReceiveQueue(BufferOwner):
         cdef Receiver receiver
         self.closed = True
         self.pending_count = 0
+        error = None
         for receiver in list(self.receivers):
             if not receiver.finished:
-                receiver.finish(None, False)
+                try:
+                    receiver.finish(None, False)
+                except BaseException as exc:
+                    # Its on_end failed: the others still get theirs.
+                    if error is None:
+                        error = exc
         self.receivers.clear()
         self.starved.clear()
+        if error is not None:
+            raise error
         return 0
 
     cdef int publish_returns(self) except -1:

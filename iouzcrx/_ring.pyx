@@ -940,8 +940,17 @@ cdef class Ring:
             self.inflight.clear()
             self.release_resources()
             self.kernel_refs = []
+            error = None
             for client in clients:
-                client.ring_closed()
+                try:
+                    client.ring_closed()
+                except BaseException as exc:
+                    # A receive's on_end failed: every client still hears of
+                    # the close, and the first failure is raised after.
+                    if error is None:
+                        error = exc
+            if error is not None:
+                raise error
         return 0
 
     cdef int forget(self) except -1:

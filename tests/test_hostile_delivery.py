@@ -535,3 +535,34 @@ def test_closing_a_queue_cancels_every_receive_when_an_on_end_raises(ring, liste
     for client, conn in pairs:
         client.close()
         conn.close()
+
+
+def test_closing_the_ring_ends_every_receive_when_an_on_end_raises(listener):
+    """Closing the ring ends the starved receives of each of its queues:
+    one's on_end raising must not leave the others (of that queue or the
+    next) running with no end reported."""
+    pairs = [connect_pair(listener) for _ in range(4)]
+    with iouzcrx.Ring() as ring:
+        queues = [bufring_queue(ring, False, area_size=32 * KIB) for _ in range(2)]
+
+        def fail(error: BaseException | None) -> None:
+            raise ValueError("on_end fails")
+
+        receivers = [
+            queues[i // 2].recv_multishot(conn, on_end=fail if i == 0 else None)
+            for i, (_, conn) in enumerate(pairs)
+        ]
+        for client, _ in pairs:
+            client.sendall(b"z" * (64 * KIB))
+        ring.wait_for(lambda: all(r.starved for r in receivers), TIMEOUT)
+        with pytest.raises(ValueError, match="on_end fails"):
+            ring.close()
+        ring.close()
+    assert [r.finished for r in receivers] == [True] * 4
+    assert [q.closed for q in queues] == [True, True]
+    for receiver in receivers:
+        receiver.close()
+    assert [q.buffers_in_use for q in queues] == [0, 0]
+    for client, conn in pairs:
+        client.close()
+        conn.close()
