@@ -96,7 +96,13 @@ def _buffered_delivery(
         with view:
             offset, size = 0, len(view)
             while offset < size:
-                target = _writable(get_buffer(size - offset), size - offset)
+                memory = get_buffer(size - offset)
+                try:
+                    target = memoryview(memory).cast("B")
+                except TypeError:  # no buffer, or not C-contiguous
+                    target = None
+                if target is None or target.readonly:
+                    raise _not_writable(memory, size - offset)
                 if not len(target):
                     raise RuntimeError("get_buffer() returned an empty buffer")
                 n = min(len(target), size - offset)
@@ -108,17 +114,10 @@ def _buffered_delivery(
     return deliver
 
 
-def _writable(memory: Any, sizehint: int) -> memoryview:
-    """``memory`` as writable bytes, or the TypeError the ring modes raise
-    for the same object (naming it and what to return instead)."""
-    try:
-        target = memoryview(memory)
-        if not target.readonly and target.c_contiguous:
-            return target.cast("B") if target.ndim != 1 or target.format != "B" else target
-        target.release()
-    except TypeError:
-        pass
-    raise TypeError(
+def _not_writable(memory: Any, sizehint: int) -> TypeError:
+    """The TypeError the ring modes raise for the same object: it names
+    what get_buffer() returned and what to return instead."""
+    return TypeError(
         f"get_buffer({sizehint}) returned {type(memory).__name__!r}, which is not writable "
         "contiguous memory: return a bytearray, a writable memoryview or another object "
         "exporting a writable buffer"
