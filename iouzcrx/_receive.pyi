@@ -67,6 +67,9 @@ class ReceiveQueue(BufferOwner):
         the ring's owner thread may close a queue (``WrongThread`` otherwise,
         and the queue is left as it was); closing twice is harmless. A queue
         that is dropped without ``close()`` is released when it is collected.
+        In a process forked from the owner it only marks this copy closed, as
+        ``Ring.close`` does there: the parent's receives go on. An exception
+        from an ``on_end`` it calls is raised once every receive is cancelled.
         """
 
 class Receiver(Request):
@@ -150,4 +153,6 @@ class Receiver(Request):
     def close(self) -> None:
         """Cancel, and drop the views not yet taken and any that arrive before
         the cancel completes (their buffers go back). Owner thread only: from
-        another thread it raises ``WrongThread`` and changes nothing."""
+        another thread it raises ``WrongThread`` and changes nothing. In a
+        process forked from the owner it drops only this copy's queued views
+        (the receive is the parent's)."""

@@ -21,6 +21,7 @@ from iouzcrx._ring cimport Request, Ring
 
 import collections as _collections
 import gc as _gc
+import os as _os
 
 from iouzcrx import _checks
 from iouzcrx.errors import kernel_error
@@ -90,6 +91,11 @@ cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
         # the next pass publishes anyway.
         queue.wake_requested = True
         queue.ring.wake()
+
+
+cdef bint forked_copy(Ring ring) except -1:
+    """Whether this process is a child forked from ``ring``'s owner."""
+    return ring.owner_pid != _os.getpid()
 
 
 cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t count,
@@ -262,11 +268,19 @@ cdef class ReceiveQueue(BufferOwner):
         cdef Receiver receiver
         self.closed = True
         self.pending_count = 0
+        error = None
         for receiver in list(self.receivers):
             if not receiver.finished:
-                receiver.finish(None, False)
+                try:
+                    receiver.finish(None, False)
+                except BaseException as exc:
+                    # Its on_end failed: the others still get theirs.
+                    if error is None:
+                        error = exc
         self.receivers.clear()
         self.starved.clear()
+        if error is not None:
+            raise error
         return 0
 
     cdef int publish_returns(self) except -1:
@@ -390,13 +404,22 @@ cdef class ReceiveQueue(BufferOwner):
         area stays mapped until the last view over it is released.  Only the
         ring's owner thread may close a queue (WrongThread otherwise, and the
         queue is left as it was); closing twice is harmless.  A queue that is
-        dropped without close() is released when it is collected."""
+        dropped without close() is released when it is collected.  In a
+        process forked from the owner it only marks this copy closed, as
+        Ring.close does there: the parent's receives go on.  An exception
+        from an on_end it calls is raised once every receive is cancelled."""
         if self.closed:
             return
         cdef Ring ring = self.ring
         cdef Receiver receiver
         if ring is None:  # made by __new__, never set up: nothing to undo
             self.closed = True
+            return
+        if forked_copy(ring):
+            # As Ring.close does there: the receives and the registration
+            # are the parent's, and only this process's copy closes.
+            self.closed = True
+            self.starved.clear()
             return
         if not ring.closed:
             ring.check_thread()
@@ -405,10 +428,19 @@ cdef class ReceiveQueue(BufferOwner):
         if ring.closed:
             return
         ring.detach_client(self)
+        error = None
         for receiver in list(self.receivers):
-            receiver.cancel()
+            try:
+                receiver.cancel()  # a starved one ends here, calling its on_end
+            except BaseException as exc:
+                # Every receive is cancelled even so: a second close() returns
+                # at once and would not get to the others.
+                if error is None:
+                    error = exc
         if not self.receivers:
             self.release_registration()
+        if error is not None:
+            raise error
 
     def pin_account(self):
         """A new PinAccount for one connection: its receives may pin a quarter
@@ -704,8 +736,15 @@ cdef class Receiver(Request):
     def close(self):
         """Cancel, and drop the views not yet taken and any that arrive before
         the cancel completes (their buffers go back).  Owner thread only:
-        from another thread it raises WrongThread and changes nothing."""
+        from another thread it raises WrongThread and changes nothing.  In a
+        process forked from the owner it drops only this copy's queued views
+        (the receive is the parent's)."""
         if not self.finished:
+            if forked_copy(self.queue.ring):
+                # The receive is the parent's: only this copy's views go.
+                self.discarding = True
+                self.chunks.clear()
+                return
             self.queue.ring.check_thread()
         self.discarding = True
         self.flush_run()

@@ -448,7 +448,14 @@ cdef class Ring:
         Anything but an Exception (KeyboardInterrupt, SystemExit) is raised
         again once the drain is over."""
         if self.error_handler is not None and isinstance(exc, Exception):
-            self.error_handler(exc)
+            try:
+                self.error_handler(exc)
+            except BaseException as error:
+                # Raised here it would cut the walk short: the rest of the
+                # batch, the receive's own bookkeeping and the other clients'
+                # end-of-batch deliveries would wait for a drain that may
+                # never come.  It is raised once the drain is over instead.
+                self.callback_errors.append(error)
         else:
             self.callback_errors.append(exc)
         return 0
@@ -515,6 +522,11 @@ cdef class Ring:
                 self.close_now(1.0)
         if self.callback_errors:
             errors, self.callback_errors = self.callback_errors, []
+            # A KeyboardInterrupt or SystemExit first: raising an error
+            # handler's own failure instead would lose it.
+            for error in errors:
+                if not isinstance(error, Exception):
+                    raise error
             raise errors[0]
         return more
 
@@ -931,8 +943,17 @@ cdef class Ring:
             self.inflight.clear()
             self.release_resources()
             self.kernel_refs = []
+            error = None
             for client in clients:
-                client.ring_closed()
+                try:
+                    client.ring_closed()
+                except BaseException as exc:
+                    # A receive's on_end failed: every client still hears of
+                    # the close, and the first failure is raised after.
+                    if error is None:
+                        error = exc
+            if error is not None:
+                raise error
         return 0
 
     cdef int forget(self) except -1:

@@ -96,7 +96,13 @@ def _buffered_delivery(
         with view:
             offset, size = 0, len(view)
             while offset < size:
-                target = memoryview(get_buffer(size - offset)).cast("B")
+                memory = get_buffer(size - offset)
+                try:
+                    target = memoryview(memory).cast("B")
+                except TypeError:  # no buffer, or not C-contiguous
+                    target = None
+                if target is None or target.readonly:
+                    raise _not_writable(memory, size - offset)
                 if not len(target):
                     raise RuntimeError("get_buffer() returned an empty buffer")
                 n = min(len(target), size - offset)
@@ -106,3 +112,13 @@ def _buffered_delivery(
                 offset += n
 
     return deliver
+
+
+def _not_writable(memory: Any, sizehint: int) -> TypeError:
+    """The TypeError the ring modes raise for the same object: it names
+    what get_buffer() returned and what to return instead."""
+    return TypeError(
+        f"get_buffer({sizehint}) returned {type(memory).__name__!r}, which is not writable "
+        "contiguous memory: return a bytearray, a writable memoryview or another object "
+        "exporting a writable buffer"
+    )

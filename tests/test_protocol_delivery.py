@@ -186,8 +186,7 @@ async def test_a_bad_get_buffer_fails_the_connection_clearly(
         protocol = await first(protocols)
         exc = await asyncio.wait_for(protocol.lost, TIMEOUT)
         assert isinstance(exc, error), exc
-        if mode != "socket" or error is RuntimeError:
-            assert text in str(exc)
+        assert text in str(exc)
         assert protocol.data == b""
         assert any(c.get("exception") is exc for c in exception_handler_calls)
         assert_buffers_back(server)
