@@ -26,6 +26,7 @@ from isolation import TESTS, child_env
 
 # Seconds one case may take in the child before it counts as a hang.
 CASE_TIMEOUT = 5
+CHILD_START_TIMEOUT = 120  # seconds to its first case (start-up and import)
 
 # The child: reads a JSON list of cases on stdin, prints "start <i>" before
 # and one JSON result line after each, so the parent can name the case that
@@ -319,7 +320,11 @@ def run_children(cases: list[dict[str, Any]]) -> tuple[dict[int, dict[str, Any]]
             while True:
                 # A case's own alarm fires after CASE_TIMEOUT; this is the
                 # backstop for code that never returns to the interpreter.
-                if not selector.select(CASE_TIMEOUT * 2 + 5):
+                # Before its first case the child is starting the interpreter
+                # and importing the library, which under emulation on a busy
+                # machine can take longer than any case may.
+                limit = CASE_TIMEOUT * 2 + 5 if started >= 0 else CHILD_START_TIMEOUT
+                if not selector.select(limit):
                     child.kill()
                     break
                 line = child.stdout.readline()
