@@ -213,9 +213,23 @@ cdef class BufRingQueue(ReceiveQueue):
         cdef uint32_t bid, offset, filled, refs
         if flags & IOUZ_CQE_F_BUFFER:
             bid = flags >> IOUZ_CQE_BUFFER_SHIFT
+            if res > 0 and <uint32_t>res == self.buffer_size:
+                # A whole buffer in one completion, the usual case in bulk.
+                # On an incremental ring it started at the buffer's start and
+                # left no room, so the kernel is done with it: its one view
+                # is all that holds it, and neither consumed nor refs is
+                # touched (a length of buffer_size names it when it goes back).
+                self.buffers_in_use += 1
+                if self.buffers_in_use > self.peak_buffers_in_use:
+                    self.peak_buffers_in_use = self.buffers_in_use
+                self.bytes_received += res
+                self.chunks_received += 1
+                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size,
+                                   res, bid, True)
+                return self.after_data(receiver, res, flags)
             offset = 0
             if self.incremental:
-                # This completion's data continues where the last one from
+                # Part of a buffer.  This completion's data continues where the last one from
                 # bid stopped: the kernel advanced the ring entry itself, which
                 # is never read back (it may be changing).  The kernel holds a
                 # reference while it has filled part of the buffer and will
@@ -281,28 +295,37 @@ cdef class BufRingQueue(ReceiveQueue):
             ReceiveQueue.give_back(self, bid, self.buffer_size)
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
-        if self.incremental:
+        # On an incremental ring a whole buffer (length == buffer_size) was
+        # never counted in refs; a part is.
+        if self.incremental and length != self.buffer_size:
             self.release_part(<uint32_t>token)
         else:
             ReceiveQueue.give_back(self, token, length)
 
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept:
-        cdef uint32_t i, bid, finished = 0
+        cdef uint32_t i, unit = self.buffer_size
+        cdef uint32_t first = <uint32_t>token, last = <uint32_t>(token + count - 1)
+        cdef bint first_held = False, last_held = False
         if self.incremental:
-            # A run's buffers follow one another: ids token, token + 1, ...
-            for i in range(count):
-                bid = <uint32_t>(token + i)
-                self.refs[bid] -= 1
-                finished += self.refs[bid] == 0
-            if finished == count:  # the usual case: all back in one go
-                ReceiveQueue.give_back_run(self, token, count, first_length, length)
+            # A run's buffers follow one another (ids token, token + 1, ...);
+            # every buffer but the first and the last is whole, and so is
+            # either of those when the run covers it entirely.  Only a part
+            # counts in refs, and only a part may still be held by another
+            # view or by the kernel.
+            if first_length != unit:
+                self.refs[first] -= 1
+                first_held = self.refs[first] != 0
+            if count > 1 and length - first_length - <Py_ssize_t>(count - 2) * unit != unit:
+                self.refs[last] -= 1
+                last_held = self.refs[last] != 0
+            if first_held or last_held:
+                for i in range(count):
+                    if not ((i == 0 and first_held) or (i == count - 1 and last_held)):
+                        ReceiveQueue.give_back(self, token + i, unit)
                 return
-            for i in range(count):
-                if self.refs[<uint32_t>(token + i)] == 0:
-                    ReceiveQueue.give_back(self, token + i, self.buffer_size)
-        else:
-            ReceiveQueue.give_back_run(self, token, count, first_length, length)
+        # The usual case: all back in one go.
+        ReceiveQueue.give_back_run(self, token, count, first_length, length)
 
     def stats(self):
         stats = ReceiveQueue.stats(self)
