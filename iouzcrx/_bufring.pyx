@@ -24,7 +24,7 @@ from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area, buffer_count
-from iouzcrx._receive cimport ReceiveQueue, Receiver
+from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
 from iouzcrx._ring cimport Ring
 
 from iouzcrx import _checks
@@ -98,6 +98,7 @@ cdef class BufRingQueue(ReceiveQueue):
         self.area = Area(area_size, hugepages)
         self.buffer_size = <uint32_t>buffer_size
         self.buffer_unit = buffer_size
+        self.whole_buffer = buffer_size
         self.ring_entries = entries
         self.mask = entries - 1
         self.bufs_size = (entries * sizeof(iouz_buf) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
@@ -183,21 +184,30 @@ cdef class BufRingQueue(ReceiveQueue):
         return 0
 
     cdef int publish_returns(self) except -1:
-        cdef size_t i
+        cdef size_t i, count = self.pending_count
         cdef iouz_buf *slot
         cdef uint64_t bid
-        for i in range(self.pending_count):
-            bid = self.pending[i].token
-            slot = &self.bufs[self.local_tail & self.mask]
+        if not count:
+            return 0
+        # Locals: the compiler cannot tell that the slot stores leave these
+        # fields alone, and would load them again for every slot.
+        cdef const ReturnedBuffer *pending = self.pending
+        cdef iouz_buf *bufs = self.bufs
+        cdef char *base = self.area.base
+        cdef uint32_t size = self.buffer_size, mask = self.mask
+        cdef uint16_t tail = self.local_tail
+        for i in range(count):
+            bid = pending[i].token
+            slot = &bufs[tail & mask]
             # Field by field: slot 0's reserved field is the ring tail.
-            slot.addr = <uintptr_t>(self.area.base + bid * self.buffer_size)
-            slot.len = self.buffer_size
+            slot.addr = <uintptr_t>(base + bid * size)
+            slot.len = size
             slot.bid = <uint16_t>bid
-            self.local_tail += 1
-        if self.pending_count:
-            iouz_store_release16(self.ring_tail, self.local_tail)
-            self.pending_count = 0
-            self.refills += 1
+            tail += 1
+        self.local_tail = tail
+        iouz_store_release16(self.ring_tail, tail)
+        self.pending_count = 0
+        self.refills += 1
         return 0
 
     cdef int arm(self, Receiver receiver) except -1:

@@ -38,6 +38,10 @@ cdef class ReceiveQueue(BufferOwner):
     cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
     cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
     cdef bint lends_parts            # the kernel fills the rest of a part-used buffer
+    # bufring: a completion of this many bytes fills a buffer the kernel is
+    # done with, which Receiver.complete takes on itself (0: none do).
+    cdef uint32_t whole_buffer
+    cdef readonly uint64_t peak_buffers_in_use
     cdef bint collected              # this starvation already ran the GC
 
     cdef int setup_returns(self, size_t capacity) except -1
