@@ -24,7 +24,7 @@ from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area, buffer_count
-from iouzcrx._receive cimport ReceiveQueue, Receiver, ReturnedBuffer
+from iouzcrx._receive cimport ReceiveQueue, Receiver, returns_added
 from iouzcrx._ring cimport Ring
 
 from iouzcrx import _checks
@@ -63,6 +63,40 @@ def _wants_incremental(incremental):
     raise InvalidConfiguration(
         f"{INCREMENTAL_ENV}={value!r} is neither on nor off: set it to 1 (incremental "
         "buffer ring where the kernel has one) or 0 (classic ring), or unset it")
+
+
+cdef inline void put_back(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
+    """Return the ``count`` buffers from ``bid`` on: written straight into the
+    ring's slots after the last one the kernel was given, which
+    publish_returns hands over on the owner thread (moving the tail).  Fine
+    on any thread under the GIL: the kernel reads no slot past the tail, and
+    the ring has a slot for every buffer."""
+    queue.buffers_in_use -= count
+    queue.buffers_returned += count
+    if queue.closed or queue.ring is None or queue.bufs == NULL:
+        return  # the kernel took every buffer back with the ring
+    write_slots(queue, bid, count)
+    returns_added(queue, count)
+
+
+cdef inline void write_slots(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
+    """Buffers ``bid`` to ``bid + count - 1`` into the slots from the local
+    tail on, which moves past them (the kernel sees them once published)."""
+    cdef iouz_buf *slot
+    cdef iouz_buf *bufs = queue.bufs
+    cdef char *data = queue.area.base + <uint64_t>bid * queue.buffer_size
+    cdef uint32_t i, size = queue.buffer_size, mask = queue.mask
+    cdef uint32_t tail = queue.local_tail
+    for i in range(count):
+        slot = &bufs[(tail + i) & mask]
+        # Field by field: slot 0's reserved field is the ring tail.  On an
+        # incremental ring the kernel moved addr and len along as it filled
+        # the buffer, so both are written again.
+        slot.addr = <uintptr_t>data
+        slot.len = size
+        slot.bid = <uint16_t>(bid + i)
+        data += size
+    queue.local_tail = <uint16_t>(tail + count)
 
 
 @cython.final
@@ -148,11 +182,7 @@ cdef class BufRingQueue(ReceiveQueue):
         self.registered = True
         self.total_buffers = count
 
-        self.setup_returns(count)
-        cdef uint64_t bid
-        for bid in range(count):
-            self.pending[bid].token = bid
-            self.pending[bid].length = buffer_size
+        write_slots(self, 0, <uint32_t>count)
         self.pending_count = count
         self.publish_returns()
         ring.add_client(self)
@@ -184,30 +214,11 @@ cdef class BufRingQueue(ReceiveQueue):
         return 0
 
     cdef int publish_returns(self) except -1:
-        cdef size_t i, count = self.pending_count
-        cdef iouz_buf *slot
-        cdef uint64_t bid
-        if not count:
-            return 0
-        # Locals: the compiler cannot tell that the slot stores leave these
-        # fields alone, and would load them again for every slot.
-        cdef const ReturnedBuffer *pending = self.pending
-        cdef iouz_buf *bufs = self.bufs
-        cdef char *base = self.area.base
-        cdef uint32_t size = self.buffer_size, mask = self.mask
-        cdef uint16_t tail = self.local_tail
-        for i in range(count):
-            bid = pending[i].token
-            slot = &bufs[tail & mask]
-            # Field by field: slot 0's reserved field is the ring tail.
-            slot.addr = <uintptr_t>(base + bid * size)
-            slot.len = size
-            slot.bid = <uint16_t>bid
-            tail += 1
-        self.local_tail = tail
-        iouz_store_release16(self.ring_tail, tail)
-        self.pending_count = 0
-        self.refills += 1
+        # put_back wrote the slots already: hand them to the kernel.
+        if self.pending_count:
+            iouz_store_release16(self.ring_tail, self.local_tail)
+            self.pending_count = 0
+            self.refills += 1
         return 0
 
     cdef int arm(self, Receiver receiver) except -1:
@@ -271,7 +282,7 @@ cdef class BufRingQueue(ReceiveQueue):
                     # Finished with no data in this completion and no view
                     # over an earlier part: straight back.
                     self.buffers_in_use += 1
-                    ReceiveQueue.give_back(self, bid, 0)
+                    put_back(self, bid, 1)
                     return self.after_data(receiver, res, flags)
             # Out of the ring: in use until its views are gone.
             self.buffers_in_use += 1
@@ -302,7 +313,7 @@ cdef class BufRingQueue(ReceiveQueue):
     cdef void release_part(self, uint32_t bid) noexcept:
         self.refs[bid] -= 1
         if self.refs[bid] == 0:
-            ReceiveQueue.give_back(self, bid, self.buffer_size)
+            put_back(self, bid, 1)
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
         # On an incremental ring a whole buffer (length == buffer_size) was
@@ -310,7 +321,7 @@ cdef class BufRingQueue(ReceiveQueue):
         if self.incremental and length != self.buffer_size:
             self.release_part(<uint32_t>token)
         else:
-            ReceiveQueue.give_back(self, token, length)
+            put_back(self, <uint32_t>token, 1)
 
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept:
@@ -332,10 +343,10 @@ cdef class BufRingQueue(ReceiveQueue):
             if first_held or last_held:
                 for i in range(count):
                     if not ((i == 0 and first_held) or (i == count - 1 and last_held)):
-                        ReceiveQueue.give_back(self, token + i, unit)
+                        put_back(self, first + i, 1)
                 return
         # The usual case: all back in one go.
-        ReceiveQueue.give_back_run(self, token, count, first_length, length)
+        put_back(self, first, count)
 
     def stats(self):
         stats = ReceiveQueue.stats(self)

@@ -126,3 +126,15 @@ cdef class Receiver(Request):
     cdef int copy_to_protocol(self, char *data, Py_ssize_t length) except -1
     cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1
+
+
+cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
+    # ``count`` buffer returns were queued for the owner thread to publish.
+    cdef bint was_empty = queue.pending_count == 0
+    queue.pending_count += count
+    if was_empty and not queue.ring.draining and not queue.wake_requested:
+        # Nothing is going to drain soon (no traffic while the pool is
+        # empty): have the owner thread woken to publish.  Inside a drain
+        # the next pass publishes anyway.
+        queue.wake_requested = True
+        queue.ring.wake()

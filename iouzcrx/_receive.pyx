@@ -54,8 +54,9 @@ cdef enum:
 _DELIVERY_NAMES = ("views", "bytes", "buffered")
 
 
-# The two halves of queueing buffer returns, shared by give_back and
-# give_back_run; plain functions so that the compiler can inline them.
+# The first half of queueing buffer returns, shared by give_back and
+# give_back_run (the second, returns_added, is in the .pxd); plain functions
+# so that the compiler can inline them.
 
 cdef inline ReturnedBuffer *reserve_returns(ReceiveQueue queue, size_t count,
                                             uint64_t first_token) noexcept:
@@ -82,17 +83,6 @@ cdef inline ReturnedBuffer *reserve_returns(ReceiveQueue queue, size_t count,
     return queue.pending + queue.pending_count
 
 
-cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
-    cdef bint was_empty = queue.pending_count == 0
-    queue.pending_count += count
-    if was_empty and not queue.ring.draining and not queue.wake_requested:
-        # Nothing is going to drain soon (no traffic while the pool is
-        # empty): have the owner thread woken to publish.  Inside a drain
-        # the next pass publishes anyway.
-        queue.wake_requested = True
-        queue.ring.wake()
-
-
 cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t count,
                                 uint32_t first_length, Py_ssize_t length) noexcept:
     # As a Buffer exporting the same chunks returns them when released.
@@ -100,6 +90,21 @@ cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t cou
         queue.give_back(token, <uint32_t>length)
     else:
         queue.give_back_run(token, count, first_length, length)
+
+
+cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noexcept:
+    """Adds a chunk to the receiver's pending run and counts it, if it
+    continues the run in memory and the run may grow (the caller then sets
+    the run's new end); else changes nothing and returns False."""
+    # run_end is NULL unless a run is pending and can still grow.
+    if (data != receiver.run_end or receiver.run_length + length > MAX_RUN_BYTES
+            or receiver.run_count >= receiver.run_cap):
+        return False
+    receiver.bytes_received += length
+    receiver.chunks_received += 1
+    receiver.run_count += 1
+    receiver.run_length += length
+    return True
 
 
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
@@ -436,6 +441,7 @@ cdef class Receiver(Request):
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
         cdef ReceiveQueue queue = self.queue
         cdef uint32_t bid
+        cdef char *data
         if (res > 0 and <uint32_t>res == queue.whole_buffer
                 and flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE)
                 == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE):
@@ -449,8 +455,11 @@ cdef class Receiver(Request):
                 queue.peak_buffers_in_use = queue.buffers_in_use
             queue.bytes_received += res
             queue.chunks_received += 1
-            return self.add_chunk(queue.area.base + <uint64_t>bid * <uint32_t>res, res, bid,
-                                  True)
+            data = queue.area.base + <uint64_t>bid * <uint32_t>res
+            if extends_run(self, data, <uint32_t>res):
+                self.run_end = data + res
+                return 0
+            return self.add_chunk(data, res, bid, True)
         return queue.receive(self, res, flags, extra)
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
@@ -462,17 +471,13 @@ cdef class Receiver(Request):
         is delivered as one view when a chunk does not fit, when its last
         chunk leaves its buffer part-filled, at the end of the CQE batch
         (the queue's after_reap) or before the end is reported."""
-        self.bytes_received += length
-        self.chunks_received += 1
-        # run_end is NULL unless a run is pending and can still grow.
-        if (data == self.run_end and self.run_length + length <= MAX_RUN_BYTES
-                and self.run_count < self.run_cap):
-            self.run_count += 1
-            self.run_length += length
+        if extends_run(self, data, length):
             if fills_buffer:
                 self.run_end = data + length
                 return 0
             return self.flush_run()
+        self.bytes_received += length
+        self.chunks_received += 1
         return self.start_run(data, length, token, fills_buffer)
 
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
