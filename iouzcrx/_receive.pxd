@@ -34,7 +34,11 @@ cdef class ReceiveQueue(BufferOwner):
     cdef bint wake_requested
     cdef list starved
     cdef set receivers
-    cdef list runs_pending           # receivers holding a run not yet delivered
+    # Receivers holding a run not yet delivered, in the order their runs
+    # started: the first apart, as one connection per batch is the usual case
+    # and a list made and dropped per batch costs more than its delivery.
+    cdef Receiver first_run
+    cdef list runs_pending
     cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
     cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
     cdef bint lends_parts            # the kernel fills the rest of a part-used buffer

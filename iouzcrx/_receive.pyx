@@ -170,7 +170,11 @@ cdef class ReceiveQueue(BufferOwner):
         returns_added(self, count)
 
     cdef int after_reap(self) except -1:
-        cdef Receiver receiver
+        cdef Receiver receiver = self.first_run
+        if receiver is not None:
+            self.first_run = None
+            receiver.run_listed = False
+            receiver.flush_run()
         if not self.runs_pending:
             return 0
         runs, self.runs_pending = self.runs_pending, []
@@ -439,28 +443,28 @@ cdef class ReceiveQueue(BufferOwner):
 cdef class Receiver(Request):
 
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
-        cdef ReceiveQueue queue = self.queue
         cdef uint32_t bid
         cdef char *data
-        if (res > 0 and <uint32_t>res == queue.whole_buffer
+        if (res > 0 and <uint32_t>res == self.queue.whole_buffer
                 and flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE)
                 == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE):
             # The bulk case of a buffer ring, handled here rather than one
             # virtual call further in the queue's receive(), which does the
             # same: a whole buffer (no part bookkeeping, even on an
-            # incremental ring) and the receive goes on.
+            # incremental ring) and the receive goes on.  The queue's fields
+            # are reached through self (a local would take a reference).
             bid = flags >> IOUZ_CQE_BUFFER_SHIFT
-            queue.buffers_in_use += 1
-            if queue.buffers_in_use > queue.peak_buffers_in_use:
-                queue.peak_buffers_in_use = queue.buffers_in_use
-            queue.bytes_received += res
-            queue.chunks_received += 1
-            data = queue.area.base + <uint64_t>bid * <uint32_t>res
+            self.queue.buffers_in_use += 1
+            if self.queue.buffers_in_use > self.queue.peak_buffers_in_use:
+                self.queue.peak_buffers_in_use = self.queue.buffers_in_use
+            self.queue.bytes_received += res
+            self.queue.chunks_received += 1
+            data = self.queue.area.base + <uint64_t>bid * <uint32_t>res
             if extends_run(self, data, <uint32_t>res):
                 self.run_end = data + res
                 return 0
             return self.add_chunk(data, res, bid, True)
-        return queue.receive(self, res, flags, extra)
+        return self.queue.receive(self, res, flags, extra)
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1:
@@ -501,7 +505,10 @@ cdef class Receiver(Request):
         self.run_first_length = length
         if not self.run_listed:
             self.run_listed = True
-            self.queue.runs_pending.append(self)
+            if self.queue.first_run is None:
+                self.queue.first_run = self
+            else:
+                self.queue.runs_pending.append(self)
         return 0
 
     cdef object take_run(self):
