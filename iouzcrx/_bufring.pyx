@@ -325,7 +325,7 @@ cdef class BufRingQueue(ReceiveQueue):
 
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept:
-        cdef uint32_t i, unit = self.buffer_size
+        cdef uint32_t unit = self.buffer_size
         cdef uint32_t first = <uint32_t>token, last = <uint32_t>(token + count - 1)
         cdef bint first_held = False, last_held = False
         if self.incremental:
@@ -341,9 +341,15 @@ cdef class BufRingQueue(ReceiveQueue):
                 self.refs[last] -= 1
                 last_held = self.refs[last] != 0
             if first_held or last_held:
-                for i in range(count):
-                    if not ((i == 0 and first_held) or (i == count - 1 and last_held)):
-                        put_back(self, first + i, 1)
+                # The rest (often a long row of whole buffers, when the last
+                # part is one the kernel still fills) goes back in one go.
+                if first_held:
+                    first += 1
+                    count -= 1
+                if last_held and count:
+                    count -= 1
+                if count:
+                    put_back(self, first, count)
                 return
         # The usual case: all back in one go.
         put_back(self, first, count)
