@@ -100,6 +100,7 @@ cdef class Receiver(Request):
     cdef uint32_t run_count
     cdef uint32_t run_first_length
     cdef bint run_listed
+    cdef bint more_queued            # the last completion said the socket has more
 
     # Pin accounting (None: unbounded): over its limit the receive is
     # cancelled and waits with the starved ones until its views go.

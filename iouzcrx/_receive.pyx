@@ -8,7 +8,7 @@ owner thread publishes them before its next enter (``before_enter``).
 
 cimport cython
 from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
-                           IOUZ_CQE_F_MORE)
+                           IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY)
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
@@ -107,6 +107,17 @@ cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noe
     return True
 
 
+cdef inline bint run_goes_on(Receiver receiver) noexcept:
+    """Whether a pending run is kept for the drain's next batch: the
+    receive goes on, the run may still grow, and the kernel said that the
+    socket holds more (it posts at most a few dozen completions of one
+    receive per batch and carries on in the next, into the buffers that
+    follow).  A run kept so reaches its size bounds (MAX_RUN_BYTES, half
+    the connection's pin limit) or the drain's end instead of being cut
+    into one view per batch, each costing far more than a chunk."""
+    return receiver.more_queued and receiver.armed and receiver.run_end != NULL
+
+
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
 # still be released, even when both sit in the same garbage cycle (the ring's
 # client list and request set, both cleared by the GC, break such cycles).
@@ -169,9 +180,14 @@ cdef class ReceiveQueue(BufferOwner):
                 length -= unit
         returns_added(self, count)
 
-    cdef int after_reap(self) except -1:
+    cdef int after_reap(self, bint last) except -1:
         cdef Receiver receiver = self.first_run
         if receiver is not None:
+            if not last and not self.runs_pending and run_goes_on(receiver):
+                # The one receive with data in this batch: its run may go on
+                # in the next.  (With several, each one's next buffers are
+                # interleaved with the others' and no run would continue.)
+                return 0
             self.first_run = None
             receiver.run_listed = False
             receiver.flush_run()
@@ -445,6 +461,7 @@ cdef class Receiver(Request):
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
         cdef uint32_t bid
         cdef char *data
+        self.more_queued = (flags & IOUZ_CQE_F_SOCK_NONEMPTY) != 0
         if (res > 0 and <uint32_t>res == self.queue.whole_buffer
                 and flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE)
                 == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE):
@@ -474,7 +491,9 @@ cdef class Receiver(Request):
         filled to its end, this one starts right after it) join it; the run
         is delivered as one view when a chunk does not fit, when its last
         chunk leaves its buffer part-filled, at the end of the CQE batch
-        (the queue's after_reap) or before the end is reported."""
+        (the queue's after_reap) unless the socket has more for the next
+        batch of the same drain (run_goes_on), at the end of the drain, or
+        before the end is reported."""
         if extends_run(self, data, length):
             if fills_buffer:
                 self.run_end = data + length
