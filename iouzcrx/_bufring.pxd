@@ -16,7 +16,6 @@ cdef class BufRingQueue(ReceiveQueue):
     cdef bint registered
     cdef readonly bint incremental    # IOU_PBUF_RING_INC: buffers are consumed in parts
     cdef readonly object incremental_refused  # why the kernel refused it, or None
-    cdef readonly uint64_t peak_buffers_in_use
     # Incremental ring, per buffer id: bytes the kernel has filled of a buffer
     # it will fill more of, and the references that keep the buffer from the
     # ring (the kernel's while it fills it, one per view over any part of it).

@@ -24,7 +24,7 @@ from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_POPULATE, MAP_PRIVATE,
 
 from iouzcrx._abi cimport *
 from iouzcrx._area cimport Area, buffer_count
-from iouzcrx._receive cimport ReceiveQueue, Receiver
+from iouzcrx._receive cimport ReceiveQueue, Receiver, returns_added
 from iouzcrx._ring cimport Ring
 
 from iouzcrx import _checks
@@ -65,6 +65,40 @@ def _wants_incremental(incremental):
         "buffer ring where the kernel has one) or 0 (classic ring), or unset it")
 
 
+cdef inline void put_back(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
+    """Return the ``count`` buffers from ``bid`` on: written straight into the
+    ring's slots after the last one the kernel was given, which
+    publish_returns hands over on the owner thread (moving the tail).  Fine
+    on any thread under the GIL: the kernel reads no slot past the tail, and
+    the ring has a slot for every buffer."""
+    queue.buffers_in_use -= count
+    queue.buffers_returned += count
+    if queue.closed or queue.ring is None or queue.bufs == NULL:
+        return  # the kernel took every buffer back with the ring
+    write_slots(queue, bid, count)
+    returns_added(queue, count)
+
+
+cdef inline void write_slots(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
+    """Buffers ``bid`` to ``bid + count - 1`` into the slots from the local
+    tail on, which moves past them (the kernel sees them once published)."""
+    cdef iouz_buf *slot
+    cdef iouz_buf *bufs = queue.bufs
+    cdef char *data = queue.area.base + <uint64_t>bid * queue.buffer_size
+    cdef uint32_t i, size = queue.buffer_size, mask = queue.mask
+    cdef uint32_t tail = queue.local_tail
+    for i in range(count):
+        slot = &bufs[(tail + i) & mask]
+        # Field by field: slot 0's reserved field is the ring tail.  On an
+        # incremental ring the kernel moved addr and len along as it filled
+        # the buffer, so both are written again.
+        slot.addr = <uintptr_t>data
+        slot.len = size
+        slot.bid = <uint16_t>(bid + i)
+        data += size
+    queue.local_tail = <uint16_t>(tail + count)
+
+
 @cython.final
 @cython.no_gc_clear
 cdef class BufRingQueue(ReceiveQueue):
@@ -98,6 +132,7 @@ cdef class BufRingQueue(ReceiveQueue):
         self.area = Area(area_size, hugepages)
         self.buffer_size = <uint32_t>buffer_size
         self.buffer_unit = buffer_size
+        self.whole_buffer = buffer_size
         self.ring_entries = entries
         self.mask = entries - 1
         self.bufs_size = (entries * sizeof(iouz_buf) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
@@ -147,11 +182,7 @@ cdef class BufRingQueue(ReceiveQueue):
         self.registered = True
         self.total_buffers = count
 
-        self.setup_returns(count)
-        cdef uint64_t bid
-        for bid in range(count):
-            self.pending[bid].token = bid
-            self.pending[bid].length = buffer_size
+        write_slots(self, 0, <uint32_t>count)
         self.pending_count = count
         self.publish_returns()
         ring.add_client(self)
@@ -183,17 +214,7 @@ cdef class BufRingQueue(ReceiveQueue):
         return 0
 
     cdef int publish_returns(self) except -1:
-        cdef size_t i
-        cdef iouz_buf *slot
-        cdef uint64_t bid
-        for i in range(self.pending_count):
-            bid = self.pending[i].token
-            slot = &self.bufs[self.local_tail & self.mask]
-            # Field by field: slot 0's reserved field is the ring tail.
-            slot.addr = <uintptr_t>(self.area.base + bid * self.buffer_size)
-            slot.len = self.buffer_size
-            slot.bid = <uint16_t>bid
-            self.local_tail += 1
+        # put_back wrote the slots already: hand them to the kernel.
         if self.pending_count:
             iouz_store_release16(self.ring_tail, self.local_tail)
             self.pending_count = 0
@@ -213,9 +234,23 @@ cdef class BufRingQueue(ReceiveQueue):
         cdef uint32_t bid, offset, filled, refs
         if flags & IOUZ_CQE_F_BUFFER:
             bid = flags >> IOUZ_CQE_BUFFER_SHIFT
+            if res > 0 and <uint32_t>res == self.buffer_size:
+                # A whole buffer in one completion, the usual case in bulk.
+                # On an incremental ring it started at the buffer's start and
+                # left no room, so the kernel is done with it: its one view
+                # is all that holds it, and neither consumed nor refs is
+                # touched (a length of buffer_size names it when it goes back).
+                self.buffers_in_use += 1
+                if self.buffers_in_use > self.peak_buffers_in_use:
+                    self.peak_buffers_in_use = self.buffers_in_use
+                self.bytes_received += res
+                self.chunks_received += 1
+                receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size,
+                                   res, bid, True)
+                return self.after_data(receiver, res, flags)
             offset = 0
             if self.incremental:
-                # This completion's data continues where the last one from
+                # Part of a buffer.  This completion's data continues where the last one from
                 # bid stopped: the kernel advanced the ring entry itself, which
                 # is never read back (it may be changing).  The kernel holds a
                 # reference while it has filled part of the buffer and will
@@ -247,7 +282,7 @@ cdef class BufRingQueue(ReceiveQueue):
                     # Finished with no data in this completion and no view
                     # over an earlier part: straight back.
                     self.buffers_in_use += 1
-                    ReceiveQueue.give_back(self, bid, 0)
+                    put_back(self, bid, 1)
                     return self.after_data(receiver, res, flags)
             # Out of the ring: in use until its views are gone.
             self.buffers_in_use += 1
@@ -278,31 +313,46 @@ cdef class BufRingQueue(ReceiveQueue):
     cdef void release_part(self, uint32_t bid) noexcept:
         self.refs[bid] -= 1
         if self.refs[bid] == 0:
-            ReceiveQueue.give_back(self, bid, self.buffer_size)
+            put_back(self, bid, 1)
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
-        if self.incremental:
+        # On an incremental ring a whole buffer (length == buffer_size) was
+        # never counted in refs; a part is.
+        if self.incremental and length != self.buffer_size:
             self.release_part(<uint32_t>token)
         else:
-            ReceiveQueue.give_back(self, token, length)
+            put_back(self, <uint32_t>token, 1)
 
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept:
-        cdef uint32_t i, bid, finished = 0
+        cdef uint32_t unit = self.buffer_size
+        cdef uint32_t first = <uint32_t>token, last = <uint32_t>(token + count - 1)
+        cdef bint first_held = False, last_held = False
         if self.incremental:
-            # A run's buffers follow one another: ids token, token + 1, ...
-            for i in range(count):
-                bid = <uint32_t>(token + i)
-                self.refs[bid] -= 1
-                finished += self.refs[bid] == 0
-            if finished == count:  # the usual case: all back in one go
-                ReceiveQueue.give_back_run(self, token, count, first_length, length)
+            # A run's buffers follow one another (ids token, token + 1, ...);
+            # every buffer but the first and the last is whole, and so is
+            # either of those when the run covers it entirely.  Only a part
+            # counts in refs, and only a part may still be held by another
+            # view or by the kernel.
+            if first_length != unit:
+                self.refs[first] -= 1
+                first_held = self.refs[first] != 0
+            if count > 1 and length - first_length - <Py_ssize_t>(count - 2) * unit != unit:
+                self.refs[last] -= 1
+                last_held = self.refs[last] != 0
+            if first_held or last_held:
+                # The rest (often a long row of whole buffers, when the last
+                # part is one the kernel still fills) goes back in one go.
+                if first_held:
+                    first += 1
+                    count -= 1
+                if last_held and count:
+                    count -= 1
+                if count:
+                    put_back(self, first, count)
                 return
-            for i in range(count):
-                if self.refs[<uint32_t>(token + i)] == 0:
-                    ReceiveQueue.give_back(self, token + i, self.buffer_size)
-        else:
-            ReceiveQueue.give_back_run(self, token, count, first_length, length)
+        # The usual case: all back in one go.
+        put_back(self, first, count)
 
     def stats(self):
         stats = ReceiveQueue.stats(self)

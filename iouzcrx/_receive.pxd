@@ -34,10 +34,18 @@ cdef class ReceiveQueue(BufferOwner):
     cdef bint wake_requested
     cdef list starved
     cdef set receivers
-    cdef list runs_pending           # receivers holding a run not yet delivered
+    # Receivers holding a run not yet delivered, in the order their runs
+    # started: the first apart, as one connection per batch is the usual case
+    # and a list made and dropped per batch costs more than its delivery.
+    cdef Receiver first_run
+    cdef list runs_pending
     cdef uint32_t buffer_unit        # bytes per buffer (bufring) or chunk (zcrx)
     cdef bint tokens_are_offsets     # zcrx: a token is an area offset, else an index
     cdef bint lends_parts            # the kernel fills the rest of a part-used buffer
+    # bufring: a completion of this many bytes fills a buffer the kernel is
+    # done with, which Receiver.complete takes on itself (0: none do).
+    cdef uint32_t whole_buffer
+    cdef readonly uint64_t peak_buffers_in_use
     cdef bint collected              # this starvation already ran the GC
 
     cdef int setup_returns(self, size_t capacity) except -1
@@ -92,6 +100,7 @@ cdef class Receiver(Request):
     cdef uint32_t run_count
     cdef uint32_t run_first_length
     cdef bint run_listed
+    cdef bint more_queued            # the last completion said the socket has more
 
     # Pin accounting (None: unbounded): over its limit the receive is
     # cancelled and waits with the starved ones until its views go.
@@ -122,3 +131,15 @@ cdef class Receiver(Request):
     cdef int copy_to_protocol(self, char *data, Py_ssize_t length) except -1
     cdef int callback_failed(self, object exc) except -1
     cdef int finish(self, object error, bint eof) except -1
+
+
+cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
+    # ``count`` buffer returns were queued for the owner thread to publish.
+    cdef bint was_empty = queue.pending_count == 0
+    queue.pending_count += count
+    if was_empty and not queue.ring.draining and not queue.wake_requested:
+        # Nothing is going to drain soon (no traffic while the pool is
+        # empty): have the owner thread woken to publish.  Inside a drain
+        # the next pass publishes anyway.
+        queue.wake_requested = True
+        queue.ring.wake()

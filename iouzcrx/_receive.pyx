@@ -7,7 +7,8 @@ owner thread publishes them before its next enter (``before_enter``).
 """
 
 cimport cython
-from iouzcrx._abi cimport ECANCELED
+from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
+                           IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY)
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
@@ -54,8 +55,9 @@ cdef enum:
 _DELIVERY_NAMES = ("views", "bytes", "buffered")
 
 
-# The two halves of queueing buffer returns, shared by give_back and
-# give_back_run; plain functions so that the compiler can inline them.
+# The first half of queueing buffer returns, shared by give_back and
+# give_back_run (the second, returns_added, is in the .pxd); plain functions
+# so that the compiler can inline them.
 
 cdef inline ReturnedBuffer *reserve_returns(ReceiveQueue queue, size_t count,
                                             uint64_t first_token) noexcept:
@@ -82,17 +84,6 @@ cdef inline ReturnedBuffer *reserve_returns(ReceiveQueue queue, size_t count,
     return queue.pending + queue.pending_count
 
 
-cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
-    cdef bint was_empty = queue.pending_count == 0
-    queue.pending_count += count
-    if was_empty and not queue.ring.draining and not queue.wake_requested:
-        # Nothing is going to drain soon (no traffic while the pool is
-        # empty): have the owner thread woken to publish.  Inside a drain
-        # the next pass publishes anyway.
-        queue.wake_requested = True
-        queue.ring.wake()
-
-
 cdef bint forked_copy(Ring ring) except -1:
     """Whether this process is a child forked from ``ring``'s owner."""
     return ring.owner_pid != _os.getpid()
@@ -105,6 +96,32 @@ cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t cou
         queue.give_back(token, <uint32_t>length)
     else:
         queue.give_back_run(token, count, first_length, length)
+
+
+cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noexcept:
+    """Adds a chunk to the receiver's pending run and counts it, if it
+    continues the run in memory and the run may grow (the caller then sets
+    the run's new end); else changes nothing and returns False."""
+    # run_end is NULL unless a run is pending and can still grow.
+    if (data != receiver.run_end or receiver.run_length + length > MAX_RUN_BYTES
+            or receiver.run_count >= receiver.run_cap):
+        return False
+    receiver.bytes_received += length
+    receiver.chunks_received += 1
+    receiver.run_count += 1
+    receiver.run_length += length
+    return True
+
+
+cdef inline bint run_goes_on(Receiver receiver) noexcept:
+    """Whether a pending run is kept for the drain's next batch: the
+    receive goes on, the run may still grow, and the kernel said that the
+    socket holds more (it posts at most a few dozen completions of one
+    receive per batch and carries on in the next, into the buffers that
+    follow).  A run kept so reaches its size bounds (MAX_RUN_BYTES, half
+    the connection's pin limit) or the drain's end instead of being cut
+    into one view per batch, each costing far more than a chunk."""
+    return receiver.more_queued and receiver.armed and receiver.run_end != NULL
 
 
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
@@ -169,8 +186,17 @@ cdef class ReceiveQueue(BufferOwner):
                 length -= unit
         returns_added(self, count)
 
-    cdef int after_reap(self) except -1:
-        cdef Receiver receiver
+    cdef int after_reap(self, bint last) except -1:
+        cdef Receiver receiver = self.first_run
+        if receiver is not None:
+            if not last and not self.runs_pending and run_goes_on(receiver):
+                # The one receive with data in this batch: its run may go on
+                # in the next.  (With several, each one's next buffers are
+                # interleaved with the others' and no run would continue.)
+                return 0
+            self.first_run = None
+            receiver.run_listed = False
+            receiver.flush_run()
         if not self.runs_pending:
             return 0
         runs, self.runs_pending = self.runs_pending, []
@@ -465,6 +491,28 @@ cdef class ReceiveQueue(BufferOwner):
 cdef class Receiver(Request):
 
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        cdef uint32_t bid
+        cdef char *data
+        self.more_queued = (flags & IOUZ_CQE_F_SOCK_NONEMPTY) != 0
+        if (res > 0 and <uint32_t>res == self.queue.whole_buffer
+                and flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE)
+                == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE):
+            # The bulk case of a buffer ring, handled here rather than one
+            # virtual call further in the queue's receive(), which does the
+            # same: a whole buffer (no part bookkeeping, even on an
+            # incremental ring) and the receive goes on.  The queue's fields
+            # are reached through self (a local would take a reference).
+            bid = flags >> IOUZ_CQE_BUFFER_SHIFT
+            self.queue.buffers_in_use += 1
+            if self.queue.buffers_in_use > self.queue.peak_buffers_in_use:
+                self.queue.peak_buffers_in_use = self.queue.buffers_in_use
+            self.queue.bytes_received += res
+            self.queue.chunks_received += 1
+            data = self.queue.area.base + <uint64_t>bid * <uint32_t>res
+            if extends_run(self, data, <uint32_t>res):
+                self.run_end = data + res
+                return 0
+            return self.add_chunk(data, res, bid, True)
         return self.queue.receive(self, res, flags, extra)
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
@@ -475,18 +523,16 @@ cdef class Receiver(Request):
         filled to its end, this one starts right after it) join it; the run
         is delivered as one view when a chunk does not fit, when its last
         chunk leaves its buffer part-filled, at the end of the CQE batch
-        (the queue's after_reap) or before the end is reported."""
-        self.bytes_received += length
-        self.chunks_received += 1
-        # run_end is NULL unless a run is pending and can still grow.
-        if (data == self.run_end and self.run_length + length <= MAX_RUN_BYTES
-                and self.run_count < self.run_cap):
-            self.run_count += 1
-            self.run_length += length
+        (the queue's after_reap) unless the socket has more for the next
+        batch of the same drain (run_goes_on), at the end of the drain, or
+        before the end is reported."""
+        if extends_run(self, data, length):
             if fills_buffer:
                 self.run_end = data + length
                 return 0
             return self.flush_run()
+        self.bytes_received += length
+        self.chunks_received += 1
         return self.start_run(data, length, token, fills_buffer)
 
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
@@ -510,7 +556,10 @@ cdef class Receiver(Request):
         self.run_first_length = length
         if not self.run_listed:
             self.run_listed = True
-            self.queue.runs_pending.append(self)
+            if self.queue.first_run is None:
+                self.queue.first_run = self
+            else:
+                self.queue.runs_pending.append(self)
         return 0
 
     cdef object take_run(self):

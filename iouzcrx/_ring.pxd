@@ -18,14 +18,15 @@ cdef class Request:
 cdef class RingClient:
     """A component attached to a ring (a receive queue): the ring calls
     before_enter() on its owner thread before every enter of a drain (to
-    publish buffer returns, re-arm starved receives), after_reap() once a
-    batch of completions was dispatched (to deliver what it gathered), and
-    ring_closed() once; add_watched_fds() before a blocking wait, where the
+    publish buffer returns, re-arm starved receives), after_reap(False) once
+    a batch of completions was dispatched (to deliver what it gathered) and
+    after_reap(True) when the drain ends (to deliver what it held back for
+    the next batch), and ring_closed() once; add_watched_fds() before a blocking wait, where the
     kernel signals the eventfd late (see Ring.wait_readable).  The ring holds
     its clients weakly: a client nobody else references is freed."""
     cdef object __weakref__
     cdef int before_enter(self) except -1
-    cdef int after_reap(self) except -1
+    cdef int after_reap(self, bint last) except -1
     cdef int ring_closed(self) except -1
     cdef int add_watched_fds(self, list fds) except -1
 
@@ -102,7 +103,7 @@ cdef class Ring:
     cdef int detach_client(self, RingClient client) except -1
     cdef list live_clients(self)
     cdef int clients_before_enter(self) except -1
-    cdef int clients_after_reap(self) except -1
+    cdef int clients_after_reap(self, bint last) except -1
     cdef int forget_dead_clients(self) except -1
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept

@@ -147,7 +147,7 @@ cdef class RingClient:
     cdef int before_enter(self) except -1:
         return 0
 
-    cdef int after_reap(self) except -1:
+    cdef int after_reap(self, bint last) except -1:
         return 0
 
     cdef int ring_closed(self) except -1:
@@ -440,7 +440,7 @@ cdef class Ring:
                 self.report_callback_error(exc)
         self.cqes_reaped += count
         if count:
-            self.clients_after_reap()
+            self.clients_after_reap(False)
         return count
 
     cdef int report_callback_error(self, object exc) except -1:
@@ -516,10 +516,15 @@ cdef class Ring:
                     more = 1
                     break
         finally:
-            self.draining = False
-            if self.close_requested and not self.closing:
-                more = 0
-                self.close_now(1.0)
+            try:
+                # What the clients held back for a next batch that this drain
+                # will not reap goes out now, still inside the drain.
+                self.clients_after_reap(True)
+            finally:
+                self.draining = False
+                if self.close_requested and not self.closing:
+                    more = 0
+                    self.close_now(1.0)
         if self.callback_errors:
             errors, self.callback_errors = self.callback_errors, []
             # A KeyboardInterrupt or SystemExit first: raising an error
@@ -612,7 +617,7 @@ cdef class Ring:
             self.forget_dead_clients()
         return 0
 
-    cdef int clients_after_reap(self) except -1:
+    cdef int clients_after_reap(self, bint last) except -1:
         cdef list clients = self.clients
         cdef bint dead = False
         cdef PyObject *target
@@ -623,7 +628,7 @@ cdef class Ring:
                 dead = True
             else:
                 client = <RingClient>target  # a strong reference for the call
-                client.after_reap()
+                client.after_reap(last)
         if dead:
             self.forget_dead_clients()
         return 0

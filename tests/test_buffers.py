@@ -426,3 +426,34 @@ def test_every_buffer_of_a_coalesced_view_returns_once_with_its_last_slice(ring,
     assert receive_all(receiver, Verifier(14)) == 4 << 20
     server.close()
     server2.close()
+
+
+def test_every_byte_received_is_delivered_when_a_drain_returns(ring, listener, mode):
+    """A run of adjacent chunks may be kept from one batch to the next while
+    the socket has more, but never past the drain: whenever drain() returns,
+    every byte the receive took from the kernel has reached on_data."""
+    client, server = connect_pair(listener)
+    queue = make_queue(ring, mode, area_size=4 << 20, buffer_size=4096)
+    total = 32 << 20 if SCALE == 1 else 512 << 10  # the VM emulates its CPUs
+    verifier = Verifier(13)
+    delivered = 0
+
+    def on_data(view: memoryview) -> None:
+        nonlocal delivered
+        delivered += len(view)
+        verifier.feed(view)
+
+    receiver = queue.recv_multishot(server, on_data=on_data)
+    sender = Sender(client, 13, total)
+    sender.start()
+    deadline = time.monotonic() + 60
+    while not receiver.finished:
+        assert time.monotonic() < deadline, f"{delivered} of {total} bytes in 60 s"
+        ring.drain()
+        assert delivered == receiver.bytes_received
+        time.sleep(0.001)
+    sender.join(10)
+    assert sender.error is None and receiver.eof
+    assert delivered == verifier.pos == total
+    queue.close()
+    server.close()

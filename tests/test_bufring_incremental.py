@@ -183,6 +183,52 @@ def test_a_held_view_keeps_its_buffer_while_the_kernel_fills_the_rest(ring, list
     server.close()
 
 
+def test_held_views_over_parts_and_whole_buffers_return_each_buffer_once(ring, listener):
+    """Messages of 1 byte to 20 KiB through 4 KiB buffers, every view held
+    until the end: views over parts of buffers and runs that start or end in
+    a part with whole buffers between them.  Released in random order, each
+    buffer goes back once, when the last view over any part of it goes (the
+    kernel having finished it), and no sooner."""
+    client, server = connect_pair(listener)
+    queue = incremental_queue(ring, area_size=256 * KIB, buffer_size=4 * KIB)
+    rng = random.Random(5)
+    sizes = [rng.choice((1, 100, 3000, 4096, 5000, 8192, 20000)) for _ in range(60)]
+    total = min(sum(sizes), 150 * KIB)
+    receiver = queue.recv_multishot(server)
+    sender = MessageSender(client, 5, total, sizes)
+    sender.start()
+    views = []
+    while True:
+        view = receiver.get(30)
+        if view is None:
+            break
+        views.append(view)
+    sender.join(10)
+    assert sender.error is None and receiver.eof
+    verifier = Verifier(5)
+    for view in views:
+        verifier.feed(view)
+    assert verifier.pos == total
+    held = queue.buffers_in_use
+    assert 1 <= held <= queue.total_buffers
+    rng.shuffle(views)
+    returned = queue.buffers_returned
+    last = held
+    for view in views:
+        view.release()
+        now = queue.buffers_in_use
+        assert now <= last
+        assert queue.buffers_returned - returned == held - now
+        last = now
+    # Every buffer the kernel finished is back; one it still fills is not out.
+    assert queue.buffers_in_use == 0
+    assert queue.buffers_returned - returned == held
+    ring.drain()
+    assert queue.buffers_pending_return == 0
+    queue.close()
+    server.close()
+
+
 def test_a_refused_flag_falls_back_to_the_classic_ring(ring, listener, monkeypatch):
     """A kernel before 6.12 refuses the flag with EINVAL. Here the real kernel
     refuses a flag word with an unknown bit beside INC, the same way: the
