@@ -108,6 +108,7 @@ cdef class Receiver(Request):
     cdef readonly bint throttled
     cdef object throttle_cancel     # the Completion of that cancel
     cdef uint32_t run_cap            # most buffers one view may hold
+    cdef Py_ssize_t run_bytes_cap    # most bytes one delivery may hold
 
     # How data reaches the program (set_protocol_delivery): views to
     # on_data (or the queue), or a copy straight from the area into bytes

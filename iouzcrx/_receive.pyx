@@ -33,6 +33,8 @@ cdef enum:
     # Bound on one coalesced view: a run holds all of its buffers until the
     # program releases the view.
     MAX_RUN_BYTES = 1024 * 1024
+    # Bound on one run delivered as a copy (bytes, get_buffer memory).
+    COPY_RUN_BYTES = 256 * 1024
     # A chunk shorter than 1/COPY_BELOW_SHARE of its buffer is copied out and
     # the buffer returned at once: kept, it would pin at least 8 times its
     # size (a peer sending tiny segments could pin the whole area with a
@@ -103,7 +105,7 @@ cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noe
     continues the run in memory and the run may grow (the caller then sets
     the run's new end); else changes nothing and returns False."""
     # run_end is NULL unless a run is pending and can still grow.
-    if (data != receiver.run_end or receiver.run_length + length > MAX_RUN_BYTES
+    if (data != receiver.run_end or receiver.run_length + length > receiver.run_bytes_cap
             or receiver.run_count >= receiver.run_cap):
         return False
     receiver.bytes_received += length
@@ -414,6 +416,7 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.on_error = on_error
         receiver.account = account
         receiver.run_cap = 0xFFFFFFFF
+        receiver.run_bytes_cap = MAX_RUN_BYTES
         if account is not None:
             account.stalled = False
             # The view a program holds while it waits for the next one must
@@ -709,6 +712,7 @@ cdef class Receiver(Request):
         self.delivery_kind = DELIVER_VIEWS
         self.copy_target = None
         self.copy_updated = None
+        self.run_bytes_cap = MAX_RUN_BYTES
 
     def set_protocol_delivery(self, protocol):
         """Deliver straight to ``protocol``'s methods, chosen as
@@ -725,6 +729,11 @@ cdef class Receiver(Request):
             self.delivery_kind = DELIVER_BYTES if kind == "bytes" else DELIVER_BUFFERED
             self.copy_target = method
             self.copy_updated = updated
+            # A copy is made from the run and dropped at once: kept to the
+            # size the stock loops read at a time, the destination memory
+            # the allocator hands back is the same, still in the cache, on
+            # every delivery.
+            self.run_bytes_cap = COPY_RUN_BYTES
         return kind
 
     @property
