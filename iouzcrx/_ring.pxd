@@ -104,6 +104,7 @@ cdef class Ring:
     cdef list live_clients(self)
     cdef int clients_before_enter(self) except -1
     cdef int clients_after_reap(self, bint last) except -1
+    cdef int call_clients(self, bint after_reap, bint last) except -1
     cdef int forget_dead_clients(self) except -1
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept

@@ -602,22 +602,13 @@ cdef class Ring:
     # started with) instead of building a list of the live ones each time.
 
     cdef int clients_before_enter(self) except -1:
-        cdef list clients = self.clients
-        cdef bint dead = False
-        cdef PyObject *target
-        cdef RingClient client
-        for ref in clients:
-            target = PyWeakref_GetObject(ref)
-            if target == <PyObject *>None:
-                dead = True
-            else:
-                client = <RingClient>target  # a strong reference for the call
-                client.before_enter()
-        if dead:
-            self.forget_dead_clients()
-        return 0
+        return self.call_clients(False, False)
 
     cdef int clients_after_reap(self, bint last) except -1:
+        return self.call_clients(True, last)
+
+    cdef int call_clients(self, bint after_reap, bint last) except -1:
+        """before_enter() (or after_reap(last)) on every live client."""
         cdef list clients = self.clients
         cdef bint dead = False
         cdef PyObject *target
@@ -626,9 +617,12 @@ cdef class Ring:
             target = PyWeakref_GetObject(ref)
             if target == <PyObject *>None:
                 dead = True
-            else:
-                client = <RingClient>target  # a strong reference for the call
+                continue
+            client = <RingClient>target  # a strong reference for the call
+            if after_reap:
                 client.after_reap(last)
+            else:
+                client.before_enter()
         if dead:
             self.forget_dead_clients()
         return 0
