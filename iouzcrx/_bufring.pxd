@@ -21,6 +21,12 @@ cdef class BufRingQueue(ReceiveQueue):
     # ring (the kernel's while it fills it, one per view over any part of it).
     cdef uint32_t *consumed
     cdef uint32_t *refs
+    # Free buffers kept back from the ring, the last returned on top: the
+    # ring holds at most ``window`` buffers the kernel has not taken, so that
+    # it fills buffers still in the cache rather than cycling the whole area.
+    cdef uint32_t *spare
+    cdef uint32_t spare_count
+    cdef readonly uint32_t window
 
     cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1
     cdef void release_part(self, uint32_t bid) noexcept

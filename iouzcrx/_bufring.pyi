@@ -18,6 +18,12 @@ class BufRingQueue(ReceiveQueue):
     chunk takes a buffer and a chunk under an eighth of a buffer is copied
     out so that its buffer goes back at once (``incremental_refused`` says
     why).
+
+    An incremental ring is given ``window_size`` bytes of buffers (1 MiB by
+    default, at least two buffers) at a time; the other free buffers wait,
+    the last returned first, so that the kernel fills buffers that are still
+    in the cache instead of going round the whole area. Held views still
+    draw on every buffer of the area.
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without ``close()`` is unregistered by the ring's owner
     thread at its next drain.
@@ -35,6 +41,8 @@ class BufRingQueue(ReceiveQueue):
     """Why the kernel refused an incremental ring that was asked for, else None."""
     peak_buffers_in_use: int
     """The most buffers out of the kernel's ring at once since creation."""
+    window: int
+    """The most buffers the kernel is given at a time."""
     def __init__(
         self,
         ring: Ring,
@@ -43,7 +51,9 @@ class BufRingQueue(ReceiveQueue):
         buffer_size: int = ...,
         hugepages: bool = False,
         incremental: bool | None = None,
+        window_size: int = ...,
     ) -> None: ...
     def stats(self) -> dict[str, Any]:
         """``ReceiveQueue.stats()`` plus ``buffer_group``, ``buffer_size``,
-        ``ring_entries``, ``incremental`` and ``peak_buffers_in_use``."""
+        ``ring_entries``, ``incremental``, ``peak_buffers_in_use``, ``window``
+        and ``spare_buffers`` (free buffers not given to the kernel)."""

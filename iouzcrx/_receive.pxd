@@ -47,6 +47,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef uint32_t whole_buffer
     cdef readonly uint64_t peak_buffers_in_use
     cdef bint collected              # this starvation already ran the GC
+    cdef bint keeps_spares           # publish_returns may have buffers to give unasked
 
     cdef int setup_returns(self, size_t capacity) except -1
     cdef int arm_receiver(self, Receiver receiver) except -1

@@ -209,11 +209,23 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef int before_enter(self) except -1:
         cdef Receiver receiver
-        cdef size_t pending = self.pending_count
+        cdef uint64_t refills
         self.wake_requested = False
-        if pending:
+        if (self.starved and not self.collected and not self.pending_count
+                and not self.free_buffers()):
+            # Starved with every buffer held: views that are garbage only
+            # inside reference cycles hold buffers until the GC runs, which
+            # may be never while the program only waits for data.  Once per
+            # starvation, and only then: a ring that merely ran dry while its
+            # buffers were on their way back (the usual case when a small
+            # area is read as fast as it fills) must not pay for a full
+            # collection each time.
+            self.collected = True
+            _gc.collect()
+        if self.pending_count or self.keeps_spares:
+            refills = self.refills
             self.publish_returns()
-            if self.pending_count < pending:
+            if self.refills != refills:
                 self.return_epoch += 1
         if self.starved and self.free_buffers():
             self.collected = False  # buffers are back: the starvation is over
@@ -334,13 +346,6 @@ cdef class ReceiveQueue(BufferOwner):
             # Cancelled from a callback earlier in this batch: its cancel finds
             # nothing to cancel, so the receive ends here.
             return receiver.finish(None, False)
-        if not self.collected:
-            # Views that are garbage only inside reference cycles hold buffers
-            # until the GC runs, which may be never while the program only
-            # waits for data.  Once per starvation (not per receive): the
-            # next pass re-arms if this freed anything.
-            self.collected = True
-            _gc.collect()
         self.starvations += 1
         receiver.starved = True
         receiver.waiting_for_returns = True
