@@ -1,5 +1,10 @@
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
+
+ctypedef struct SpareRow:
+    uint32_t bid        # the first of a row of adjacent free buffers
+    uint32_t count
+
 from iouzcrx._abi cimport iouz_buf
 from iouzcrx._receive cimport ReceiveQueue, Receiver
 
@@ -21,11 +26,13 @@ cdef class BufRingQueue(ReceiveQueue):
     # ring (the kernel's while it fills it, one per view over any part of it).
     cdef uint32_t *consumed
     cdef uint32_t *refs
-    # Free buffers kept back from the ring, the last returned on top: the
-    # ring holds at most ``window`` buffers the kernel has not taken, so that
-    # it fills buffers still in the cache rather than cycling the whole area.
-    cdef uint32_t *spare
-    cdef uint32_t spare_count
+    # Free buffers kept back from the ring, as rows of adjacent buffers, the
+    # last returned on top: the ring holds at most ``window`` buffers the
+    # kernel has not taken, so that it fills buffers still in the cache
+    # rather than cycling through the whole area.
+    cdef SpareRow *spares
+    cdef uint32_t spare_rows
+    cdef uint32_t spare_count         # buffers in all rows
     cdef readonly uint32_t window
 
     cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1

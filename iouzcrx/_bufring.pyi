@@ -19,11 +19,12 @@ class BufRingQueue(ReceiveQueue):
     out so that its buffer goes back at once (``incremental_refused`` says
     why).
 
-    An incremental ring is given ``window_size`` bytes of buffers (1 MiB by
-    default, at least two buffers) at a time; the other free buffers wait,
-    the last returned first, so that the kernel fills buffers that are still
-    in the cache instead of going round the whole area. Held views still
-    draw on every buffer of the area.
+    An incremental ring is given ``window_size`` bytes of buffers (None: the
+    ``IOUZCRX_BUFRING_WINDOW`` environment variable, else 1 MiB; at least two
+    buffers) at a time; the other free buffers wait, the last returned first,
+    so that the kernel fills buffers that are still in the cache instead of
+    going round the whole area. Held views still draw on every buffer of the
+    area. One delivery then holds at most half the window.
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without ``close()`` is unregistered by the ring's owner
     thread at its next drain.
@@ -51,7 +52,7 @@ class BufRingQueue(ReceiveQueue):
         buffer_size: int = ...,
         hugepages: bool = False,
         incremental: bool | None = None,
-        window_size: int = ...,
+        window_size: int | None = None,
     ) -> None: ...
     def stats(self) -> dict[str, Any]:
         """``ReceiveQueue.stats()`` plus ``buffer_group``, ``buffer_size``,

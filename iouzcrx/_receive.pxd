@@ -48,6 +48,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef readonly uint64_t peak_buffers_in_use
     cdef bint collected              # this starvation already ran the GC
     cdef bint keeps_spares           # publish_returns may have buffers to give unasked
+    cdef Py_ssize_t max_run_bytes    # most bytes one delivery may hold
 
     cdef int setup_returns(self, size_t capacity) except -1
     cdef int arm_receiver(self, Receiver receiver) except -1

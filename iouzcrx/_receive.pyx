@@ -136,6 +136,7 @@ cdef class ReceiveQueue(BufferOwner):
         self.starved = []
         self.receivers = set()
         self.runs_pending = []
+        self.max_run_bytes = MAX_RUN_BYTES
 
     def __dealloc__(self):
         free(self.pending)
@@ -421,7 +422,7 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.on_error = on_error
         receiver.account = account
         receiver.run_cap = 0xFFFFFFFF
-        receiver.run_bytes_cap = MAX_RUN_BYTES
+        receiver.run_bytes_cap = self.max_run_bytes
         if account is not None:
             account.stalled = False
             # The view a program holds while it waits for the next one must
@@ -717,7 +718,8 @@ cdef class Receiver(Request):
         self.delivery_kind = DELIVER_VIEWS
         self.copy_target = None
         self.copy_updated = None
-        self.run_bytes_cap = MAX_RUN_BYTES
+        self.run_bytes_cap = (MAX_RUN_BYTES if self.queue is None
+                              else self.queue.max_run_bytes)
 
     def set_protocol_delivery(self, protocol):
         """Deliver straight to ``protocol``'s methods, chosen as
@@ -739,6 +741,8 @@ cdef class Receiver(Request):
             # the allocator hands back is the same, still in the cache, on
             # every delivery.
             self.run_bytes_cap = COPY_RUN_BYTES
+            if self.queue is not None:
+                self.run_bytes_cap = min(self.run_bytes_cap, self.queue.max_run_bytes)
         return kind
 
     @property

@@ -89,6 +89,23 @@ def test_a_bad_window_size_is_refused_by_name(ring, window_size):
         iouzcrx.BufRingQueue(ring, area_size=1 * MIB, window_size=window_size)
 
 
+def test_the_environment_sets_the_window_when_the_argument_does_not(ring, monkeypatch):
+    monkeypatch.setenv("IOUZCRX_BUFRING_WINDOW", str(512 * KIB))
+    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB)
+    assert queue.stats()["window"] == 8
+    queue.close()
+    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=128 * KIB)
+    assert queue.stats()["window"] == 2  # the argument wins
+    queue.close()
+    monkeypatch.setenv("IOUZCRX_BUFRING_WINDOW", "1M")
+    with pytest.raises(InvalidConfiguration, match="IOUZCRX_BUFRING_WINDOW='1M'.*unset it"):
+        iouzcrx.BufRingQueue(ring, area_size=1 * MIB)
+    monkeypatch.delenv("IOUZCRX_BUFRING_WINDOW")
+    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB)
+    assert queue.stats()["window"] == 16  # 1 MiB by default
+    queue.close()
+
+
 def test_a_stream_read_as_it_arrives_goes_through_the_same_few_buffers(ring, listener):
     """32 MiB through an area of 64 buffers, each view released as soon as it
     is read: the kernel only ever fills buffers from the window and the ones
