@@ -40,7 +40,7 @@ cdef Py_ssize_t COMPACT_AFTER = 32
 cdef bytes NEWLINE = b"\n"
 cdef object IncompleteReadError = asyncio.IncompleteReadError
 cdef object LimitOverrunError = asyncio.LimitOverrunError
-cdef object get_running_loop = asyncio.get_running_loop
+get_running_loop = asyncio.get_running_loop  # a module global, so that tests can count its use
 
 
 def check_limit(limit):
@@ -115,6 +115,10 @@ cdef class ZcrxStreamReader:
     cdef bint _paused
     cdef object _exception
     cdef object _waiter
+    # The transport's loop, where its data arrives, for the futures reads
+    # wait on: asyncio.get_running_loop() makes a getpid() system call each
+    # time on CPython 3.11, once per request in a request/response server.
+    cdef object _loop
     cdef object _transport
     cdef object _pins  # the transport's PinAccount, if it has one
     cdef object __weakref__
@@ -132,6 +136,7 @@ cdef class ZcrxStreamReader:
     def set_transport(self, transport):
         """Called by the connection's protocol with its transport."""
         self._transport = transport
+        self._loop = getattr(transport, "_loop", None)
         pins = transport.get_extra_info("pin_account")
         if pins is not None:
             # A stall (this connection's views at their share of the area,
@@ -213,7 +218,10 @@ cdef class ZcrxStreamReader:
             # than the area has left): copy them out, so that their buffers
             # go back and the receive resumes, rather than wait for ever.
             self._spill()
-        waiter = self._waiter = get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = get_running_loop()  # no transport of ours (yet)
+        waiter = self._waiter = loop.create_future()
         return waiter
 
     # -- the buffer ----------------------------------------------------------------------

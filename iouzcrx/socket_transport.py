@@ -39,6 +39,8 @@ class SocketModeTransport(asyncio.Transport):
             }
         )
         self._extra: dict[str, Any]  # set by asyncio.BaseTransport
+        # Made in connection_made, on the loop: its stream reader's waits use it.
+        self._loop = asyncio.get_running_loop()
         self._inner = inner
         self._reader = reader
 

@@ -205,3 +205,41 @@ async def test_a_handler_that_raises_is_reported_and_its_connection_closed(mode)
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_reads_wait_on_the_connections_loop_without_asking_for_the_running_one(
+    mode, monkeypatch
+):
+    """A request/response handler waits for each request: the future it
+    waits on comes from its transport's loop, not from
+    asyncio.get_running_loop(), which makes a system call each time on some
+    Pythons."""
+    from iouzcrx import _reader
+
+    asked = []
+    real = _reader.get_running_loop
+    monkeypatch.setattr(_reader, "get_running_loop", lambda: asked.append(1) or real())
+    served = asyncio.get_running_loop().create_future()
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        requests = 0
+        while True:
+            try:
+                await reader.readexactly(100)
+            except asyncio.IncompleteReadError:
+                break
+            requests += 1
+            writer.write(b"ok")
+        served.set_result(requests)
+        writer.close()
+
+    server, host, port = await serve(mode, handler)
+    async with server:
+        reader, writer = await asyncio.open_connection(host, port)
+        for _ in range(20):
+            writer.write(b"q" * 100)
+            assert await asyncio.wait_for(reader.readexactly(2), TIMEOUT) == b"ok"
+        writer.write_eof()
+        assert await asyncio.wait_for(served, TIMEOUT) == 20
+        writer.close()
+    assert asked == []
