@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from conftest import Sender, Verifier, connect_pair
+from test_bufring_incremental import incremental_queue
 
 import iouzcrx
 from iouzcrx import _receive
@@ -51,26 +52,18 @@ def address_of(view: memoryview) -> int:
         release(ctypes.byref(buffer))
 
 
-def windowed_queue(ring: iouzcrx.Ring, **kw: int) -> iouzcrx.BufRingQueue:
-    queue = iouzcrx.BufRingQueue(ring, incremental=True, **kw)
-    if not queue.incremental:
-        queue.close()
-        pytest.skip(f"{queue.incremental_refused}: the window is an incremental ring's")
-    return queue
-
-
 def test_the_ring_is_given_a_window_of_buffers_and_keeps_the_rest(ring):
-    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
     stats = queue.stats()
     assert queue.total_buffers == 64
     assert stats["window"] == 4
     assert stats["spare_buffers"] == 60
     queue.close()
     # A window smaller than two buffers is two; one larger than the area is all.
-    queue = windowed_queue(ring, area_size=1 * MIB, buffer_size=64 * KIB, window_size=1)
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=64 * KIB, window_size=1)
     assert queue.stats()["window"] == 2
     queue.close()
-    queue = windowed_queue(ring, area_size=1 * MIB, buffer_size=64 * KIB, window_size=64 * MIB)
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=64 * KIB, window_size=64 * MIB)
     assert queue.stats()["window"] == 16 and queue.stats()["spare_buffers"] == 0
     queue.close()
 
@@ -91,17 +84,17 @@ def test_a_bad_window_size_is_refused_by_name(ring, window_size):
 
 def test_the_environment_sets_the_window_when_the_argument_does_not(ring, monkeypatch):
     monkeypatch.setenv("IOUZCRX_BUFRING_WINDOW", str(512 * KIB))
-    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB)
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB)
     assert queue.stats()["window"] == 8
     queue.close()
-    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=128 * KIB)
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=128 * KIB)
     assert queue.stats()["window"] == 2  # the argument wins
     queue.close()
     monkeypatch.setenv("IOUZCRX_BUFRING_WINDOW", "1M")
     with pytest.raises(InvalidConfiguration, match="IOUZCRX_BUFRING_WINDOW='1M'.*unset it"):
         iouzcrx.BufRingQueue(ring, area_size=1 * MIB)
     monkeypatch.delenv("IOUZCRX_BUFRING_WINDOW")
-    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB)
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB)
     assert queue.stats()["window"] == 16  # 1 MiB by default
     queue.close()
 
@@ -110,7 +103,7 @@ def test_a_stream_read_as_it_arrives_goes_through_the_same_few_buffers(ring, lis
     """32 MiB through an area of 64 buffers, each view released as soon as it
     is read: the kernel only ever fills buffers from the window and the ones
     just returned, never the cold rest of the area."""
-    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
     client, server = connect_pair(listener)
     total = 32 * MIB
     sender = Sender(client, 3, total)
@@ -148,7 +141,7 @@ def test_views_held_beyond_the_window_draw_on_the_spares(ring, listener):
     the spares refill the window as the kernel takes buffers, so the held
     bytes stay intact and the stream goes on until the area, not the window,
     runs out."""
-    queue = windowed_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
     client, server = connect_pair(listener)
     total = 3 * MIB
     sender = Sender(client, 4, total)
@@ -200,7 +193,7 @@ def test_a_ring_that_runs_dry_while_its_buffers_come_back_runs_no_collection(
     garbage collector, which costs milliseconds on a large heap."""
     counting = CountingGC(_receive._gc)
     monkeypatch.setattr(_receive, "_gc", counting)
-    queue = windowed_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=32 * KIB)
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=32 * KIB)
     client, server = connect_pair(listener)
     total = 16 * MIB
     sender = Sender(client, 5, total)
@@ -222,7 +215,7 @@ def test_a_starvation_with_every_buffer_held_still_collects_cycles(ring, listene
     stream goes on."""
     counting = CountingGC(_receive._gc)
     monkeypatch.setattr(_receive, "_gc", counting)
-    queue = windowed_queue(ring, area_size=32 * KIB, buffer_size=16 * KIB)
+    queue = incremental_queue(ring, area_size=32 * KIB, buffer_size=16 * KIB)
     client, server = connect_pair(listener)
     total = 256 * KIB
     sender = Sender(client, 6, total)
@@ -256,7 +249,7 @@ def test_a_starvation_with_every_buffer_held_still_collects_cycles(ring, listene
 def test_returns_from_another_thread_refill_the_window(ring, listener):
     """Views released on another thread while the owner waits: the spares
     they become reach the kernel on the owner thread."""
-    queue = windowed_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=32 * KIB)
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=32 * KIB)
     client, server = connect_pair(listener)
     total = 4 * MIB
     sender = Sender(client, 7, total)
