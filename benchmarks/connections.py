@@ -23,7 +23,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import (  # noqa: E402  (a script beside suite.py, not a package)
     Scenario,
     compile_programs,
-    last_json,
     receiver_command,
-    sender_command,
+    run_one,
 )
 
 DEFAULT_RECEIVERS = "c-epoll,uvloop-protocol,iouzcrx-bufring-zerocopy-uvloop"
@@ -51,34 +49,17 @@ def run(name: str, programs: dict[str, Path], connections: int, wrapper: list[st
     """One receiver under ``wrapper`` against the C sender; fails unless
     every byte arrived."""
     sc = short(connections)
-    receiver = subprocess.Popen(
-        wrapper + receiver_command(name, programs, sc),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    raw = run_one(
+        name,
+        programs,
+        sc,
+        timeout=600,
+        command=wrapper + receiver_command(name, programs, sc),
+        start_timeout=600,
     )
-    try:
-        assert receiver.stdout is not None
-        line = receiver.stdout.readline()
-        if not line.startswith("READY "):
-            receiver.kill()
-            raise RuntimeError(f"{name} did not start: {receiver.communicate()[1].strip()}")
-        port = int(line.split()[1])
-        sender = subprocess.run(
-            sender_command(programs, sc, port), capture_output=True, text=True, timeout=600
-        )
-        if sender.returncode != 0:
-            raise RuntimeError(f"sender failed against {name}: {sender.stderr.strip()}")
-        out, err = receiver.communicate(timeout=600)
-        if receiver.returncode != 0:
-            raise RuntimeError(f"{name} failed: {err.strip()[-2000:]}")
-        got = last_json(out)["bytes"]
-        if got != sc.expect_bytes:
-            raise RuntimeError(f"{name} received {got} bytes, expected {sc.expect_bytes}")
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.wait()
+    got = raw["receiver"]["bytes"]
+    if got != sc.expect_bytes:
+        raise RuntimeError(f"{name} received {got} bytes, expected {sc.expect_bytes}")
 
 
 def syscall_counts(path: Path) -> dict[str, int]:

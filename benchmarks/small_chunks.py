@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -68,29 +67,7 @@ def command(name: str, sc: suite.Scenario) -> tuple[list[str], dict[str, str]]:
 
 def run_one(name: str, programs: dict[str, Path], sc: suite.Scenario) -> dict[str, Any]:
     cmd, env = command(name, sc)
-    receiver = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert receiver.stdout is not None
-        line = receiver.stdout.readline()
-        if not line.startswith("READY "):
-            receiver.kill()
-            raise RuntimeError(f"{name} did not start: {receiver.communicate()[1].strip()}")
-        port = int(line.split()[1])
-        sender = subprocess.run(
-            suite.sender_command(programs, sc, port), capture_output=True, text=True, timeout=300
-        )
-        if sender.returncode != 0:
-            raise RuntimeError(f"sender failed against {name}: {sender.stderr.strip()}")
-        out, err = receiver.communicate(timeout=60)
-        if receiver.returncode != 0:
-            raise RuntimeError(f"{name} failed: {err.strip()}")
-        raw = {"receiver": suite.last_json(out), "sender": suite.last_json(sender.stdout)}
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.wait()
+    raw = suite.run_one(name, programs, sc, timeout=300, command=cmd, env=env)
     fig = suite.figures_of(sc, raw)
     for key in ("peak_buffers_in_use", "total_buffers", "buffers_recycled"):
         if key in raw["receiver"]:

@@ -193,17 +193,28 @@ def last_json(text: str) -> dict[str, Any]:
     raise ValueError("no JSON line in the output")
 
 
-def run_one(name: str, programs: dict[str, Path], sc: Scenario, timeout: float) -> dict[str, Any]:
-    """One receiver process and one sender process; both figures, merged."""
+def run_one(
+    name: str,
+    programs: dict[str, Path],
+    sc: Scenario,
+    timeout: float,
+    *,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    start_timeout: float = 30,
+) -> dict[str, Any]:
+    """One receiver process (``command``, by default the suite's for
+    ``name``, under ``env``) and one sender process; both figures, merged."""
     receiver = subprocess.Popen(
-        receiver_command(name, programs, sc),
+        command or receiver_command(name, programs, sc),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         assert receiver.stdout is not None
-        ready, _, _ = select.select([receiver.stdout], [], [], 30)
+        ready, _, _ = select.select([receiver.stdout], [], [], start_timeout)
         line = receiver.stdout.readline() if ready else ""
         if not line.startswith("READY "):
             receiver.kill()
