@@ -121,7 +121,9 @@ class Receiver(Request):
     def delivery(self) -> str:
         """How received data leaves: ``"views"`` (to ``on_data``, or queued for
         ``get()``), ``"bytes"`` or ``"buffered"`` (``set_protocol_delivery``)."""
-    def set_protocol_delivery(self, protocol: Any) -> str:
+    def set_protocol_delivery(
+        self, protocol: Any, methods: tuple[str, Any, Any] | None = None
+    ) -> str:
         """Deliver straight to ``protocol``'s own methods, looked up now and
         chosen as ``iouzcrx.protocols.delivery_methods`` chooses:
         ``view_received(view)`` gets the views (as ``on_data`` would);

@@ -25,6 +25,7 @@ import gc as _gc
 import os as _os
 
 from iouzcrx import _checks
+from iouzcrx._checks import AcceptedSocket as _AcceptedSocket
 from iouzcrx.errors import kernel_error
 from iouzcrx.protocols import delivery_methods as _delivery_methods
 
@@ -55,6 +56,7 @@ cdef enum:
     DELIVER_BUFFERED = 2   # copied into get_buffer(), then buffer_updated
 
 _DELIVERY_NAMES = ("views", "bytes", "buffered")
+cdef object _deque = _collections.deque
 
 
 # The first half of queueing buffer returns, shared by give_back and
@@ -406,16 +408,25 @@ cdef class ReceiveQueue(BufferOwner):
             raise ValueError(f"the {self.mode} receive queue is closed")
         self.ring.check_owner()
         # Checked now: a completion that finds a bad callback or fd could
-        # only end the receive, far from the call that was wrong.
-        cdef int fd = _checks.stream_socket_fd("sock", sock)
-        _checks.callback("on_data", on_data)
-        _checks.callback("on_end", on_end)
-        _checks.callback("on_error", on_error)
+        # only end the receive, far from the call that was wrong.  What
+        # passes (a socket the library accepted itself, callables) costs no
+        # Python frame: every accepted connection comes this way.
+        cdef int fd = -1
+        if type(sock) is _AcceptedSocket:
+            fd = sock.fileno()
+        if fd < 0:
+            fd = _checks.stream_socket_fd("sock", sock)
+        if not (on_data is None or callable(on_data)):
+            _checks.callback("on_data", on_data)
+        if not (on_end is None or callable(on_end)):
+            _checks.callback("on_end", on_end)
+        if not (on_error is None or callable(on_error)):
+            _checks.callback("on_error", on_error)
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
         receiver.sock = sock
         receiver.fd = fd
-        receiver.chunks = _collections.deque()
+        receiver.chunks = _deque()
         receiver.on_data = on_data
         receiver.on_end = on_end
         receiver.on_error = on_error
@@ -719,14 +730,18 @@ cdef class Receiver(Request):
         self.copy_updated = None
         self.run_bytes_cap = MAX_RUN_BYTES
 
-    def set_protocol_delivery(self, protocol):
+    def set_protocol_delivery(self, protocol, methods=None):
         """Deliver straight to ``protocol``'s methods, chosen as
         ``iouzcrx.protocols.delivery_for`` chooses (TypeError, and nothing
         changed, if it has none): ``view_received(view)`` gets the views;
         ``get_buffer(n)`` with ``buffer_updated(n)``, or ``data_received(bytes)``,
         get copies made from the area, whose buffers go back at once.
+        ``methods``: what ``iouzcrx.protocols.delivery_methods(protocol)``
+        returned, when the caller has it already (not looked up again).
         Returns the kind chosen, as ``delivery`` does."""
-        kind, method, updated = _delivery_methods(protocol)
+        if methods is None:
+            methods = _delivery_methods(protocol)
+        kind, method, updated = methods
         if kind == "views":
             self.on_data = method
         else:

@@ -23,6 +23,7 @@ from isolation import child_env, run_python
 
 import iouzcrx
 from iouzcrx import _checks
+from iouzcrx.reactor import Reactor
 
 # Every ring mode; the benchmark script's test runs in bufring mode only (the
 # accept path is the same in every mode, and strace under the VM's TCG makes
@@ -179,6 +180,95 @@ def test_an_accepted_connection_is_served_without_asking_the_kernel_what_its_soc
         """
     )
     assert lines == ["lost None", "bytes 100000", "refused True"], lines
+
+
+class Sequence(iouzcrx.ZeroCopyProtocol):
+    """Records what reaches it, in order; ``fail`` makes connection_made
+    raise that exception."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.events: list[str] = []
+        self.bytes = 0
+        self.fail = fail
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.events.append("made")
+        if self.fail is not None:
+            raise self.fail
+
+    def view_received(self, view: memoryview) -> None:
+        if self.events[-1] != "data":
+            self.events.append("data")
+        self.bytes += len(view)
+
+    def eof_received(self) -> None:
+        self.events.append("eof")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+
+def send_and_close(port: int, size: int) -> None:
+    """A blocking client (on a thread): it never runs on the server's loop."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"z" * size)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)  # until the server closes
+
+
+async def serve_from_thread(mode: str, protocol: Sequence) -> int:
+    """Serve one connection from a blocking client; how many drains the
+    connection scheduled on the loop (Reactor.schedule) from its accept to
+    its connection_lost."""
+    loop = asyncio.get_running_loop()
+    server = await iouzcrx.create_zcrx_server(lambda: protocol, "127.0.0.1", 0, mode=mode)
+    reactor = Reactor.for_loop(loop)
+    schedule = reactor.schedule
+    scheduled = 0
+
+    def counting() -> None:
+        nonlocal scheduled
+        scheduled += 1
+        schedule()
+
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reactor.schedule = counting  # type: ignore[method-assign]
+        try:
+            client = loop.run_in_executor(None, send_and_close, port, 100000)
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+            await asyncio.wait_for(client, TIMEOUT)
+        finally:
+            del reactor.schedule
+    return scheduled
+
+
+@each_mode
+async def test_a_connection_the_ring_accepted_is_started_by_the_accept_s_drain(mode):
+    """connection_made runs from the accept's completion and the receive it
+    arms goes out in that same drain: the connection schedules no drain (a
+    loop callback and an enter) of its own to start, and the protocol still
+    sees connection_made first and every byte."""
+    protocol = Sequence()
+    assert await serve_from_thread(mode, protocol) == 0
+    assert protocol.events == ["made", "data", "eof", "lost"]
+    assert protocol.bytes == 100000
+
+
+@each_mode
+async def test_connection_made_raising_is_reported_and_the_connection_served(
+    mode, exception_handler_calls
+):
+    """As from a loop callback: the loop's handler gets the exception, and
+    the connection is served even so."""
+    error = RuntimeError("connection_made failed on purpose")
+    protocol = Sequence(fail=error)
+    await serve_from_thread(mode, protocol)
+    assert protocol.events == ["made", "data", "eof", "lost"]
+    assert protocol.bytes == 100000
+    assert any(c.get("exception") is error for c in exception_handler_calls)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
