@@ -158,3 +158,9 @@ class Receiver(Request):
         another thread it raises ``WrongThread`` and changes nothing. In a
         process forked from the owner it drops only this copy's queued views
         (the receive is the parent's)."""
+
+def socket_addresses(fd: int) -> tuple[int, bytes | None, bytes | None]:
+    """``(family, local, peer)``: the address family of the socket ``fd``
+    (-1 if the kernel will not say) and its local and peer addresses as the
+    kernel gives them (``struct sockaddr`` bytes), each None where it
+    refuses."""

@@ -834,3 +834,33 @@ cdef class Receiver(Request):
                  else "armed" if self.armed else "idle")
         return (f"<Receiver fd={self.fd} {state} bytes={self.bytes_received} "
                 f"chunks={self.chunks_received}>")
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct sockaddr_storage:
+        unsigned short ss_family
+    int getsockname(int fd, sockaddr *addr, socklen_t *length)
+    int getpeername(int fd, sockaddr *addr, socklen_t *length)
+
+
+def socket_addresses(int fd):
+    """``(family, local, peer)``: the address family of the socket ``fd``
+    (-1 if the kernel will not say) and its local and peer addresses as the
+    kernel gives them (``struct sockaddr`` bytes), each None where it
+    refuses (a peer gone already).  A transport keeps them, as asyncio's do, so that
+    they are known after its socket is closed; made into Python addresses
+    only if asked for, which most connections never are."""
+    cdef sockaddr_storage local
+    cdef sockaddr_storage peer
+    cdef socklen_t local_length = sizeof(local)
+    cdef socklen_t peer_length = sizeof(peer)
+    cdef bint has_local = getsockname(fd, <sockaddr *>&local, &local_length) == 0
+    cdef bint has_peer = getpeername(fd, <sockaddr *>&peer, &peer_length) == 0
+    return (local.ss_family if has_local else -1,
+            PyBytes_FromStringAndSize(<char *>&local, min(local_length, sizeof(local)))
+            if has_local else None,
+            PyBytes_FromStringAndSize(<char *>&peer, min(peer_length, sizeof(peer)))
+            if has_peer else None)

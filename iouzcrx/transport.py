@@ -10,10 +10,11 @@ import errno
 import functools
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from iouzcrx._receive import ReceiveQueue, Receiver
+from iouzcrx._receive import ReceiveQueue, Receiver, socket_addresses
 from iouzcrx._ring import Completion
 from iouzcrx.protocols import delivery_for, delivery_methods
 from iouzcrx.reactor import Reactor
@@ -24,6 +25,9 @@ _DEFAULT_HIGH_WATER = 64 * 1024
 _MAX_SEND = 1 << 20  # small writes are joined into sends of at most this
 # While a watched socket's receive is starved, how often to look for its re-arm.
 _STARVED_RECHECK = 0.001
+# Plain ints: the socket module's are enums, slower to compare.
+_AF_INET = int(socket.AF_INET)
+_AF_INET6 = int(socket.AF_INET6)
 
 
 class ZcrxTransport(asyncio.Transport):
@@ -62,6 +66,8 @@ class ZcrxTransport(asyncio.Transport):
     _protocol_paused = False
     _high_water = _DEFAULT_HIGH_WATER
     _low_water = _DEFAULT_HIGH_WATER // 4
+    # The raw local and peer addresses (get_extra_info), of INET sockets.
+    _addresses: tuple[bytes | None, bytes | None] = (None, None)
     # The delivery of held views (pause, backlog), made when first needed.
     _deliver: Callable[[memoryview], None] | None = None
 
@@ -93,15 +99,20 @@ class ZcrxTransport(asyncio.Transport):
         # and resume make: over it, the engine stops this receive alone.
         self._pins = queue.pin_account()
         # The addresses are read now, as asyncio's transports do, so that they
-        # are still known once the socket is closed; the queue's names are
-        # looked up when asked for (get_extra_info).
-        try:
-            peername = sock.getpeername()
-        except OSError:
-            peername = None  # reset by the peer already: its receive says so
-        extra = self._extra
-        extra["sockname"] = sock.getsockname()
-        extra["peername"] = peername
+        # are still known once the socket is closed, but made into Python
+        # objects only when asked for (get_extra_info), as uvloop does: most
+        # connections never are, and making them costs more than the two
+        # system calls. The queue's names are looked up when asked for too.
+        family, sockname, peername = socket_addresses(sock.fileno())
+        if family == _AF_INET or family == _AF_INET6:
+            self._addresses = (sockname, peername)
+        else:  # a socket of another family passed in: as asyncio does
+            extra = self._extra
+            extra["sockname"] = sock.getsockname()
+            try:
+                extra["peername"] = sock.getpeername()
+            except OSError:
+                extra["peername"] = None  # reset by the peer already: its receive says so
         if start:
             # One callback, as uvloop does: connection_made, then reading,
             # then the waiter, in the order asyncio's three would run them.
@@ -109,7 +120,7 @@ class ZcrxTransport(asyncio.Transport):
             # (start_accepted).
             self._loop.call_soon(self._connection_made, waiter)
 
-    def _connection_made(self, waiter: asyncio.Future[None] | None, in_drain: bool = False) -> None:
+    def _connection_made(self, waiter: asyncio.Future[None] | None) -> None:
         try:
             self._protocol.connection_made(self)
         finally:
@@ -117,7 +128,7 @@ class ZcrxTransport(asyncio.Transport):
             # asyncio's separate callbacks would: the connection is served
             # and whoever waits for it is told.
             try:
-                self._start_reading(in_drain)
+                self._start_reading()
             finally:
                 if waiter is not None:
                     _set_result_unless_cancelled(waiter)
@@ -131,12 +142,22 @@ class ZcrxTransport(asyncio.Transport):
         no enter of its own to start. An exception from ``connection_made``
         goes to the loop's exception handler, as it would from a callback,
         and the connection is served even so."""
+        # _connection_made without a waiter, spelled out (one frame less).
         try:
-            self._connection_made(None, True)
+            self._protocol.connection_made(self)
         except (SystemExit, KeyboardInterrupt):
+            self._start_reading(True)
             raise
         except BaseException as exc:
             self._report(exc, "Exception in protocol.connection_made()")
+        try:
+            self._start_reading(True)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            # Raised from here, it would end the accept's completion, not
+            # this connection: the protocol is told instead.
+            self._fatal_error(exc, "Fatal error: zcrx transport could not start receiving")
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "paused" if self._paused else "reading"
@@ -155,6 +176,11 @@ class ZcrxTransport(asyncio.Transport):
         extra = self._extra
         if name in extra:
             return extra[name]
+        if name == "sockname" or name == "peername":
+            local, peer = self._addresses
+            # None, as asyncio's: the peer was gone (reset) when accepted.
+            value = extra[name] = _address(local if name == "sockname" else peer)
+            return value
         if name in ("interface", "queue"):
             # zcrx queues have them, buffer-ring queues neither: looked up
             # once, when asked, rather than failing a getattr per connection.
@@ -244,27 +270,37 @@ class ZcrxTransport(asyncio.Transport):
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     def _receive_ended(self, generation: int, error: BaseException | None) -> None:
+        # Every connection ends here, usually at EOF: _unwatch_socket,
+        # _deliver_eof and _op_on_socket_done are spelled out in it.
         try:
-            self._on_receive_end(generation, error)
+            if generation != self._generation:
+                return  # a receiver retired by pause_reading() or close()
+            if self._watching:
+                self._unwatch_socket()
+            receiver, self._receiver = self._receiver, None
+            if error is not None:
+                self._fatal_error(error, "Fatal read error on zcrx transport")
+            elif self._closing:
+                return
+            elif receiver is not None and receiver.eof:
+                self._eof_seen = True
+                if not self._paused and not self._backlog:
+                    try:
+                        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+                        return
+                    if not keep_open:
+                        self.close()
+            else:
+                # Ended neither by EOF, an error nor this transport: the ring closed.
+                self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
         finally:
-            self._op_on_socket_done()
-
-    def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
-        if generation != self._generation:
-            return  # a receiver retired by pause_reading() or close()
-        self._unwatch_socket()
-        receiver, self._receiver = self._receiver, None
-        if error is not None:
-            self._fatal_error(error, "Fatal read error on zcrx transport")
-        elif self._closing:
-            return
-        elif receiver is not None and receiver.eof:
-            self._eof_seen = True
-            if not self._paused and not self._backlog:
-                self._deliver_eof()
-        else:
-            # Ended neither by EOF, an error nor this transport: the ring closed.
-            self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
+            self._ops_on_socket -= 1
+            if self._socket_release_wanted and (self._ops_on_socket == 0 or self._ring.closed):
+                self._sock.close()
 
     def _deliver_eof(self) -> None:
         try:
@@ -590,6 +626,22 @@ def _discard(view: memoryview) -> None:
 
 # The delivery methods of a transport whose protocol is gone.
 _NO_METHODS = ("views", _discard, None)
+
+
+def _address(raw: bytes | None) -> Any:
+    """An IPv4 or IPv6 ``struct sockaddr`` as the socket module gives it:
+    ``(host, port)`` or ``(host, port, flowinfo, scope_id)``."""
+    if raw is None:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if int.from_bytes(raw[:2], sys.byteorder) == _AF_INET:
+        return socket.inet_ntop(_AF_INET, raw[4:8]), port
+    return (
+        socket.inet_ntop(_AF_INET6, raw[8:24]),
+        port,
+        int.from_bytes(raw[4:8], "big"),
+        int.from_bytes(raw[24:28], sys.byteorder),
+    )
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:

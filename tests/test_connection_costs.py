@@ -271,6 +271,57 @@ async def test_connection_made_raising_is_reported_and_the_connection_served(
     assert any(c.get("exception") is error for c in exception_handler_calls)
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@each_mode
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        pytest.param(
+            "::1",
+            marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback address here"),
+        ),
+    ],
+)
+async def test_the_addresses_are_the_socket_module_s_and_known_after_close(mode, host):
+    """Read when the connection is accepted, as asyncio's transports do, but
+    made into Python objects only when asked for: they equal what the
+    socket module says, before and after the socket is closed."""
+    loop = asyncio.get_running_loop()
+    protocol = Sequence()
+    transports: list[asyncio.BaseTransport] = []
+    protocol.connection_made = transports.append  # type: ignore[method-assign,assignment]
+    server = await iouzcrx.create_zcrx_server(lambda: protocol, host, 0, mode=mode)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        client = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            client.setblocking(False)
+            await loop.sock_connect(client, (host, port))
+            while not transports:
+                await asyncio.sleep(0.01)
+            transport = transports[0]
+            sock = transport.get_extra_info("socket")
+            server_end, client_end = client.getpeername(), client.getsockname()
+            assert sock.getsockname() == server_end
+            assert sock.getpeername() == client_end
+            client.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+            assert sock.fileno() == -1  # closed: only what was kept answers
+            assert transport.get_extra_info("sockname") == server_end
+            assert transport.get_extra_info("peername") == client_end
+        finally:
+            client.close()
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_benchmarks_connections_counts_no_socket_probe_per_accepted_connection(tmp_path):
     """benchmarks/connections.py runs, and its system call counts show what
