@@ -41,27 +41,10 @@ class ZcrxTransport(asyncio.Transport):
     released.
     """
 
-    # What most connections never change, kept on the class: a connection
-    # stores only what it sets (fewer stores per accepted connection).
-    _receiver: Receiver | None = None
-    _watching = False  # the loop watches the socket (Reactor.socket_hints)
-    _generation = 0  # bumps when a receiver is retired (pause, close)
-    _paused = False
-    # Views held while paused, and writes the socket did not take at once:
-    # made when first needed.
-    _backlog: collections.deque[memoryview | bytes] | None = None
-    _write_queue: collections.deque[bytes | memoryview] | None = None
-    _eof_seen = False
-    _closing = False
-    _connection_lost = False
+    # What most connections neither read nor change, kept on the class: a
+    # connection stores only what it sets. (What every connection reads is
+    # stored by __init__: read from the class, it takes the slow look-up.)
     _write_size = 0
-    _sending: Completion | None = None
-    # Ring operations naming the socket (the receive, a send) whose last
-    # completion has not come: the kernel looks the fd number up when it
-    # runs them, so the socket stays open until they are all done, or a
-    # connection reusing the number would get them.
-    _ops_on_socket = 0
-    _socket_release_wanted = False
     _eof_requested = False
     _protocol_paused = False
     _high_water = _DEFAULT_HIGH_WATER
@@ -95,6 +78,24 @@ class ZcrxTransport(asyncio.Transport):
         # Looked up once: the receiver is given them when reading starts.
         self._methods = delivery_methods(protocol)
         self._on_closed = on_closed
+        self._receiver: Receiver | None = None
+        self._watching = False  # the loop watches the socket (Reactor.socket_hints)
+        self._generation = 0  # bumps when a receiver is retired (pause, close)
+        self._paused = False
+        # Views held while paused, and writes the socket did not take at
+        # once: made when first needed.
+        self._backlog: collections.deque[memoryview | bytes] | None = None
+        self._write_queue: collections.deque[bytes | memoryview] | None = None
+        self._eof_seen = False
+        self._closing = False
+        self._connection_lost = False
+        self._sending: Completion | None = None
+        # Ring operations naming the socket (the receive, a send) whose last
+        # completion has not come: the kernel looks the fd number up when it
+        # runs them, so the socket stays open until they are all done, or a
+        # connection reusing the number would get them.
+        self._ops_on_socket = 0
+        self._socket_release_wanted = False
         # The connection's share of the area, across the receives that pause
         # and resume make: over it, the engine stops this receive alone.
         self._pins = queue.pin_account()
