@@ -69,7 +69,8 @@ class ZcrxTransport(asyncio.Transport):
         # What asyncio.BaseTransport.__init__ does, without its frame.
         self._extra = {} if extra is None else extra
         assert reactor.ring is not None, "ring modes need the reactor's ring"
-        self._loop = reactor.loop
+        loop = reactor._loop_ref()  # the ``loop`` property without its frame
+        self._loop = reactor.loop if loop is None else loop  # None: it raises
         self._reactor = reactor
         self._ring = reactor.ring
         self._queue = queue
