@@ -1,8 +1,11 @@
 """What one accepted connection costs, as guarantees: the library does not
 ask the kernel again what the sockets it accepted itself are, while a socket
-a program passes in is always checked; and a connection that ended is freed
-by reference counting, not left to the cyclic GC. Each runs on the stock
-loop and on uvloop (tests/conftest.py)."""
+a program passes in is always checked; a connection the ring accepted is
+started from the accept's own drain, scheduling no drain of its own; its
+addresses are kept as the kernel gives them and still answer after the
+socket closed; and a connection that ended is freed by reference counting,
+not left to the cyclic GC. Each runs on the stock loop and on uvloop
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
