@@ -121,7 +121,9 @@ class Receiver(Request):
     def delivery(self) -> str:
         """How received data leaves: ``"views"`` (to ``on_data``, or queued for
         ``get()``), ``"bytes"`` or ``"buffered"`` (``set_protocol_delivery``)."""
-    def set_protocol_delivery(self, protocol: Any) -> str:
+    def set_protocol_delivery(
+        self, protocol: Any, methods: tuple[str, Any, Any] | None = None
+    ) -> str:
         """Deliver straight to ``protocol``'s own methods, looked up now and
         chosen as ``iouzcrx.protocols.delivery_methods`` chooses:
         ``view_received(view)`` gets the views (as ``on_data`` would);
@@ -156,3 +158,9 @@ class Receiver(Request):
         another thread it raises ``WrongThread`` and changes nothing. In a
         process forked from the owner it drops only this copy's queued views
         (the receive is the parent's)."""
+
+def socket_addresses(fd: int) -> tuple[int, bytes | None, bytes | None]:
+    """``(family, local, peer)``: the address family of the socket ``fd``
+    (-1 if the kernel will not say) and its local and peer addresses as the
+    kernel gives them (``struct sockaddr`` bytes), each None where it
+    refuses."""

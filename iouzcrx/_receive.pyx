@@ -25,6 +25,7 @@ import gc as _gc
 import os as _os
 
 from iouzcrx import _checks
+from iouzcrx._checks import AcceptedSocket as _AcceptedSocket
 from iouzcrx.errors import kernel_error
 from iouzcrx.protocols import delivery_methods as _delivery_methods
 
@@ -55,6 +56,7 @@ cdef enum:
     DELIVER_BUFFERED = 2   # copied into get_buffer(), then buffer_updated
 
 _DELIVERY_NAMES = ("views", "bytes", "buffered")
+cdef object _deque = _collections.deque
 
 
 # The first half of queueing buffer returns, shared by give_back and
@@ -407,16 +409,25 @@ cdef class ReceiveQueue(BufferOwner):
             raise ValueError(f"the {self.mode} receive queue is closed")
         self.ring.check_owner()
         # Checked now: a completion that finds a bad callback or fd could
-        # only end the receive, far from the call that was wrong.
-        cdef int fd = _checks.stream_socket_fd("sock", sock)
-        _checks.callback("on_data", on_data)
-        _checks.callback("on_end", on_end)
-        _checks.callback("on_error", on_error)
+        # only end the receive, far from the call that was wrong.  What
+        # passes (a socket the library accepted itself, callables) costs no
+        # Python frame: every accepted connection comes this way.
+        cdef int fd = -1
+        if type(sock) is _AcceptedSocket:
+            fd = sock.fileno()
+        if fd < 0:
+            fd = _checks.stream_socket_fd("sock", sock)
+        if not (on_data is None or callable(on_data)):
+            _checks.callback("on_data", on_data)
+        if not (on_end is None or callable(on_end)):
+            _checks.callback("on_end", on_end)
+        if not (on_error is None or callable(on_error)):
+            _checks.callback("on_error", on_error)
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
         receiver.sock = sock
         receiver.fd = fd
-        receiver.chunks = _collections.deque()
+        receiver.chunks = _deque()
         receiver.on_data = on_data
         receiver.on_end = on_end
         receiver.on_error = on_error
@@ -721,14 +732,18 @@ cdef class Receiver(Request):
         self.run_bytes_cap = (MAX_RUN_BYTES if self.queue is None
                               else self.queue.max_run_bytes)
 
-    def set_protocol_delivery(self, protocol):
+    def set_protocol_delivery(self, protocol, methods=None):
         """Deliver straight to ``protocol``'s methods, chosen as
         ``iouzcrx.protocols.delivery_for`` chooses (TypeError, and nothing
         changed, if it has none): ``view_received(view)`` gets the views;
         ``get_buffer(n)`` with ``buffer_updated(n)``, or ``data_received(bytes)``,
         get copies made from the area, whose buffers go back at once.
+        ``methods``: what ``iouzcrx.protocols.delivery_methods(protocol)``
+        returned, when the caller has it already (not looked up again).
         Returns the kind chosen, as ``delivery`` does."""
-        kind, method, updated = _delivery_methods(protocol)
+        if methods is None:
+            methods = _delivery_methods(protocol)
+        kind, method, updated = methods
         if kind == "views":
             self.on_data = method
         else:
@@ -823,3 +838,33 @@ cdef class Receiver(Request):
                  else "armed" if self.armed else "idle")
         return (f"<Receiver fd={self.fd} {state} bytes={self.bytes_received} "
                 f"chunks={self.chunks_received}>")
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct sockaddr_storage:
+        unsigned short ss_family
+    int getsockname(int fd, sockaddr *addr, socklen_t *length)
+    int getpeername(int fd, sockaddr *addr, socklen_t *length)
+
+
+def socket_addresses(int fd):
+    """``(family, local, peer)``: the address family of the socket ``fd``
+    (-1 if the kernel will not say) and its local and peer addresses as the
+    kernel gives them (``struct sockaddr`` bytes), each None where it
+    refuses (a peer gone already).  A transport keeps them, as asyncio's do, so that
+    they are known after its socket is closed; made into Python addresses
+    only if asked for, which most connections never are."""
+    cdef sockaddr_storage local
+    cdef sockaddr_storage peer
+    cdef socklen_t local_length = sizeof(local)
+    cdef socklen_t peer_length = sizeof(peer)
+    cdef bint has_local = getsockname(fd, <sockaddr *>&local, &local_length) == 0
+    cdef bint has_peer = getpeername(fd, <sockaddr *>&peer, &peer_length) == 0
+    return (local.ss_family if has_local else -1,
+            PyBytes_FromStringAndSize(<char *>&local, min(local_length, sizeof(local)))
+            if has_local else None,
+            PyBytes_FromStringAndSize(<char *>&peer, min(peer_length, sizeof(peer)))
+            if has_peer else None)

@@ -124,9 +124,12 @@ class Reactor:
         whenever SQEs were queued outside a drain."""
         # ``inherited`` spelled out: this runs for every operation queued.
         if not self._drain_scheduled and not self.closed and self.pid == _pid:
+            loop = self._loop_ref()  # the ``loop`` property, without its frame
+            if loop is None:
+                raise RuntimeError("the event loop of this iouzcrx reactor was collected")
             self._drain_scheduled = True
             self._enters_when_scheduled = None if self.ring is None else self.ring.enters
-            self.loop.call_soon(self._scheduled_drain)
+            loop.call_soon(self._scheduled_drain)
 
     def _drain_again(self) -> None:
         """A drain stopped with work left: the next one runs, whatever ran

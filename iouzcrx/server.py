@@ -290,7 +290,7 @@ class ZcrxServer(asyncio.AbstractServer):
         if res >= 0:
             if self._accept_failures:
                 self._accept_failures.pop(sock, None)
-            self._new_connection(AcceptedSocket(family, kind, proto, res), tcp=tcp)
+            self._new_connection(AcceptedSocket(family, kind, proto, res), tcp=tcp, accepted=True)
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
@@ -316,12 +316,19 @@ class ZcrxServer(asyncio.AbstractServer):
         self._loop.call_later(_ACCEPT_RETRY_DELAY, self._arm_accept, sock)
 
     def _new_connection(
-        self, conn: socket.socket, *, steerable: bool = True, tcp: bool | None = None
+        self,
+        conn: socket.socket,
+        *,
+        steerable: bool = True,
+        tcp: bool | None = None,
+        accepted: bool = False,
     ) -> None:
         """Serve ``conn``, accepted non-blocking by the ring (or handed over
         by another worker: not ``steerable``); it is closed here if it
         cannot be served. ``tcp``: whether it is a TCP socket, when the
-        caller knows."""
+        caller knows. ``accepted``: called from the completion of the ring's
+        accept, which starts the connection at once
+        (``ZcrxTransport.start_accepted``)."""
         try:
             if tcp is None:
                 tcp = conn.family in (socket.AF_INET, socket.AF_INET6)
@@ -337,7 +344,12 @@ class ZcrxServer(asyncio.AbstractServer):
                 )
             else:
                 connection = ZcrxTransport(
-                    self._reactor, selection.backend, conn, protocol, on_closed=self._detach
+                    self._reactor,
+                    selection.backend,
+                    conn,
+                    protocol,
+                    on_closed=self._detach,
+                    start=not accepted,
                 )
         except (SystemExit, KeyboardInterrupt):
             conn.close()
@@ -347,6 +359,8 @@ class ZcrxServer(asyncio.AbstractServer):
             self._report_refused_connection(exc)
             return
         self._connections.add(connection)
+        if accepted and type(connection) is ZcrxTransport:
+            connection.start_accepted()
 
     def _route(self, conn: socket.socket) -> ModeSelection:
         """The selection (zcrx queue) whose RX queue ``conn`` arrives on; the

@@ -10,11 +10,13 @@ import errno
 import functools
 import os
 import socket
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from iouzcrx._receive import ReceiveQueue, Receiver
+from iouzcrx._receive import ReceiveQueue, Receiver, socket_addresses
 from iouzcrx._ring import Completion
-from iouzcrx.protocols import delivery_for
+from iouzcrx.protocols import delivery_for, delivery_methods
 from iouzcrx.reactor import Reactor
 
 __all__ = ["ZcrxTransport"]
@@ -23,6 +25,9 @@ _DEFAULT_HIGH_WATER = 64 * 1024
 _MAX_SEND = 1 << 20  # small writes are joined into sends of at most this
 # While a watched socket's receive is starved, how often to look for its re-arm.
 _STARVED_RECHECK = 0.001
+# Plain ints: the socket module's are enums, slower to compare.
+_AF_INET = int(socket.AF_INET)
+_AF_INET6 = int(socket.AF_INET6)
 
 
 class ZcrxTransport(asyncio.Transport):
@@ -36,6 +41,19 @@ class ZcrxTransport(asyncio.Transport):
     released.
     """
 
+    # What most connections neither read nor change, kept on the class: a
+    # connection stores only what it sets. (What every connection reads is
+    # stored by __init__: read from the class, it takes the slow look-up.)
+    _write_size = 0
+    _eof_requested = False
+    _protocol_paused = False
+    _high_water = _DEFAULT_HIGH_WATER
+    _low_water = _DEFAULT_HIGH_WATER // 4
+    # The raw local and peer addresses (get_extra_info), of INET sockets.
+    _addresses: tuple[bytes | None, bytes | None] = (None, None)
+    # The delivery of held views (pause, backlog), made when first needed.
+    _deliver: Callable[[memoryview], None] | None = None
+
     def __init__(
         self,
         reactor: Reactor,
@@ -45,45 +63,33 @@ class ZcrxTransport(asyncio.Transport):
         extra: dict[str, Any] | None = None,
         waiter: asyncio.Future[None] | None = None,
         on_closed: Any = None,
+        *,
+        start: bool = True,
     ) -> None:
         # What asyncio.BaseTransport.__init__ does, without its frame.
         self._extra = {} if extra is None else extra
         assert reactor.ring is not None, "ring modes need the reactor's ring"
-        self._loop = reactor.loop
+        loop = reactor._loop_ref()  # the ``loop`` property without its frame
+        self._loop = reactor.loop if loop is None else loop  # None: it raises
         self._reactor = reactor
         self._ring = reactor.ring
         self._queue = queue
         self._sock = sock
         self._protocol = protocol
-        self._deliver = delivery_for(protocol)
+        # Looked up once: the receiver is given them when reading starts.
+        self._methods = delivery_methods(protocol)
         self._on_closed = on_closed
-        # The connection's share of the area, across the receives that pause
-        # and resume make: over it, the engine stops this receive alone.
-        self._pins = queue.pin_account()
-        # The addresses are read now, as asyncio's transports do, so that they
-        # are still known once the socket is closed; the queue's names are
-        # looked up when asked for (get_extra_info).
-        try:
-            peername = sock.getpeername()
-        except OSError:
-            peername = None  # reset by the peer already: its receive says so
-        self._extra.update(
-            socket=sock,
-            sockname=sock.getsockname(),
-            peername=peername,
-            zcrx_mode=queue.mode,
-            pin_account=self._pins,
-        )
         self._receiver: Receiver | None = None
         self._watching = False  # the loop watches the socket (Reactor.socket_hints)
         self._generation = 0  # bumps when a receiver is retired (pause, close)
         self._paused = False
-        self._backlog: collections.deque[memoryview | bytes] = collections.deque()
+        # Views held while paused, and writes the socket did not take at
+        # once: made when first needed.
+        self._backlog: collections.deque[memoryview | bytes] | None = None
+        self._write_queue: collections.deque[bytes | memoryview] | None = None
         self._eof_seen = False
         self._closing = False
         self._connection_lost = False
-        self._write_queue: collections.deque[bytes | memoryview] = collections.deque()
-        self._write_size = 0
         self._sending: Completion | None = None
         # Ring operations naming the socket (the receive, a send) whose last
         # completion has not come: the kernel looks the fd number up when it
@@ -91,13 +97,30 @@ class ZcrxTransport(asyncio.Transport):
         # connection reusing the number would get them.
         self._ops_on_socket = 0
         self._socket_release_wanted = False
-        self._eof_requested = False
-        self._protocol_paused = False
-        self._high_water = _DEFAULT_HIGH_WATER
-        self._low_water = _DEFAULT_HIGH_WATER // 4
-        # One callback, as uvloop does: connection_made, then reading, then
-        # the waiter, in the order asyncio's three would run them.
-        self._loop.call_soon(self._connection_made, waiter)
+        # The connection's share of the area, across the receives that pause
+        # and resume make: over it, the engine stops this receive alone.
+        self._pins = queue.pin_account()
+        # The addresses are read now, as asyncio's transports do, so that they
+        # are still known once the socket is closed, but made into Python
+        # objects only when asked for (get_extra_info), as uvloop does: most
+        # connections never are, and making them costs more than the two
+        # system calls. The queue's names are looked up when asked for too.
+        family, sockname, peername = socket_addresses(sock.fileno())
+        if family == _AF_INET or family == _AF_INET6:
+            self._addresses = (sockname, peername)
+        else:  # a socket of another family passed in: as asyncio does
+            extra = self._extra
+            extra["sockname"] = sock.getsockname()
+            try:
+                extra["peername"] = sock.getpeername()
+            except OSError:
+                extra["peername"] = None  # reset by the peer already: its receive says so
+        if start:
+            # One callback, as uvloop does: connection_made, then reading,
+            # then the waiter, in the order asyncio's three would run them.
+            # The server starts the connections its ring accepted itself
+            # (start_accepted).
+            self._loop.call_soon(self._connection_made, waiter)
 
     def _connection_made(self, waiter: asyncio.Future[None] | None) -> None:
         try:
@@ -112,6 +135,32 @@ class ZcrxTransport(asyncio.Transport):
                 if waiter is not None:
                     _set_result_unless_cancelled(waiter)
 
+    def start_accepted(self) -> None:
+        """Start a connection made with ``start=False`` from the completion
+        of the ring's accept that made it: ``connection_made``, then reading.
+
+        A completion runs inside a drain of the ring, which submits the
+        receive in its next pass: the connection costs no loop callback and
+        no enter of its own to start. An exception from ``connection_made``
+        goes to the loop's exception handler, as it would from a callback,
+        and the connection is served even so."""
+        # _connection_made without a waiter, spelled out (one frame less).
+        try:
+            self._protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            self._start_reading(True)
+            raise
+        except BaseException as exc:
+            self._report(exc, "Exception in protocol.connection_made()")
+        try:
+            self._start_reading(True)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            # Raised from here, it would end the accept's completion, not
+            # this connection: the protocol is told instead.
+            self._fatal_error(exc, "Fatal error: zcrx transport could not start receiving")
+
     def __repr__(self) -> str:
         state = "closing" if self._closing else "paused" if self._paused else "reading"
         return f"<ZcrxTransport {self._queue.mode} fd={self._sock.fileno()} {state}>"
@@ -119,9 +168,21 @@ class ZcrxTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """What asyncio's transports answer, and more (see the class
         docstring)."""
+        # The transport's own first: what a caller passed in names the rest.
+        if name == "socket":
+            return self._sock
+        if name == "zcrx_mode":
+            return self._queue.mode
+        if name == "pin_account":
+            return self._pins
         extra = self._extra
         if name in extra:
             return extra[name]
+        if name == "sockname" or name == "peername":
+            local, peer = self._addresses
+            # None, as asyncio's: the peer was gone (reset) when accepted.
+            value = extra[name] = _address(local if name == "sockname" else peer)
+            return value
         if name in ("interface", "queue"):
             # zcrx queues have them, buffer-ring queues neither: looked up
             # once, when asked, rather than failing a getattr per connection.
@@ -131,7 +192,9 @@ class ZcrxTransport(asyncio.Transport):
 
     # -- reading ---------------------------------------------------------------
 
-    def _start_reading(self) -> None:
+    def _start_reading(self, in_drain: bool = False) -> None:
+        """Arm a receive; ``in_drain``: called from a completion, whose
+        drain submits it (else a drain is scheduled)."""
         if self._closing or self._paused or self._eof_seen or self._receiver is not None:
             return
         generation = self._generation
@@ -146,10 +209,11 @@ class ZcrxTransport(asyncio.Transport):
             on_error=self._on_protocol_error,
             account=self._pins,
         )
-        receiver.set_protocol_delivery(self._protocol)
+        receiver.set_protocol_delivery(self._protocol, self._methods)
         self._receiver = receiver
         self._ops_on_socket += 1
-        self._reactor.schedule()
+        if not in_drain:
+            self._reactor.schedule()
         if self._reactor.socket_hints:
             self._watch_socket()
 
@@ -187,13 +251,18 @@ class ZcrxTransport(asyncio.Transport):
 
     def _on_view(self, view: memoryview | bytes) -> None:
         if self._paused or self._backlog:
+            if self._backlog is None:
+                self._backlog = collections.deque()
             self._backlog.append(view)
         else:
             self._deliver_guarded(view if type(view) is memoryview else memoryview(view))
 
     def _deliver_guarded(self, view: memoryview) -> None:
         try:
-            self._deliver(view)
+            deliver = self._deliver
+            if deliver is None:
+                deliver = self._deliver = delivery_for(self._protocol)
+            deliver(view)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -203,27 +272,37 @@ class ZcrxTransport(asyncio.Transport):
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     def _receive_ended(self, generation: int, error: BaseException | None) -> None:
+        # Every connection ends here, usually at EOF: _unwatch_socket,
+        # _deliver_eof and _op_on_socket_done are spelled out in it.
         try:
-            self._on_receive_end(generation, error)
+            if generation != self._generation:
+                return  # a receiver retired by pause_reading() or close()
+            if self._watching:
+                self._unwatch_socket()
+            receiver, self._receiver = self._receiver, None
+            if error is not None:
+                self._fatal_error(error, "Fatal read error on zcrx transport")
+            elif self._closing:
+                return
+            elif receiver is not None and receiver.eof:
+                self._eof_seen = True
+                if not self._paused and not self._backlog:
+                    try:
+                        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+                        return
+                    if not keep_open:
+                        self.close()
+            else:
+                # Ended neither by EOF, an error nor this transport: the ring closed.
+                self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
         finally:
-            self._op_on_socket_done()
-
-    def _on_receive_end(self, generation: int, error: BaseException | None) -> None:
-        if generation != self._generation:
-            return  # a receiver retired by pause_reading() or close()
-        self._unwatch_socket()
-        receiver, self._receiver = self._receiver, None
-        if error is not None:
-            self._fatal_error(error, "Fatal read error on zcrx transport")
-        elif self._closing:
-            return
-        elif receiver is not None and receiver.eof:
-            self._eof_seen = True
-            if not self._paused and not self._backlog:
-                self._deliver_eof()
-        else:
-            # Ended neither by EOF, an error nor this transport: the ring closed.
-            self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
+            self._ops_on_socket -= 1
+            if self._socket_release_wanted and (self._ops_on_socket == 0 or self._ring.closed):
+                self._sock.close()
 
     def _deliver_eof(self) -> None:
         try:
@@ -297,7 +376,8 @@ class ZcrxTransport(asyncio.Transport):
             return
         if not data:
             return
-        if self._sending is None and not self._write_queue:
+        write_queue = self._write_queue
+        if self._sending is None and not write_queue:
             # Nothing queued: try the socket first, as the stock transports do.
             # A response then leaves in this call, without an SQE and a later
             # enter and completion; only what the socket does not take now goes
@@ -317,7 +397,9 @@ class ZcrxTransport(asyncio.Transport):
         # The kernel reads the buffer after write() returns: keep an immutable copy
         # unless it already is one.
         chunk = data if isinstance(data, bytes) else bytes(data)
-        self._write_queue.append(chunk)
+        if write_queue is None:
+            write_queue = self._write_queue = collections.deque()
+        write_queue.append(chunk)
         self._write_size += len(chunk)
         self._start_send()
         self._maybe_pause_protocol()
@@ -328,17 +410,18 @@ class ZcrxTransport(asyncio.Transport):
             self.write(data)
 
     def _start_send(self) -> None:
-        if self._sending is not None or not self._write_queue:
+        write_queue = self._write_queue
+        if self._sending is not None or not write_queue:
             return
-        if len(self._write_queue) > 1:
+        if len(write_queue) > 1:
             parts: list[bytes | memoryview] = []
             size = 0
-            while self._write_queue and size < _MAX_SEND:
-                part = self._write_queue.popleft()
+            while write_queue and size < _MAX_SEND:
+                part = write_queue.popleft()
                 parts.append(part)
                 size += len(part)
-            self._write_queue.appendleft(b"".join(parts))
-        self._sending = self._ring.send(self._sock, self._write_queue[0], callback=self._on_sent)
+            write_queue.appendleft(b"".join(parts))
+        self._sending = self._ring.send(self._sock, write_queue[0], callback=self._on_sent)
         self._ops_on_socket += 1
         self._reactor.schedule()
 
@@ -356,11 +439,13 @@ class ZcrxTransport(asyncio.Transport):
                 OSError(-res, os.strerror(-res)), "Fatal write error on zcrx transport"
             )
             return
-        head = self._write_queue[0]
+        write_queue = self._write_queue
+        assert write_queue is not None  # a send was made from it
+        head = write_queue[0]
         if res < len(head):
-            self._write_queue[0] = memoryview(head)[res:]
+            write_queue[0] = memoryview(head)[res:]
         else:
-            self._write_queue.popleft()
+            write_queue.popleft()
         self._write_size -= res
         self._maybe_resume_protocol()
         if self._write_queue:
@@ -461,8 +546,10 @@ class ZcrxTransport(asyncio.Transport):
             return
         self._closing = True
         self._retire_receiver(discard=True)
-        self._backlog.clear()
-        self._write_queue.clear()
+        if self._backlog:
+            self._backlog.clear()
+        if self._write_queue:
+            self._write_queue.clear()
         self._write_size = 0
         if self._sending is not None:
             # Its completion (cancelled, or late) is ignored by _on_sent; the
@@ -503,6 +590,7 @@ class ZcrxTransport(asyncio.Transport):
             # holds its transport, and without these the pair (and all they
             # hold) would wait for the cyclic GC instead of going now.
             self._protocol = None  # type: ignore[assignment]
+            self._methods = _NO_METHODS  # bound methods of the protocol
             self._deliver = _discard
 
     def _op_on_socket_done(self) -> None:
@@ -516,11 +604,12 @@ class ZcrxTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         """Hand the connection to another protocol."""
-        deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
+        methods = delivery_methods(protocol)  # a protocol it refuses changes nothing
         self._protocol = protocol
-        self._deliver = deliver
+        self._methods = methods
+        self._deliver = None
         if self._receiver is not None:
-            self._receiver.set_protocol_delivery(protocol)
+            self._receiver.set_protocol_delivery(protocol, methods)
 
 
 class _Holder:
@@ -535,6 +624,26 @@ class _Holder:
 
 def _discard(view: memoryview) -> None:
     """The delivery of a transport whose protocol is gone (none comes)."""
+
+
+# The delivery methods of a transport whose protocol is gone.
+_NO_METHODS = ("views", _discard, None)
+
+
+def _address(raw: bytes | None) -> Any:
+    """An IPv4 or IPv6 ``struct sockaddr`` as the socket module gives it:
+    ``(host, port)`` or ``(host, port, flowinfo, scope_id)``."""
+    if raw is None:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if int.from_bytes(raw[:2], sys.byteorder) == _AF_INET:
+        return socket.inet_ntop(_AF_INET, raw[4:8]), port
+    return (
+        socket.inet_ntop(_AF_INET6, raw[8:24]),
+        port,
+        int.from_bytes(raw[4:8], "big"),
+        int.from_bytes(raw[24:28], sys.byteorder),
+    )
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:

@@ -1,8 +1,11 @@
 """What one accepted connection costs, as guarantees: the library does not
 ask the kernel again what the sockets it accepted itself are, while a socket
-a program passes in is always checked; and a connection that ended is freed
-by reference counting, not left to the cyclic GC. Each runs on the stock
-loop and on uvloop (tests/conftest.py)."""
+a program passes in is always checked; a connection the ring accepted is
+started from the accept's own drain, scheduling no drain of its own; its
+addresses are kept as the kernel gives them and still answer after the
+socket closed; and a connection that ended is freed by reference counting,
+not left to the cyclic GC. Each runs on the stock loop and on uvloop
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from isolation import child_env, run_python
 
 import iouzcrx
 from iouzcrx import _checks
+from iouzcrx.reactor import Reactor
 
 # Every ring mode; the benchmark script's test runs in bufring mode only (the
 # accept path is the same in every mode, and strace under the VM's TCG makes
@@ -179,6 +183,146 @@ def test_an_accepted_connection_is_served_without_asking_the_kernel_what_its_soc
         """
     )
     assert lines == ["lost None", "bytes 100000", "refused True"], lines
+
+
+class Sequence(iouzcrx.ZeroCopyProtocol):
+    """Records what reaches it, in order; ``fail`` makes connection_made
+    raise that exception."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.events: list[str] = []
+        self.bytes = 0
+        self.fail = fail
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.events.append("made")
+        if self.fail is not None:
+            raise self.fail
+
+    def view_received(self, view: memoryview) -> None:
+        if self.events[-1] != "data":
+            self.events.append("data")
+        self.bytes += len(view)
+
+    def eof_received(self) -> None:
+        self.events.append("eof")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+
+def send_and_close(port: int, size: int) -> None:
+    """A blocking client (on a thread): it never runs on the server's loop."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"z" * size)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)  # until the server closes
+
+
+async def serve_from_thread(mode: str, protocol: Sequence) -> int:
+    """Serve one connection from a blocking client; how many drains the
+    connection scheduled on the loop (Reactor.schedule) from its accept to
+    its connection_lost."""
+    loop = asyncio.get_running_loop()
+    server = await iouzcrx.create_zcrx_server(lambda: protocol, "127.0.0.1", 0, mode=mode)
+    reactor = Reactor.for_loop(loop)
+    schedule = reactor.schedule
+    scheduled = 0
+
+    def counting() -> None:
+        nonlocal scheduled
+        scheduled += 1
+        schedule()
+
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reactor.schedule = counting  # type: ignore[method-assign]
+        try:
+            client = loop.run_in_executor(None, send_and_close, port, 100000)
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+            await asyncio.wait_for(client, TIMEOUT)
+        finally:
+            del reactor.schedule
+    return scheduled
+
+
+@each_mode
+async def test_a_connection_the_ring_accepted_is_started_by_the_accept_s_drain(mode):
+    """connection_made runs from the accept's completion and the receive it
+    arms goes out in that same drain: the connection schedules no drain (a
+    loop callback and an enter) of its own to start, and the protocol still
+    sees connection_made first and every byte."""
+    protocol = Sequence()
+    assert await serve_from_thread(mode, protocol) == 0
+    assert protocol.events == ["made", "data", "eof", "lost"]
+    assert protocol.bytes == 100000
+
+
+@each_mode
+async def test_connection_made_raising_is_reported_and_the_connection_served(
+    mode, exception_handler_calls
+):
+    """As from a loop callback: the loop's handler gets the exception, and
+    the connection is served even so."""
+    error = RuntimeError("connection_made failed on purpose")
+    protocol = Sequence(fail=error)
+    await serve_from_thread(mode, protocol)
+    assert protocol.events == ["made", "data", "eof", "lost"]
+    assert protocol.bytes == 100000
+    assert any(c.get("exception") is error for c in exception_handler_calls)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@each_mode
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        pytest.param(
+            "::1",
+            marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback address here"),
+        ),
+    ],
+)
+async def test_the_addresses_are_the_socket_module_s_and_known_after_close(mode, host):
+    """Read when the connection is accepted, as asyncio's transports do, but
+    made into Python objects only when asked for: they equal what the
+    socket module says, before and after the socket is closed."""
+    loop = asyncio.get_running_loop()
+    protocol = Sequence()
+    transports: list[asyncio.BaseTransport] = []
+    protocol.connection_made = transports.append  # type: ignore[method-assign,assignment]
+    server = await iouzcrx.create_zcrx_server(lambda: protocol, host, 0, mode=mode)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        client = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            client.setblocking(False)
+            await loop.sock_connect(client, (host, port))
+            while not transports:
+                await asyncio.sleep(0.01)
+            transport = transports[0]
+            sock = transport.get_extra_info("socket")
+            server_end, client_end = client.getpeername(), client.getsockname()
+            assert sock.getsockname() == server_end
+            assert sock.getpeername() == client_end
+            client.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+            assert sock.fileno() == -1  # closed: only what was kept answers
+            assert transport.get_extra_info("sockname") == server_end
+            assert transport.get_extra_info("peername") == client_end
+        finally:
+            client.close()
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
