@@ -1,0 +1,301 @@
+"""Hostile use of a buffer ring's window (bufring mode, on the host kernel):
+views released from other threads while the owner drains, held past the
+window, across queue and ring close, in a forked child; odd and extreme
+window sizes; the classic ring.  Every test checks the bytes of every held
+view again when it is released (a buffer handed to the kernel while a view
+still holds it would be overwritten by later data) and the queue's
+accounting afterwards: nothing lost, nothing returned twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from collections import deque
+
+import pytest
+from conftest import Pattern, Sender, Verifier, connect_pair
+from test_bufring_incremental import incremental_queue
+
+import iouzcrx
+from iouzcrx.errors import InvalidConfiguration
+
+KIB = 1024
+MIB = 1024 * KIB
+TIMEOUT = 30.0
+
+
+class Held:
+    """A view with where its bytes are in the stream, checked again on release."""
+
+    def __init__(self, view: memoryview, pos: int, pattern: Pattern) -> None:
+        self.view, self.pos, self.pattern = view, pos, pattern
+
+    def check_and_release(self) -> None:
+        data = self.view.tobytes()
+        expected = self.pattern.expected(self.pos, len(data))
+        assert data == expected, f"a held view at byte {self.pos} was overwritten"
+        self.view.release()
+
+
+def make_queue(ring: iouzcrx.Ring, incremental: bool, **kw: int) -> iouzcrx.BufRingQueue:
+    if incremental:
+        return incremental_queue(ring, **kw)
+    return iouzcrx.BufRingQueue(ring, incremental=False, **kw)
+
+
+def check_accounting(queue: iouzcrx.BufRingQueue) -> None:
+    """With every view released and the returns published: every buffer is
+    either in the ring (at most the window) or a spare."""
+    stats = queue.stats()
+    assert stats["buffers_in_use"] == 0, stats
+    assert stats["buffers_pending_return"] == 0, stats
+    in_ring = stats["total_buffers"] - stats["spare_buffers"]
+    assert 0 < in_ring <= stats["window"], stats
+
+
+def fill_the_area(queue: iouzcrx.BufRingQueue, listener, seed: int) -> None:
+    """Every buffer must be back: a stream held whole until it pins all
+    but two buffers of the area must not stall (a lost buffer would make
+    the kernel run dry first; get() then times out)."""
+    client, server = connect_pair(listener)
+    area = queue.total_buffers * queue.buffer_size
+    target = area - 2 * queue.buffer_size
+    sender = Sender(client, seed, area)
+    receiver = queue.recv_multishot(server)
+    sender.start()
+    verifier = Verifier(seed)
+    pattern = Pattern(seed)
+    held = []
+    while verifier.pos < target:
+        view = receiver.get(TIMEOUT)
+        assert view is not None, "the stream ended early"
+        held.append(Held(view, verifier.pos, pattern))
+        verifier.feed(view)
+    for h in held:
+        h.check_and_release()
+    del held, h, view
+    while receiver.get(TIMEOUT) is not None:
+        pass
+    sender.join(TIMEOUT)
+    assert sender.error is None and receiver.eof
+    server.close()
+    queue.ring.drain()
+    check_accounting(queue)
+
+
+CONFIGS = {
+    # incremental, area, buffer, window
+    "two-buffer-window": (True, 1 * MIB, 16 * KIB, 32 * KIB),
+    "odd-window": (True, 1 * MIB, 16 * KIB, 3 * 16 * KIB + 1),
+    "window-over-the-area": (True, 1 * MIB, 16 * KIB, 1 << 40),
+    "one-byte-window": (True, 512 * KIB, 16 * KIB, 1),
+    "classic": (False, 1 * MIB, 16 * KIB, 32 * KIB),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=list(CONFIGS))
+def test_views_held_and_released_from_other_threads_in_any_order(ring, listener, config):
+    """8 MiB through a 1 MiB area: each view is released at once, kept for a
+    while (released later in random order, by the owner or by one of two
+    other threads) or handed to another thread at once; held views always
+    pin more than the window.  Every held view keeps its bytes, and at the
+    end every buffer is back where it belongs."""
+    incremental, area, buffer_size, window = config
+    queue = make_queue(
+        ring, incremental, area_size=area, buffer_size=buffer_size, window_size=window
+    )
+    rng = random.Random(1234)
+    client, server = connect_pair(listener)
+    total = 8 * MIB
+    seed = 11
+    pattern = Pattern(seed)
+    sender = Sender(client, seed, total)
+    receiver = queue.recv_multishot(server)
+    verifier = Verifier(seed)
+    handed: deque[Held | None] = deque()
+    cond = threading.Condition()
+    errors: list[BaseException] = []
+
+    def releaser() -> None:
+        while True:
+            with cond:
+                while not handed:
+                    cond.wait()
+                held = handed.popleft()
+            if held is None:
+                return
+            try:
+                held.check_and_release()
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+
+    threads = [threading.Thread(target=releaser, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    kept: list[Held] = []
+    sender.start()
+    try:
+        while True:
+            view = receiver.get(TIMEOUT)
+            if view is None:
+                break
+            held = Held(view, verifier.pos, pattern)
+            verifier.feed(view)
+            del view
+            choice = rng.random()
+            if choice < 0.3:
+                held.check_and_release()
+            elif choice < 0.6:
+                with cond:
+                    handed.append(held)
+                    cond.notify()
+            else:
+                kept.append(held)
+            # Keep well clear of the whole area (a receive starved by the
+            # program's own views would wait for ever), but past the window.
+            if queue.buffers_in_use > queue.total_buffers // 2:
+                rng.shuffle(kept)
+                while kept and queue.buffers_in_use > queue.total_buffers // 4:
+                    h = kept.pop()
+                    if rng.random() < 0.5:
+                        h.check_and_release()
+                    else:
+                        with cond:
+                            handed.append(h)
+                            cond.notify()
+            del held
+    finally:
+        with cond:
+            handed.extend([None] * len(threads))
+            cond.notify_all()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert not errors, errors
+    assert verifier.pos == total
+    sender.join(TIMEOUT)
+    assert sender.error is None and receiver.eof and receiver.error is None
+    for h in kept:
+        h.check_and_release()
+    kept.clear()
+    server.close()
+    ring.drain()
+    check_accounting(queue)
+    fill_the_area(queue, listener, seed + 1)
+    queue.close()
+    queue.close()  # twice is harmless
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "classic"])
+@pytest.mark.parametrize("what", ["queue", "ring"])
+def test_views_held_across_close_keep_their_bytes(listener, incremental, what):
+    """Views held when the queue or the ring closes stay readable and intact,
+    and release afterwards (from this and another thread) without touching
+    the gone ring; the counts end at zero."""
+    ring = iouzcrx.Ring()
+    try:
+        queue = make_queue(
+            ring, incremental, area_size=1 * MIB, buffer_size=16 * KIB, window_size=32 * KIB
+        )
+        client, server = connect_pair(listener)
+        seed = 21
+        total = 512 * KIB
+        sender = Sender(client, seed, total)
+        receiver = queue.recv_multishot(server)
+        sender.start()
+        verifier, pattern = Verifier(seed), Pattern(seed)
+        held = []
+        while verifier.pos < total:
+            view = receiver.get(TIMEOUT)
+            assert view is not None
+            held.append(Held(view, verifier.pos, pattern))
+            verifier.feed(view)
+        del view
+        sender.join(TIMEOUT)
+        assert queue.buffers_in_use > (queue.window if incremental else 16)
+        if what == "queue":
+            queue.close()
+        else:
+            ring.close()
+        half = len(held) // 2
+        thread = threading.Thread(target=lambda: [h.check_and_release() for h in held[:half]])
+        thread.start()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        for h in held[half:]:
+            h.check_and_release()
+        held.clear()
+        assert queue.buffers_in_use == 0
+        queue.close()
+        server.close()
+    finally:
+        ring.close()
+        ring.close()
+
+
+def test_views_released_in_a_forked_child_leave_the_parents_ring_alone(ring, listener):
+    """A child forked while the parent holds views past the window releases
+    them, closes the queue and the ring, and exits; the parent's views keep
+    their bytes, and its ring goes on with every buffer."""
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=32 * KIB)
+    client, server = connect_pair(listener)
+    seed = 31
+    total = 512 * KIB
+    sender = Sender(client, seed, total)
+    receiver = queue.recv_multishot(server)
+    sender.start()
+    verifier, pattern = Verifier(seed), Pattern(seed)
+    held = []
+    while verifier.pos < total:
+        view = receiver.get(TIMEOUT)
+        assert view is not None
+        held.append(Held(view, verifier.pos, pattern))
+        verifier.feed(view)
+    del view
+    sender.join(TIMEOUT)
+    pid = os.fork()
+    if pid == 0:  # the child: exit at once whatever happens
+        code = 1
+        try:
+            signal.alarm(int(TIMEOUT))
+            for h in held:
+                h.check_and_release()
+            held.clear()
+            queue.close()
+            ring.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert queue.buffers_in_use > 0
+    for h in held:
+        h.check_and_release()
+    held.clear()
+    assert receiver.get(TIMEOUT) is None and receiver.eof
+    server.close()
+    ring.drain()
+    check_accounting(queue)
+    fill_the_area(queue, listener, seed + 1)
+    queue.close()
+
+
+@pytest.mark.parametrize("window_size", [True, 2**64, 2**200, -(2**70)])
+def test_absurd_window_sizes_are_refused_by_name(ring, window_size):
+    with pytest.raises((InvalidConfiguration, TypeError), match="window_size"):
+        iouzcrx.BufRingQueue(ring, area_size=1 * MIB, window_size=window_size)
+
+
+@pytest.mark.parametrize("value", ["0", "-4096", "  ", "0x100000", "9" * 40])
+def test_a_bad_window_in_the_environment_is_refused_with_its_value(ring, monkeypatch, value):
+    monkeypatch.setenv("IOUZCRX_BUFRING_WINDOW", value)
+    if not value.strip():
+        queue = iouzcrx.BufRingQueue(ring, area_size=1 * MIB)  # blank: the default
+        queue.close()
+        return
+    with pytest.raises(InvalidConfiguration) as caught:
+        iouzcrx.BufRingQueue(ring, area_size=1 * MIB)
+    message = str(caught.value)
+    assert "IOUZCRX_BUFRING_WINDOW" in message and value.strip() in message
+    assert "unset it" in message
