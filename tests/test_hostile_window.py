@@ -8,6 +8,7 @@ accounting afterwards: nothing lost, nothing returned twice."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ from collections import deque
 
 import pytest
 from conftest import Pattern, Sender, Verifier, connect_pair
-from test_bufring_incremental import incremental_queue
+from test_bufring_incremental import MessageSender, incremental_queue, message_sizes
 
 import iouzcrx
 from iouzcrx.errors import InvalidConfiguration
@@ -86,32 +87,37 @@ def fill_the_area(queue: iouzcrx.BufRingQueue, listener, seed: int) -> None:
 
 
 CONFIGS = {
-    # incremental, area, buffer, window
-    "two-buffer-window": (True, 1 * MIB, 16 * KIB, 32 * KIB),
-    "odd-window": (True, 1 * MIB, 16 * KIB, 3 * 16 * KIB + 1),
-    "window-over-the-area": (True, 1 * MIB, 16 * KIB, 1 << 40),
-    "one-byte-window": (True, 512 * KIB, 16 * KIB, 1),
-    "classic": (False, 1 * MIB, 16 * KIB, 32 * KIB),
+    # incremental, area, buffer, window, bytes sent (in small messages if negative)
+    "two-buffer-window": (True, 1 * MIB, 16 * KIB, 32 * KIB, 8 * MIB),
+    "odd-window": (True, 1 * MIB, 16 * KIB, 3 * 16 * KIB + 1, 8 * MIB),
+    "window-over-the-area": (True, 1 * MIB, 16 * KIB, 1 << 40, 8 * MIB),
+    "one-byte-window": (True, 512 * KIB, 16 * KIB, 1, 8 * MIB),
+    "classic": (False, 1 * MIB, 16 * KIB, 32 * KIB, 8 * MIB),
+    "small-messages": (True, 512 * KIB, 16 * KIB, 32 * KIB, -2 * MIB),
 }
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=list(CONFIGS))
 def test_views_held_and_released_from_other_threads_in_any_order(ring, listener, config):
-    """8 MiB through a 1 MiB area: each view is released at once, kept for a
+    """Several times the area through it: each view is released at once, kept for a
     while (released later in random order, by the owner or by one of two
     other threads) or handed to another thread at once; held views always
     pin more than the window.  Every held view keeps its bytes, and at the
     end every buffer is back where it belongs."""
-    incremental, area, buffer_size, window = config
+    incremental, area, buffer_size, window, total = config
     queue = make_queue(
         ring, incremental, area_size=area, buffer_size=buffer_size, window_size=window
     )
     rng = random.Random(1234)
     client, server = connect_pair(listener)
-    total = 8 * MIB
     seed = 11
     pattern = Pattern(seed)
-    sender = Sender(client, seed, total)
+    sender: Sender | MessageSender
+    if total < 0:
+        total = -total
+        sender = MessageSender(client, seed, total, message_sizes(seed))
+    else:
+        sender = Sender(client, seed, total)
     receiver = queue.recv_multishot(server)
     verifier = Verifier(seed)
     handed: deque[Held | None] = deque()
@@ -299,3 +305,181 @@ def test_a_bad_window_in_the_environment_is_refused_with_its_value(ring, monkeyp
     message = str(caught.value)
     assert "IOUZCRX_BUFRING_WINDOW" in message and value.strip() in message
     assert "unset it" in message
+
+
+def test_connections_sharing_a_two_buffer_window_all_finish(ring, listener):
+    """Four peers stream at once into one queue whose kernel window is two
+    buffers, so the ring runs dry over and over while buffers are on their
+    way back; one connection's views are held (many more than the window),
+    another's released on a second thread.  Every stream finishes intact
+    and every buffer comes back."""
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=1)
+    assert queue.window == 2
+    total = 4 * MIB
+    seeds = [41, 42, 43, 44]
+    senders, receivers, verifiers = [], [], []
+    servers = []
+    for seed in seeds:
+        client, server = connect_pair(listener)
+        servers.append(server)
+        senders.append(Sender(client, seed, total))
+        verifiers.append(Verifier(seed))
+        receivers.append(queue.recv_multishot(server))
+    handed: deque[Held | None] = deque()
+    cond = threading.Condition()
+    errors: list[BaseException] = []
+
+    def releaser() -> None:
+        while True:
+            with cond:
+                while not handed:
+                    cond.wait()
+                held = handed.popleft()
+            if held is None:
+                return
+            try:
+                held.check_and_release()
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+
+    thread = threading.Thread(target=releaser, daemon=True)
+    thread.start()
+    kept: list[Held] = []
+    for sender in senders:
+        sender.start()
+    open_ = set(range(len(seeds)))
+    try:
+        while open_:
+            progressed = False
+            for i in list(open_):
+                receiver = receivers[i]
+                if not receiver.queued and not receiver.finished:
+                    continue
+                view = receiver.get(TIMEOUT)
+                progressed = True
+                if view is None:
+                    open_.discard(i)
+                    continue
+                held = Held(view, verifiers[i].pos, verifiers[i].pattern)
+                verifiers[i].feed(view)
+                del view
+                if i == 0:
+                    kept.append(held)
+                    if queue.buffers_in_use > queue.total_buffers // 2:
+                        for h in kept:
+                            h.check_and_release()
+                        kept.clear()
+                elif i == 1:
+                    with cond:
+                        handed.append(held)
+                        cond.notify()
+                else:
+                    held.check_and_release()
+                del held
+            if not progressed:
+                ring.wait_for(lambda: any(r.queued or r.finished for r in receivers), TIMEOUT)
+    finally:
+        with cond:
+            handed.append(None)
+            cond.notify()
+        thread.join(TIMEOUT)
+    assert not errors, errors
+    for h in kept:
+        h.check_and_release()
+    kept.clear()
+    for sender, receiver, verifier in zip(senders, receivers, verifiers, strict=True):
+        sender.join(TIMEOUT)
+        assert sender.error is None and receiver.eof and verifier.pos == total
+    assert queue.stats()["starvations"] > 0
+    for server in servers:
+        server.close()
+    ring.drain()
+    check_accounting(queue)
+    fill_the_area(queue, listener, 45)
+    queue.close()
+
+
+# -- the stream reader's loop -------------------------------------------------------
+
+
+class BareTransport(asyncio.Transport):
+    """A transport of someone else's, with no ``_loop``, or the one given."""
+
+    def __init__(self, loop: object = "none") -> None:
+        super().__init__()
+        if loop != "none":
+            self._loop = loop
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+@pytest.mark.parametrize("loop_attr", ["none", None], ids=["no-_loop", "_loop-None"])
+def test_a_reader_whose_transport_names_no_loop_waits_on_the_running_one(loop_attr):
+    async def main() -> bytes:
+        reader = iouzcrx.ZcrxStreamReader()
+        reader.set_transport(BareTransport(loop_attr))
+        loop = asyncio.get_running_loop()
+        loop.call_soon(reader.feed_view, b"abc")
+        first = await asyncio.wait_for(reader.readexactly(3), TIMEOUT)
+        loop.call_soon(reader.feed_view, b"def\n")
+        loop.call_soon(reader.feed_eof)
+        return bytes(first) + bytes(await asyncio.wait_for(reader.read(), TIMEOUT))
+
+    assert asyncio.run(main()) == b"abcdef\n"
+
+
+def test_a_reader_used_after_its_connections_loop_closed_fails_at_once():
+    """The connection's loop is gone: a read that must wait raises (the data
+    would never come) rather than wait for ever, the reader stays usable for
+    what is buffered, and a later read raises the same way instead of
+    claiming another coroutine is waiting."""
+    old = asyncio.new_event_loop()
+    old.close()
+    reader = iouzcrx.ZcrxStreamReader()
+    reader.set_transport(BareTransport(old))
+
+    async def main() -> bytes:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="loop"):
+                await asyncio.wait_for(reader.readexactly(1), TIMEOUT)
+        reader.feed_view(b"xyz")
+        return bytes(await asyncio.wait_for(reader.readexactly(3), TIMEOUT))
+
+    assert asyncio.run(main()) == b"xyz"
+
+
+def test_a_reader_awaited_from_another_threads_loop_fails_at_once():
+    """The connection's loop runs in this thread; a coroutine on another
+    thread's loop reads: it raises rather than waiting on a future that data
+    arriving here would complete from the wrong thread."""
+    loop = asyncio.new_event_loop()
+    try:
+        reader = iouzcrx.ZcrxStreamReader()
+        reader.set_transport(BareTransport(loop))
+        outcome: list[BaseException | bytes] = []
+
+        def other() -> None:
+            async def read() -> bytes:
+                return await asyncio.wait_for(reader.readexactly(1), TIMEOUT)
+
+            try:
+                outcome.append(asyncio.run(read()))
+            except BaseException as exc:  # examined below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+        assert "loop" in str(outcome[0])
+    finally:
+        loop.close()
