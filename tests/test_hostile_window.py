@@ -483,3 +483,74 @@ def test_a_reader_awaited_from_another_threads_loop_fails_at_once():
         assert "loop" in str(outcome[0])
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "classic"])
+def test_a_queue_closed_from_its_own_callback_while_threads_release(ring, listener, incremental):
+    """on_data keeps views past the window and hands them to a thread that
+    releases them, then closes the queue from inside a callback mid-stream:
+    the receive ends without error, the views still out keep their bytes
+    and release later from the thread, and the counts end at zero."""
+    # A classic ring delivers runs of up to 1 MiB: 4 MiB leaves room for a
+    # few held past the window.
+    queue = make_queue(
+        ring, incremental, area_size=4 * MIB, buffer_size=16 * KIB, window_size=32 * KIB
+    )
+    client, server = connect_pair(listener)
+    seed = 51
+    total = 64 * MIB  # far more than is read before the close
+    pattern, verifier = Pattern(seed), Verifier(seed)
+    sender = Sender(client, seed, total)
+    handed: deque[Held | None] = deque()
+    cond = threading.Condition()
+    errors: list[BaseException] = []
+    ended: list[BaseException | None] = []
+
+    def releaser() -> None:
+        while True:
+            with cond:
+                while not handed:
+                    cond.wait()
+                held = handed.popleft()
+            if held is None:
+                return
+            try:
+                held.check_and_release()
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+
+    kept: list[Held] = []
+
+    def on_data(view: memoryview) -> None:
+        held = Held(view, verifier.pos, pattern)
+        verifier.feed(view)
+        if queue.buffers_in_use < queue.total_buffers // 4:
+            kept.append(held)
+        else:
+            with cond:
+                handed.append(held)
+                cond.notify()
+        if verifier.pos >= 8 * MIB and not queue.closed:
+            queue.close()
+
+    thread = threading.Thread(target=releaser, daemon=True)
+    thread.start()
+    receiver = queue.recv_multishot(server, on_data=on_data, on_end=ended.append)
+    sender.start()
+    try:
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    finally:
+        with cond:
+            handed.append(None)
+            cond.notify()
+        thread.join(TIMEOUT)
+    assert not errors, errors
+    assert ended == [None] and receiver.error is None
+    for h in kept:
+        h.check_and_release()
+    kept.clear()
+    assert queue.buffers_in_use == 0
+    queue.close()
+    server.close()  # the sender then fails, as the peer of a closed connection does
+    sender.join(TIMEOUT)
+    ring.close()
