@@ -66,13 +66,20 @@ def _window_size(window_size):
     value = os.environ.get(WINDOW_ENV, "").strip()
     if not value:
         return DEFAULT_WINDOW_SIZE
+    fix = ("set it to the bytes of buffers an incremental ring is given at a time "
+           "(e.g. 2097152), or unset it")
     try:
-        return _checks.size(WINDOW_ENV, int(value), 1)
+        number = int(value)
     except ValueError:
         raise InvalidConfiguration(
-            f"{WINDOW_ENV}={value!r} is not a number of bytes: set it to the bytes of "
-            "buffers an incremental ring is given at a time (e.g. 2097152), or unset it"
-        ) from None
+            f"{WINDOW_ENV}={value!r} is not a number of bytes: {fix}") from None
+    if number < 1 or number > _checks.SIZE_MAX:
+        # A number, but none a window can be: saying "not a number" would
+        # send the user looking for a typo.
+        raise InvalidConfiguration(
+            f"{WINDOW_ENV}={value!r} must be a positive number of bytes, at most "
+            f"{_checks.SIZE_MAX}: {fix}")
+    return number
 
 
 def _wants_incremental(incremental):

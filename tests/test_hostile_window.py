@@ -305,6 +305,13 @@ def test_a_bad_window_in_the_environment_is_refused_with_its_value(ring, monkeyp
     message = str(caught.value)
     assert "IOUZCRX_BUFRING_WINDOW" in message and value.strip() in message
     assert "unset it" in message
+    try:
+        int(value)
+    except ValueError:
+        assert "not a number" in message
+    else:
+        # A number out of range is not "not a number": say what range.
+        assert "not a number" not in message and "positive" in message, message
 
 
 def test_connections_sharing_a_two_buffer_window_all_finish(ring, listener):
