@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import signal
+import sys
 import threading
 from collections import deque
 
@@ -25,6 +26,16 @@ from iouzcrx.errors import InvalidConfiguration
 KIB = 1024
 MIB = 1024 * KIB
 TIMEOUT = 30.0
+
+
+@pytest.fixture
+def eager_switches():
+    """Threads switch every few bytecodes instead of every 5 ms, so that
+    releases on other threads land between the owner's steps."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
 
 
 class Held:
@@ -98,7 +109,9 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=list(CONFIGS))
-def test_views_held_and_released_from_other_threads_in_any_order(ring, listener, config):
+def test_views_held_and_released_from_other_threads_in_any_order(
+    ring, listener, config, eager_switches
+):
     """Several times the area through it: each view is released at once, kept for a
     while (released later in random order, by the owner or by one of two
     other threads) or handed to another thread at once; held views always
@@ -240,7 +253,8 @@ def test_views_held_across_close_keep_their_bytes(listener, incremental, what):
         ring.close()
 
 
-def test_views_released_in_a_forked_child_leave_the_parents_ring_alone(ring, listener):
+@pytest.mark.parametrize("close_first", [False, True], ids=["release-first", "close-first"])
+def test_views_released_in_a_forked_child_leave_the_parents_ring_alone(ring, listener, close_first):
     """A child forked while the parent holds views past the window releases
     them, closes the queue and the ring, and exits; the parent's views keep
     their bytes, and its ring goes on with every buffer."""
@@ -265,6 +279,9 @@ def test_views_released_in_a_forked_child_leave_the_parents_ring_alone(ring, lis
         code = 1
         try:
             signal.alarm(int(TIMEOUT))
+            if close_first:
+                queue.close()
+                ring.close()
             for h in held:
                 h.check_and_release()
             held.clear()
@@ -314,7 +331,7 @@ def test_a_bad_window_in_the_environment_is_refused_with_its_value(ring, monkeyp
         assert "not a number" not in message and "positive" in message, message
 
 
-def test_connections_sharing_a_two_buffer_window_all_finish(ring, listener):
+def test_connections_sharing_a_two_buffer_window_all_finish(ring, listener, eager_switches):
     """Four peers stream at once into one queue whose kernel window is two
     buffers, so the ring runs dry over and over while buffers are on their
     way back; one connection's views are held (many more than the window),
@@ -493,7 +510,9 @@ def test_a_reader_awaited_from_another_threads_loop_fails_at_once():
 
 
 @pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "classic"])
-def test_a_queue_closed_from_its_own_callback_while_threads_release(ring, listener, incremental):
+def test_a_queue_closed_from_its_own_callback_while_threads_release(
+    ring, listener, incremental, eager_switches
+):
     """on_data keeps views past the window and hands them to a thread that
     releases them, then closes the queue from inside a callback mid-stream:
     the receive ends without error, the views still out keep their bytes
