@@ -247,6 +247,11 @@ cdef class ReceiveQueue(BufferOwner):
                     self.starved.append(receiver)
                 else:
                     receiver.starved = False
+                    if receiver.account is not None:
+                        # Receiving again: a reader must not keep giving up
+                        # its views for a stall that is over (a window that
+                        # ran dry ends a receive this way many times a second).
+                        receiver.account.stalled = False
                     receiver.rearms += 1
                     self.rearms += 1
                     self.arm_receiver(receiver)

@@ -580,3 +580,32 @@ def test_a_queue_closed_from_its_own_callback_while_threads_release(
     server.close()  # the sender then fails, as the peer of a closed connection does
     sender.join(TIMEOUT)
     ring.close()
+
+
+def test_a_window_that_runs_dry_leaves_no_stall_behind(ring, listener):
+    """A two-buffer window runs dry over and over while each view is
+    released at once: each time the receive is started again its
+    connection's PinAccount must stop saying "stalled", or a stream reader
+    waiting on that connection would copy out every view it buffers on
+    every later wait, as if the area were exhausted."""
+    queue = incremental_queue(ring, area_size=1 * MIB, buffer_size=16 * KIB, window_size=1)
+    account = queue.pin_account()
+    stalls: list[bool] = []
+    account.on_stall = lambda: stalls.append(True)
+    client, server = connect_pair(listener)
+    seed = 61
+    total = 16 * MIB
+    sender = Sender(client, seed, total)
+    verifier = Verifier(seed)
+    receiver = queue.recv_multishot(server, on_data=verifier.feed, account=account)
+    sender.start()
+    ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    sender.join(TIMEOUT)
+    assert sender.error is None and receiver.eof and verifier.pos == total
+    assert queue.stats()["starvations"] > 0 and stalls  # the window did run dry
+    assert account.pinned == 0
+    assert not account.stalled, account
+    server.close()
+    ring.drain()
+    check_accounting(queue)
+    queue.close()
