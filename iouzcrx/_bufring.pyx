@@ -284,12 +284,14 @@ cdef class BufRingQueue(ReceiveQueue):
         self.spare_rows = 1
         self.spare_count = <uint32_t>count
         self.keeps_spares = self.window < count
-        if self.keeps_spares:
-            # A run holds its buffers until delivered: kept to half the
-            # window, runs alone never send the kernel to the spares.
-            self.max_run_bytes = max(<Py_ssize_t>buffer_size,
-                                     min(self.max_run_bytes,
-                                         <Py_ssize_t>self.window * buffer_size // 2))
+        # A run holds its buffers until delivered: kept to half the window,
+        # runs alone never send the kernel to the spares; and where the
+        # window is the whole area (a small one), a view kept while the next
+        # is awaited never holds every buffer, which would starve the
+        # receive of the data awaited.
+        self.max_run_bytes = max(<Py_ssize_t>buffer_size,
+                                 min(self.max_run_bytes,
+                                     <Py_ssize_t>self.window * buffer_size // 2))
         self.publish_returns()
         ring.add_client(self)
 

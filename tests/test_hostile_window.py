@@ -609,3 +609,41 @@ def test_a_window_that_runs_dry_leaves_no_stall_behind(ring, listener):
     ring.drain()
     check_accounting(queue)
     queue.close()
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "classic"])
+def test_holding_the_last_view_while_waiting_for_the_next_never_stalls(ring, listener, incremental):
+    """The commonest way to read a stream that a parser needs two views of:
+    keep the previous view while getting the next.  Through a small area
+    (no larger than one delivery may be) one view must never hold every
+    buffer, or the next never comes."""
+    queue = make_queue(
+        ring, incremental, area_size=512 * KIB, buffer_size=16 * KIB, window_size=1 << 40
+    )
+    client, server = connect_pair(listener)
+    seed = 71
+    total = 8 * MIB
+    sender = Sender(client, seed, total)
+    receiver = queue.recv_multishot(server)
+    sender.start()
+    pattern, verifier = Pattern(seed), Verifier(seed)
+    previous: Held | None = None
+    while True:
+        view = receiver.get(TIMEOUT)  # TimeoutError: the held view starved the receive
+        if view is None:
+            break
+        held = Held(view, verifier.pos, pattern)
+        verifier.feed(view)
+        del view
+        if previous is not None:
+            previous.check_and_release()
+        previous = held
+        del held
+    assert previous is not None
+    previous.check_and_release()
+    sender.join(TIMEOUT)
+    assert sender.error is None and receiver.eof and verifier.pos == total
+    server.close()
+    ring.drain()
+    check_accounting(queue)
+    queue.close()
