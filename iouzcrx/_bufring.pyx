@@ -330,6 +330,12 @@ cdef class BufRingQueue(ReceiveQueue):
         # ring since the last pass.
         cdef uint64_t in_ring = self.total_buffers - self.buffers_in_use - self.spare_count
         self.pending_count = 0
+        if self.bufs == NULL:
+            # Given back to the kernel, and unmapped, by a close() during this
+            # very pass (a finalizer the collector ran, say): there is no
+            # ring to fill, and the drain still calls the hooks of the clients
+            # it started with.
+            return 0
         if in_ring * 4 < self.window and self.spare_count:
             give_spares(self, <uint32_t>min(self.window - in_ring, <uint64_t>self.spare_count))
         # The kernel never writes the tail: ours tells what it was last given.

@@ -9,6 +9,7 @@ accounting afterwards: nothing lost, nothing returned twice."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -647,3 +648,59 @@ def test_holding_the_last_view_while_waiting_for_the_next_never_stalls(ring, lis
     ring.drain()
     check_accounting(queue)
     queue.close()
+
+
+def test_a_queue_closed_by_a_finalizer_the_starved_ring_collects(listener):
+    """Every buffer is held by views that are garbage only in reference
+    cycles, so the starved receive runs the collector; a finalizer it runs
+    closes the queue (which gives the buffer ring back to the kernel at
+    once, its receive being starved).  The pass that ran the collector must
+    not then touch the ring it no longer has.  In a child process, so that
+    a crash fails this test instead of ending the run."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(int(TIMEOUT))
+            code = _close_from_a_finalizer(listener)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"the child died of signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)
+
+
+def _close_from_a_finalizer(listener) -> int:
+    ring = iouzcrx.Ring()
+    queue = incremental_queue(ring, area_size=64 * KIB, buffer_size=16 * KIB, window_size=1)
+    assert queue.window == 2 and queue.total_buffers == 4
+    client, server = connect_pair(listener)
+    sender = Sender(client, 81, 4 * MIB)
+    closed_by: list[str] = []
+
+    class Holder:
+        def __init__(self, view: memoryview) -> None:
+            self.view = view
+            self.me = self  # a cycle: only the collector frees it
+
+        def __del__(self) -> None:
+            if not closed_by:
+                closed_by.append("finalizer")
+                queue.close()
+
+    ended: list[BaseException | None] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        receiver = queue.recv_multishot(server, on_data=Holder, on_end=ended.append)
+        sender.start()
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    assert closed_by == ["finalizer"] and ended == [None]
+    gc.collect()
+    assert queue.buffers_in_use == 0
+    server.close()
+    ring.close()
+    return 0
