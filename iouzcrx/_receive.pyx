@@ -223,6 +223,10 @@ cdef class ReceiveQueue(BufferOwner):
             # collection each time.
             self.collected = True
             _gc.collect()
+            if self.closed:
+                # A finalizer it ran closed this queue, whose registration
+                # (a zcrx refill ring, a buffer ring) may be gone already.
+                return 0
         if self.pending_count or self.keeps_spares:
             refills = self.refills
             self.publish_returns()
