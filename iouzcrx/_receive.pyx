@@ -212,6 +212,11 @@ cdef class ReceiveQueue(BufferOwner):
         cdef Receiver receiver
         cdef uint64_t refills
         self.wake_requested = False
+        if self.closed:
+            # Closed during this walk of the ring's clients (by a finalizer or
+            # a callback another client ran), which still calls it: returns
+            # are dropped once closed, and its registration may be gone.
+            return 0
         if (self.starved and not self.collected and not self.pending_count
                 and not self.free_buffers()):
             # Starved with every buffer held: views that are garbage only

@@ -650,7 +650,8 @@ def test_holding_the_last_view_while_waiting_for_the_next_never_stalls(ring, lis
     queue.close()
 
 
-def test_a_queue_closed_by_a_finalizer_the_starved_ring_collects(listener):
+@pytest.mark.parametrize("which", ["its-own-queue", "another-queue"])
+def test_a_queue_closed_by_a_finalizer_the_starved_ring_collects(listener, which):
     """Every buffer is held by views that are garbage only in reference
     cycles, so the starved receive runs the collector; a finalizer it runs
     closes the queue (which gives the buffer ring back to the kernel at
@@ -662,7 +663,7 @@ def test_a_queue_closed_by_a_finalizer_the_starved_ring_collects(listener):
         code = 1
         try:
             signal.alarm(int(TIMEOUT))
-            code = _close_from_a_finalizer(listener)
+            code = _close_from_a_finalizer(listener, which == "another-queue")
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -670,10 +671,13 @@ def test_a_queue_closed_by_a_finalizer_the_starved_ring_collects(listener):
     assert os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)
 
 
-def _close_from_a_finalizer(listener) -> int:
+def _close_from_a_finalizer(listener, another: bool) -> int:
     ring = iouzcrx.Ring()
     queue = incremental_queue(ring, area_size=64 * KIB, buffer_size=16 * KIB, window_size=1)
     assert queue.window == 2 and queue.total_buffers == 4
+    # Drained after the starved queue, in the same walk of the ring's clients.
+    other = incremental_queue(ring, area_size=64 * KIB, buffer_size=16 * KIB, window_size=1)
+    target = other if another else queue
     client, server = connect_pair(listener)
     sender = Sender(client, 81, 4 * MIB)
     closed_by: list[str] = []
@@ -686,7 +690,7 @@ def _close_from_a_finalizer(listener) -> int:
         def __del__(self) -> None:
             if not closed_by:
                 closed_by.append("finalizer")
-                queue.close()
+                target.close()
 
     ended: list[BaseException | None] = []
     gc_was_enabled = gc.isenabled()
@@ -694,6 +698,8 @@ def _close_from_a_finalizer(listener) -> int:
     try:
         receiver = queue.recv_multishot(server, on_data=Holder, on_end=ended.append)
         sender.start()
+        # Closing its own queue ends the receive; closing the other, the
+        # stream goes on (each starvation collects the views) to its end.
         ring.wait_for(lambda: receiver.finished, TIMEOUT)
     finally:
         if gc_was_enabled:
@@ -701,6 +707,8 @@ def _close_from_a_finalizer(listener) -> int:
     assert closed_by == ["finalizer"] and ended == [None]
     gc.collect()
     assert queue.buffers_in_use == 0
+    queue.close()
+    other.close()
     server.close()
     ring.close()
     return 0
