@@ -210,6 +210,7 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef int before_enter(self) except -1:
         cdef Receiver receiver
+        cdef PinAccount account
         cdef uint64_t refills
         self.wake_requested = False
         if self.closed:
@@ -256,11 +257,13 @@ cdef class ReceiveQueue(BufferOwner):
                     self.starved.append(receiver)
                 else:
                     receiver.starved = False
-                    if receiver.account is not None:
-                        # Receiving again: a reader must not keep giving up
-                        # its views for a stall that is over (a window that
-                        # ran dry ends a receive this way many times a second).
-                        receiver.account.stalled = False
+                    account = receiver.account
+                    if account is not None and account.pinned <= account.limit // 2:
+                        # Receiving again, its views well within their share:
+                        # a reader must not keep giving up its views for a
+                        # stall that is over (a window that ran dry ends a
+                        # receive this way many times a second).
+                        account.stalled = False
                     receiver.rearms += 1
                     self.rearms += 1
                     self.arm_receiver(receiver)
