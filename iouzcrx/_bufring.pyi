@@ -24,7 +24,9 @@ class BufRingQueue(ReceiveQueue):
     buffers) at a time; the other free buffers wait, the last returned first,
     so that the kernel fills buffers that are still in the cache instead of
     going round the whole area. Held views still draw on every buffer of the
-    area. One delivery then holds at most half the window.
+    area. One delivery then holds at most half the window, and on any ring
+    at most half the area (at least one buffer), so that a view kept while
+    the next is awaited never holds every buffer.
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without ``close()`` is unregistered by the ring's owner
     thread at its next drain.

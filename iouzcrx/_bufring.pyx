@@ -66,13 +66,20 @@ def _window_size(window_size):
     value = os.environ.get(WINDOW_ENV, "").strip()
     if not value:
         return DEFAULT_WINDOW_SIZE
+    fix = ("set it to the bytes of buffers an incremental ring is given at a time "
+           "(e.g. 2097152), or unset it")
     try:
-        return _checks.size(WINDOW_ENV, int(value), 1)
+        number = int(value)
     except ValueError:
         raise InvalidConfiguration(
-            f"{WINDOW_ENV}={value!r} is not a number of bytes: set it to the bytes of "
-            "buffers an incremental ring is given at a time (e.g. 2097152), or unset it"
-        ) from None
+            f"{WINDOW_ENV}={value!r} is not a number of bytes: {fix}") from None
+    if number < 1 or number > _checks.SIZE_MAX:
+        # A number, but none a window can be: saying "not a number" would
+        # send the user looking for a typo.
+        raise InvalidConfiguration(
+            f"{WINDOW_ENV}={value!r} must be a positive number of bytes, at most "
+            f"{_checks.SIZE_MAX}: {fix}")
+    return number
 
 
 def _wants_incremental(incremental):
@@ -277,12 +284,14 @@ cdef class BufRingQueue(ReceiveQueue):
         self.spare_rows = 1
         self.spare_count = <uint32_t>count
         self.keeps_spares = self.window < count
-        if self.keeps_spares:
-            # A run holds its buffers until delivered: kept to half the
-            # window, runs alone never send the kernel to the spares.
-            self.max_run_bytes = max(<Py_ssize_t>buffer_size,
-                                     min(self.max_run_bytes,
-                                         <Py_ssize_t>self.window * buffer_size // 2))
+        # A run holds its buffers until delivered: kept to half the window,
+        # runs alone never send the kernel to the spares; and where the
+        # window is the whole area (a small one), a view kept while the next
+        # is awaited never holds every buffer, which would starve the
+        # receive of the data awaited.
+        self.max_run_bytes = max(<Py_ssize_t>buffer_size,
+                                 min(self.max_run_bytes,
+                                     <Py_ssize_t>self.window * buffer_size // 2))
         self.publish_returns()
         ring.add_client(self)
 
@@ -321,6 +330,12 @@ cdef class BufRingQueue(ReceiveQueue):
         # ring since the last pass.
         cdef uint64_t in_ring = self.total_buffers - self.buffers_in_use - self.spare_count
         self.pending_count = 0
+        if self.bufs == NULL:
+            # Given back to the kernel, and unmapped, by a close() during this
+            # very pass (a finalizer the collector ran, say): there is no
+            # ring to fill, and the drain still calls the hooks of the clients
+            # it started with.
+            return 0
         if in_ring * 4 < self.window and self.spare_count:
             give_spares(self, <uint32_t>min(self.window - in_ring, <uint64_t>self.spare_count))
         # The kernel never writes the tail: ours tells what it was last given.

@@ -212,8 +212,14 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef int before_enter(self) except -1:
         cdef Receiver receiver
+        cdef PinAccount account
         cdef uint64_t refills
         self.wake_requested = False
+        if self.closed:
+            # Closed during this walk of the ring's clients (by a finalizer or
+            # a callback another client ran), which still calls it: returns
+            # are dropped once closed, and its registration may be gone.
+            return 0
         if (self.starved and not self.collected and not self.pending_count
                 and not self.free_buffers()):
             # Starved with every buffer held: views that are garbage only
@@ -225,6 +231,10 @@ cdef class ReceiveQueue(BufferOwner):
             # collection each time.
             self.collected = True
             _gc.collect()
+            if self.closed:
+                # A finalizer it ran closed this queue, whose registration
+                # (a zcrx refill ring, a buffer ring) may be gone already.
+                return 0
         if self.pending_count or self.keeps_spares:
             refills = self.refills
             self.publish_returns()
@@ -249,6 +259,13 @@ cdef class ReceiveQueue(BufferOwner):
                     self.starved.append(receiver)
                 else:
                     receiver.starved = False
+                    account = receiver.account
+                    if account is not None and account.pinned <= account.limit // 2:
+                        # Receiving again, its views well within their share:
+                        # a reader must not keep giving up its views for a
+                        # stall that is over (a window that ran dry ends a
+                        # receive this way many times a second).
+                        account.stalled = False
                     receiver.rearms += 1
                     self.rearms += 1
                     self.arm_receiver(receiver)
