@@ -370,7 +370,10 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.starved = True
         receiver.waiting_for_returns = True
         self.starved.append(receiver)
-        if receiver.account is not None:
+        if receiver.account is not None and not (self.keeps_spares and self.free_buffers()):
+            # The area is exhausted (a window that merely ran dry, with
+            # spares left, is refilled on the next pass: no stall to report,
+            # which would wake a waiting reader for nothing).
             receiver.account.stall()
         return 0
 
