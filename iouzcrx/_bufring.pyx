@@ -13,7 +13,8 @@ spares, the last returned on top, and refill the window only when it runs
 low (views held for long).  The kernel then fills buffers the program has
 just read, still in the cache, instead of cycling through the whole area,
 each buffer cold by the time its turn comes again: reading an area of
-64 MiB in turn, a copying protocol ran at 0.6-0.9x uvloop's.
+64 MiB in turn, a copying protocol ran at 0.68-0.88x uvloop's in bulk, and
+at 1.14-1.34x from the window (``bash benchmarks/run``, 2026-11-26).
 
 Where the kernel has incremental rings (IOU_PBUF_RING_INC, 6.12+) a receive
 takes only what it fills of the buffer at the ring's head, and the next one

@@ -272,8 +272,8 @@ class ZcrxTransport(asyncio.Transport):
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     def _receive_ended(self, generation: int, error: BaseException | None) -> None:
-        # Every connection ends here, usually at EOF: _unwatch_socket,
-        # _deliver_eof and _op_on_socket_done are spelled out in it.
+        # Every connection ends here, usually at EOF: _unwatch_socket and
+        # _op_on_socket_done are spelled out in it.
         try:
             if generation != self._generation:
                 return  # a receiver retired by pause_reading() or close()
@@ -287,15 +287,7 @@ class ZcrxTransport(asyncio.Transport):
             elif receiver is not None and receiver.eof:
                 self._eof_seen = True
                 if not self._paused and not self._backlog:
-                    try:
-                        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
-                    except (SystemExit, KeyboardInterrupt):
-                        raise
-                    except BaseException as exc:
-                        self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
-                        return
-                    if not keep_open:
-                        self.close()
+                    self._deliver_eof()
             else:
                 # Ended neither by EOF, an error nor this transport: the ring closed.
                 self._force_close(ConnectionAbortedError("the io_uring ring was closed"))

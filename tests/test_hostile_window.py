@@ -52,6 +52,47 @@ class Held:
         self.view.release()
 
 
+class Releasers:
+    """Threads that check and release the views handed to them; a context
+    manager that stops and joins them on exit (errors kept in ``errors``)."""
+
+    def __init__(self, count: int) -> None:
+        self.handed: deque[Held | None] = deque()
+        self.cond = threading.Condition()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(count)]
+
+    def __enter__(self) -> Releasers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self.cond:
+            self.handed.extend([None] * len(self.threads))
+            self.cond.notify_all()
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+    def hand(self, held: Held) -> None:
+        with self.cond:
+            self.handed.append(held)
+            self.cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.handed:
+                    self.cond.wait()
+                held = self.handed.popleft()
+            if held is None:
+                return
+            try:
+                held.check_and_release()
+            except BaseException as exc:  # reported by the test
+                self.errors.append(exc)
+
+
 def make_queue(ring: iouzcrx.Ring, incremental: bool, **kw: int) -> iouzcrx.BufRingQueue:
     if incremental:
         return incremental_queue(ring, **kw)
@@ -134,29 +175,10 @@ def test_views_held_and_released_from_other_threads_in_any_order(
         sender = Sender(client, seed, total)
     receiver = queue.recv_multishot(server)
     verifier = Verifier(seed)
-    handed: deque[Held | None] = deque()
-    cond = threading.Condition()
-    errors: list[BaseException] = []
-
-    def releaser() -> None:
-        while True:
-            with cond:
-                while not handed:
-                    cond.wait()
-                held = handed.popleft()
-            if held is None:
-                return
-            try:
-                held.check_and_release()
-            except BaseException as exc:  # reported by the test
-                errors.append(exc)
-
-    threads = [threading.Thread(target=releaser, daemon=True) for _ in range(2)]
-    for thread in threads:
-        thread.start()
+    releasers = Releasers(2)
     kept: list[Held] = []
     sender.start()
-    try:
+    with releasers:
         while True:
             view = receiver.get(TIMEOUT)
             if view is None:
@@ -168,9 +190,7 @@ def test_views_held_and_released_from_other_threads_in_any_order(
             if choice < 0.3:
                 held.check_and_release()
             elif choice < 0.6:
-                with cond:
-                    handed.append(held)
-                    cond.notify()
+                releasers.hand(held)
             else:
                 kept.append(held)
             # Keep well clear of the whole area (a receive starved by the
@@ -182,17 +202,9 @@ def test_views_held_and_released_from_other_threads_in_any_order(
                     if rng.random() < 0.5:
                         h.check_and_release()
                     else:
-                        with cond:
-                            handed.append(h)
-                            cond.notify()
+                        releasers.hand(h)
             del held
-    finally:
-        with cond:
-            handed.extend([None] * len(threads))
-            cond.notify_all()
-        for thread in threads:
-            thread.join(TIMEOUT)
-    assert not errors, errors
+    assert not releasers.errors, releasers.errors
     assert verifier.pos == total
     sender.join(TIMEOUT)
     assert sender.error is None and receiver.eof and receiver.error is None
@@ -350,30 +362,12 @@ def test_connections_sharing_a_two_buffer_window_all_finish(ring, listener, eage
         senders.append(Sender(client, seed, total))
         verifiers.append(Verifier(seed))
         receivers.append(queue.recv_multishot(server))
-    handed: deque[Held | None] = deque()
-    cond = threading.Condition()
-    errors: list[BaseException] = []
-
-    def releaser() -> None:
-        while True:
-            with cond:
-                while not handed:
-                    cond.wait()
-                held = handed.popleft()
-            if held is None:
-                return
-            try:
-                held.check_and_release()
-            except BaseException as exc:  # reported by the test
-                errors.append(exc)
-
-    thread = threading.Thread(target=releaser, daemon=True)
-    thread.start()
+    releasers = Releasers(1)
     kept: list[Held] = []
     for sender in senders:
         sender.start()
     open_ = set(range(len(seeds)))
-    try:
+    with releasers:
         while open_:
             progressed = False
             for i in list(open_):
@@ -395,20 +389,13 @@ def test_connections_sharing_a_two_buffer_window_all_finish(ring, listener, eage
                             h.check_and_release()
                         kept.clear()
                 elif i == 1:
-                    with cond:
-                        handed.append(held)
-                        cond.notify()
+                    releasers.hand(held)
                 else:
                     held.check_and_release()
                 del held
             if not progressed:
                 ring.wait_for(lambda: any(r.queued or r.finished for r in receivers), TIMEOUT)
-    finally:
-        with cond:
-            handed.append(None)
-            cond.notify()
-        thread.join(TIMEOUT)
-    assert not errors, errors
+    assert not releasers.errors, releasers.errors
     for h in kept:
         h.check_and_release()
     kept.clear()
