@@ -94,45 +94,89 @@ cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
     return <unsigned>min(number, limit)
 
 
-cdef int dispatch_completions(Ring ring, uint32_t *head, uint32_t tail,
-                              int *count) except -1:
-    """Hand the CQEs from ``head[0]`` to ``tail`` to their requests; ``head``
-    and ``count`` move past each CQE before its handler runs, so that a
-    handler's exception leaves them right for the caller to go on."""
+# The walk of the CQ, once per ring layout: the layout test, the ring's fields
+# and the position stay out of the loop.  Each walk hands the CQEs up to
+# ``tail`` to their requests; the ring's CQ head and CQE count move past each
+# CQE before its handler runs, so that after a handler's exception the caller
+# goes on from the head.  The ring's layout is read once: nothing a handler
+# may do moves it (a close inside a drain waits for the drain's end).
+
+cdef int walk_mixed(Ring ring, uint32_t tail) except -1:
+    """CQE_MIXED: 16-byte slots, a 32-byte CQE in two of them."""
+    cdef const char *cqes = ring.cqes
+    cdef uint32_t *cq_head = ring.cq_head
+    cdef uint32_t mask = ring.cq_mask
+    cdef uint32_t h = cq_head[0]
     cdef const iouz_cqe *cqe
     cdef uint64_t user_data, extra
     cdef int32_t res
     cdef uint32_t flags
-    cdef uint32_t h = head[0]
-    cdef Request request
     while h != tail:
-        cqe = <const iouz_cqe *>(ring.cqes + (h & ring.cq_mask) * ring.cqe_stride)
+        cqe = <const iouz_cqe *>(cqes + ((h & mask) << 4))
         flags = cqe.flags
-        if ring.cqe_mixed:
+        h += 1
+        extra = 0
+        if flags & (IOUZ_CQE_F_SKIP | IOUZ_CQE_F_32):
             if flags & IOUZ_CQE_F_SKIP:
                 # Filler before a 32-byte CQE that would wrap.
-                h += 1
-                head[0] = h
+                iouz_store_release(cq_head, h)
                 continue
-            extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off if flags & IOUZ_CQE_F_32 else 0
-            h += 2 if flags & IOUZ_CQE_F_32 else 1
-        else:
             extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off
             h += 1
         user_data = cqe.user_data
         res = cqe.res
-        # Release the slot before running handlers: they may drain again.
-        iouz_store_release(ring.cq_head, h)
-        head[0] = h
-        count[0] += 1
-        if user_data == 0:
-            continue
-        request = <Request><void *><uintptr_t>user_data
-        if not (flags & IOUZ_CQE_F_MORE):
-            # Before complete(): it may re-arm the same request.
-            ring.inflight.discard(request)
-        request.complete(res, flags, extra)
+        # Release the slot (read before: the kernel may reuse it from then
+        # on) before running the handler, which may submit more.
+        iouz_store_release(cq_head, h)
+        ring.cqes_reaped += 1
+        hand_over(ring, user_data, res, flags, extra)
     return 0
+
+
+cdef int walk_wide(Ring ring, uint32_t tail) except -1:
+    """Every slot 32 bytes (CQE32)."""
+    cdef const char *cqes = ring.cqes
+    cdef uint32_t *cq_head = ring.cq_head
+    cdef uint32_t mask = ring.cq_mask
+    cdef uint32_t h = cq_head[0]
+    cdef const iouz_cqe *cqe
+    cdef uint64_t user_data, extra
+    cdef int32_t res
+    cdef uint32_t flags
+    while h != tail:
+        cqe = <const iouz_cqe *>(cqes + ((h & mask) << 5))
+        user_data = cqe.user_data
+        res = cqe.res
+        flags = cqe.flags
+        extra = (<const iouz_zcrx_cqe *>(cqe + 1)).off
+        h += 1
+        iouz_store_release(cq_head, h)
+        ring.cqes_reaped += 1
+        hand_over(ring, user_data, res, flags, extra)
+    return 0
+
+
+cdef inline int hand_over(Ring ring, uint64_t user_data, int32_t res, uint32_t flags,
+                          uint64_t extra) except -1:
+    cdef PyObject *target = <PyObject *><uintptr_t>user_data
+    if target == NULL:
+        return 0  # a request nobody waits for (close's cancel of everything)
+    if flags & IOUZ_CQE_F_MORE:
+        # Borrowed: the ring's in-flight set holds the request while it may
+        # post more, and nothing takes it out before this CQE's complete()
+        # returns.  A reference of its own per CQE costs as much as a tenth
+        # of the whole path of a chunk.
+        return (<Request>target).complete(res, flags, extra)
+    return complete_last(ring, target, res, flags, extra)
+
+
+cdef int complete_last(Ring ring, PyObject *target, int32_t res, uint32_t flags,
+                       uint64_t extra) except -1:
+    """The request's last CQE: the ring lets go of it first (complete() may
+    submit it again), and the local reference keeps it alive meanwhile."""
+    cdef Request request = <Request>target
+    ring.inflight.discard(request)
+    return request.complete(res, flags, extra)
 
 
 cdef class Request:
@@ -427,21 +471,23 @@ cdef class Ring:
     # -- completion ----------------------------------------------------------
 
     cdef int reap(self) except -1:
-        cdef uint32_t head = self.cq_head[0]
         cdef uint32_t tail = iouz_load_acquire(self.cq_tail)
-        cdef int count = 0
-        while head != tail:
+        cdef uint64_t reaped = self.cqes_reaped
+        while self.cq_head[0] != tail:
             # One try per batch rather than per CQE: entering a try block
             # costs more than the dispatch of a completion itself.  A handler
             # that raises is reported and the walk goes on after its CQE.
             try:
-                dispatch_completions(self, &head, tail, &count)
+                if self.cqe_mixed:
+                    walk_mixed(self, tail)
+                else:
+                    walk_wide(self, tail)
             except BaseException as exc:
                 self.report_callback_error(exc)
-        self.cqes_reaped += count
-        if count:
-            self.clients_after_reap(False)
-        return count
+        if self.cqes_reaped == reaped:
+            return 0
+        self.clients_after_reap(False)
+        return <int>(self.cqes_reaped - reaped)
 
     cdef int report_callback_error(self, object exc) except -1:
         """User code raised inside a completion: report it and keep going.
