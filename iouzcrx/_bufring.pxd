@@ -34,6 +34,10 @@ cdef class BufRingQueue(ReceiveQueue):
     cdef uint32_t spare_rows
     cdef uint32_t spare_count         # buffers in all rows
     cdef readonly uint32_t window
+    # The most buffers in use so far, taken before buffers go back (the
+    # peak_buffers_in_use property takes the present count too): a chunk
+    # that arrives only adds to buffers_in_use.
+    cdef uint64_t peak_in_use
 
     cdef int after_data(self, Receiver receiver, int32_t res, uint32_t flags) except -1
     cdef void release_part(self, uint32_t bid) noexcept

@@ -115,6 +115,8 @@ cdef inline void put_back(BufRingQueue queue, uint32_t bid, uint32_t count) noex
     # Buffers in the ring's slots, published or not: neither in use nor spare.
     cdef uint64_t given = queue.total_buffers - queue.buffers_in_use - queue.spare_count
     cdef uint32_t into_ring = 0
+    if queue.buffers_in_use > queue.peak_in_use:
+        queue.peak_in_use = queue.buffers_in_use
     queue.buffers_in_use -= count
     queue.buffers_returned += count
     if queue.closed or queue.ring is None or queue.bufs == NULL:
@@ -133,20 +135,30 @@ cdef inline void put_back(BufRingQueue queue, uint32_t bid, uint32_t count) noex
 cdef inline void write_slots(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
     """Buffers ``bid`` to ``bid + count - 1`` into the slots from the local
     tail on, which moves past them (the kernel sees them once published)."""
-    cdef iouz_buf *slot
+    cdef uint32_t first = queue.local_tail & queue.mask
+    # The slots up to the ring's end, then (wrapping) from its start.
+    cdef uint32_t before_end = min(count, queue.ring_entries - first)
     cdef char *data = queue.area.base + <uint64_t>bid * queue.buffer_size
-    cdef uint32_t i, size = queue.buffer_size
-    cdef uint32_t tail = queue.local_tail
-    for i in range(count):
-        slot = &queue.bufs[(tail + i) & queue.mask]
+    fill_slots(queue.bufs + first, data, queue.buffer_size, bid, before_end)
+    if count > before_end:
+        fill_slots(queue.bufs, data + <uint64_t>before_end * queue.buffer_size,
+                   queue.buffer_size, bid + before_end, count - before_end)
+    queue.local_tail = <uint16_t>(queue.local_tail + count)
+
+
+cdef inline void fill_slots(iouz_buf *slot, char *data, uint32_t size, uint32_t bid,
+                            uint32_t count) noexcept:
+    cdef iouz_buf *end = slot + count
+    while slot != end:
         # Field by field: slot 0's reserved field is the ring tail.  On an
         # incremental ring the kernel moved addr and len along as it filled
         # the buffer, so both are written again.
         slot.addr = <uintptr_t>data
         slot.len = size
-        slot.bid = <uint16_t>(bid + i)
+        slot.bid = <uint16_t>bid
         data += size
-    queue.local_tail = <uint16_t>(tail + count)
+        bid += 1
+        slot += 1
 
 
 cdef inline void add_spares(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
@@ -365,8 +377,6 @@ cdef class BufRingQueue(ReceiveQueue):
                 # is all that holds it, and neither consumed nor refs is
                 # touched (a length of buffer_size names it when it goes back).
                 self.buffers_in_use += 1
-                if self.buffers_in_use > self.peak_buffers_in_use:
-                    self.peak_buffers_in_use = self.buffers_in_use
                 self.bytes_received += res
                 self.chunks_received += 1
                 receiver.add_chunk(self.area.base + <uint64_t>bid * self.buffer_size,
@@ -410,8 +420,6 @@ cdef class BufRingQueue(ReceiveQueue):
                     return self.after_data(receiver, res, flags)
             # Out of the ring: in use until its views are gone.
             self.buffers_in_use += 1
-            if self.buffers_in_use > self.peak_buffers_in_use:
-                self.peak_buffers_in_use = self.buffers_in_use
             if res > 0:
                 self.bytes_received += res
                 self.chunks_received += 1
@@ -477,6 +485,11 @@ cdef class BufRingQueue(ReceiveQueue):
                 return
         # The usual case: all back in one go.
         put_back(self, first, count)
+
+    @property
+    def peak_buffers_in_use(self):
+        """The most buffers out of the ring at once."""
+        return max(self.peak_in_use, self.buffers_in_use)
 
     def stats(self):
         stats = ReceiveQueue.stats(self)

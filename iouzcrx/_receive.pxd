@@ -45,7 +45,6 @@ cdef class ReceiveQueue(BufferOwner):
     # bufring: a completion of this many bytes fills a buffer the kernel is
     # done with, which Receiver.complete takes on itself (0: none do).
     cdef uint32_t whole_buffer
-    cdef readonly uint64_t peak_buffers_in_use
     cdef bint collected              # this starvation already ran the GC
     cdef bint keeps_spares           # publish_returns may have buffers to give unasked
     cdef Py_ssize_t max_run_bytes    # most bytes one delivery may hold
@@ -97,12 +96,12 @@ cdef class Receiver(Request):
     # The run: adjacent chunks of one CQE batch, delivered as one view.
     cdef char *run_data
     cdef char *run_end               # where a chunk must start to join; NULL: closed
-    cdef Py_ssize_t run_length
+    cdef char *run_limit             # where the run must end at the latest (its caps)
     cdef uint64_t run_token
     cdef uint32_t run_count
     cdef uint32_t run_first_length
     cdef bint run_listed
-    cdef bint more_queued            # the last completion said the socket has more
+    cdef uint32_t last_flags         # of the last completion (SOCK_NONEMPTY: more queued)
 
     # Pin accounting (None: unbounded): over its limit the receive is
     # cancelled and waits with the starved ones until its views go.
@@ -124,6 +123,7 @@ cdef class Receiver(Request):
                        bint fills_buffer) except -1
     cdef int start_run(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1
+    cdef void limit_run(self) noexcept
     cdef object take_run(self)
     cdef int flush_run(self) except -1
     cdef int deliver(self, object view) except -1

@@ -104,17 +104,23 @@ cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t cou
 
 cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noexcept:
     """Adds a chunk to the receiver's pending run and counts it, if it
-    continues the run in memory and the run may grow (the caller then sets
-    the run's new end); else changes nothing and returns False."""
+    continues the run in memory and the run has room for it (the caller
+    then sets the run's new end); else changes nothing and returns False."""
     # run_end is NULL unless a run is pending and can still grow.
-    if (data != receiver.run_end or receiver.run_length + length > receiver.run_bytes_cap
-            or receiver.run_count >= receiver.run_cap):
+    if data != receiver.run_end or data + length > receiver.run_limit:
         return False
     receiver.bytes_received += length
     receiver.chunks_received += 1
     receiver.run_count += 1
-    receiver.run_length += length
     return True
+
+
+cdef inline Py_ssize_t close_run(Receiver receiver) noexcept:
+    """Ends the pending run (the caller delivers it); returns its length."""
+    cdef Py_ssize_t length = receiver.run_end - receiver.run_data
+    receiver.run_count = 0
+    receiver.run_end = NULL
+    return length
 
 
 cdef inline bint run_goes_on(Receiver receiver) noexcept:
@@ -125,7 +131,8 @@ cdef inline bint run_goes_on(Receiver receiver) noexcept:
     follow).  A run kept so reaches its size bounds (MAX_RUN_BYTES, half
     the connection's pin limit) or the drain's end instead of being cut
     into one view per batch, each costing far more than a chunk."""
-    return receiver.more_queued and receiver.armed and receiver.run_end != NULL
+    return (receiver.last_flags & IOUZ_CQE_F_SOCK_NONEMPTY and receiver.armed
+            and receiver.run_end != NULL)
 
 
 # no_gc_clear: a queue must keep its ring and area while any buffer of it may
@@ -533,19 +540,19 @@ cdef class Receiver(Request):
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
         cdef uint32_t bid
         cdef char *data
-        self.more_queued = (flags & IOUZ_CQE_F_SOCK_NONEMPTY) != 0
-        if (res > 0 and <uint32_t>res == self.queue.whole_buffer
-                and flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE)
-                == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE):
+        self.last_flags = flags
+        if (flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE) == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE
+                and <uint32_t>res == self.queue.whole_buffer):
             # The bulk case of a buffer ring, handled here rather than one
             # virtual call further in the queue's receive(), which does the
             # same: a whole buffer (no part bookkeeping, even on an
-            # incremental ring) and the receive goes on.  The queue's fields
-            # are reached through self (a local would take a reference).
+            # incremental ring) and the receive goes on.  Only a buffer
+            # ring's completions carry F_BUFFER, and its whole_buffer is the
+            # buffer size, so res > 0.  The queue's fields are reached
+            # through self (a local would take a reference); its peak is
+            # taken when buffers go back.
             bid = flags >> IOUZ_CQE_BUFFER_SHIFT
             self.queue.buffers_in_use += 1
-            if self.queue.buffers_in_use > self.queue.peak_buffers_in_use:
-                self.queue.peak_buffers_in_use = self.queue.buffers_in_use
             self.queue.bytes_received += res
             self.queue.chunks_received += 1
             data = self.queue.area.base + <uint64_t>bid * <uint32_t>res
@@ -567,8 +574,8 @@ cdef class Receiver(Request):
         batch of the same drain (run_goes_on), at the end of the drain, or
         before the end is reported."""
         if extends_run(self, data, length):
+            self.run_end = data + length
             if fills_buffer:
-                self.run_end = data + length
                 return 0
             return self.flush_run()
         self.bytes_received += length
@@ -590,10 +597,10 @@ cdef class Receiver(Request):
                 self.queue.export_pinned(data, length, token, 1, length, self.account))
         self.run_data = data
         self.run_end = data + length
-        self.run_length = length
         self.run_token = token
         self.run_count = 1
         self.run_first_length = length
+        self.limit_run()
         if not self.run_listed:
             self.run_listed = True
             if self.queue.first_run is None:
@@ -602,12 +609,23 @@ cdef class Receiver(Request):
                 self.queue.runs_pending.append(self)
         return 0
 
+    cdef void limit_run(self) noexcept:
+        """Where the pending run must end at the latest: ``run_bytes_cap``
+        bytes from its start, and ``run_cap`` buffers.  Every chunk after
+        the first starts a buffer and fills at most that one, so the n-th
+        ends within the first chunk's length and n - 1 buffers of the run's
+        start: one bound on memory checks both caps as the run grows."""
+        cdef uint64_t room = (<uint64_t>(self.run_cap - 1) * self.queue.buffer_unit
+                              + self.run_first_length)
+        if room > <uint64_t>self.run_bytes_cap:
+            room = <uint64_t>self.run_bytes_cap
+        self.run_limit = self.run_data + room
+
     cdef object take_run(self):
         """The pending run as one view (the run is empty afterwards)."""
         cdef uint32_t count = self.run_count
-        self.run_count = 0
-        self.run_end = NULL
-        return self.queue.export_pinned(self.run_data, self.run_length, self.run_token,
+        cdef Py_ssize_t length = close_run(self)
+        return self.queue.export_pinned(self.run_data, length, self.run_token,
                                         count, self.run_first_length, self.account)
 
     cdef int flush_run(self) except -1:
@@ -616,9 +634,7 @@ cdef class Receiver(Request):
             return 0
         if self.delivery_kind == DELIVER_VIEWS:
             return self.deliver_pinned(self.take_run())
-        self.run_count = 0
-        self.run_end = NULL
-        return self.deliver_owned(self.run_data, self.run_length, self.run_token, count,
+        return self.deliver_owned(self.run_data, close_run(self), self.run_token, count,
                                   self.run_first_length)
 
     cdef int deliver_owned(self, char *data, Py_ssize_t length, uint64_t token,
@@ -751,6 +767,8 @@ cdef class Receiver(Request):
         self.copy_updated = None
         self.run_bytes_cap = (MAX_RUN_BYTES if self.queue is None
                               else self.queue.max_run_bytes)
+        if self.run_count:
+            self.limit_run()
 
     def set_protocol_delivery(self, protocol, methods=None):
         """Deliver straight to ``protocol``'s methods, chosen as
@@ -778,6 +796,8 @@ cdef class Receiver(Request):
             self.run_bytes_cap = COPY_RUN_BYTES
             if self.queue is not None:
                 self.run_bytes_cap = min(self.run_bytes_cap, self.queue.max_run_bytes)
+            if self.run_count:
+                self.limit_run()
         return kind
 
     @property

@@ -388,6 +388,37 @@ def test_adjacent_chunks_arrive_as_one_view_with_exactly_the_bytes_in_order(ring
     server.close()
 
 
+def test_a_view_of_a_receive_with_a_pin_account_holds_at_most_half_its_limit(ring, listener, mode):
+    """With a pin account, a coalesced view spans at most half the account's
+    limit in buffers (so that the view a program keeps while it waits for
+    the next leaves the receive able to go on), however long the burst."""
+    client, server = connect_pair(listener)
+    total = 8 << 20
+    queue = make_queue(ring, mode, area_size=1 << 20, buffer_size=4096)
+    account = queue.pin_account()
+    cap = account.limit // 2
+    assert 1 < cap < 128  # below what the area's other bounds allow one view
+    verifier = Verifier(15)
+    buffers: list[int] = []
+
+    def on_data(view: memoryview) -> None:
+        buffers.append(getattr(view.obj, "buffers", 1))
+        assert view.nbytes <= cap * 4096
+        verifier.feed(view)
+
+    receiver = queue.recv_multishot(server, on_data=on_data, account=account)
+    sender = Sender(client, seed=15, total=total)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while sender.sent < 1 << 20 and time.monotonic() < deadline:
+        time.sleep(0.001)  # a long burst waits in the socket
+    ring.wait_for(lambda: receiver.finished, 60)
+    assert receiver.eof and verifier.pos == total
+    assert 1 < max(buffers) <= cap
+    assert sum(buffers) == queue.chunks_received
+    server.close()
+
+
 def test_every_buffer_of_a_coalesced_view_returns_once_with_its_last_slice(ring, listener, mode):
     client, server = connect_pair(listener)
     queue = make_queue(ring, mode, area_size=4 << 20, buffer_size=4096)

@@ -169,6 +169,36 @@ def test_views_held_beyond_the_window_draw_on_the_spares(ring, listener):
     server.close()
 
 
+def test_the_peak_of_buffers_in_use_counts_views_still_held(ring, listener):
+    """The peak is the most buffers out of the ring at once, whether or not
+    any went back since: views held over 1 MiB make it, and it stays once
+    they are released."""
+    queue = incremental_queue(ring, area_size=4 * MIB, buffer_size=64 * KIB, window_size=256 * KIB)
+    client, server = connect_pair(listener)
+    total = 1 * MIB
+    sender = Sender(client, 5, total)
+    receiver = queue.recv_multishot(server)
+    sender.start()
+    views = []
+    received = 0
+    while received < total:
+        view = receiver.get(30)
+        assert view is not None
+        views.append(view)
+        received += len(view)
+        assert queue.peak_buffers_in_use == queue.buffers_in_use
+    sender.join(10)
+    held = queue.buffers_in_use
+    assert held >= total // (64 * KIB)
+    for view in views:
+        view.release()
+    assert queue.buffers_in_use == 0
+    assert queue.peak_buffers_in_use == queue.stats()["peak_buffers_in_use"] == held
+    assert receiver.get(10) is None and receiver.eof
+    queue.close()
+    server.close()
+
+
 class CountingGC:
     """Stands in for the gc module inside the receive code, counting collections."""
 
