@@ -127,6 +127,7 @@ cdef class Receiver(Request):
     cdef object take_run(self)
     cdef int flush_run(self) except -1
     cdef int deliver(self, object view) except -1
+    cdef int on_data_raised(self) except -1
     cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1
     cdef int deliver_pinned(self, object view) except -1
     cdef int deliver_owned(self, char *data, Py_ssize_t length, uint64_t token,

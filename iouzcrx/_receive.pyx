@@ -15,6 +15,7 @@ from libc.stdlib cimport free, realloc
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
 from iouzcrx._area cimport BufferOwner, PinAccount
@@ -56,6 +57,18 @@ cdef enum:
     DELIVER_BUFFERED = 2   # copied into get_buffer(), then buffer_updated
 
 _DELIVERY_NAMES = ("views", "bytes", "buffered")
+
+
+cdef extern from "Python.h":
+    # Called without a try block: entering one costs about as much as the
+    # call itself, on every delivery; a failure is the rare case.
+    PyObject *call_one "PyObject_CallOneArg" (object callable, object arg)
+    void drop_result "Py_DECREF" (PyObject *result)
+
+
+cdef int raise_set_error() except -1:
+    """Raises the exception already set (by a call that returned NULL)."""
+    return -1
 cdef object _deque = _collections.deque
 
 
@@ -718,12 +731,20 @@ cdef class Receiver(Request):
         self.deliveries += 1
         if self.discarding:
             return 0  # closed: the view dies here and its buffers go back
-        on_data = self.data_callback
+        on_data = self.data_callback  # held: the callback may replace itself
         if on_data is None:
             self.chunks.append(view)
             return 0
+        cdef PyObject *result = call_one(on_data, view)
+        if result == NULL:
+            return self.on_data_raised()
+        drop_result(result)
+        return 0
+
+    cdef int on_data_raised(self) except -1:
+        """on_data raised (the exception is set): hand it on."""
         try:
-            on_data(view)
+            raise_set_error()
         except BaseException as exc:
             self.callback_failed(exc)
         return 0
