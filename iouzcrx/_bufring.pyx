@@ -112,24 +112,33 @@ cdef inline void put_back(BufRingQueue queue, uint32_t bid, uint32_t count) noex
     publish_returns hands the slots over on the owner thread (moving the
     tail).  Fine on any thread under the GIL: the kernel reads no slot past
     the tail, and never sees the spares."""
+    cdef uint64_t in_use = queue.buffers_in_use
     # Buffers in the ring's slots, published or not: neither in use nor spare.
-    cdef uint64_t given = queue.total_buffers - queue.buffers_in_use - queue.spare_count
-    cdef uint32_t into_ring = 0
-    if queue.buffers_in_use > queue.peak_in_use:
-        queue.peak_in_use = queue.buffers_in_use
-    queue.buffers_in_use -= count
+    cdef uint64_t given = queue.total_buffers - in_use - queue.spare_count
+    if in_use > queue.peak_in_use:
+        queue.peak_in_use = in_use
+    queue.buffers_in_use = in_use - count
     queue.buffers_returned += count
-    if queue.closed or queue.ring is None or queue.bufs == NULL:
-        return  # the kernel took every buffer back with the ring
+    if queue.closed or queue.bufs == NULL:
+        # The kernel took every buffer back with the ring (a queue never
+        # set up has no ring mapped either).
+        return
+    if given + count <= queue.window:
+        write_slots(queue, bid, count)  # the usual case: the window has room
+    else:
+        spill(queue, bid, count, given)
+    returns_added(queue, count)
+
+
+cdef void spill(BufRingQueue queue, uint32_t bid, uint32_t count, uint64_t given) noexcept:
+    """put_back's case of a window without room for all ``count``: what
+    fits into the ring, the rest to the spares (out of line, so that the
+    usual case stays small)."""
+    cdef uint32_t into_ring = 0
     if given < queue.window:
-        into_ring = <uint32_t>min(<uint64_t>count, queue.window - given)
+        into_ring = <uint32_t>(queue.window - given)  # fewer than count
         write_slots(queue, bid, into_ring)
-        bid += into_ring
-        count -= into_ring
-        returns_added(queue, into_ring)
-    if count:
-        add_spares(queue, bid, count)
-        returns_added(queue, count)
+    add_spares(queue, bid + into_ring, count - into_ring)
 
 
 cdef inline void write_slots(BufRingQueue queue, uint32_t bid, uint32_t count) noexcept:
