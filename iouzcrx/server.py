@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from iouzcrx._checks import AcceptedSocket
+from iouzcrx._receive import AcceptedFd
 from iouzcrx._ring import CQE_F_MORE
 from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.modes import (
@@ -290,7 +290,9 @@ class ZcrxServer(asyncio.AbstractServer):
         if res >= 0:
             if self._accept_failures:
                 self._accept_failures.pop(sock, None)
-            self._new_connection(AcceptedSocket(family, kind, proto, res), tcp=tcp, accepted=True)
+            # The fd alone, in a small object that owns it: no socket.socket
+            # (and its getsockname) unless the program asks for one.
+            self._new_connection(AcceptedFd(family, kind, proto, res), tcp=tcp, accepted=True)
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
@@ -317,7 +319,7 @@ class ZcrxServer(asyncio.AbstractServer):
 
     def _new_connection(
         self,
-        conn: socket.socket,
+        conn: socket.socket | AcceptedFd,
         *,
         steerable: bool = True,
         tcp: bool | None = None,
@@ -334,13 +336,13 @@ class ZcrxServer(asyncio.AbstractServer):
                 tcp = conn.family in (socket.AF_INET, socket.AF_INET6)
             if tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if steerable and self._steer is not None and self._steer(conn):
+            if steerable and self._steer is not None and self._steer(_socket_of(conn)):
                 return
-            selection = self._selection if self._router is None else self._route(conn)
+            selection = self._selection if self._router is None else self._route(_socket_of(conn))
             protocol = self._protocol_factory()
             if selection.mode == "socket":  # a socket handed over by another worker
                 connection = attach_connection(
-                    self._reactor, selection, conn, protocol, self._detach
+                    self._reactor, selection, _socket_of(conn), protocol, self._detach
                 )
             else:
                 connection = ZcrxTransport(
@@ -548,6 +550,12 @@ def attach_connection(
 
     loop.create_task(connect())
     return reader
+
+
+def _socket_of(conn: socket.socket | AcceptedFd) -> socket.socket:
+    """The socket object of a connection, made now if it is an accepted fd
+    (which then acts through it)."""
+    return conn.socket() if type(conn) is AcceptedFd else conn  # type: ignore[return-value]
 
 
 def _stop_listening(sock: socket.socket) -> None:
