@@ -40,6 +40,10 @@ _ACCEPT_RETRY_DELAY = 1.0
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
+# Plain ints: the socket module's are enums, slower to pass.
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_TCP_NODELAY = int(socket.TCP_NODELAY)
+
 # asyncio's Server.wait_closed() waits for the open connections only since
 # 3.12.1; before, once close() had been called it returned at once. The server
 # does what asyncio does on the running Python, so that code written for either
@@ -292,7 +296,32 @@ class ZcrxServer(asyncio.AbstractServer):
                 self._accept_failures.pop(sock, None)
             # The fd alone, in a small object that owns it: no socket.socket
             # (and its getsockname) unless the program asks for one.
-            self._new_connection(AcceptedFd(family, kind, proto, res), tcp=tcp, accepted=True)
+            conn = AcceptedFd(family, kind, proto, res)
+            if self._steer is not None or self._router is not None:
+                self._new_connection(conn, tcp=tcp, accepted=True)
+            else:
+                # _new_connection for one receive queue and no steering, spelled
+                # out: a Python frame less for every connection.
+                try:
+                    if tcp:
+                        conn.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+                    transport = ZcrxTransport(
+                        self._reactor,
+                        self._selection.backend,
+                        conn,
+                        self._protocol_factory(),
+                        on_closed=self._detach,
+                        start=False,
+                    )
+                except (SystemExit, KeyboardInterrupt):
+                    conn.close()
+                    raise
+                except BaseException as exc:
+                    conn.close()
+                    self._report_refused_connection(exc)
+                else:
+                    self._connections.add(transport)
+                    transport.start_accepted()
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)

@@ -153,14 +153,29 @@ class ZcrxTransport(asyncio.Transport):
             raise
         except BaseException as exc:
             self._report(exc, "Exception in protocol.connection_made()")
+        # _start_reading(True), spelled out: a Python frame less for every
+        # connection.
+        if self._closing or self._paused or self._eof_seen or self._receiver is not None:
+            return
         try:
-            self._start_reading(True)
+            receiver = self._queue.recv_multishot(
+                self._sock,
+                on_end=functools.partial(self._receive_ended, self._generation),
+                on_error=self._on_protocol_error,
+                account=self._pins,
+            )
+            receiver.set_protocol_delivery(self._protocol, self._methods)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             # Raised from here, it would end the accept's completion, not
             # this connection: the protocol is told instead.
             self._fatal_error(exc, "Fatal error: zcrx transport could not start receiving")
+            return
+        self._receiver = receiver
+        self._ops_on_socket += 1
+        if self._reactor.socket_hints:
+            self._watch_socket()
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "paused" if self._paused else "reading"
