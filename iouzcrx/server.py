@@ -310,7 +310,11 @@ class ZcrxServer(asyncio.AbstractServer):
                         self._selection.backend,
                         conn,
                         self._protocol_factory(),
-                        on_closed=self._detach,
+                        # While the server is open, leaving is only this: no
+                        # Python frame per connection (close() hands the
+                        # connections still open _detach, which wakes
+                        # wait_closed() after the last).
+                        on_closed=self._connections.discard,
                         start=False,
                     )
                 except (SystemExit, KeyboardInterrupt):
@@ -434,6 +438,9 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        for connection in self._connections:
+            if type(connection) is ZcrxTransport and connection._on_closed is not None:
+                connection._on_closed = self._detach
         for loop_server in self._loop_servers:
             loop_server.close()
         for sock in self.sockets:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -470,3 +471,48 @@ def test_an_accepted_fd_closed_in_a_forked_child_stays_open_in_the_parent():
         assert peer.recv(16) == b"still"
         conn.close()
         assert peer.recv(16) == b""
+
+
+# The library's Python frames one served connection runs, from its accept to
+# its connection_lost (the rest is Cython or the protocol's own).
+LIBRARY_FRAMES = {
+    "ZcrxServer._on_accept": 1,
+    "ZcrxTransport.__init__": 1,
+    "delivery_methods": 1,
+    "ZcrxTransport.start_accepted": 1,
+    "ZcrxTransport._receive_ended": 1,
+    "ZcrxTransport._deliver_eof": 1,
+    "ZcrxTransport.close": 1,
+    "ZcrxTransport._call_connection_lost": 1,
+}
+
+
+@each_mode
+async def test_a_connection_runs_few_python_frames_of_the_library(mode):
+    """Set-up and teardown of a connection the ring accepted take one
+    Python frame each of the server and transport steps that must be
+    Python (LIBRARY_FRAMES): none per delivery, and the rest (starting the
+    receive, leaving the server's set) is spelled out or in Cython."""
+    files = tuple(
+        f"{os.sep}iouzcrx{os.sep}{name}" for name in ("server.py", "transport.py", "protocols.py")
+    )
+    calls: Counter[str] = Counter()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith(files):
+            calls[frame.f_code.co_qualname] += 1
+
+    loop = asyncio.get_running_loop()
+    protocol = Sequence()
+    server = await iouzcrx.create_zcrx_server(lambda: protocol, "127.0.0.1", 0, mode=mode)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client = loop.run_in_executor(None, send_and_close, port, 100000)
+        sys.setprofile(profile)  # this thread only: the client's is not counted
+        try:
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+        finally:
+            sys.setprofile(None)
+        await asyncio.wait_for(client, TIMEOUT)
+    assert protocol.events == ["made", "data", "eof", "lost"]
+    assert dict(calls) == LIBRARY_FRAMES
