@@ -485,6 +485,15 @@ LIBRARY_FRAMES = {
     "ZcrxTransport.close": 1,
     "ZcrxTransport._call_connection_lost": 1,
 }
+# Where the ring's eventfd wakes the loop late, the transport also watches its
+# socket (Reactor.socket_hints): those frames are not counted, and how many
+# readable events come depends on timing.
+SOCKET_HINT_FRAMES = {
+    "ZcrxTransport._watch_socket",
+    "ZcrxTransport._unwatch_socket",
+    "ZcrxTransport._on_socket_readable",
+    "ZcrxTransport._rewatch_socket",
+}
 
 
 @each_mode
@@ -515,4 +524,7 @@ async def test_a_connection_runs_few_python_frames_of_the_library(mode):
             sys.setprofile(None)
         await asyncio.wait_for(client, TIMEOUT)
     assert protocol.events == ["made", "data", "eof", "lost"]
-    assert dict(calls) == LIBRARY_FRAMES
+    hints = {name for name in calls if name in SOCKET_HINT_FRAMES}
+    if not Reactor.for_loop(loop).socket_hints:
+        assert not hints, calls
+    assert {k: n for k, n in calls.items() if k not in SOCKET_HINT_FRAMES} == LIBRARY_FRAMES
