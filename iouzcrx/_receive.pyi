@@ -1,3 +1,4 @@
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -164,3 +165,19 @@ def socket_addresses(fd: int) -> tuple[int, bytes | None, bytes | None]:
     (-1 if the kernel will not say) and its local and peer addresses as the
     kernel gives them (``struct sockaddr`` bytes), each None where it
     refuses."""
+
+class AcceptedFd:
+    """A connection the server's ring accepted, held as its fd alone;
+    ``socket()`` makes its ``socket.socket`` on demand, which then owns the
+    fd (every method here acts through it)."""
+
+    family: int
+    kind: int
+    proto: int
+    def __init__(self, family: int, kind: int, proto: int, fd: int) -> None: ...
+    def fileno(self) -> int: ...
+    def socket(self) -> socket.socket: ...
+    def close(self) -> None: ...
+    def send(self, data: bytes | bytearray | memoryview) -> int: ...
+    def shutdown(self, how: int) -> None: ...
+    def setsockopt(self, level: int, name: int, value: int) -> None: ...

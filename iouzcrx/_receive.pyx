@@ -12,7 +12,9 @@ from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
-from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject
@@ -453,7 +455,11 @@ cdef class ReceiveQueue(BufferOwner):
         # passes (a socket the library accepted itself, callables) costs no
         # Python frame: every accepted connection comes this way.
         cdef int fd = -1
-        if type(sock) is _AcceptedSocket:
+        if type(sock) is AcceptedFd:
+            fd = (<AcceptedFd>sock).fd
+            if fd < 0 and (<AcceptedFd>sock).sock is not None:
+                fd = (<AcceptedFd>sock).sock.fileno()
+        elif type(sock) is _AcceptedSocket:
             fd = sock.fileno()
         if fd < 0:
             fd = _checks.stream_socket_fd("sock", sock)
@@ -929,3 +935,150 @@ def socket_addresses(int fd):
             if has_local else None,
             PyBytes_FromStringAndSize(<char *>&peer, min(peer_length, sizeof(peer)))
             if has_peer else None)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_send "send"(int fd, const void *buf, size_t length, int flags)
+    int c_shutdown "shutdown"(int fd, int how)
+    int c_setsockopt "setsockopt"(int fd, int level, int name, const void *value,
+                                  socklen_t length)
+    enum:
+        MSG_NOSIGNAL
+
+cdef extern from "<unistd.h>" nogil:
+    int c_close "close"(int fd)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EINTR
+        EBADF
+
+
+cdef inline object os_error(int number):
+    # OSError(errno, ...) makes the subclass the socket module would raise
+    # (BlockingIOError for EAGAIN, BrokenPipeError for EPIPE).
+    return OSError(number, _os.strerror(number))
+
+
+@cython.final
+cdef class AcceptedFd:
+    """A connection the server's ring accepted, held as its fd alone: most
+    connections are served, written to and closed without anyone asking
+    for a ``socket.socket``, whose making costs a system call
+    (``getsockname``, its check that the fd is a socket) and a Python
+    object.  ``socket()`` makes one on demand (``get_extra_info``) and
+    hands it the fd: from then on every method here acts through that
+    object, so that an fd its owner closed is never used by number again.
+
+    It owns the fd until ``close()`` or ``socket()``; dropped while it
+    still owns it, the fd is closed (as a socket object would)."""
+
+    cdef int fd                  # owned while >= 0 and no socket was made
+    cdef readonly int family
+    cdef readonly int kind       # type, as accept made it (SOCK_NONBLOCK)
+    cdef readonly int proto
+    cdef object sock             # the socket made by socket(), the fd's owner
+
+    def __cinit__(self, int family, int kind, int proto, int fd):
+        self.fd = fd
+        self.family = family
+        self.kind = kind
+        self.proto = proto
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def fileno(self):
+        """The fd; -1 once closed."""
+        if self.sock is not None:
+            return self.sock.fileno()
+        return self.fd
+
+    def socket(self):
+        """The ``socket.socket`` of the connection (an ``AcceptedSocket``),
+        made on the first call; it owns the fd from then on. Asked for once
+        the connection is closed, a closed socket of the same kind."""
+        if self.sock is not None:
+            return self.sock
+        cdef int fd = self.take_fd()
+        if fd < 0:
+            sock = _AcceptedSocket(self.family, self.kind, self.proto)
+            sock.close()
+        else:
+            try:
+                sock = _AcceptedSocket(self.family, self.kind, self.proto, fd)
+            except BaseException:
+                self.fd = fd  # still ours
+                raise
+        self.sock = sock
+        return sock
+
+    cdef int take_fd(self) noexcept:
+        """The owned fd, which the caller now owns (-1: none)."""
+        cdef int fd
+        with cython.critical_section(self):
+            fd = self.fd
+            self.fd = -1
+        return fd
+
+    def close(self):
+        """Close the fd (through the socket object, if one was made);
+        closing twice does nothing."""
+        sock = self.sock
+        if sock is not None:
+            sock.close()
+            return
+        cdef int fd = self.take_fd()
+        if fd >= 0:
+            c_close(fd)
+
+    cdef int check_open(self) except -1:
+        if self.fd < 0:
+            raise os_error(EBADF)
+        return 0
+
+    def send(self, data):
+        """``socket.send(data)``: the number of bytes the socket took
+        (``BlockingIOError`` when none); SIGPIPE is never raised."""
+        if self.sock is not None:
+            return self.sock.send(data)
+        self.check_open()
+        cdef Py_buffer view
+        cdef ssize_t sent
+        cdef int fd = self.fd
+        cdef int error
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            while True:
+                with nogil:
+                    sent = c_send(fd, view.buf, <size_t>view.len, MSG_NOSIGNAL)
+                    error = errno
+                if sent >= 0:
+                    return sent
+                if error != EINTR:
+                    raise os_error(error)
+                PyErr_CheckSignals()
+        finally:
+            PyBuffer_Release(&view)
+
+    def shutdown(self, int how):
+        """``socket.shutdown(how)``."""
+        if self.sock is not None:
+            return self.sock.shutdown(how)
+        self.check_open()
+        if c_shutdown(self.fd, how) != 0:
+            raise os_error(errno)
+
+    def setsockopt(self, int level, int name, int value):
+        """``socket.setsockopt(level, name, value)`` for an int value."""
+        if self.sock is not None:
+            return self.sock.setsockopt(level, name, value)
+        self.check_open()
+        if c_setsockopt(self.fd, level, name, &value, sizeof(value)) != 0:
+            raise os_error(errno)
+
+    def __repr__(self):
+        return f"<AcceptedFd fd={self.fileno()}>"

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from iouzcrx._checks import AcceptedSocket
+from iouzcrx._receive import AcceptedFd
 from iouzcrx._ring import CQE_F_MORE
 from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.modes import (
@@ -39,6 +39,10 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_RETRY_DELAY = 1.0
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+# Plain ints: the socket module's are enums, slower to pass.
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_TCP_NODELAY = int(socket.TCP_NODELAY)
 
 # asyncio's Server.wait_closed() waits for the open connections only since
 # 3.12.1; before, once close() had been called it returned at once. The server
@@ -290,7 +294,38 @@ class ZcrxServer(asyncio.AbstractServer):
         if res >= 0:
             if self._accept_failures:
                 self._accept_failures.pop(sock, None)
-            self._new_connection(AcceptedSocket(family, kind, proto, res), tcp=tcp, accepted=True)
+            # The fd alone, in a small object that owns it: no socket.socket
+            # (and its getsockname) unless the program asks for one.
+            conn = AcceptedFd(family, kind, proto, res)
+            if self._steer is not None or self._router is not None:
+                self._new_connection(conn, tcp=tcp, accepted=True)
+            else:
+                # _new_connection for one receive queue and no steering, spelled
+                # out: a Python frame less for every connection.
+                try:
+                    if tcp:
+                        conn.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+                    transport = ZcrxTransport(
+                        self._reactor,
+                        self._selection.backend,
+                        conn,
+                        self._protocol_factory(),
+                        # While the server is open, leaving is only this: no
+                        # Python frame per connection (close() hands the
+                        # connections still open _detach, which wakes
+                        # wait_closed() after the last).
+                        on_closed=self._connections.discard,
+                        start=False,
+                    )
+                except (SystemExit, KeyboardInterrupt):
+                    conn.close()
+                    raise
+                except BaseException as exc:
+                    conn.close()
+                    self._report_refused_connection(exc)
+                else:
+                    self._connections.add(transport)
+                    transport.start_accepted()
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
@@ -317,7 +352,7 @@ class ZcrxServer(asyncio.AbstractServer):
 
     def _new_connection(
         self,
-        conn: socket.socket,
+        conn: socket.socket | AcceptedFd,
         *,
         steerable: bool = True,
         tcp: bool | None = None,
@@ -334,13 +369,13 @@ class ZcrxServer(asyncio.AbstractServer):
                 tcp = conn.family in (socket.AF_INET, socket.AF_INET6)
             if tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if steerable and self._steer is not None and self._steer(conn):
+            if steerable and self._steer is not None and self._steer(_socket_of(conn)):
                 return
-            selection = self._selection if self._router is None else self._route(conn)
+            selection = self._selection if self._router is None else self._route(_socket_of(conn))
             protocol = self._protocol_factory()
             if selection.mode == "socket":  # a socket handed over by another worker
                 connection = attach_connection(
-                    self._reactor, selection, conn, protocol, self._detach
+                    self._reactor, selection, _socket_of(conn), protocol, self._detach
                 )
             else:
                 connection = ZcrxTransport(
@@ -403,6 +438,9 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        for connection in self._connections:
+            if type(connection) is ZcrxTransport and connection._on_closed is not None:
+                connection._on_closed = self._detach
         for loop_server in self._loop_servers:
             loop_server.close()
         for sock in self.sockets:
@@ -548,6 +586,12 @@ def attach_connection(
 
     loop.create_task(connect())
     return reader
+
+
+def _socket_of(conn: socket.socket | AcceptedFd) -> socket.socket:
+    """The socket object of a connection, made now if it is an accepted fd
+    (which then acts through it)."""
+    return conn.socket() if type(conn) is AcceptedFd else conn  # type: ignore[return-value]
 
 
 def _stop_listening(sock: socket.socket) -> None:

@@ -12,9 +12,9 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from iouzcrx._receive import ReceiveQueue, Receiver, socket_addresses
+from iouzcrx._receive import AcceptedFd, ReceiveQueue, Receiver, socket_addresses
 from iouzcrx._ring import Completion
 from iouzcrx.protocols import delivery_for, delivery_methods
 from iouzcrx.reactor import Reactor
@@ -58,7 +58,7 @@ class ZcrxTransport(asyncio.Transport):
         self,
         reactor: Reactor,
         queue: ReceiveQueue,
-        sock: socket.socket,
+        sock: socket.socket | AcceptedFd,
         protocol: asyncio.BaseProtocol,
         extra: dict[str, Any] | None = None,
         waiter: asyncio.Future[None] | None = None,
@@ -108,11 +108,12 @@ class ZcrxTransport(asyncio.Transport):
         family, sockname, peername = socket_addresses(sock.fileno())
         if family == _AF_INET or family == _AF_INET6:
             self._addresses = (sockname, peername)
-        else:  # a socket of another family passed in: as asyncio does
+        else:  # a socket of another family: as asyncio does
+            made = cast(socket.socket, sock.socket() if type(sock) is AcceptedFd else sock)
             extra = self._extra
-            extra["sockname"] = sock.getsockname()
+            extra["sockname"] = made.getsockname()
             try:
-                extra["peername"] = sock.getpeername()
+                extra["peername"] = made.getpeername()
             except OSError:
                 extra["peername"] = None  # reset by the peer already: its receive says so
         if start:
@@ -152,14 +153,29 @@ class ZcrxTransport(asyncio.Transport):
             raise
         except BaseException as exc:
             self._report(exc, "Exception in protocol.connection_made()")
+        # _start_reading(True), spelled out: a Python frame less for every
+        # connection.
+        if self._closing or self._paused or self._eof_seen or self._receiver is not None:
+            return
         try:
-            self._start_reading(True)
+            receiver = self._queue.recv_multishot(
+                self._sock,
+                on_end=functools.partial(self._receive_ended, self._generation),
+                on_error=self._on_protocol_error,
+                account=self._pins,
+            )
+            receiver.set_protocol_delivery(self._protocol, self._methods)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             # Raised from here, it would end the accept's completion, not
             # this connection: the protocol is told instead.
             self._fatal_error(exc, "Fatal error: zcrx transport could not start receiving")
+            return
+        self._receiver = receiver
+        self._ops_on_socket += 1
+        if self._reactor.socket_hints:
+            self._watch_socket()
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "paused" if self._paused else "reading"
@@ -170,7 +186,9 @@ class ZcrxTransport(asyncio.Transport):
         docstring)."""
         # The transport's own first: what a caller passed in names the rest.
         if name == "socket":
-            return self._sock
+            sock = self._sock
+            # An accepted fd gets its socket object now (see AcceptedFd).
+            return sock.socket() if type(sock) is AcceptedFd else sock
         if name == "zcrx_mode":
             return self._queue.mode
         if name == "pin_account":

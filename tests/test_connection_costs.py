@@ -10,15 +10,19 @@ not left to the cyclic GC. Each runs on the stock loop and on uvloop
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
+import os
 import platform
 import shutil
 import socket
 import subprocess
 import sys
 import weakref
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import RECEIVE_MODES
@@ -26,6 +30,7 @@ from isolation import child_env, run_python
 
 import iouzcrx
 from iouzcrx import _checks
+from iouzcrx._receive import AcceptedFd
 from iouzcrx.reactor import Reactor
 
 # Every ring mode; the benchmark script's test runs in bufring mode only (the
@@ -341,3 +346,185 @@ def test_benchmarks_connections_counts_no_socket_probe_per_accepted_connection(t
     assert calls.get("close", 0) >= 1, calls  # each connection was served and closed
     for probe in ("getsockopt", "fstat", "newfstatat"):
         assert probe not in calls, calls
+    # The transport's own read of the addresses; no socket object's check.
+    assert calls.get("getsockname", 0) <= 1, calls
+
+
+class Asking(Sequence):
+    """A Sequence that asks its transport for the socket, as a program
+    setting an option would, and keeps it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.sock = transport.get_extra_info("socket")
+        self.fileno = self.sock.fileno()
+
+
+@each_mode
+async def test_an_accepted_connection_makes_no_socket_object_unless_asked(mode, monkeypatch):
+    """The server holds each connection it accepted as its fd alone: no
+    socket.socket is made (each costs a getsockname and an object) until
+    get_extra_info("socket") asks for it. The socket made then owns the fd
+    and is closed with the connection."""
+    made: list[tuple[Any, ...]] = []
+    init = _checks.AcceptedSocket.__init__
+
+    def counting(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+        made.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(_checks.AcceptedSocket, "__init__", counting)
+    for _ in range(2):
+        protocol = Sequence()
+        await serve_from_thread(mode, protocol)
+        assert protocol.events == ["made", "data", "eof", "lost"]
+        assert protocol.bytes == 100000
+    assert made == []
+    asking = Asking()
+    await serve_from_thread(mode, asking)
+    assert asking.events == ["made", "data", "eof", "lost"]
+    assert asking.bytes == 100000
+    assert len(made) == 1
+    assert type(asking.sock) is _checks.AcceptedSocket and asking.fileno >= 0
+    assert asking.sock.fileno() == -1  # closed with the connection, through the socket
+
+
+def accepted_pair() -> tuple[AcceptedFd, socket.socket]:
+    """An AcceptedFd over one end of a connected pair, and the other end."""
+    mine, peer = socket.socketpair()
+    peer.settimeout(TIMEOUT)
+    return AcceptedFd(mine.family, mine.type, mine.proto, mine.detach()), peer
+
+
+def test_an_accepted_fd_sends_shuts_down_and_closes_once():
+    conn, peer = accepted_pair()
+    with peer:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        assert conn.send(b"hello") == 5
+        assert conn.send(memoryview(b"abc")[1:]) == 2
+        assert peer.recv(16) == b"hellobc"
+        conn.shutdown(socket.SHUT_WR)
+        assert peer.recv(16) == b""  # EOF
+        fd = conn.fileno()
+        assert fd >= 0 and repr(conn) == f"<AcceptedFd fd={fd}>"
+        conn.close()
+        conn.close()  # twice: nothing
+        assert conn.fileno() == -1
+        for call in (lambda: conn.send(b"x"), lambda: conn.shutdown(socket.SHUT_RDWR)):
+            with pytest.raises(OSError) as raised:
+                call()
+            assert raised.value.errno == errno.EBADF  # never a reused fd number
+        closed = conn.socket()  # asked for after close: a closed socket
+        assert type(closed) is _checks.AcceptedSocket
+        assert closed.fileno() == -1 and closed.family == socket.AF_UNIX
+        assert conn.socket() is closed
+
+
+def test_an_accepted_fd_refuses_a_buffer_it_cannot_send():
+    conn, peer = accepted_pair()
+    with peer:
+        with pytest.raises(TypeError):
+            conn.send("text")  # type: ignore[arg-type]
+        conn.close()
+
+
+def test_an_accepted_fd_dropped_open_closes_its_connection():
+    conn, peer = accepted_pair()
+    with peer:
+        del conn
+        gc.collect()
+        assert peer.recv(16) == b""  # the fd was closed: the peer sees EOF
+
+
+def test_an_accepted_fd_hands_its_fd_to_the_socket_it_makes():
+    """Once the socket object exists it owns the fd: the AcceptedFd acts
+    through it, so a program that closes that socket leaves no fd number
+    behind for the AcceptedFd to use."""
+    conn, peer = accepted_pair()
+    with peer:
+        fd = conn.fileno()
+        sock = conn.socket()
+        assert conn.socket() is sock and sock.fileno() == fd == conn.fileno()
+        assert conn.send(b"via") == 3
+        assert peer.recv(16) == b"via"
+        sock.close()  # the program closes it
+        assert conn.fileno() == -1
+        with pytest.raises(OSError) as raised:
+            conn.send(b"x")
+        assert raised.value.errno == errno.EBADF
+        conn.close()  # nothing left to close
+
+
+def test_an_accepted_fd_closed_in_a_forked_child_stays_open_in_the_parent():
+    conn, peer = accepted_pair()
+    with peer:
+        pid = os.fork()
+        if pid == 0:  # the child closes its copy only
+            try:
+                conn.close()
+                conn.close()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert conn.send(b"still") == 5
+        assert peer.recv(16) == b"still"
+        conn.close()
+        assert peer.recv(16) == b""
+
+
+# The library's Python frames one served connection runs, from its accept to
+# its connection_lost (the rest is Cython or the protocol's own).
+LIBRARY_FRAMES = {
+    "ZcrxServer._on_accept": 1,
+    "ZcrxTransport.__init__": 1,
+    "delivery_methods": 1,
+    "ZcrxTransport.start_accepted": 1,
+    "ZcrxTransport._receive_ended": 1,
+    "ZcrxTransport._deliver_eof": 1,
+    "ZcrxTransport.close": 1,
+    "ZcrxTransport._call_connection_lost": 1,
+}
+# Where the ring's eventfd wakes the loop late, the transport also watches its
+# socket (Reactor.socket_hints): those frames are not counted, and how many
+# readable events come depends on timing.
+SOCKET_HINT_FRAMES = {
+    "ZcrxTransport._watch_socket",
+    "ZcrxTransport._unwatch_socket",
+    "ZcrxTransport._on_socket_readable",
+    "ZcrxTransport._rewatch_socket",
+}
+
+
+@each_mode
+async def test_a_connection_runs_few_python_frames_of_the_library(mode):
+    """Set-up and teardown of a connection the ring accepted take one
+    Python frame each of the server and transport steps that must be
+    Python (LIBRARY_FRAMES): none per delivery, and the rest (starting the
+    receive, leaving the server's set) is spelled out or in Cython."""
+    files = tuple(
+        f"{os.sep}iouzcrx{os.sep}{name}" for name in ("server.py", "transport.py", "protocols.py")
+    )
+    calls: Counter[str] = Counter()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith(files):
+            calls[frame.f_code.co_qualname] += 1
+
+    loop = asyncio.get_running_loop()
+    protocol = Sequence()
+    server = await iouzcrx.create_zcrx_server(lambda: protocol, "127.0.0.1", 0, mode=mode)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client = loop.run_in_executor(None, send_and_close, port, 100000)
+        sys.setprofile(profile)  # this thread only: the client's is not counted
+        try:
+            assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+        finally:
+            sys.setprofile(None)
+        await asyncio.wait_for(client, TIMEOUT)
+    assert protocol.events == ["made", "data", "eof", "lost"]
+    hints = {name for name in calls if name in SOCKET_HINT_FRAMES}
+    if not Reactor.for_loop(loop).socket_hints:
+        assert not hints, calls
+    assert {k: n for k, n in calls.items() if k not in SOCKET_HINT_FRAMES} == LIBRARY_FRAMES
