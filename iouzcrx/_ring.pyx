@@ -99,7 +99,8 @@ cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
 # ``tail`` to their requests; the ring's CQ head and CQE count move past each
 # CQE before its handler runs, so that after a handler's exception the caller
 # goes on from the head.  The ring's layout is read once: nothing a handler
-# may do moves it (a close inside a drain waits for the drain's end).
+# may do moves it (a close inside a drain waits for the drain's end), and a
+# handler that forks stops the walk in the child.
 
 cdef int walk_mixed(Ring ring, uint32_t tail) except -1:
     """CQE_MIXED: 16-byte slots, a 32-byte CQE in two of them."""
@@ -130,6 +131,8 @@ cdef int walk_mixed(Ring ring, uint32_t tail) except -1:
         iouz_store_release(cq_head, h)
         ring.cqes_reaped += 1
         hand_over(ring, user_data, res, flags, extra)
+        if current_pid != ring.owner_pid:
+            return 0  # the handler forked: the child leaves the parent's CQ
     return 0
 
 
@@ -153,6 +156,8 @@ cdef int walk_wide(Ring ring, uint32_t tail) except -1:
         iouz_store_release(cq_head, h)
         ring.cqes_reaped += 1
         hand_over(ring, user_data, res, flags, extra)
+        if current_pid != ring.owner_pid:
+            return 0  # the handler forked: the child leaves the parent's CQ
     return 0
 
 
@@ -484,6 +489,11 @@ cdef class Ring:
                     walk_wide(self, tail)
             except BaseException as exc:
                 self.report_callback_error(exc)
+            if current_pid != self.owner_pid:
+                # A handler forked and this is the child, which may have
+                # unmapped its copy of the rings: stop before the head is
+                # read again, and say why.
+                self.check_thread()
         if self.cqes_reaped == reaped:
             return 0
         self.clients_after_reap(False)
@@ -564,8 +574,10 @@ cdef class Ring:
         finally:
             try:
                 # What the clients held back for a next batch that this drain
-                # will not reap goes out now, still inside the drain.
-                self.clients_after_reap(True)
+                # will not reap goes out now, still inside the drain (not in
+                # a child a handler forked: the buffers are the parent's).
+                if current_pid == self.owner_pid:
+                    self.clients_after_reap(True)
             finally:
                 self.draining = False
                 if self.close_requested and not self.closing:
@@ -1004,11 +1016,20 @@ cdef class Ring:
     cdef int forget(self) except -1:
         """In a forked child: drop this process's copies of the mappings and
         fds; the requests and clients are the parent's, left untouched."""
+        cdef list kept = []
+        if self.draining:
+            # Called from a handler that forked: the walk it returns into
+            # runs that handler's request through a borrowed pointer, which
+            # the in-flight set may hold alone.  The child's copies stay
+            # until the ring goes.
+            kept = [self.inflight, self.clients]
+            self.inflight = set()
+        else:
+            self.inflight.clear()
         self.clients = []
         self.dropped_buffer_groups = []
-        self.inflight.clear()
         self.release_resources()
-        self.kernel_refs = []
+        self.kernel_refs = kept
         return 0
 
     def __enter__(self):

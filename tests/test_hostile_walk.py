@@ -1,0 +1,167 @@
+"""The ring's CQ walk under hostile completion callbacks, on the host kernel
+in bufring mode: a callback that forks and closes the ring, the queue or
+nothing in the child and then returns into the walk, which goes on in the
+child.  The walk reaches a request that may post more through a borrowed
+pointer and the mapped CQ through pointers read once per batch: neither may
+be touched in a child that let go of them, and the parent receives on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import Pattern, connect_pair
+
+import iouzcrx
+from iouzcrx.errors import WrongProcess
+
+KIB = 1024
+TIMEOUT = 30
+PEERS = 4
+
+
+def child_exit(pid: int) -> int:
+    """The child's exit code (a negative signal number if it died of one)."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["classic", "incremental"])
+@pytest.mark.parametrize("what", ["ring", "queue", "queue-ring", "nothing"])
+def test_a_child_forked_in_on_data_returns_into_the_walk(ring, listener, incremental, what):
+    """Several connections' CQEs in one batch; the first on_data forks.  The
+    child closes what ``what`` names (the ring's close there only forgets its
+    copies: in-flight set cleared, rings unmapped) and returns into the walk.
+    The child must not crash: its next drain says WrongProcess, and it exits
+    with the code it chose.  The parent's batch and receives go on exactly."""
+    queue = iouzcrx.BufRingQueue(
+        ring, incremental=incremental, area_size=1 << 20, buffer_size=16 * KIB
+    )
+    if incremental and not queue.incremental:
+        queue.close()
+        pytest.skip(str(queue.incremental_refused))
+    parent = os.getpid()
+    pairs = [connect_pair(listener) for _ in range(PEERS)]
+    got = [bytearray() for _ in pairs]
+    children: list[int] = []
+    closers: dict[str, Callable[[], None]] = {"ring": ring.close, "queue": queue.close}
+
+    def receiving(i: int) -> Callable[[memoryview], None]:
+        def on_data(view: memoryview) -> None:
+            if os.getpid() != parent:
+                return  # the child's copy of the rest of the batch
+            got[i].extend(view)
+            if children:
+                return
+            pid = os.fork()
+            if pid:
+                children.append(pid)
+                return
+            # The child: close, then return into the walk.
+            for name in what.split("-"):
+                if name in closers:
+                    closers[name]()
+
+        return on_data
+
+    receivers = [
+        queue.recv_multishot(conn, on_data=receiving(i)) for i, (_, conn) in enumerate(pairs)
+    ]
+    ring.submit()
+    first = [Pattern(i).doubled[:100] for i in range(PEERS)]
+    for (client, _), payload in zip(pairs, first, strict=True):
+        client.sendall(payload)
+    code = 10
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not children and time.monotonic() < deadline:
+            try:
+                ring.wait(0.01)
+            except WrongProcess:
+                # The child, once it returned into the walk: a clear error.
+                code = 0
+                break
+        if os.getpid() != parent:
+            # A second drain in the child fails the same way (the ring is
+            # closed there, or the parent's).
+            try:
+                ring.wait(0.01)
+                code = 11
+            except (WrongProcess, ValueError):
+                pass
+    finally:
+        if os.getpid() != parent:  # pragma: no cover - reports through its status
+            os._exit(code)
+    assert children, "no on_data ran"
+    assert child_exit(children[0]) == 0
+    # The parent's batch and later data arrive byte-exact.
+    later = [Pattern(i).doubled[100 : 40 * KIB] for i in range(PEERS)]
+    for (client, _), payload in zip(pairs, later, strict=True):
+        client.sendall(payload)
+    deadline = time.monotonic() + TIMEOUT
+    while any(len(g) < 40 * KIB for g in got) and time.monotonic() < deadline:
+        ring.wait(0.01)
+    assert all(bytes(got[i]) == Pattern(i).doubled[: 40 * KIB] for i in range(PEERS))
+    for receiver in receivers:
+        receiver.close()
+    ring.wait_for(lambda: all(r.finished for r in receivers), TIMEOUT)
+    assert queue.stats()["buffers_in_use"] == 0, queue.stats()
+    for client, conn in pairs:
+        client.close()
+        conn.close()
+    queue.close()
+
+
+@pytest.mark.parametrize("close_ring", [False, True], ids=["keep", "close-ring"])
+def test_a_child_forked_in_an_accept_callback_returns_into_the_walk(ring, close_ring):
+    """A multishot accept whose Completion only the ring holds (the caller
+    dropped it): its callback forks, the child forgets the ring (which
+    clears the in-flight set holding that very request) and returns.  The
+    child exits cleanly; the parent accepts on."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(64)
+    parent = os.getpid()
+    accepted: list[int] = []
+    children: list[int] = []
+
+    def on_accept(res: int, flags: int) -> None:
+        if os.getpid() != parent:
+            return
+        if res >= 0:
+            accepted.append(res)
+        if children:
+            return
+        pid = os.fork()
+        if pid:
+            children.append(pid)
+        elif close_ring:
+            ring.close()
+
+    ring.accept(ls, callback=on_accept)  # dropped: the ring holds it
+    ring.submit()
+    clients = [socket.create_connection(ls.getsockname()) for _ in range(PEERS)]
+    code = 10
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not children and time.monotonic() < deadline:
+            try:
+                ring.wait(0.01)
+            except WrongProcess:
+                code = 0
+                break
+    finally:
+        if os.getpid() != parent:  # pragma: no cover - reports through its status
+            os._exit(code)
+    assert children
+    assert child_exit(children[0]) == 0
+    clients += [socket.create_connection(ls.getsockname()) for _ in range(PEERS)]
+    ring.wait_for(lambda: len(accepted) == len(clients), TIMEOUT)
+    for fd in accepted:
+        os.close(fd)
+    for client in clients:
+        client.close()
+    ls.close()
