@@ -117,6 +117,25 @@ cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t cou
         queue.give_back_run(token, count, first_length, length)
 
 
+cdef int socket_fd_now(object sock) except? -2:
+    """The fd ``sock`` names now (-1: closed, detached, or no answer)."""
+    cdef AcceptedFd accepted
+    if type(sock) is AcceptedFd:
+        accepted = <AcceptedFd>sock
+        if accepted.fd >= 0:
+            return accepted.fd
+        sock = accepted.sock
+        if sock is None:
+            return -1
+    elif type(sock) is int:
+        return <int>sock  # a bare number: the program vouches for it
+    try:
+        fd = sock.fileno()
+        return fd if type(fd) is int and 0 <= fd < 0x7FFFFFFF else -1
+    except Exception:
+        return -1
+
+
 cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noexcept:
     """Adds a chunk to the receiver's pending run and counts it, if it
     continues the run in memory and the run has room for it (the caller
@@ -303,6 +322,11 @@ cdef class ReceiveQueue(BufferOwner):
                 or receiver.bytes_received != receiver.bytes_at_arm)
 
     cdef int arm_receiver(self, Receiver receiver) except -1:
+        if receiver.rearms and receiver.fd >= 0 and socket_fd_now(receiver.sock) != receiver.fd:
+            # The program closed or detached the socket while the receive
+            # waited: its number may name another connection by now.  Armed
+            # on no fd, the receive ends the usual way, with EBADF.
+            receiver.fd = -1
         receiver.waiting_for_returns = False
         receiver.held_counted = False
         receiver.armed_epoch = self.return_epoch

@@ -165,3 +165,49 @@ def test_a_child_forked_in_an_accept_callback_returns_into_the_walk(ring, close_
     for client in clients:
         client.close()
     ls.close()
+
+
+@pytest.mark.parametrize("how", ["close", "detach"])
+def test_a_starved_receive_never_restarts_on_an_fd_number_its_socket_gave_up(ring, listener, how):
+    """A receive starved by the views it queued waits with its fd number;
+    meanwhile the program closes (or detaches) the socket and the number
+    goes to another connection.  Restarting must not receive from that
+    one: the receive ends with EBADF, and the other connection's data stays
+    in its socket for its own reader."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=64 * KIB, buffer_size=16 * KIB)
+    client, conn = connect_pair(listener)
+    receiver = queue.recv_multishot(conn)
+    ring.submit()
+    client.sendall(Pattern(1).doubled[: 128 * KIB])  # twice the area
+    ring.wait_for(lambda: receiver.starved, TIMEOUT)
+    views = [receiver.get(0) for _ in range(receiver.queued)]
+    assert sum(len(v) for v in views) <= 64 * KIB
+    number = conn.fileno()
+    other_client, other = connect_pair(listener)
+    detached = conn.detach() if how == "detach" else -1
+    conn.close()
+    if detached >= 0:
+        os.close(detached)
+    os.dup2(other.fileno(), number)  # the number now names another connection
+    try:
+        other_client.sendall(b"not for the starved receive")
+        for view in views:
+            view.release()
+        del views
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+        assert isinstance(receiver.error, OSError), receiver.error
+        leaked = b"".join(bytes(receiver.get(0)) for _ in range(receiver.queued))
+        assert b"not for" not in leaked
+        stolen = socket.socket(fileno=os.dup(number))
+        stolen.settimeout(TIMEOUT)
+        try:
+            assert stolen.recv(64) == b"not for the starved receive"
+        finally:
+            stolen.close()
+    finally:
+        os.close(number)
+    other.close()
+    other_client.close()
+    client.close()
+    assert queue.stats()["buffers_in_use"] == 0, queue.stats()
+    queue.close()
