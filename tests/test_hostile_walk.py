@@ -7,6 +7,8 @@ be touched in a child that let go of them, and the parent receives on."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import socket
 import time
@@ -211,3 +213,92 @@ def test_a_starved_receive_never_restarts_on_an_fd_number_its_socket_gave_up(rin
     client.close()
     assert queue.stats()["buffers_in_use"] == 0, queue.stats()
     queue.close()
+
+
+def open_sockets() -> dict[str, str]:
+    """This process's socket fds, by number."""
+    links = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own fd
+        if link.startswith("socket:"):
+            links[name] = link
+    return links
+
+
+# The writes the transport tries fail with EBADF: a fatal write error, reported.
+@pytest.mark.allow_exception_handler
+@pytest.mark.parametrize("how", ["close", "detach"])
+async def test_a_transport_whose_socket_the_program_gave_up_never_touches_its_fd_number(
+    tmp_path, how
+):
+    """connection_made takes the accepted connection's socket and closes
+    (or detaches and closes) it, then opens a file, which gets the freed fd
+    number.  Every transport call after that (get_extra_info twice, write,
+    writelines, write_eof, close, abort) must leave that file alone, and
+    many such connections leave no socket fd behind."""
+    loop = asyncio.get_running_loop()
+    files: list[tuple[int, int]] = []
+    lost: list[BaseException | None] = []
+    numbers: list[int] = []
+
+    class GivesUp(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            sock = transport.get_extra_info("socket")
+            assert transport.get_extra_info("socket") is sock
+            numbers.append(sock.fileno())
+            if how == "detach":
+                os.close(sock.detach())
+            else:
+                sock.close()
+            fd = os.open(tmp_path / f"kept{len(files)}", os.O_RDWR | os.O_CREAT)
+            files.append((fd, os.fstat(fd).st_ino))
+            assert transport.get_extra_info("socket") is sock
+            for call in (
+                lambda: transport.write(b"x" * 100),
+                lambda: transport.writelines([b"a", b"b"]),
+                transport.write_eof,
+                transport.close,
+                transport.close,
+                transport.abort,
+                lambda: transport.write(b"after close"),
+            ):
+                try:
+                    call()
+                except (OSError, RuntimeError, AttributeError):
+                    pass  # refusing is fine: acting on the number is not
+
+        def data_received(self, data: bytes) -> None:
+            pass
+
+        def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+            lost.append(exc)
+
+    server = await loop.create_zcrx_server(GivesUp, "127.0.0.1", 0, mode="bufring")
+    before = open_sockets()  # the listening socket's included
+    port = server.sockets[0].getsockname()[1]
+    conns = 20
+    for _ in range(conns):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello")
+        await asyncio.wait_for(reader.read(), TIMEOUT)  # the server end goes
+        writer.close()
+        await writer.wait_closed()
+    deadline = loop.time() + TIMEOUT
+    while len(lost) < conns and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert len(lost) == conns
+    for _ in range(5):
+        await asyncio.sleep(0.01)  # any late write or close would land now
+    assert len(files) == conns
+    for fd, inode in files:
+        assert os.fstat(fd).st_ino == inode  # still open, still that file
+        assert os.pread(fd, 64, 0) == b""  # nothing written to it
+        os.close(fd)
+    server.close()
+    await server.wait_closed()
+    gc.collect()
+    after = open_sockets()
+    assert set(after.items()) - set(before.items()) == set()
