@@ -11,6 +11,7 @@ import asyncio
 import gc
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -302,3 +303,90 @@ async def test_a_transport_whose_socket_the_program_gave_up_never_touches_its_fd
     gc.collect()
     after = open_sockets()
     assert set(after.items()) - set(before.items()) == set()
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["classic", "incremental"])
+def test_on_data_that_raises_and_switches_delivery_mid_run_loses_nothing(
+    ring, listener, incremental
+):
+    """on_data raises Exception, KeyboardInterrupt and SystemExit in turn,
+    switches itself off (on_data=None: views queue) and the queue's views
+    are taken and on_data set again, and hands the receive to a bytes
+    protocol; views are held throughout.  Every byte arrives once, in
+    order, wherever it went; the drains raise the non-Exception ones;
+    once everything is let go no buffer is in use."""
+    queue = iouzcrx.BufRingQueue(
+        ring, incremental=incremental, area_size=1 << 20, buffer_size=16 * KIB
+    )
+    if incremental and not queue.incremental:
+        queue.close()
+        pytest.skip(str(queue.incremental_refused))
+    client, conn = connect_pair(listener)
+    got = bytearray()
+    held: list[memoryview] = []
+    failures: list[BaseException] = []
+    calls = [0]
+    kinds = [ValueError, KeyboardInterrupt, SystemExit]
+
+    class Copies(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.extend(data)
+
+    def on_data(view: memoryview) -> None:
+        got.extend(view)  # taken, then maybe refused: it counts as delivered
+        held.append(view)
+        calls[0] += 1
+        step = calls[0] % 8
+        if step in (1, 2, 3):
+            raise kinds[step - 1](f"on_data refuses {calls[0]}")
+        if step == 5:
+            receiver.on_data = None  # the next views queue
+        if step == 7:
+            receiver.set_protocol_delivery(Copies())
+
+    receiver = queue.recv_multishot(conn, on_data=on_data, on_error=failures.append)
+    ring.submit()
+    payload = Pattern(3).doubled[: 2 << 20]
+    total = len(payload)
+    sender = socket.socket(fileno=os.dup(client.fileno()))
+    sender.setblocking(True)
+    thread = threading.Thread(target=sender.sendall, args=(payload,))
+    thread.start()
+    raised: list[type] = []
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while len(got) < total and time.monotonic() < deadline:
+            try:
+                ring.wait(0.01)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                raised.append(type(exc))
+            while receiver.queued:
+                view = receiver.get(0)
+                got.extend(view)
+                held.append(view)
+            if receiver.on_data is None and receiver.delivery == "views":
+                receiver.on_data = on_data
+            elif receiver.delivery == "bytes" and calls[0] < 40:
+                receiver.on_data = on_data
+            if len(held) > 8 or receiver.starved:
+                for view in held:
+                    view.release()
+                held.clear()
+    finally:
+        thread.join(TIMEOUT)
+        sender.close()
+    assert bytes(got) == payload, (len(got), calls, receiver, receiver.error)
+    assert calls[0] >= 4, calls
+    assert all(isinstance(f, ValueError) for f in failures) and failures
+    # One drain raises the first of the two it caught (both may fall in one).
+    assert raised and set(raised) <= {KeyboardInterrupt, SystemExit}, raised
+    for view in held:
+        view.release()
+    held.clear()
+    assert queue.stats()["buffers_in_use"] == 0, queue.stats()
+    assert 0 < queue.stats()["peak_buffers_in_use"] <= queue.total_buffers
+    receiver.close()
+    ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    client.close()
+    conn.close()
+    queue.close()
