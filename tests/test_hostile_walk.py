@@ -390,3 +390,42 @@ def test_on_data_that_raises_and_switches_delivery_mid_run_loses_nothing(
     client.close()
     conn.close()
     queue.close()
+
+
+def test_threads_asking_for_an_accepted_connections_socket_all_get_the_one_that_owns_it():
+    """get_extra_info("socket") from several threads at once (AcceptedFd.
+    socket()): every caller gets the same, open socket object, which owns
+    the fd; none gets a closed stand-in made by the thread that lost."""
+    import sys
+
+    from iouzcrx._receive import AcceptedFd
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(200):
+            a, b = socket.socketpair()
+            accepted = AcceptedFd(a.family, a.type, a.proto, a.detach())
+            start = threading.Barrier(4)
+            got: list[socket.socket] = []
+
+            def ask(
+                accepted: AcceptedFd = accepted,
+                start: threading.Barrier = start,
+                got: list[socket.socket] = got,
+            ) -> None:
+                start.wait(TIMEOUT)
+                got.append(accepted.socket())
+
+            threads = [threading.Thread(target=ask) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(TIMEOUT)
+            assert len(got) == 4
+            assert all(s is got[0] for s in got), got
+            assert got[0].fileno() >= 0 and accepted.socket() is got[0]
+            accepted.close()
+            b.close()
+    finally:
+        sys.setswitchinterval(old)
