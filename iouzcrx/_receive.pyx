@@ -1027,18 +1027,28 @@ cdef class AcceptedFd:
         the connection is closed, a closed socket of the same kind."""
         if self.sock is not None:
             return self.sock
-        cdef int fd = self.take_fd()
+        cdef int fd = self.fd
+        cdef bint claimed = False
         if fd < 0:
             sock = _AcceptedSocket(self.family, self.kind, self.proto)
             sock.close()
         else:
-            try:
-                sock = _AcceptedSocket(self.family, self.kind, self.proto, fd)
-            except BaseException:
-                self.fd = fd  # still ours
-                raise
-        self.sock = sock
-        return sock
+            # Made before the fd is taken: making it may let another thread
+            # run, which may ask for the socket too, or close the fd.
+            sock = _AcceptedSocket(self.family, self.kind, self.proto, fd)
+        with cython.critical_section(self):
+            if self.sock is None and self.fd == fd:
+                self.fd = -1
+                self.sock = sock
+                claimed = True
+        if not claimed:
+            if fd >= 0:
+                # Another thread claimed the fd first, or closed it (its
+                # number may name another file by now): never this object's.
+                sock.detach()
+            if self.sock is None:
+                return self.socket()  # closed meanwhile: a closed stand-in
+        return self.sock
 
     cdef int take_fd(self) noexcept:
         """The owned fd, which the caller now owns (-1: none)."""

@@ -429,3 +429,40 @@ def test_threads_asking_for_an_accepted_connections_socket_all_get_the_one_that_
             b.close()
     finally:
         sys.setswitchinterval(old)
+
+
+def test_an_accepted_fd_closed_while_its_socket_is_being_made_leaves_the_number_alone(
+    monkeypatch,
+):
+    """Another thread closes the connection while socket() makes the socket
+    object, and the number goes to a new file at once: the object made for
+    the old fd must never act on that number (not even close it when it is
+    collected); socket() answers with a closed socket instead."""
+    from iouzcrx import _receive
+    from iouzcrx._receive import AcceptedFd
+
+    made = _receive._AcceptedSocket
+    a, b = socket.socketpair()
+    accepted = AcceptedFd(a.family, a.type, a.proto, a.detach())
+    number = accepted.fileno()
+    reused: list[int] = []
+
+    def closed_meanwhile(*args: int) -> socket.socket:
+        sock = made(*args)
+        if len(args) == 4:
+            accepted.close()
+            reused.append(os.open(os.devnull, os.O_RDONLY))
+        return sock
+
+    monkeypatch.setattr(_receive, "_AcceptedSocket", closed_meanwhile)
+    try:
+        sock = accepted.socket()
+        assert reused == [number], "the test needs the number reused at once"
+        assert sock.fileno() == -1
+        assert accepted.socket() is sock
+        gc.collect()
+        os.fstat(number)  # still the new file's
+    finally:
+        for fd in reused:
+            os.close(fd)
+        b.close()
