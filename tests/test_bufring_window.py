@@ -136,6 +136,20 @@ def test_a_stream_read_as_it_arrives_goes_through_the_same_few_buffers(ring, lis
     server.close()
 
 
+def hold_views(receiver, total, check=lambda: True):  # type: ignore[no-untyped-def]
+    """The views of the first ``total`` bytes, all held; ``check()`` must
+    hold after each."""
+    views = []
+    received = 0
+    while received < total:
+        view = receiver.get(30)
+        assert view is not None, "the stream stopped before the area was full"
+        views.append(view)
+        received += len(view)
+        assert check()
+    return views
+
+
 def test_views_held_beyond_the_window_draw_on_the_spares(ring, listener):
     """Views over 3 MiB held at once, through a window of 256 KiB over 4 MiB:
     the spares refill the window as the kernel takes buffers, so the held
@@ -147,13 +161,7 @@ def test_views_held_beyond_the_window_draw_on_the_spares(ring, listener):
     sender = Sender(client, 4, total)
     receiver = queue.recv_multishot(server)
     sender.start()
-    views = []
-    received = 0
-    while received < total:
-        view = receiver.get(30)
-        assert view is not None, "the stream stopped before the area was full"
-        views.append(view)
-        received += len(view)
+    views = hold_views(receiver, total)
     sender.join(10)
     assert sender.error is None
     assert queue.buffers_in_use >= total // (64 * KIB) - 1
@@ -179,14 +187,11 @@ def test_the_peak_of_buffers_in_use_counts_views_still_held(ring, listener):
     sender = Sender(client, 5, total)
     receiver = queue.recv_multishot(server)
     sender.start()
-    views = []
-    received = 0
-    while received < total:
-        view = receiver.get(30)
-        assert view is not None
-        views.append(view)
-        received += len(view)
-        assert queue.peak_buffers_in_use == queue.buffers_in_use
+    views = hold_views(
+        receiver,
+        total,
+        check=lambda: queue.peak_buffers_in_use == queue.buffers_in_use,
+    )
     sender.join(10)
     held = queue.buffers_in_use
     assert held >= total // (64 * KIB)

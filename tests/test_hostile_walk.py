@@ -32,6 +32,19 @@ def child_exit(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def drive_until_forked(ring: iouzcrx.Ring, children: list[int]) -> int:
+    """Drain until a callback has forked; the exit code the process should
+    end with if it is the child: 0 once its drain said WrongProcess (the
+    clear error a child that returned into the walk must get), else 10."""
+    deadline = time.monotonic() + TIMEOUT
+    while not children and time.monotonic() < deadline:
+        try:
+            ring.wait(0.01)
+        except WrongProcess:
+            return 0
+    return 10
+
+
 @pytest.mark.parametrize("incremental", [False, True], ids=["classic", "incremental"])
 @pytest.mark.parametrize("what", ["ring", "queue", "queue-ring", "nothing"])
 def test_a_child_forked_in_on_data_returns_into_the_walk(ring, listener, incremental, what):
@@ -79,14 +92,7 @@ def test_a_child_forked_in_on_data_returns_into_the_walk(ring, listener, increme
         client.sendall(payload)
     code = 10
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not children and time.monotonic() < deadline:
-            try:
-                ring.wait(0.01)
-            except WrongProcess:
-                # The child, once it returned into the walk: a clear error.
-                code = 0
-                break
+        code = drive_until_forked(ring, children)
         if os.getpid() != parent:
             # A second drain in the child fails the same way (the ring is
             # closed there, or the parent's).
@@ -149,13 +155,7 @@ def test_a_child_forked_in_an_accept_callback_returns_into_the_walk(ring, close_
     clients = [socket.create_connection(ls.getsockname()) for _ in range(PEERS)]
     code = 10
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not children and time.monotonic() < deadline:
-            try:
-                ring.wait(0.01)
-            except WrongProcess:
-                code = 0
-                break
+        code = drive_until_forked(ring, children)
     finally:
         if os.getpid() != parent:  # pragma: no cover - reports through its status
             os._exit(code)
