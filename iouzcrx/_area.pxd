@@ -45,7 +45,9 @@ cdef class PinAccount:
     cdef readonly uint64_t pinned
     cdef readonly uint64_t limit
     cdef readonly bint stalled        # the receive waits for pins or buffers to go
-    cdef public object on_stall       # called (no argument) when it starts waiting
+    # Called (no argument) when the receive starts waiting, after the last
+    # view it delivers before then.
+    cdef public object on_stall
     cdef int stall(self) except -1
 
 

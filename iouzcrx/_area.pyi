@@ -73,7 +73,9 @@ class PinAccount:
     stalled: bool
     """Whether the receive waits for pins or buffers to go."""
     on_stall: Callable[[], object] | None
-    """Called, with no argument, when the receive starts waiting."""
+    """Called, with no argument, when the receive starts waiting: after the
+    last view it delivers before then, so that giving up the views held at
+    that moment gives up all of them."""
     def __init__(self, limit: int) -> None: ...
 
 class Buffer:

@@ -408,28 +408,47 @@ cdef class ReceiveQueue(BufferOwner):
         """The kernel ended ``receiver`` for want of buffers; the data stays in
         the socket (TCP flow control holds the sender) until buffers return."""
         receiver.armed = False
+        if receiver.run_count:
+            # Its data before its stall (see park).
+            receiver.flush_run()
+            if receiver.finished:
+                return 0
         if receiver.cancelling:
-            # Cancelled from a callback earlier in this batch: its cancel finds
-            # nothing to cancel, so the receive ends here.
+            # Cancelled from a callback earlier in this batch (or by the one
+            # just run): its cancel finds nothing to cancel, so the receive
+            # ends here.
             return receiver.finish(None, False)
         self.starvations += 1
         receiver.starved = True
         receiver.waiting_for_returns = True
         self.starved.append(receiver)
-        if receiver.account is not None and not (self.keeps_spares and self.free_buffers()):
-            # The area is exhausted (a window that merely ran dry, with
-            # spares left, is refilled on the next pass: no stall to report,
-            # which would wake a waiting reader for nothing).
+        if receiver.account is not None and (
+                receiver.throttled or not (self.keeps_spares and self.free_buffers())):
+            # The area is exhausted, or the receive had reached its pin
+            # limit and is told now that it has stopped.  A window that
+            # merely ran dry, with spares left, is refilled on the next
+            # pass: no stall to report, which would wake a waiting reader
+            # for nothing.
             receiver.account.stall()
         return 0
 
     cdef int park(self, Receiver receiver) except -1:
         """A receive stopped for its pins waits, like a starved one, for the
-        owner thread's before_enter to start it again."""
+        owner thread's before_enter to start it again.  Its account is told
+        of the stall now that the receive has stopped, after its last view:
+        a program that gives up its views when told must have them all by
+        then, or the view it keeps could hold the last free buffer for
+        ever."""
         receiver.armed = False
+        if receiver.run_count:
+            receiver.flush_run()
+            if receiver.finished:
+                return 0
+        if receiver.cancelling:
+            return receiver.finish(None, False)
         receiver.starved = True
         self.starved.append(receiver)
-        return 0
+        return receiver.account.stall()
 
     cdef int rearm(self, Receiver receiver) except -1:
         """The kernel ended ``receiver`` with more to receive (a full CQ):
@@ -746,15 +765,20 @@ cdef class Receiver(Request):
 
     cdef int deliver_pinned(self, object view) except -1:
         """Deliver a view over area buffers; when the account it counts
-        against reaches its limit, stop the receive first (its data waits in
-        the socket meanwhile)."""
+        against reaches its limit, stop the receive (its data waits in the
+        socket meanwhile)."""
         cdef PinAccount account = self.account
-        if (account is not None and account.pinned >= account.limit and not self.throttled
-                and not self.finished and not self.cancelling and not self.discarding):
-            self.throttled = True
-            if self.armed:
-                self.throttle_cancel = self.queue.ring.cancel(self)
-            account.stall()
+        if (account is None or account.pinned < account.limit or self.throttled
+                or self.finished or self.cancelling or self.discarding):
+            return self.deliver(view)
+        self.throttled = True
+        account.stalled = True  # as a reader looking at it sees from here on
+        if self.armed:
+            self.throttle_cancel = self.queue.ring.cancel(self)
+        # on_stall is called once the receive has stopped (park, or starve
+        # if the buffers ran out first), after any view still on its way; a
+        # receive that ends instead (this flush may be its finish's) is not
+        # told.
         return self.deliver(view)
 
     cdef int deliver(self, object view) except -1:

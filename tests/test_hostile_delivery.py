@@ -19,6 +19,7 @@ import pytest
 from conftest import Pattern, connect_pair
 
 import iouzcrx
+from iouzcrx._area import PinAccount
 
 KIB = 1024
 TIMEOUT = 30
@@ -465,6 +466,65 @@ def test_many_peers_of_tiny_and_large_messages_in_a_small_area(
     for client, conn in pairs:
         client.close()
         conn.close()
+    queue.close()
+
+
+@ring_kinds
+@pytest.mark.parametrize("limit", ["own-share", "whole-area"])
+def test_on_stall_comes_after_every_view_the_receive_delivers_before_it_waits(
+    ring, listener, incremental, limit
+):
+    """A program that gives up its views when told of a stall must have
+    them all by then: no view may come between on_stall and the receive's
+    start again.  Told first, a program that keeps the newest view until
+    the next one comes (as a parser does) would keep that one for ever;
+    with every buffer of a shared area so held, no receive could start
+    again.  Both ways a receive stalls: its connection reaching its own
+    share of the area, and the area running out (an account whose limit
+    is the whole area).  Each stop is told once."""
+    queue = bufring_queue(ring, incremental, area_size=128 * KIB)
+    if limit == "own-share":
+        account = queue.pin_account()
+    else:
+        account = PinAccount(queue.total_buffers)
+    client, conn = connect_pair(listener)
+    total = 2 * 1024 * KIB
+    receiver = queue.recv_multishot(conn, account=account)
+    got = bytearray()
+    held: list[memoryview] = []
+    told_at: list[int] = []  # the receive's restarts when on_stall came
+    late: list[int] = []  # views that came after it, before a restart
+
+    def keep_newest(view: memoryview) -> None:
+        got.extend(view)
+        if told_at and told_at[-1] == receiver.rearms:
+            late.append(len(view))
+        held[:] = [view]
+
+    def give_up() -> None:
+        told_at.append(receiver.rearms)
+        held.clear()
+
+    receiver.on_data = keep_newest
+    receiver.on_end = lambda error: held.clear()
+    account.on_stall = give_up
+    sender = threading.Thread(
+        target=send_in_pieces, args=(client, Pattern(5).doubled[:total], [total])
+    )
+    sender.start()
+    raised: list[BaseException] = []
+    drain_until(ring, lambda: receiver.finished, raised)
+    sender.join(TIMEOUT)
+    assert not raised
+    assert receiver.finished and receiver.eof, receiver.error
+    assert bytes(got) == Pattern(5).doubled[:total]
+    assert told_at, "the receive never stalled: the test did not test"
+    assert late == [], f"{len(late)} views came after on_stall, the first of {late[0]} bytes"
+    assert len(set(told_at)) == len(told_at), "told twice of one stop"
+    assert queue.buffers_in_use == 0, queue.stats()
+    assert account.pinned == 0
+    client.close()
+    conn.close()
     queue.close()
 
 
