@@ -58,6 +58,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
                      uint64_t extra) except -1
     cdef int starve(self, Receiver receiver) except -1
+    cdef bint stops(self, Receiver receiver) except -1
     cdef int rearm(self, Receiver receiver) except -1
     cdef int end_by_kernel(self, Receiver receiver, int32_t res) except -1
     cdef int receiver_finished(self, Receiver receiver) except -1

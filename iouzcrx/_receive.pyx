@@ -407,17 +407,8 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int starve(self, Receiver receiver) except -1:
         """The kernel ended ``receiver`` for want of buffers; the data stays in
         the socket (TCP flow control holds the sender) until buffers return."""
-        receiver.armed = False
-        if receiver.run_count:
-            # Its data before its stall (see park).
-            receiver.flush_run()
-            if receiver.finished:
-                return 0
-        if receiver.cancelling:
-            # Cancelled from a callback earlier in this batch (or by the one
-            # just run): its cancel finds nothing to cancel, so the receive
-            # ends here.
-            return receiver.finish(None, False)
+        if not self.stops(receiver):
+            return 0
         self.starvations += 1
         receiver.starved = True
         receiver.waiting_for_returns = True
@@ -439,16 +430,27 @@ cdef class ReceiveQueue(BufferOwner):
         a program that gives up its views when told must have them all by
         then, or the view it keeps could hold the last free buffer for
         ever."""
+        if not self.stops(receiver):
+            return 0
+        receiver.starved = True
+        self.starved.append(receiver)
+        return receiver.account.stall()
+
+    cdef bint stops(self, Receiver receiver) except -1:
+        """The kernel ended ``receiver`` with more to come, so it is to wait:
+        its pending run is delivered first (its data before its stall, see
+        park).  False if the receive is over instead: ended by that
+        delivery's callback, or cancelled by a callback (whose cancel then
+        finds nothing to cancel, so the receive ends here)."""
         receiver.armed = False
         if receiver.run_count:
             receiver.flush_run()
             if receiver.finished:
-                return 0
+                return False
         if receiver.cancelling:
-            return receiver.finish(None, False)
-        receiver.starved = True
-        self.starved.append(receiver)
-        return receiver.account.stall()
+            receiver.finish(None, False)
+            return False
+        return True
 
     cdef int rearm(self, Receiver receiver) except -1:
         """The kernel ended ``receiver`` with more to receive (a full CQ):
