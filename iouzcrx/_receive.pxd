@@ -7,6 +7,12 @@ from iouzcrx._ring cimport Request, Ring
 cdef class Receiver
 
 
+ctypedef struct DirectSpan:
+    char *start          # memory a direct receive in flight may write
+    char *end
+    void *receiver       # borrowed: the ring holds it while in flight
+
+
 ctypedef struct ReturnedBuffer:
     uint64_t token       # what identifies the buffer to the kernel
     uint32_t length      # bytes the completion carried
@@ -52,6 +58,10 @@ cdef class ReceiveQueue(BufferOwner):
     # (single-shot RECVs, see Receiver.direct_armed); those waiting for the
     # next before_enter to be armed.
     cdef public bint direct_receive
+    cdef readonly uint64_t direct_receives
+    cdef DirectSpan *direct_spans
+    cdef size_t direct_span_count
+    cdef size_t direct_span_capacity
     cdef list direct_pending
 
     cdef int setup_returns(self, size_t capacity) except -1
@@ -61,6 +71,9 @@ cdef class ReceiveQueue(BufferOwner):
     cdef uint64_t free_buffers(self) noexcept
     cdef int arm(self, Receiver receiver) except -1
     cdef int arm_direct(self, Receiver receiver) except -1
+    cdef bint direct_overlaps(self, char *start, char *end) noexcept
+    cdef int add_direct_span(self, Receiver receiver) except -1
+    cdef void remove_direct_span(self, Receiver receiver) noexcept
     cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
                      uint64_t extra) except -1
     cdef int starve(self, Receiver receiver) except -1

@@ -26,6 +26,8 @@ class ReceiveQueue(BufferOwner):
     """Advances each time returned buffers reach the kernel."""
     closed: bool
     """Whether ``close()`` was called."""
+    direct_receives: int
+    """Completions that carried data straight into ``get_buffer()`` memory."""
     direct_receive: bool
     """Whether a buffered protocol given to ``recv_multishot`` receives
     straight into its ``get_buffer()`` memory while its data comes in bulk
@@ -72,7 +74,9 @@ class ReceiveQueue(BufferOwner):
         (kernel completions), ``deliveries`` (views handed out),
         ``total_buffers``, ``buffers_in_use``, ``buffers_returned``,
         ``buffers_pending_return``, ``refills``, ``rearms``, ``starvations``
-        and ``rearms_held``, plus what the backend adds."""
+        ``rearms_held`` and ``direct_receives`` (completions that carried
+        data straight into a protocol's ``get_buffer()`` memory), plus what
+        the backend adds."""
     def close(self) -> None:
         """Stop using this queue: cancel its receives (they end with no error,
         keeping the views they queued), detach it from the ring and give its

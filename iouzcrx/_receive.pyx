@@ -209,6 +209,8 @@ cdef class ReceiveQueue(BufferOwner):
     def __dealloc__(self):
         free(self.pending)
         self.pending = NULL
+        free(self.direct_spans)
+        self.direct_spans = NULL
 
     cdef int setup_returns(self, size_t capacity) except -1:
         self.pending = <ReturnedBuffer *>realloc(self.pending, capacity * sizeof(ReturnedBuffer))
@@ -366,9 +368,28 @@ cdef class ReceiveQueue(BufferOwner):
             # Told, the program kept the connection: the copy path serves it
             # from now on, and asks get_buffer() again once data is there.
             return self.arm(receiver)
+        if (receiver.finished or receiver.armed or receiver.cancelling or receiver.discarding
+                or receiver.copy_updated is not updated or self.closed):
+            # get_buffer() paused, closed or handed the connection over: the
+            # memory is not needed (no SQE named it).
+            PyBuffer_Release(view)
+            if receiver.finished or receiver.armed:
+                return 0
+            if receiver.cancelling or receiver.discarding or self.closed:
+                return receiver.finish(None, False)
+            return self.arm(receiver)  # to the new protocol, through copies
+        if self.direct_overlaps(<char *>view.buf, <char *>view.buf + view.len):
+            # Memory another direct receive may still write (a receive this
+            # connection paused, or a protocol sharing its memory between
+            # connections): two RECVs into it could mix their data before
+            # either is announced.  Copies, made one at a time, cannot.
+            PyBuffer_Release(view)
+            return self.arm(receiver)
+        self.add_direct_span(receiver)
         try:
             sqe = self.ring.prepare(receiver, IOUZ_OP_RECV, receiver.fd)
         except BaseException:
+            self.remove_direct_span(receiver)
             PyBuffer_Release(view)  # no SQE names it
             raise
         sqe.addr = <uintptr_t>view.buf
@@ -378,6 +399,40 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.armed = True
         receiver.direct_updated = updated
         return 0
+
+    cdef bint direct_overlaps(self, char *start, char *end) noexcept:
+        cdef size_t i
+        for i in range(self.direct_span_count):
+            if start < self.direct_spans[i].end and self.direct_spans[i].start < end:
+                return True
+        return False
+
+    cdef int add_direct_span(self, Receiver receiver) except -1:
+        cdef DirectSpan *grown
+        cdef DirectSpan *span
+        cdef size_t capacity = self.direct_span_capacity
+        if self.direct_span_count == capacity:
+            capacity = 16 if capacity == 0 else capacity * 2
+            grown = <DirectSpan *>realloc(self.direct_spans, capacity * sizeof(DirectSpan))
+            if grown == NULL:
+                raise MemoryError()
+            self.direct_spans = grown
+            self.direct_span_capacity = capacity
+        span = self.direct_spans + self.direct_span_count
+        span.start = <char *>receiver.direct_view.buf
+        span.end = span.start + receiver.direct_view.len
+        span.receiver = <void *>receiver
+        self.direct_span_count += 1
+        return 0
+
+    cdef void remove_direct_span(self, Receiver receiver) noexcept:
+        # Only once the kernel is done with the memory (or no SQE named it).
+        cdef size_t i
+        for i in range(self.direct_span_count):
+            if self.direct_spans[i].receiver == <void *>receiver:
+                self.direct_span_count -= 1
+                self.direct_spans[i] = self.direct_spans[self.direct_span_count]
+                return
 
     cdef bint progressed(self, Receiver receiver) noexcept:
         """Whether a receive the kernel ended for want of buffers may start
@@ -677,7 +732,7 @@ cdef class ReceiveQueue(BufferOwner):
         stats = BufferOwner.stats(self)
         stats.update(buffers_pending_return=self.pending_count, refills=self.refills,
                      rearms=self.rearms, starvations=self.starvations,
-                     rearms_held=self.rearms_held)
+                     rearms_held=self.rearms_held, direct_receives=self.direct_receives)
         return stats
 
 
@@ -850,6 +905,7 @@ cdef class Receiver(Request):
         self.direct_receives += 1
         self.queue.bytes_received += res
         self.queue.chunks_received += 1
+        self.queue.direct_receives += 1
         self.deliver_direct(res)
         if self.finished:
             return 0
@@ -898,6 +954,7 @@ cdef class Receiver(Request):
         # Only ever after the RECV's CQE: until then the kernel may write.
         if self.direct_exported:
             self.direct_exported = False
+            self.queue.remove_direct_span(self)
             PyBuffer_Release(&self.direct_view)
 
     cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1:
