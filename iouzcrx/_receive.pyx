@@ -913,12 +913,14 @@ cdef class Receiver(Request):
             # Stopped by a callback, or while the RECV ran (its cancel found
             # nothing left to cancel): the receive ends here.
             return self.finish(None, False)
-        if small or not (filled or flags & IOUZ_CQE_F_SOCK_NONEMPTY):
+        if small or res < DIRECT_MIN_BYTES or not (filled or flags & IOUZ_CQE_F_SOCK_NONEMPTY):
             # A short receive that left the socket empty: request-like
             # traffic, where a RECV armed per message would cost the drain
             # an enter of its own per message.  A multishot stays armed
             # between messages; the copy it makes is the cheaper of the two
-            # for data that small.  Small memory too (see DIRECT_MIN_BYTES).
+            # for data that small.  So do small memory and a receive that
+            # got little (a trickle, where a RECV per segment costs more than
+            # the copies of so few bytes); see DIRECT_MIN_BYTES.
             self.multishot_next = True
         return self.queue.arm_receiver(self)
 
