@@ -652,6 +652,7 @@ cdef class ReceiveQueue(BufferOwner):
             _checks.callback("on_error", on_error)
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
+        receiver.ring = self.ring  # before it is armed (a direct one waits for a drain)
         receiver.sock = sock
         receiver.fd = fd
         receiver.chunks = _deque()
@@ -944,8 +945,10 @@ cdef class Receiver(Request):
         # Paused, or handed to another protocol, while the kernel wrote: what
         # it wrote was never announced to the memory's protocol (as asyncio
         # allows of get_buffer()), and goes where the delivery says now.
-        data = PyBytes_FromStringAndSize(<char *>self.direct_view.buf, length)
-        self.release_direct()
+        try:
+            data = PyBytes_FromStringAndSize(<char *>self.direct_view.buf, length)
+        finally:
+            self.release_direct()
         try:
             self.copy_to_protocol(<char *>data, length)
         except BaseException as exc:
