@@ -82,6 +82,16 @@ cdef int raise_set_error() except -1:
 cdef object _deque = _collections.deque
 
 
+# The memory every direct receive in flight may write, in this process:
+# one set for all queues and rings, as a program may hand the same memory to
+# connections of two servers (or two loops), and a RECV on each would mix
+# both streams in it before either is announced.  Changed only with the GIL
+# held.
+cdef DirectSpan *direct_spans = NULL
+cdef size_t direct_span_count = 0
+cdef size_t direct_span_capacity = 0
+
+
 cdef int export_writable(object memory, Py_buffer *target, Py_ssize_t asked) except -1:
     """Export what get_buffer(``asked``) returned as writable memory, or
     raise the error that says what was wrong with it."""
@@ -209,8 +219,6 @@ cdef class ReceiveQueue(BufferOwner):
     def __dealloc__(self):
         free(self.pending)
         self.pending = NULL
-        free(self.direct_spans)
-        self.direct_spans = NULL
 
     cdef int setup_returns(self, size_t capacity) except -1:
         self.pending = <ReturnedBuffer *>realloc(self.pending, capacity * sizeof(ReturnedBuffer))
@@ -402,36 +410,38 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef bint direct_overlaps(self, char *start, char *end) noexcept:
         cdef size_t i
-        for i in range(self.direct_span_count):
-            if start < self.direct_spans[i].end and self.direct_spans[i].start < end:
+        for i in range(direct_span_count):
+            if start < direct_spans[i].end and direct_spans[i].start < end:
                 return True
         return False
 
     cdef int add_direct_span(self, Receiver receiver) except -1:
+        global direct_spans, direct_span_count, direct_span_capacity
         cdef DirectSpan *grown
         cdef DirectSpan *span
-        cdef size_t capacity = self.direct_span_capacity
-        if self.direct_span_count == capacity:
+        cdef size_t capacity = direct_span_capacity
+        if direct_span_count == capacity:
             capacity = 16 if capacity == 0 else capacity * 2
-            grown = <DirectSpan *>realloc(self.direct_spans, capacity * sizeof(DirectSpan))
+            grown = <DirectSpan *>realloc(direct_spans, capacity * sizeof(DirectSpan))
             if grown == NULL:
                 raise MemoryError()
-            self.direct_spans = grown
-            self.direct_span_capacity = capacity
-        span = self.direct_spans + self.direct_span_count
+            direct_spans = grown
+            direct_span_capacity = capacity
+        span = direct_spans + direct_span_count
         span.start = <char *>receiver.direct_view.buf
         span.end = span.start + receiver.direct_view.len
         span.receiver = <void *>receiver
-        self.direct_span_count += 1
+        direct_span_count += 1
         return 0
 
     cdef void remove_direct_span(self, Receiver receiver) noexcept:
         # Only once the kernel is done with the memory (or no SQE named it).
+        global direct_span_count
         cdef size_t i
-        for i in range(self.direct_span_count):
-            if self.direct_spans[i].receiver == <void *>receiver:
-                self.direct_span_count -= 1
-                self.direct_spans[i] = self.direct_spans[self.direct_span_count]
+        for i in range(direct_span_count):
+            if direct_spans[i].receiver == <void *>receiver:
+                direct_span_count -= 1
+                direct_spans[i] = direct_spans[direct_span_count]
                 return
 
     cdef bint progressed(self, Receiver receiver) noexcept:
