@@ -4,8 +4,14 @@ resizes, closes or shares while a RECV may write it."""
 
 from __future__ import annotations
 
+import gc
+import mmap
+import socket
+import struct
+import weakref
 from typing import Any
 
+import pytest
 from conftest import connect_pair
 
 import iouzcrx
@@ -79,6 +85,245 @@ def test_two_queues_never_receive_into_the_same_memory_at_once(ring, listener):
             receiver.close()
         ring.wait_for(lambda: all(r.finished for r in receivers), TIMEOUT)
         assert not exported(shared)
+    finally:
+        for client, server in pairs:
+            client.close()
+            server.close()
+
+
+class Held(bytearray):
+    """A bytearray a weak reference can watch."""
+
+
+def test_memory_nobody_references_lives_exactly_until_the_cqe(ring, listener):
+    """get_buffer() returns memory it keeps no reference to: the export alone
+    keeps it alive while the kernel may write it, and it is freed once the
+    data is announced (no leak)."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    watched: list[weakref.ref[Held]] = []
+    got: list[bytes] = []
+
+    class Forgetful:
+        def get_buffer(self, sizehint: int) -> Any:
+            memory = Held(64 * KIB)
+            watched.append(weakref.ref(memory))
+            return memoryview(memory)[100 : 100 + 32 * KIB]
+
+        def buffer_updated(self, nbytes: int) -> None:
+            got.append(bytes(nbytes))
+
+    try:
+        receiver = queue.recv_multishot(server, protocol=Forgetful())
+        ring.drain()
+        assert receiver.direct_armed and len(watched) == 1
+        gc.collect()
+        assert watched[0]() is not None, "memory a RECV may write was freed"
+        client.sendall(b"q" * 20000)
+        ring.wait_for(lambda: got, TIMEOUT)
+        gc.collect()
+        assert watched[0]() is None, "the export outlived its CQE"
+        receiver.close()
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+        gc.collect()
+        assert all(ref() is None for ref in watched)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_an_mmap_cannot_be_closed_under_a_receive_and_gets_the_bytes_exact(ring, listener):
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    area = mmap.mmap(-1, 128 * KIB)
+    area.write(bytes([CANARY]) * len(area))
+    data = bytearray()
+
+    class Mapped:
+        def get_buffer(self, sizehint: int) -> Any:
+            return memoryview(area)[4 * KIB : 68 * KIB]
+
+        def buffer_updated(self, nbytes: int) -> None:
+            data.extend(area[4 * KIB : 4 * KIB + nbytes])
+
+    try:
+        receiver = queue.recv_multishot(server, protocol=Mapped())
+        ring.drain()
+        assert receiver.direct_armed
+        with pytest.raises(BufferError):
+            area.close()
+        payload = stream(3, 50 * KIB)
+        client.sendall(payload)
+        ring.wait_for(lambda: len(data) >= len(payload), TIMEOUT)
+        assert bytes(data) == payload
+        assert area[: 4 * KIB].count(CANARY) == 4 * KIB
+        assert area[68 * KIB :].count(CANARY) == 60 * KIB
+        receiver.close()
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+        area.close()  # no export is left
+    finally:
+        client.close()
+        server.close()
+        if not area.closed:
+            try:
+                area.close()
+            except BufferError:
+                pass
+
+
+def strided() -> Any:
+    return memoryview(bytearray(64 * KIB))[::2]
+
+
+def empty() -> Any:
+    return bytearray()
+
+
+def raises() -> Any:
+    raise ValueError("get_buffer went wrong")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "words"),
+    [
+        (strided, TypeError, ["get_buffer(", "contiguous"]),
+        (lambda: bytes(64 * KIB), TypeError, ["get_buffer(", "writable"]),
+        (empty, RuntimeError, ["get_buffer(", "empty"]),
+        (raises, ValueError, ["went wrong"]),
+    ],
+    ids=["strided", "read-only", "empty", "raises"],
+)
+def test_memory_that_cannot_take_a_receive_is_reported_every_time_and_never_written(
+    ring, listener, make, error, words
+):
+    """A get_buffer() that keeps returning unusable memory: each attempt is
+    reported (the copies ask it again once data is there), the receive
+    neither spins nor hangs, and it ends cleanly."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    errors: list[BaseException] = []
+    calls: list[int] = []
+
+    class Bad:
+        def get_buffer(self, sizehint: int) -> Any:
+            calls.append(sizehint)
+            return make()
+
+        def buffer_updated(self, nbytes: int) -> None:
+            raise AssertionError("nothing can have been received")
+
+    try:
+        receiver = queue.recv_multishot(server, protocol=Bad(), on_error=errors.append)
+        ring.drain()
+        assert not receiver.direct_armed
+        assert len(errors) == 1 and type(errors[0]) is error
+        assert all(word in str(errors[0]) for word in words), str(errors[0])
+        client.sendall(b"w" * 3000)
+        ring.wait_for(lambda: len(errors) >= 2, TIMEOUT)
+        assert all(type(e) is error for e in errors)
+        assert len(calls) < 100, "get_buffer() asked again and again"
+        receiver.close()
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_memory_over_a_gib_takes_one_capped_receive_byte_exact(ring, listener):
+    """Over 1 GiB of get_buffer() memory (an untouched mapping: little of it
+    is ever resident): one RECV, its length capped, the bytes exact."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    size = (1 << 30) + 8 * KIB
+    try:
+        area = mmap.mmap(-1, size)
+    except (OSError, OverflowError) as exc:
+        pytest.skip(f"cannot map {size} bytes here: {exc}")
+    data = bytearray()
+
+    class Huge:
+        def get_buffer(self, sizehint: int) -> Any:
+            return area
+
+        def buffer_updated(self, nbytes: int) -> None:
+            data.extend(area[:nbytes])
+
+    try:
+        receiver = queue.recv_multishot(server, protocol=Huge())
+        ring.drain()
+        assert receiver.direct_armed
+        payload = stream(4, 40 * KIB)
+        client.sendall(payload)
+        ring.wait_for(lambda: len(data) >= len(payload), TIMEOUT)
+        assert bytes(data) == payload
+        receiver.close()
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    finally:
+        client.close()
+        server.close()
+        area.close()
+
+
+def test_a_reset_mid_receive_ends_it_and_releases_the_memory(ring, listener):
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    protocol = Window(64 * KIB)
+    ends: list[Any] = []
+    try:
+        receiver = queue.recv_multishot(server, protocol=protocol, on_end=ends.append)
+        ring.drain()
+        assert receiver.direct_armed and exported(protocol.memory)
+        payload = stream(5, 30 * KIB)
+        client.sendall(payload)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+        assert not exported(protocol.memory)
+        assert payload.startswith(bytes(protocol.data))
+        assert protocol.guards_intact()
+        assert len(ends) == 1
+    finally:
+        client.close()
+        server.close()
+
+
+def test_keyboard_interrupt_in_get_buffer_leaves_every_connection_receiving(ring, listener):
+    """KeyboardInterrupt from one get_buffer() reaches the program after the
+    drain; that connection and the others armed in the same drain still
+    receive."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    pairs = [connect_pair(listener) for _ in range(3)]
+
+    class Interrupts(Window):
+        interrupted = False
+
+        def get_buffer(self, sizehint: int) -> Any:
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            return super().get_buffer(sizehint)
+
+    protocols = [Window(32 * KIB), Interrupts(32 * KIB), Window(32 * KIB)]
+    try:
+        receivers = [
+            queue.recv_multishot(server, protocol=protocol)
+            for (_, server), protocol in zip(pairs, protocols, strict=True)
+        ]
+        with pytest.raises(KeyboardInterrupt):
+            ring.drain()
+        ring.drain()
+        payloads = [stream(10 + i, 20 * KIB) for i in range(3)]
+        for (client, _), payload in zip(pairs, payloads, strict=True):
+            client.sendall(payload)
+        ring.wait_for(
+            lambda: all(len(p.data) >= len(d) for p, d in zip(protocols, payloads, strict=True)),
+            TIMEOUT,
+        )
+        assert [bytes(p.data) for p in protocols] == payloads
+        for receiver in receivers:
+            receiver.close()
+        ring.wait_for(lambda: all(r.finished for r in receivers), TIMEOUT)
+        assert not any(exported(p.memory) for p in protocols)
     finally:
         for client, server in pairs:
             client.close()
