@@ -4,6 +4,7 @@ resizes, closes or shares while a RECV may write it."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import mmap
 import socket
@@ -15,6 +16,7 @@ import pytest
 from conftest import connect_pair
 
 import iouzcrx
+import iouzcrx.loop
 
 TIMEOUT = 60
 KIB = 1024
@@ -328,3 +330,101 @@ def test_keyboard_interrupt_in_get_buffer_leaves_every_connection_receiving(ring
         for client, server in pairs:
             client.close()
             server.close()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_closing_the_loop_with_receives_in_flight_releases_every_memory(use_uvloop):
+    """Memory that fills exactly (20 KiB, 40 KiB sent) keeps a direct RECV
+    armed after the data; the loop closes under it, servers and
+    connections left open: every export is released by then."""
+    if use_uvloop and not iouzcrx.loop.uvloop_available():
+        pytest.skip("uvloop is not installed for this Python")
+    memories: list[bytearray] = []
+
+    class Keeps(asyncio.BufferedProtocol):
+        def __init__(self) -> None:
+            self.memory = bytearray(20 * KIB)
+            memories.append(self.memory)
+
+        def get_buffer(self, sizehint: int) -> Any:
+            return self.memory
+
+        def buffer_updated(self, nbytes: int) -> None:
+            pass
+
+    async def start() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_zcrx_server(Keeps, "127.0.0.1", 0, mode="bufring")  # type: ignore[attr-defined]
+        server.backend.direct_receive = True
+        port = server.sockets[0].getsockname()[1]
+        kept: list[Any] = [server]
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"x" * 40 * KIB)
+            kept.append(writer)
+        deadline = loop.time() + TIMEOUT
+        while not (len(memories) == 3 and all(exported(m) for m in memories)):
+            assert loop.time() < deadline, "no direct receive was armed"
+            await asyncio.sleep(0.01)
+        return kept
+
+    loop = iouzcrx.loop.new_event_loop(use_uvloop=use_uvloop)
+    try:
+        kept = loop.run_until_complete(asyncio.wait_for(start(), TIMEOUT))
+    finally:
+        loop.close()
+    del kept
+    gc.collect()
+    assert [exported(m) for m in memories] == [False, False, False]
+
+
+async def test_two_servers_sharing_memory_get_each_stream_exact():
+    memory = bytearray(64 * KIB)
+    received: list[asyncio.Future[bytes]] = []
+
+    class SharesMemory(asyncio.BufferedProtocol):
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.done = asyncio.get_running_loop().create_future()
+            received.append(self.done)
+
+        def get_buffer(self, sizehint: int) -> Any:
+            return memory
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.data += memory[:nbytes]
+
+        def eof_received(self) -> None:
+            self.done.set_result(bytes(self.data))
+
+    loop = asyncio.get_running_loop()
+    servers = [
+        await loop.create_zcrx_server(SharesMemory, "127.0.0.1", 0, mode="bufring")  # type: ignore[attr-defined]
+        for _ in range(2)
+    ]
+    payloads = [stream(20 + i, 2 << 20) for i in range(4)]
+
+    async def send(port: int, payload: bytes) -> Any:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for at in range(0, len(payload), 256 * KIB):
+            writer.write(payload[at : at + 256 * KIB])
+            await writer.drain()
+        writer.write_eof()
+        return writer
+
+    try:
+        for server in servers:
+            server.backend.direct_receive = True
+        ports = [s.sockets[0].getsockname()[1] for s in servers]
+        writers = await asyncio.gather(
+            *(send(ports[i % 2], payload) for i, payload in enumerate(payloads))
+        )
+        got = [await asyncio.wait_for(done, TIMEOUT) for done in received]
+        assert sorted(got) == sorted(payloads)
+        for writer in writers:
+            writer.close()
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+    assert not exported(memory)
