@@ -428,3 +428,90 @@ async def test_two_servers_sharing_memory_get_each_stream_exact():
             server.close()
             await server.wait_closed()
     assert not exported(memory)
+
+
+class Meddles(asyncio.BufferedProtocol):
+    """Does ``how`` from inside get_buffer() on every ``every``-th call:
+    pause and resume at once, hand the connection to a new protocol sharing
+    the same memory, or close/abort the transport."""
+
+    def __init__(self, how: str, every: int, memory: bytearray | None = None) -> None:
+        self.how = how
+        self.every = every
+        self.memory = memory if memory is not None else bytearray(64 * KIB)
+        self.data = bytearray()
+        self.transport: Any = None
+        self.calls = 0
+        self.root: Meddles = self
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> Any:
+        self.calls += 1
+        if self.calls % self.every == 0 and not self.transport.is_closing():
+            if self.how == "flicker":
+                for _ in range(3):
+                    self.transport.pause_reading()
+                    self.transport.resume_reading()
+            elif self.how == "hand-over":
+                heir = Meddles(self.how, self.every, self.memory)
+                heir.transport, heir.root = self.transport, self.root
+                self.transport.set_protocol(heir)
+            else:
+                getattr(self.transport, self.how)()
+        return self.memory
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.root.data += self.memory[:nbytes]
+
+    def eof_received(self) -> None:
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.root.done.done():
+            self.root.done.set_result(bytes(self.root.data))
+
+
+@pytest.mark.parametrize("how", ["flicker", "hand-over", "close", "abort"])
+async def test_get_buffer_that_meddles_with_its_transport_keeps_the_stream_exact(how):
+    protocols: list[Meddles] = []
+
+    def make() -> Meddles:
+        protocols.append(Meddles(how, 3))
+        return protocols[-1]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_zcrx_server(make, "127.0.0.1", 0, mode="bufring")  # type: ignore[attr-defined]
+    server.backend.direct_receive = True
+    payload = stream(30, 1 << 20)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for at in range(0, len(payload), 64 * KIB):
+                writer.write(payload[at : at + 64 * KIB])
+                await writer.drain()
+            writer.write_eof()
+        except ConnectionError:
+            assert how in ("close", "abort")
+        deadline = loop.time() + TIMEOUT
+        while not protocols:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        data = await asyncio.wait_for(protocols[0].done, TIMEOUT)
+        if how in ("close", "abort"):
+            assert payload.startswith(data)
+        else:
+            assert data == payload
+        assert server.backend.stats()["direct_receives"] > 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    deadline = loop.time() + TIMEOUT
+    while exported(protocols[0].memory):
+        assert loop.time() < deadline, "the memory stayed exported"
+        await asyncio.sleep(0.01)
