@@ -7,9 +7,9 @@ owner thread publishes them before its next enter (``before_enter``).
 """
 
 cimport cython
-from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
-                           IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY, IOUZ_OP_RECV,
-                           iouz_sqe)
+from iouzcrx._abi cimport (ECANCELED, EFAULT, IOUZ_CQE_BUFFER_SHIFT,
+                           IOUZ_CQE_F_BUFFER, IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY,
+                           IOUZ_OP_RECV, iouz_sqe)
 from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, realloc
 
@@ -910,6 +910,15 @@ cdef class Receiver(Request):
         if res <= 0:
             self.release_direct()
             self.direct_updated = None
+            if res == -EFAULT:
+                # The only memory this RECV named is the program's: a bare
+                # "Bad address" on a receive would not point at it.
+                self.armed = False
+                return self.finish(kernel_error(EFAULT, (
+                    f"direct receive on fd {self.fd}: the kernel could not write the "
+                    "memory get_buffer() returned (a file mapping truncated or pages "
+                    "protected under it?); return memory that stays writable until "
+                    "buffer_updated()")), False)
             return self.queue.end_by_kernel(self, res)  # EOF, cancel or error
         filled = res >= self.direct_view.len
         small = self.direct_view.len < DIRECT_MIN_BYTES

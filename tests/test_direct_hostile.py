@@ -5,6 +5,7 @@ resizes, closes or shares while a RECV may write it."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import mmap
 import socket
@@ -515,3 +516,47 @@ async def test_get_buffer_that_meddles_with_its_transport_keeps_the_stream_exact
     while exported(protocols[0].memory):
         assert loop.time() < deadline, "the memory stayed exported"
         await asyncio.sleep(0.01)
+
+
+def test_a_file_mapping_truncated_under_a_receive_ends_it_naming_get_buffer(
+    ring, listener, tmp_path
+):
+    """The kernel cannot write a file mapping whose file was truncated
+    under it: the receive ends with EFAULT that says whose memory it was
+    and what to return instead, and nothing is announced."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    backing = open(tmp_path / "backing", "w+b")
+    backing.truncate(64 * KIB)
+    area = mmap.mmap(backing.fileno(), 64 * KIB)
+    ends: list[Any] = []
+    updates: list[int] = []
+
+    class Mapped:
+        def get_buffer(self, sizehint: int) -> Any:
+            return area
+
+        def buffer_updated(self, nbytes: int) -> None:
+            updates.append(nbytes)
+
+    try:
+        receiver = queue.recv_multishot(server, protocol=Mapped(), on_end=ends.append)
+        ring.drain()
+        assert receiver.direct_armed
+        backing.truncate(0)
+        client.sendall(b"t" * 30000)
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+        assert updates == []
+        assert len(ends) == 1 and isinstance(ends[0], OSError), ends
+        assert ends[0].errno == errno.EFAULT
+        assert "get_buffer()" in str(ends[0]) and "writable" in str(ends[0]), str(ends[0])
+        area.close()  # released at the CQE
+    finally:
+        client.close()
+        server.close()
+        backing.close()
+        if not area.closed:
+            try:
+                area.close()
+            except BufferError:
+                pass
