@@ -436,10 +436,15 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef void remove_direct_span(self, Receiver receiver) noexcept:
         # Only once the kernel is done with the memory (or no SQE named it).
+        # Matched on the memory too: a span whose CQE never came (a forked
+        # child that closed its parent's ring) names a receiver that may be
+        # gone, its address taken by a new one; that span's memory is never
+        # released, so no live receive's span starts there.
         global direct_span_count
         cdef size_t i
+        cdef char *start = <char *>receiver.direct_view.buf
         for i in range(direct_span_count):
-            if direct_spans[i].receiver == <void *>receiver:
+            if direct_spans[i].receiver == <void *>receiver and direct_spans[i].start == start:
                 direct_span_count -= 1
                 direct_spans[i] = direct_spans[direct_span_count]
                 return

@@ -8,6 +8,7 @@ import asyncio
 import errno
 import gc
 import mmap
+import os
 import socket
 import struct
 import weakref
@@ -560,3 +561,65 @@ def test_a_file_mapping_truncated_under_a_receive_ends_it_naming_get_buffer(
                 area.close()
             except BufferError:
                 pass
+
+
+class Collects:
+    def __init__(self, memory: bytearray | None = None) -> None:
+        self.memory = memory if memory is not None else bytearray(64 * KIB)
+        self.data = bytearray()
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self.memory
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self.memory[:nbytes]
+
+
+def test_a_forked_child_with_its_own_ring_receives_direct_again_into_freed_memory(ring, listener):
+    """The child closes the parent's ring under a direct receive (whose CQE
+    never comes there) and drops it; a receive of its own ring, made at the
+    same address, must release its memory at its CQE, so that the next
+    receive into that memory goes direct again."""
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    client, server = connect_pair(listener)
+    try:
+        receiver = queue.recv_multishot(server, protocol=Collects())
+        ring.drain()
+        assert receiver.direct_armed
+        pid = os.fork()
+        if pid == 0:
+            code = 10
+            try:
+                receiver.close()
+                ring.close()
+                del receiver, queue
+                gc.collect()
+                with iouzcrx.Ring() as own:
+                    mine = iouzcrx.BufRingQueue(own, area_size=1 << 20, buffer_size=16 * KIB)
+                    first_client, first_server = connect_pair(listener)
+                    first = Collects()
+                    taken = mine.recv_multishot(first_server, protocol=first)
+                    # CPython hands the new receive the address of the one
+                    # just freed: the span left behind names it.
+                    own.drain()
+                    first_client.sendall(b"c" * 1000)
+                    own.wait_for(lambda: first.data, TIMEOUT)
+                    taken.close()
+                    own.wait_for(lambda: taken.finished, TIMEOUT)
+                    next_client, next_server = connect_pair(listener)
+                    again = mine.recv_multishot(next_server, protocol=Collects(first.memory))
+                    own.drain()
+                    code = 0 if again.direct_armed else 12
+                    again.close()
+                    own.wait_for(lambda: again.finished, TIMEOUT)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        assert code != 12, "the child's memory stayed marked as in flight after its CQE"
+        assert code == 0, f"the child exited with {code}"
+        receiver.close()
+        ring.wait_for(lambda: receiver.finished, TIMEOUT)
+    finally:
+        client.close()
+        server.close()
