@@ -25,6 +25,13 @@ KIB = 1024
 CANARY = 0xA5
 
 
+def direct_queue(ring: iouzcrx.Ring) -> Any:
+    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    # On by default; set here so that IOUZCRX_DIRECT_RECEIVE=0 changes no test.
+    queue.direct_receive = True
+    return queue
+
+
 def exported(memory: bytearray) -> bool:
     try:
         memory.append(0)
@@ -64,8 +71,8 @@ def test_two_queues_never_receive_into_the_same_memory_at_once(ring, listener):
     """One memory handed to connections of two queues (two servers sharing a
     protocol's buffer): a second RECV into memory the first may still write
     would mix both streams before either is announced."""
-    first = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
-    second = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    first = direct_queue(ring)
+    second = direct_queue(ring)
     shared = bytearray([CANARY]) * (64 * KIB + 8 * KIB)
     pairs = [connect_pair(listener), connect_pair(listener)]
     try:
@@ -103,7 +110,7 @@ def test_memory_nobody_references_lives_exactly_until_the_cqe(ring, listener):
     """get_buffer() returns memory it keeps no reference to: the export alone
     keeps it alive while the kernel may write it, and it is freed once the
     data is announced (no leak)."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     watched: list[weakref.ref[Held]] = []
     got: list[bytes] = []
@@ -137,7 +144,7 @@ def test_memory_nobody_references_lives_exactly_until_the_cqe(ring, listener):
 
 
 def test_an_mmap_cannot_be_closed_under_a_receive_and_gets_the_bytes_exact(ring, listener):
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     area = mmap.mmap(-1, 128 * KIB)
     area.write(bytes([CANARY]) * len(area))
@@ -203,7 +210,7 @@ def test_memory_that_cannot_take_a_receive_is_reported_every_time_and_never_writ
     """A get_buffer() that keeps returning unusable memory: each attempt is
     reported (the copies ask it again once data is there), the receive
     neither spins nor hangs, and it ends cleanly."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     errors: list[BaseException] = []
     calls: list[int] = []
@@ -236,7 +243,7 @@ def test_memory_that_cannot_take_a_receive_is_reported_every_time_and_never_writ
 def test_memory_over_a_gib_takes_one_capped_receive_byte_exact(ring, listener):
     """Over 1 GiB of get_buffer() memory (an untouched mapping: little of it
     is ever resident): one RECV, its length capped, the bytes exact."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     size = (1 << 30) + 8 * KIB
     try:
@@ -269,7 +276,7 @@ def test_memory_over_a_gib_takes_one_capped_receive_byte_exact(ring, listener):
 
 
 def test_a_reset_mid_receive_ends_it_and_releases_the_memory(ring, listener):
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     protocol = Window(64 * KIB)
     ends: list[Any] = []
@@ -295,7 +302,7 @@ def test_keyboard_interrupt_in_get_buffer_leaves_every_connection_receiving(ring
     """KeyboardInterrupt from one get_buffer() reaches the program after the
     drain; that connection and the others armed in the same drain still
     receive."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     pairs = [connect_pair(listener) for _ in range(3)]
 
     class Interrupts(Window):
@@ -525,7 +532,7 @@ def test_a_file_mapping_truncated_under_a_receive_ends_it_naming_get_buffer(
     """The kernel cannot write a file mapping whose file was truncated
     under it: the receive ends with EFAULT that says whose memory it was
     and what to return instead, and nothing is announced."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     backing = open(tmp_path / "backing", "w+b")
     backing.truncate(64 * KIB)
@@ -580,7 +587,7 @@ def test_a_forked_child_with_its_own_ring_receives_direct_again_into_freed_memor
     never comes there) and drops it; a receive of its own ring, made at the
     same address, must release its memory at its CQE, so that the next
     receive into that memory goes direct again."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     client, server = connect_pair(listener)
     try:
         receiver = queue.recv_multishot(server, protocol=Collects())
@@ -595,7 +602,7 @@ def test_a_forked_child_with_its_own_ring_receives_direct_again_into_freed_memor
                 del receiver, queue
                 gc.collect()
                 with iouzcrx.Ring() as own:
-                    mine = iouzcrx.BufRingQueue(own, area_size=1 << 20, buffer_size=16 * KIB)
+                    mine = direct_queue(own)
                     first_client, first_server = connect_pair(listener)
                     first = Collects()
                     taken = mine.recv_multishot(first_server, protocol=first)
@@ -637,7 +644,7 @@ def test_overlapping_slices_of_one_memory_never_take_two_receives(ring, listener
     neighbours' by one byte, and one that touches without overlapping:
     only memory no RECV in flight may write takes a direct receive, and
     every stream comes out exact."""
-    queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue = direct_queue(ring)
     memory = bytearray(256 * KIB)
     step = 32 * KIB
     # [0, 32K+1), [32K, 64K+1), [64K, 96K+1), [96K+1, 128K+1): the last
