@@ -59,9 +59,6 @@ cdef class ReceiveQueue(BufferOwner):
     # next before_enter to be armed.
     cdef public bint direct_receive
     cdef readonly uint64_t direct_receives
-    cdef DirectSpan *direct_spans
-    cdef size_t direct_span_count
-    cdef size_t direct_span_capacity
     cdef list direct_pending
 
     cdef int setup_returns(self, size_t capacity) except -1

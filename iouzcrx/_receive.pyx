@@ -7,9 +7,9 @@ owner thread publishes them before its next enter (``before_enter``).
 """
 
 cimport cython
-from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
-                           IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY, IOUZ_OP_RECV,
-                           iouz_sqe)
+from iouzcrx._abi cimport (ECANCELED, EFAULT, IOUZ_CQE_BUFFER_SHIFT,
+                           IOUZ_CQE_F_BUFFER, IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY,
+                           IOUZ_OP_RECV, iouz_sqe)
 from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, realloc
 
@@ -80,6 +80,16 @@ cdef int raise_set_error() except -1:
     """Raises the exception already set (by a call that returned NULL)."""
     return -1
 cdef object _deque = _collections.deque
+
+
+# The memory every direct receive in flight may write, in this process:
+# one set for all queues and rings, as a program may hand the same memory to
+# connections of two servers (or two loops), and a RECV on each would mix
+# both streams in it before either is announced.  Changed only with the GIL
+# held.
+cdef DirectSpan *direct_spans = NULL
+cdef size_t direct_span_count = 0
+cdef size_t direct_span_capacity = 0
 
 
 cdef int export_writable(object memory, Py_buffer *target, Py_ssize_t asked) except -1:
@@ -209,8 +219,6 @@ cdef class ReceiveQueue(BufferOwner):
     def __dealloc__(self):
         free(self.pending)
         self.pending = NULL
-        free(self.direct_spans)
-        self.direct_spans = NULL
 
     cdef int setup_returns(self, size_t capacity) except -1:
         self.pending = <ReturnedBuffer *>realloc(self.pending, capacity * sizeof(ReturnedBuffer))
@@ -402,36 +410,43 @@ cdef class ReceiveQueue(BufferOwner):
 
     cdef bint direct_overlaps(self, char *start, char *end) noexcept:
         cdef size_t i
-        for i in range(self.direct_span_count):
-            if start < self.direct_spans[i].end and self.direct_spans[i].start < end:
+        for i in range(direct_span_count):
+            if start < direct_spans[i].end and direct_spans[i].start < end:
                 return True
         return False
 
     cdef int add_direct_span(self, Receiver receiver) except -1:
+        global direct_spans, direct_span_count, direct_span_capacity
         cdef DirectSpan *grown
         cdef DirectSpan *span
-        cdef size_t capacity = self.direct_span_capacity
-        if self.direct_span_count == capacity:
+        cdef size_t capacity = direct_span_capacity
+        if direct_span_count == capacity:
             capacity = 16 if capacity == 0 else capacity * 2
-            grown = <DirectSpan *>realloc(self.direct_spans, capacity * sizeof(DirectSpan))
+            grown = <DirectSpan *>realloc(direct_spans, capacity * sizeof(DirectSpan))
             if grown == NULL:
                 raise MemoryError()
-            self.direct_spans = grown
-            self.direct_span_capacity = capacity
-        span = self.direct_spans + self.direct_span_count
+            direct_spans = grown
+            direct_span_capacity = capacity
+        span = direct_spans + direct_span_count
         span.start = <char *>receiver.direct_view.buf
         span.end = span.start + receiver.direct_view.len
         span.receiver = <void *>receiver
-        self.direct_span_count += 1
+        direct_span_count += 1
         return 0
 
     cdef void remove_direct_span(self, Receiver receiver) noexcept:
         # Only once the kernel is done with the memory (or no SQE named it).
+        # Matched on the memory too: a span whose CQE never came (a forked
+        # child that closed its parent's ring) names a receiver that may be
+        # gone, its address taken by a new one; that span's memory is never
+        # released, so no live receive's span starts there.
+        global direct_span_count
         cdef size_t i
-        for i in range(self.direct_span_count):
-            if self.direct_spans[i].receiver == <void *>receiver:
-                self.direct_span_count -= 1
-                self.direct_spans[i] = self.direct_spans[self.direct_span_count]
+        cdef char *start = <char *>receiver.direct_view.buf
+        for i in range(direct_span_count):
+            if direct_spans[i].receiver == <void *>receiver and direct_spans[i].start == start:
+                direct_span_count -= 1
+                direct_spans[i] = direct_spans[direct_span_count]
                 return
 
     cdef bint progressed(self, Receiver receiver) noexcept:
@@ -900,6 +915,15 @@ cdef class Receiver(Request):
         if res <= 0:
             self.release_direct()
             self.direct_updated = None
+            if res == -EFAULT:
+                # The only memory this RECV named is the program's: a bare
+                # "Bad address" on a receive would not point at it.
+                self.armed = False
+                return self.finish(kernel_error(EFAULT, (
+                    f"direct receive on fd {self.fd}: the kernel could not write the "
+                    "memory get_buffer() returned (a file mapping truncated or pages "
+                    "protected under it?); return memory that stays writable until "
+                    "buffer_updated()")), False)
             return self.queue.end_by_kernel(self, res)  # EOF, cancel or error
         filled = res >= self.direct_view.len
         small = self.direct_view.len < DIRECT_MIN_BYTES
