@@ -204,10 +204,12 @@ cdef inline void give_spares(BufRingQueue queue, uint32_t count) noexcept:
 
 
 def _wants_direct():
+    # Off unless asked for: memory a protocol shares between connections
+    # is not safe with it yet (see docs/servers.md).
     value = os.environ.get(DIRECT_ENV, "").strip().lower()
-    if not value or value in ("1", "yes", "true", "on"):
+    if value in ("1", "yes", "true", "on"):
         return True
-    if value in ("0", "no", "false", "off"):
+    if not value or value in ("0", "no", "false", "off"):
         return False
     raise InvalidConfiguration(
         f"{DIRECT_ENV}={value!r} is neither on nor off: set it to 1 (buffered protocols "
@@ -225,9 +227,10 @@ cdef class BufRingQueue(ReceiveQueue):
     the ``IOUZCRX_BUFRING_WINDOW`` environment variable, else 1 MiB).
 
     ``direct_receive`` (from the ``IOUZCRX_DIRECT_RECEIVE`` environment
-    variable, else on): a buffered protocol's receives go straight into its
+    variable, else off): a buffered protocol's receives go straight into its
     ``get_buffer()`` memory rather than through the ring's buffers while its
-    data comes in bulk (see ``ReceiveQueue.recv_multishot``).
+    data comes in bulk (see ``ReceiveQueue.recv_multishot``), for protocols
+    whose memory belongs to one connection.
 
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without close() is unregistered by the ring's owner thread

@@ -31,7 +31,8 @@ class ReceiveQueue(BufferOwner):
     direct_receive: bool
     """Whether a buffered protocol given to ``recv_multishot`` receives
     straight into its ``get_buffer()`` memory while its data comes in bulk
-    (buffer rings; ``IOUZCRX_DIRECT_RECEIVE``)."""
+    (buffer rings; ``IOUZCRX_DIRECT_RECEIVE``, off by default: only for
+    memory that belongs to one connection)."""
     @property
     def buffers_pending_return(self) -> int:
         """Buffers released by the program but not yet handed to the kernel."""

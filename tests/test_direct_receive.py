@@ -96,7 +96,7 @@ async def serve(make: Any, *, direct: bool = True) -> tuple[iouzcrx.ZcrxServer, 
 
     loop = asyncio.get_running_loop()
     server = await loop.create_zcrx_server(factory, "127.0.0.1", 0, mode="bufring")
-    # On by default; set here so that IOUZCRX_DIRECT_RECEIVE=0 changes no test.
+    # Off by default (IOUZCRX_DIRECT_RECEIVE=1 turns it on): set here.
     server.backend.direct_receive = direct
     return server, protocols
 
@@ -232,8 +232,11 @@ class Shared(Memory):
 
 
 async def test_memory_shared_between_connections_gets_each_stream_exact():
+    """One scratch memory for every connection, as the stock loops allow:
+    exact on the copies, the default.  (With the direct receive it is not
+    yet safe: see test_direct_hostile.py.)"""
     total = (4 << 20) // SCALE
-    server, protocols = await serve(Shared)
+    server, protocols = await serve(Shared, direct=False)
     async with server:
         senders = [asyncio.create_task(send(server, seed, total)) for seed in (11, 12, 13)]
         writers = await asyncio.gather(*senders)
@@ -395,6 +398,7 @@ class Plain:
 @pytest.mark.parametrize("end", ["data", "cancel", "close", "queue-close", "ring-close"])
 def test_the_memory_stays_exported_until_the_cqe(ring, listener, end):
     queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue.direct_receive = True
     client, server = connect_pair(listener)
     try:
         protocol = Plain()
@@ -435,6 +439,7 @@ def test_the_memory_stays_exported_until_the_cqe(ring, listener, end):
 
 def test_a_bad_get_buffer_is_reported_and_the_copies_take_over(ring, listener):
     queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue.direct_receive = True
     client, server = connect_pair(listener)
     errors: list[BaseException] = []
 
@@ -469,6 +474,7 @@ def test_a_forked_child_never_releases_the_parents_export(ring, listener):
     the receiver keeps its copy of the memory exported (the CQE never comes
     there); the parent's receive goes on and releases at its CQE."""
     queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue.direct_receive = True
     client, server = connect_pair(listener)
     try:
         protocol = Plain()
@@ -501,6 +507,7 @@ def test_a_forked_child_never_releases_the_parents_export(ring, listener):
 
 def test_a_child_forked_in_buffer_updated_leaves_the_parent_receiving(ring, listener):
     queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=16 * KIB)
+    queue.direct_receive = True
     client, server = connect_pair(listener)
     parent = os.getpid()
     children: list[int] = []
