@@ -59,7 +59,6 @@ _INCREMENTAL_FLAGS = IOUZ_PBUF_RING_INC
 DEFAULT_INCREMENTAL = True
 INCREMENTAL_ENV = "IOUZCRX_BUFRING_INCREMENTAL"
 WINDOW_ENV = "IOUZCRX_BUFRING_WINDOW"
-DIRECT_ENV = "IOUZCRX_DIRECT_RECEIVE"
 
 
 def _window_size(window_size):
@@ -203,20 +202,6 @@ cdef inline void give_spares(BufRingQueue queue, uint32_t count) noexcept:
         count -= n
 
 
-def _wants_direct():
-    # Off unless asked for: memory a protocol shares between connections
-    # is not safe with it yet (see docs/servers.md).
-    value = os.environ.get(DIRECT_ENV, "").strip().lower()
-    if value in ("1", "yes", "true", "on"):
-        return True
-    if not value or value in ("0", "no", "false", "off"):
-        return False
-    raise InvalidConfiguration(
-        f"{DIRECT_ENV}={value!r} is neither on nor off: set it to 1 (buffered protocols "
-        "receive straight into get_buffer() memory) or 0 (they get copies from the "
-        "buffer ring), or unset it")
-
-
 @cython.final
 @cython.no_gc_clear
 cdef class BufRingQueue(ReceiveQueue):
@@ -225,12 +210,6 @@ cdef class BufRingQueue(ReceiveQueue):
     environment, else on) asks for it.  An incremental ring is given
     ``window_size`` bytes of buffers at a time (at least two buffers; None:
     the ``IOUZCRX_BUFRING_WINDOW`` environment variable, else 1 MiB).
-
-    ``direct_receive`` (from the ``IOUZCRX_DIRECT_RECEIVE`` environment
-    variable, else off): a buffered protocol's receives go straight into its
-    ``get_buffer()`` memory rather than through the ring's buffers while its
-    data comes in bulk (see ``ReceiveQueue.recv_multishot``), for protocols
-    whose memory belongs to one connection.
 
     ``close()`` unregisters the buffer ring once nothing is armed on it; a
     queue dropped without close() is unregistered by the ring's owner thread
@@ -251,7 +230,6 @@ cdef class BufRingQueue(ReceiveQueue):
                 f"{count} buffers is more than a buffer ring holds ({MAX_RING_ENTRIES}); "
                 "use a larger buffer_size or a smaller area")
         window_size = _window_size(window_size)
-        self.direct_receive = _wants_direct()
         cdef uint32_t entries = 1
         while entries < count:
             entries <<= 1

@@ -7,12 +7,6 @@ from iouzcrx._ring cimport Request, Ring
 cdef class Receiver
 
 
-ctypedef struct DirectSpan:
-    char *start          # memory a direct receive in flight may write
-    char *end
-    void *receiver       # borrowed: the ring holds it while in flight
-
-
 ctypedef struct ReturnedBuffer:
     uint64_t token       # what identifies the buffer to the kernel
     uint32_t length      # bytes the completion carried
@@ -54,12 +48,6 @@ cdef class ReceiveQueue(BufferOwner):
     cdef bint collected              # this starvation already ran the GC
     cdef bint keeps_spares           # publish_returns may have buffers to give unasked
     cdef Py_ssize_t max_run_bytes    # most bytes one delivery may hold
-    # Buffered deliveries may receive straight into get_buffer()'s memory
-    # (single-shot RECVs, see Receiver.direct_armed); those waiting for the
-    # next before_enter to be armed.
-    cdef public bint direct_receive
-    cdef readonly uint64_t direct_receives
-    cdef list direct_pending
 
     cdef int setup_returns(self, size_t capacity) except -1
     cdef int arm_receiver(self, Receiver receiver) except -1
@@ -67,10 +55,6 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int publish_returns(self) except -1
     cdef uint64_t free_buffers(self) noexcept
     cdef int arm(self, Receiver receiver) except -1
-    cdef int arm_direct(self, Receiver receiver) except -1
-    cdef bint direct_overlaps(self, char *start, char *end) noexcept
-    cdef int add_direct_span(self, Receiver receiver) except -1
-    cdef void remove_direct_span(self, Receiver receiver) noexcept
     cdef int receive(self, Receiver receiver, int32_t res, uint32_t flags,
                      uint64_t extra) except -1
     cdef int starve(self, Receiver receiver) except -1
@@ -135,22 +119,6 @@ cdef class Receiver(Request):
     cdef int delivery_kind
     cdef object copy_target           # data_received, or get_buffer
     cdef object copy_updated          # buffer_updated
-
-    # Direct receive (bufring, buffered delivery): a single-shot RECV into
-    # the memory get_buffer() returned, exported (direct_view) from before
-    # its SQE until its CQE, whatever happens to the connection meanwhile;
-    # a CQE that never comes leaves it exported for ever.
-    cdef Py_buffer direct_view
-    cdef bint direct_exported
-    cdef readonly bint direct_armed   # the request in flight is such a RECV
-    cdef bint direct_wanted           # listed in the queue's direct_pending
-    cdef bint multishot_next          # the next arm is a multishot one
-    cdef object direct_updated        # buffer_updated of that memory's protocol
-    cdef readonly uint64_t direct_receives
-
-    cdef int direct_complete(self, int32_t res, uint32_t flags) except -1
-    cdef int deliver_direct(self, Py_ssize_t length) except -1
-    cdef void release_direct(self) noexcept
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
                        bint fills_buffer) except -1

@@ -26,13 +26,6 @@ class ReceiveQueue(BufferOwner):
     """Advances each time returned buffers reach the kernel."""
     closed: bool
     """Whether ``close()`` was called."""
-    direct_receives: int
-    """Completions that carried data straight into ``get_buffer()`` memory."""
-    direct_receive: bool
-    """Whether a buffered protocol given to ``recv_multishot`` receives
-    straight into its ``get_buffer()`` memory while its data comes in bulk
-    (buffer rings; ``IOUZCRX_DIRECT_RECEIVE``, off by default: only for
-    memory that belongs to one connection)."""
     @property
     def buffers_pending_return(self) -> int:
         """Buffers released by the program but not yet handed to the kernel."""
@@ -44,8 +37,6 @@ class ReceiveQueue(BufferOwner):
         on_end: Callable[[BaseException | None], object] | None = None,
         on_error: Callable[[BaseException], object] | None = None,
         account: PinAccount | None = None,
-        protocol: Any = None,
-        methods: tuple[str, Any, Any] | None = None,
     ) -> Receiver:
         """Start a multishot receive on the connected TCP socket ``sock``.
 
@@ -58,14 +49,6 @@ class ReceiveQueue(BufferOwner):
         With ``account`` (see ``pin_account``) the receive stops while the
         views it counts pin their share of the area, and starts again once
         enough of them are gone.
-
-        With ``protocol`` (and its ``methods``, see ``set_protocol_delivery``)
-        the data goes to the protocol from the first byte. A buffered
-        protocol on a queue whose ``direct_receive`` is true then receives
-        straight into the memory its ``get_buffer()`` returns (single-shot
-        receives, armed by the ring's next drain; that memory stays exported
-        until the kernel is done with it), and through a multishot with
-        copies once its messages come one at a time.
         """
     def pin_account(self) -> PinAccount:
         """A new ``PinAccount`` for one connection: its receives may pin a
@@ -75,9 +58,7 @@ class ReceiveQueue(BufferOwner):
         (kernel completions), ``deliveries`` (views handed out),
         ``total_buffers``, ``buffers_in_use``, ``buffers_returned``,
         ``buffers_pending_return``, ``refills``, ``rearms``, ``starvations``
-        ``rearms_held`` and ``direct_receives`` (completions that carried
-        data straight into a protocol's ``get_buffer()`` memory), plus what
-        the backend adds."""
+        and ``rearms_held``, plus what the backend adds."""
     def close(self) -> None:
         """Stop using this queue: cancel its receives (they end with no error,
         keeping the views they queued), detach it from the ring and give its
@@ -137,11 +118,6 @@ class Receiver(Request):
     """Kernel completions that carried data for this socket."""
     rearms: int
     """Times the multishot receive was started again."""
-    direct_armed: bool
-    """Whether the receive in the kernel now writes straight into the
-    protocol's ``get_buffer()`` memory (which stays exported until then)."""
-    direct_receives: int
-    """Completions that carried data straight into ``get_buffer()`` memory."""
     @property
     def delivery(self) -> str:
         """How received data leaves: ``"views"`` (to ``on_data``, or queued for

@@ -7,10 +7,9 @@ owner thread publishes them before its next enter (``before_enter``).
 """
 
 cimport cython
-from iouzcrx._abi cimport (ECANCELED, EFAULT, IOUZ_CQE_BUFFER_SHIFT,
-                           IOUZ_CQE_F_BUFFER, IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY,
-                           IOUZ_OP_RECV, iouz_sqe)
-from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
+from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
+                           IOUZ_CQE_F_MORE, IOUZ_CQE_F_SOCK_NONEMPTY)
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
@@ -51,13 +50,6 @@ cdef enum:
     # more than a buffer at a time.
     PIN_SHARE = 4
     MIN_PIN_LIMIT = 2
-    # The size asked of get_buffer() for a direct receive (what the stock
-    # loops suggest), and the most one such RECV takes at a time.
-    DIRECT_SIZE_HINT = 64 * 1024
-    DIRECT_MAX_BYTES = 1 << 30
-    # Memory smaller than this gets copies instead: a RECV (and an enter of
-    # the drain) per few kilobytes costs more than the copy it saves.
-    DIRECT_MIN_BYTES = 16 * 1024
 
 
 cdef enum:
@@ -80,32 +72,6 @@ cdef int raise_set_error() except -1:
     """Raises the exception already set (by a call that returned NULL)."""
     return -1
 cdef object _deque = _collections.deque
-
-
-# The memory every direct receive in flight may write, in this process:
-# one set for all queues and rings, as a program may hand the same memory to
-# connections of two servers (or two loops), and a RECV on each would mix
-# both streams in it before either is announced.  Changed only with the GIL
-# held.
-cdef DirectSpan *direct_spans = NULL
-cdef size_t direct_span_count = 0
-cdef size_t direct_span_capacity = 0
-
-
-cdef int export_writable(object memory, Py_buffer *target, Py_ssize_t asked) except -1:
-    """Export what get_buffer(``asked``) returned as writable memory, or
-    raise the error that says what was wrong with it."""
-    try:
-        PyObject_GetBuffer(memory, target, PyBUF_WRITABLE)
-    except (BufferError, TypeError) as exc:
-        raise TypeError(
-            f"get_buffer({asked}) returned {type(memory).__name__!r}, which is not "
-            "writable contiguous memory: return a bytearray, a writable memoryview "
-            "or another object exporting a writable buffer") from exc
-    if target.len <= 0:
-        PyBuffer_Release(target)
-        raise RuntimeError("get_buffer() returned an empty buffer")
-    return 0
 
 
 # The first half of queueing buffer returns, shared by give_back and
@@ -213,7 +179,6 @@ cdef class ReceiveQueue(BufferOwner):
         self.starved = []
         self.receivers = set()
         self.runs_pending = []
-        self.direct_pending = []
         self.max_run_bytes = MAX_RUN_BYTES
 
     def __dealloc__(self):
@@ -345,109 +310,7 @@ cdef class ReceiveQueue(BufferOwner):
                     receiver.rearms += 1
                     self.rearms += 1
                     self.arm_receiver(receiver)
-        if self.direct_pending:
-            # Armed here, inside the drain, whose enter of this pass submits
-            # them: get_buffer() runs where an exception it raises goes to
-            # the receive's on_error, as every other protocol callback's.
-            pending, self.direct_pending = self.direct_pending, []
-            for receiver in pending:
-                self.arm_direct(receiver)
         return 0
-
-    cdef int arm_direct(self, Receiver receiver) except -1:
-        """A single-shot RECV into the memory of the protocol's get_buffer(),
-        exported until its CQE (Receiver.direct_complete)."""
-        cdef Py_buffer *view = &receiver.direct_view
-        cdef iouz_sqe *sqe
-        receiver.direct_wanted = False
-        if receiver.finished or receiver.armed or receiver.cancelling:
-            return 0  # ended (cancel() ends a waiting receive) or armed meanwhile
-        if receiver.delivery_kind != DELIVER_BUFFERED or self.closed:
-            return self.arm(receiver)  # the delivery changed since: a multishot
-        updated = receiver.copy_updated
-        try:
-            export_writable(receiver.copy_target(DIRECT_SIZE_HINT), view, DIRECT_SIZE_HINT)
-        except BaseException as exc:
-            receiver.callback_failed(exc)
-            if receiver.finished:
-                return 0
-            if receiver.cancelling or receiver.discarding:
-                return receiver.finish(None, False)
-            # Told, the program kept the connection: the copy path serves it
-            # from now on, and asks get_buffer() again once data is there.
-            return self.arm(receiver)
-        if (receiver.finished or receiver.armed or receiver.cancelling or receiver.discarding
-                or receiver.copy_updated is not updated or self.closed):
-            # get_buffer() paused, closed or handed the connection over: the
-            # memory is not needed (no SQE named it).
-            PyBuffer_Release(view)
-            if receiver.finished or receiver.armed:
-                return 0
-            if receiver.cancelling or receiver.discarding or self.closed:
-                return receiver.finish(None, False)
-            return self.arm(receiver)  # to the new protocol, through copies
-        if self.direct_overlaps(<char *>view.buf, <char *>view.buf + view.len):
-            # Memory another direct receive may still write (a receive this
-            # connection paused, or a protocol sharing its memory between
-            # connections): two RECVs into it could mix their data before
-            # either is announced.  Copies, made one at a time, cannot.
-            PyBuffer_Release(view)
-            return self.arm(receiver)
-        self.add_direct_span(receiver)
-        try:
-            sqe = self.ring.prepare(receiver, IOUZ_OP_RECV, receiver.fd)
-        except BaseException:
-            self.remove_direct_span(receiver)
-            PyBuffer_Release(view)  # no SQE names it
-            raise
-        sqe.addr = <uintptr_t>view.buf
-        sqe.len = <uint32_t>min(view.len, <Py_ssize_t>DIRECT_MAX_BYTES)
-        receiver.direct_exported = True
-        receiver.direct_armed = True
-        receiver.armed = True
-        receiver.direct_updated = updated
-        return 0
-
-    cdef bint direct_overlaps(self, char *start, char *end) noexcept:
-        cdef size_t i
-        for i in range(direct_span_count):
-            if start < direct_spans[i].end and direct_spans[i].start < end:
-                return True
-        return False
-
-    cdef int add_direct_span(self, Receiver receiver) except -1:
-        global direct_spans, direct_span_count, direct_span_capacity
-        cdef DirectSpan *grown
-        cdef DirectSpan *span
-        cdef size_t capacity = direct_span_capacity
-        if direct_span_count == capacity:
-            capacity = 16 if capacity == 0 else capacity * 2
-            grown = <DirectSpan *>realloc(direct_spans, capacity * sizeof(DirectSpan))
-            if grown == NULL:
-                raise MemoryError()
-            direct_spans = grown
-            direct_span_capacity = capacity
-        span = direct_spans + direct_span_count
-        span.start = <char *>receiver.direct_view.buf
-        span.end = span.start + receiver.direct_view.len
-        span.receiver = <void *>receiver
-        direct_span_count += 1
-        return 0
-
-    cdef void remove_direct_span(self, Receiver receiver) noexcept:
-        # Only once the kernel is done with the memory (or no SQE named it).
-        # Matched on the memory too: a span whose CQE never came (a forked
-        # child that closed its parent's ring) names a receiver that may be
-        # gone, its address taken by a new one; that span's memory is never
-        # released, so no live receive's span starts there.
-        global direct_span_count
-        cdef size_t i
-        cdef char *start = <char *>receiver.direct_view.buf
-        for i in range(direct_span_count):
-            if direct_spans[i].receiver == <void *>receiver and direct_spans[i].start == start:
-                direct_span_count -= 1
-                direct_spans[i] = direct_spans[direct_span_count]
-                return
 
     cdef bint progressed(self, Receiver receiver) noexcept:
         """Whether a receive the kernel ended for want of buffers may start
@@ -459,8 +322,7 @@ cdef class ReceiveQueue(BufferOwner):
                 or receiver.bytes_received != receiver.bytes_at_arm)
 
     cdef int arm_receiver(self, Receiver receiver) except -1:
-        if ((receiver.rearms or receiver.direct_receives) and receiver.fd >= 0
-                and socket_fd_now(receiver.sock) != receiver.fd):
+        if receiver.rearms and receiver.fd >= 0 and socket_fd_now(receiver.sock) != receiver.fd:
             # The program closed or detached the socket while the receive
             # waited: its number may name another connection by now.  Armed
             # on no fd, the receive ends the usual way, with EBADF.
@@ -469,13 +331,6 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.held_counted = False
         receiver.armed_epoch = self.return_epoch
         receiver.bytes_at_arm = receiver.bytes_received
-        if (receiver.delivery_kind == DELIVER_BUFFERED and self.direct_receive
-                and not receiver.multishot_next):
-            if not receiver.direct_wanted:
-                receiver.direct_wanted = True
-                self.direct_pending.append(receiver)
-            return 0
-        receiver.multishot_next = False
         return self.arm(receiver)
 
     cdef bint may_rearm(self, Receiver receiver) except -1:
@@ -530,7 +385,6 @@ cdef class ReceiveQueue(BufferOwner):
                         error = exc
         self.receivers.clear()
         self.starved.clear()
-        self.direct_pending.clear()
         if error is not None:
             raise error
         return 0
@@ -625,7 +479,7 @@ cdef class ReceiveQueue(BufferOwner):
     # -- Python API --------------------------------------------------------------
 
     def recv_multishot(self, sock, *, on_data=None, on_end=None, on_error=None,
-                       PinAccount account=None, protocol=None, methods=None):
+                       PinAccount account=None):
         """Start a multishot receive on the connected TCP socket ``sock``.
 
         Returns a Receiver: iterate it for memoryviews (blocking, on the ring's
@@ -637,13 +491,6 @@ cdef class ReceiveQueue(BufferOwner):
         With ``account`` (see ``pin_account``) the receive stops while the
         views it counts pin their share of the area, and starts again once
         enough of them are gone.
-
-        With ``protocol`` (and its ``methods``, see
-        ``Receiver.set_protocol_delivery``) the data goes to the protocol from
-        the first byte.  A buffered protocol on a queue whose
-        ``direct_receive`` is true then receives straight into the memory
-        its ``get_buffer()`` returns (one copy, by the kernel), armed by the
-        ring's next drain.
         """
         if self.closed or self.ring is None:
             raise ValueError(f"the {self.mode} receive queue is closed")
@@ -669,7 +516,6 @@ cdef class ReceiveQueue(BufferOwner):
             _checks.callback("on_error", on_error)
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
-        receiver.ring = self.ring  # before it is armed (a direct one waits for a drain)
         receiver.sock = sock
         receiver.fd = fd
         receiver.chunks = _deque()
@@ -684,8 +530,6 @@ cdef class ReceiveQueue(BufferOwner):
             # The view a program holds while it waits for the next one must
             # leave the receive able to resume (at half the limit).
             receiver.run_cap = <uint32_t>max(<uint64_t>1, account.limit // 2)
-        if protocol is not None:
-            receiver.set_protocol_delivery(protocol, methods)
         self.arm_receiver(receiver)
         self.receivers.add(receiver)
         return receiver
@@ -750,7 +594,7 @@ cdef class ReceiveQueue(BufferOwner):
         stats = BufferOwner.stats(self)
         stats.update(buffers_pending_return=self.pending_count, refills=self.refills,
                      rearms=self.rearms, starvations=self.starvations,
-                     rearms_held=self.rearms_held, direct_receives=self.direct_receives)
+                     rearms_held=self.rearms_held)
         return stats
 
 
@@ -760,8 +604,6 @@ cdef class Receiver(Request):
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
         cdef uint32_t bid
         cdef char *data
-        if self.direct_armed:
-            return self.direct_complete(res, flags)
         self.last_flags = flags
         if (flags & (IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE) == IOUZ_CQE_F_BUFFER | IOUZ_CQE_F_MORE
                 and <uint32_t>res == self.queue.whole_buffer):
@@ -894,8 +736,18 @@ cdef class Receiver(Request):
                 return self.deliver(PyMemoryView_FromObject(
                     PyBytes_FromStringAndSize(data, length)))
             buffer_updated = self.copy_updated
-            export_writable(self.copy_target(length), &target, length)
+            memory = self.copy_target(length)
+            try:
+                PyObject_GetBuffer(memory, &target, PyBUF_WRITABLE)
+            except (BufferError, TypeError) as exc:
+                raise TypeError(
+                    f"get_buffer({length}) returned {type(memory).__name__!r}, which is not "
+                    "writable contiguous memory: return a bytearray, a writable memoryview "
+                    "or another object exporting a writable buffer") from exc
             n = target.len
+            if n <= 0:
+                PyBuffer_Release(&target)
+                raise RuntimeError("get_buffer() returned an empty buffer")
             if n > length:
                 n = length
             memcpy(target.buf, data, n)
@@ -904,89 +756,6 @@ cdef class Receiver(Request):
             data += n
             length -= n
         return 0
-
-    cdef int direct_complete(self, int32_t res, uint32_t flags) except -1:
-        """The CQE of a direct receive: the kernel is done with the memory,
-        which is released, then announced (buffer_updated)."""
-        cdef bint filled, small
-        self.direct_armed = False
-        self.armed = False
-        self.last_flags = flags
-        if res <= 0:
-            self.release_direct()
-            self.direct_updated = None
-            if res == -EFAULT:
-                # The only memory this RECV named is the program's: a bare
-                # "Bad address" on a receive would not point at it.
-                self.armed = False
-                return self.finish(kernel_error(EFAULT, (
-                    f"direct receive on fd {self.fd}: the kernel could not write the "
-                    "memory get_buffer() returned (a file mapping truncated or pages "
-                    "protected under it?); return memory that stays writable until "
-                    "buffer_updated()")), False)
-            return self.queue.end_by_kernel(self, res)  # EOF, cancel or error
-        filled = res >= self.direct_view.len
-        small = self.direct_view.len < DIRECT_MIN_BYTES
-        self.bytes_received += res
-        self.chunks_received += 1
-        self.direct_receives += 1
-        self.queue.bytes_received += res
-        self.queue.chunks_received += 1
-        self.queue.direct_receives += 1
-        self.deliver_direct(res)
-        if self.finished:
-            return 0
-        if self.cancelling or self.discarding or self.queue.closed:
-            # Stopped by a callback, or while the RECV ran (its cancel found
-            # nothing left to cancel): the receive ends here.
-            return self.finish(None, False)
-        if small or res < DIRECT_MIN_BYTES or not (filled or flags & IOUZ_CQE_F_SOCK_NONEMPTY):
-            # A short receive that left the socket empty: request-like
-            # traffic, where a RECV armed per message would cost the drain
-            # an enter of its own per message.  A multishot stays armed
-            # between messages; the copy it makes is the cheaper of the two
-            # for data that small.  So do small memory and a receive that
-            # got little (a trickle, where a RECV per segment costs more than
-            # the copies of so few bytes); see DIRECT_MIN_BYTES.
-            self.multishot_next = True
-        return self.queue.arm_receiver(self)
-
-    cdef int deliver_direct(self, Py_ssize_t length) except -1:
-        updated = self.direct_updated
-        self.direct_updated = None
-        self.deliveries += 1
-        self.queue.deliveries += 1
-        if self.discarding:
-            self.release_direct()
-            return 0
-        cdef PyObject *result
-        if self.delivery_kind == DELIVER_BUFFERED and self.copy_updated is updated:
-            # Released first: buffer_updated may resize or drop the memory.
-            self.release_direct()
-            result = call_one(updated, length)
-            if result == NULL:
-                return self.on_data_raised()
-            drop_result(result)
-            return 0
-        # Paused, or handed to another protocol, while the kernel wrote: what
-        # it wrote was never announced to the memory's protocol (as asyncio
-        # allows of get_buffer()), and goes where the delivery says now.
-        try:
-            data = PyBytes_FromStringAndSize(<char *>self.direct_view.buf, length)
-        finally:
-            self.release_direct()
-        try:
-            self.copy_to_protocol(<char *>data, length)
-        except BaseException as exc:
-            return self.callback_failed(exc)
-        return 0
-
-    cdef void release_direct(self) noexcept:
-        # Only ever after the RECV's CQE: until then the kernel may write.
-        if self.direct_exported:
-            self.direct_exported = False
-            self.queue.remove_direct_span(self)
-            PyBuffer_Release(&self.direct_view)
 
     cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1:
         """Deliver a small chunk as a view over a copy; its buffer goes back
@@ -1158,8 +927,8 @@ cdef class Receiver(Request):
         else:
             self.queue.ring.check_thread()
         self.cancelling = True
-        if self.starved or self.direct_wanted:
-            self.finish(None, False)  # nothing armed: it ends now
+        if self.starved:
+            self.finish(None, False)
         elif self.armed:
             self.ring.cancel(self)
 

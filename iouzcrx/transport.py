@@ -163,9 +163,8 @@ class ZcrxTransport(asyncio.Transport):
                 on_end=functools.partial(self._receive_ended, self._generation),
                 on_error=self._on_protocol_error,
                 account=self._pins,
-                protocol=self._protocol,
-                methods=self._methods,
             )
+            receiver.set_protocol_delivery(self._protocol, self._methods)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -227,9 +226,8 @@ class ZcrxTransport(asyncio.Transport):
             on_end=functools.partial(self._receive_ended, generation),
             on_error=self._on_protocol_error,
             account=self._pins,
-            protocol=self._protocol,
-            methods=self._methods,
         )
+        receiver.set_protocol_delivery(self._protocol, self._methods)
         self._receiver = receiver
         self._ops_on_socket += 1
         if not in_drain:

@@ -143,9 +143,7 @@ async def test_copies_are_byte_exact_and_buffers_go_back(mode, make, total):
         data = await asyncio.wait_for(protocol.eof, TIMEOUT)
         assert data == expected(7, total)
         if isinstance(protocol, BufferedCollector):
-            # A direct receive (bufring) asks before the data is there, for
-            # what the stock loops suggest; a copy asks for what it holds.
-            assert all(0 < h <= max(total, 64 << 10) for h in protocol.hints)
+            assert all(0 < h <= total for h in protocol.hints)
         assert_buffers_back(server)
         stats = server.backend.stats()
         if mode != "socket":
