@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 
 import pytest
 from conftest import Sender, Verifier, connect_pair
@@ -136,10 +137,12 @@ def test_a_stream_read_as_it_arrives_goes_through_the_same_few_buffers(ring, lis
     server.close()
 
 
-def hold_views(receiver, total, check=lambda: True):  # type: ignore[no-untyped-def]
+def hold_views(
+    receiver: iouzcrx.Receiver, total: int, check: Callable[[], bool] = lambda: True
+) -> list[memoryview]:
     """The views of the first ``total`` bytes, all held; ``check()`` must
     hold after each."""
-    views = []
+    views: list[memoryview] = []
     received = 0
     while received < total:
         view = receiver.get(30)
