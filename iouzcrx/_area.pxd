@@ -54,8 +54,8 @@ cdef class PinAccount:
 cdef class Buffer:
     """Exporter of received data: one chunk, or a run of adjacent chunks
     (``buffers`` of them, the first identified by ``token``).  The memoryviews
-    handed to users are its only owners; when the last is released every
-    buffer of it goes back to its owner."""
+    handed to users are its only exports; when the last is released every
+    buffer of it goes back to its owner, and it exports nothing again."""
     cdef BufferOwner owner
     cdef char *data
     cdef Py_ssize_t length
@@ -63,6 +63,8 @@ cdef class Buffer:
     cdef readonly uint32_t buffers
     cdef uint32_t first_length
     cdef PinAccount account           # None: pins of no connection
+    cdef Py_ssize_t exports
+    cdef void return_to_owner(self) noexcept
 
 
 cdef uint64_t buffer_count(size_t area_size, uint32_t buffer_size) except 0

@@ -511,23 +511,41 @@ cdef class PinAccount:
 cdef class Buffer:
     # Traversed so the GC sees the path view -> buffer -> queue -> ring (a ring
     # abandoned with views queued in a receiver is a collectable cycle), but
-    # never cleared: the owner must still be there when __dealloc__ returns it.
+    # never cleared: the owner must still be there when the buffers go back.
 
     def __getbuffer__(self, Py_buffer *view, int flags):
+        if self.owner is None:
+            raise BufferError(
+                "this memory went back to the kernel when the last view over it was "
+                "released: copy the bytes (bytes(view)) to keep them longer")
         # Read-only: the kernel owns the memory's contents until it is returned.
         PyBuffer_FillInfo(view, self, self.data, self.length, 1, flags)
+        self.exports += 1
 
     def __releasebuffer__(self, Py_buffer *view):
-        pass
+        # The buffers go back with the last export rather than when this
+        # object is freed: a view released on another thread of a
+        # free-threaded build leaves the freeing of this object (made on the
+        # ring's owner thread) to the owner, which may be asleep waiting for
+        # exactly these buffers.
+        self.exports -= 1
+        if self.exports == 0:
+            self.return_to_owner()
 
     def __dealloc__(self):
-        if self.owner is None:
+        self.return_to_owner()  # never exported (the view could not be made)
+
+    cdef void return_to_owner(self) noexcept:
+        cdef BufferOwner owner = self.owner
+        if owner is None:
             return
+        self.owner = None  # once: the memory is not exported again
         if self.account is not None:
             # Before the return: the owner thread's next pass, which the
             # return wakes, looks at the account to resume a paused receive.
             self.account.pinned -= self.buffers
+            self.account = None
         if self.buffers == 1:
-            self.owner.give_back(self.token, <uint32_t>self.length)
+            owner.give_back(self.token, <uint32_t>self.length)
         else:
-            self.owner.give_back_run(self.token, self.buffers, self.first_length, self.length)
+            owner.give_back_run(self.token, self.buffers, self.first_length, self.length)

@@ -359,6 +359,9 @@ cdef class ReceiveQueue(BufferOwner):
                 fds.append(receiver.fd)
         return 0
 
+    cdef bint awaits_returns(self) noexcept:
+        return len(self.starved) != 0
+
     cdef int receiver_finished(self, Receiver receiver) except -1:
         self.receivers.discard(receiver)
         if self.closed and not self.receivers and not self.ring.closed:
@@ -413,6 +416,7 @@ cdef class ReceiveQueue(BufferOwner):
         receiver.starved = True
         receiver.waiting_for_returns = True
         self.starved.append(receiver)
+        self.ring.client_awaits_returns()
         if receiver.account is not None and (
                 receiver.throttled or not (self.keeps_spares and self.free_buffers())):
             # The area is exhausted, or the receive had reached its pin
@@ -434,6 +438,7 @@ cdef class ReceiveQueue(BufferOwner):
             return 0
         receiver.starved = True
         self.starved.append(receiver)
+        self.ring.client_awaits_returns()
         return receiver.account.stall()
 
     cdef bint stops(self, Receiver receiver) except -1:

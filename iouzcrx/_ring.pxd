@@ -21,14 +21,17 @@ cdef class RingClient:
     publish buffer returns, re-arm starved receives), after_reap(False) once
     a batch of completions was dispatched (to deliver what it gathered) and
     after_reap(True) when the drain ends (to deliver what it held back for
-    the next batch), and ring_closed() once; add_watched_fds() before a blocking wait, where the
-    kernel signals the eventfd late (see Ring.wait_readable).  The ring holds
-    its clients weakly: a client nobody else references is freed."""
+    the next batch), and ring_closed() once; add_watched_fds() before a
+    blocking wait, where the kernel signals the eventfd late (see
+    Ring.wait_readable); awaits_returns() to learn whether it waits for
+    buffers the program holds.  The ring holds its clients weakly: a client
+    nobody else references is freed."""
     cdef object __weakref__
     cdef int before_enter(self) except -1
     cdef int after_reap(self, bint last) except -1
     cdef int ring_closed(self) except -1
     cdef int add_watched_fds(self, list fds) except -1
+    cdef bint awaits_returns(self) noexcept
 
 
 cdef class Ring:
@@ -71,6 +74,7 @@ cdef class Ring:
     cdef list callback_errors
     cdef public object error_handler
     cdef public object more_work_handler
+    cdef public object awaiting_returns_handler
     cdef readonly uint64_t enters
     cdef readonly uint64_t stale_taskrun_flags
     cdef readonly uint64_t cqes_reaped
@@ -108,4 +112,6 @@ cdef class Ring:
     cdef int forget_dead_clients(self) except -1
     cdef uint16_t allocate_buffer_group(self) noexcept
     cdef int wake(self) noexcept
+    cdef bint awaiting_returns(self) noexcept
+    cdef int client_awaits_returns(self) except -1
     cdef int report_callback_error(self, object exc) except -1

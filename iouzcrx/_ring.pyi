@@ -91,6 +91,13 @@ class Ring:
     more_work_handler: Callable[[], object] | None
     """Called by ``on_eventfd_readable()`` when work is left after its drain
     (to schedule another drain)."""
+    awaiting_returns_handler: Callable[[], object] | None
+    """Called, on free-threaded builds only, when a receive starts waiting
+    for buffers that views still hold: an event loop must then wake now and
+    then (see ``iouzcrx._freethreading``)."""
+    @property
+    def awaits_returns(self) -> bool:
+        """Whether a receive waits for buffers that views still hold."""
     def __init__(self, sq_entries: int = 256, cq_entries: int = 8192) -> None: ...
     @property
     def in_flight(self) -> int:

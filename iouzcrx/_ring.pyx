@@ -29,7 +29,7 @@ import os as _os
 import socket as _socket
 import time
 
-from iouzcrx import _checks
+from iouzcrx import _checks, _freethreading
 from iouzcrx.errors import WrongProcess, WrongThread, kernel_error, setup_error
 
 
@@ -62,6 +62,10 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum:
         POLLIN
+
+
+cdef bint FREE_THREADED = _freethreading.FREE_THREADED
+cdef int FREE_THREADED_WAKE_MS = <int>(_freethreading.WAKE_INTERVAL * 1000.0)
 
 
 cdef enum:
@@ -204,6 +208,9 @@ cdef class RingClient:
 
     cdef int add_watched_fds(self, list fds) except -1:
         return 0
+
+    cdef bint awaits_returns(self) noexcept:
+        return False
 
 
 # Sends, cancels and no-ops come and go at the rate of the traffic: reuse
@@ -622,10 +629,24 @@ cdef class Ring:
         if 0 <= timeout < _math.inf:
             ms = <int>min(timeout * 1000.0 + 0.999, <double>INT_MAX)
         cdef int ret
+        cdef int step
         cdef uint64_t counter
+        # See iouzcrx._freethreading: views dropped on other threads go
+        # back only once this thread runs Python code.
+        cdef bint sliced = FREE_THREADED and self.awaiting_returns()
         try:
-            with nogil:
-                ret = poll(pfds, count, ms)
+            while True:
+                step = ms
+                if sliced and (ms < 0 or ms > FREE_THREADED_WAKE_MS):
+                    step = FREE_THREADED_WAKE_MS
+                with nogil:
+                    ret = poll(pfds, count, step)
+                if ret != 0 or step == ms:
+                    break
+                if ms > 0:
+                    ms -= step
+                # A return it frees signals the eventfd: the next poll sees it.
+                _freethreading.run_deferred_frees()
             if ret < 0:
                 if errno == EINTR:
                     return 0
@@ -637,6 +658,29 @@ cdef class Ring:
             return 0
         finally:
             PyMem_Free(pfds)
+
+    cdef bint awaiting_returns(self) noexcept:
+        """Whether a client waits for buffers the program still holds."""
+        cdef PyObject *target
+        for ref in self.clients:
+            target = PyWeakref_GetObject(ref)
+            if target != <PyObject *>None and (<RingClient>target).awaits_returns():
+                return True
+        return False
+
+    cdef int client_awaits_returns(self) except -1:
+        """A client started waiting for buffers the program holds: under an
+        event loop on a free-threaded build, the loop must wake now and then
+        while it waits (iouzcrx._freethreading)."""
+        if FREE_THREADED and self.awaiting_returns_handler is not None:
+            self.awaiting_returns_handler()
+        return 0
+
+    @property
+    def awaits_returns(self):
+        """Whether a receive on this ring waits for buffers that views still
+        hold (it starts again once enough of them are released)."""
+        return self.awaiting_returns()
 
     cdef int wake(self) noexcept:
         """Make the eventfd readable; safe from any thread."""

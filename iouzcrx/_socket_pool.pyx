@@ -89,7 +89,7 @@ cdef class SocketBufferPool(BufferOwner):
                 pass  # a failed wake-up only delays the next read
 
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
-        # Only from the last view of a filled buffer (Buffer.__dealloc__).
+        # Only from the last view of a filled buffer (Buffer.return_to_owner).
         if self.states == NULL or token >= self.total_buffers or self.states[token] != OUT:
             return
         self.buffers_in_use -= 1

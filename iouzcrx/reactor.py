@@ -29,6 +29,7 @@ import threading
 import weakref
 from typing import Any
 
+from iouzcrx import _freethreading
 from iouzcrx._probe import kernel_features
 from iouzcrx._ring import Ring
 
@@ -60,6 +61,9 @@ class Reactor:
         # when that drain must run whatever ran since (see _scheduled_drain).
         self._enters_when_scheduled: int | None = None
         self._watching_eventfd = False
+        # The wake-up timer while a receive waits for buffers on a
+        # free-threaded build (see _free_deferred).
+        self._deferred_frees: asyncio.TimerHandle | None = None
         # Receive backends of client connections (open_connection), per mode.
         self.client_backends: dict[str, Any] = {}
         # Idle zcrx queues of closed servers, by their parameters: the kernel
@@ -82,6 +86,8 @@ class Reactor:
             return
         self.ring.error_handler = self._report
         self.ring.more_work_handler = self._drain_again
+        if _freethreading.FREE_THREADED:
+            self.ring.awaiting_returns_handler = self._watch_deferred_frees
         # As the ring's own blocking waits do (Ring.watches_sockets).
         self.socket_hints = self.ring.watches_sockets
         # The ring's method is the reader callback itself: no Python frame
@@ -173,6 +179,25 @@ class Reactor:
         if more:
             self._drain_again()
 
+    def _watch_deferred_frees(self) -> None:
+        """A receive waits for buffers (free-threaded builds only): wake the
+        loop now and then until it stops waiting (iouzcrx._freethreading)."""
+        if self._deferred_frees is None and not self.closed and self.pid == _pid:
+            loop = self._loop_ref()
+            if loop is not None and not loop.is_closed():
+                self._deferred_frees = loop.call_later(
+                    _freethreading.WAKE_INTERVAL, self._free_deferred
+                )
+
+    def _free_deferred(self) -> None:
+        # Entering this Python function frees what other threads queued for
+        # this one; a view among them gives its buffers back, which signals
+        # the ring's eventfd. Again while a receive still waits.
+        self._deferred_frees = None
+        ring = self.ring
+        if ring is not None and not ring.closed and ring.awaits_returns:
+            self._watch_deferred_frees()
+
     def _report(self, exc: BaseException) -> None:
         loop = self._loop_ref()
         if loop is not None and not loop.is_closed():
@@ -233,6 +258,9 @@ class Reactor:
             self.client_backends.clear()
             self.idle_queues.clear()
             self._unwatch_eventfd()
+            if self._deferred_frees is not None:
+                self._deferred_frees.cancel()
+                self._deferred_frees = None
         ring = self.ring
         if ring is None or ring.closed:
             return

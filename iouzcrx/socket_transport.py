@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, cast
 
+from iouzcrx import _freethreading
 from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx.protocols import delivery_for
 
@@ -134,6 +135,8 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self.transport: SocketModeTransport | None = None
         self._filling: int | None = None
         self._filling_slot: Any = None
+        # The wake-up timer while starved on a free-threaded build.
+        self._deferred_frees: asyncio.TimerHandle | None = None
 
     def set_user_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
@@ -191,6 +194,8 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
             self.starved = True
             self.pool.starved_readers.add(self)
             self.update_reading()
+            if _freethreading.FREE_THREADED:
+                self._watch_deferred_frees()
             self._signal_stall()
         self._deliver(view)
 
@@ -201,6 +206,9 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._put_back_unfilled()
         self.pool.starved_readers.discard(self)
+        if self._deferred_frees is not None:
+            self._deferred_frees.cancel()
+            self._deferred_frees = None
         try:
             self.protocol.connection_lost(exc)
         finally:
@@ -218,6 +226,24 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         on_stall = self.stall.on_stall
         if on_stall is not None:
             on_stall()
+
+    def _watch_deferred_frees(self) -> None:
+        """Starved on a free-threaded build: views dropped on other threads
+        go back only once this thread runs Python code, which a loop asleep
+        waiting for them would never do (iouzcrx._freethreading)."""
+        if self._deferred_frees is None and self._inner is not None:
+            loop = asyncio.get_running_loop()
+            self._deferred_frees = loop.call_later(
+                _freethreading.WAKE_INTERVAL, self._free_deferred
+            )
+
+    def _free_deferred(self) -> None:
+        # Entering this function frees what other threads queued for this
+        # one; a view among them gives its buffer back and resumes reading.
+        self._deferred_frees = None
+        inner = self._inner
+        if self.starved and inner is not None and not inner.is_closing():
+            self._watch_deferred_frees()
 
     def _put_back_unfilled(self) -> None:
         if self._filling is not None:
