@@ -1110,14 +1110,22 @@ cdef class AcceptedFd:
         (``BlockingIOError`` when none); SIGPIPE is never raised."""
         if self.sock is not None:
             return self.sock.send(data)
-        self.check_open()
         cdef Py_buffer view
         cdef ssize_t sent
-        cdef int fd = self.fd
+        cdef int fd
         cdef int error
+        self.check_open()
+        # Exporting the buffer, like the signal handlers below, may run the
+        # program's code (a class with __buffer__), which may close this
+        # connection and open another on the same fd number: the fd is read
+        # only after any such code, just before the send.
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             while True:
+                if self.sock is not None:
+                    return self.sock.send(data)  # the socket owns the fd now
+                self.check_open()
+                fd = self.fd
                 with nogil:
                     sent = c_send(fd, view.buf, <size_t>view.len, MSG_NOSIGNAL)
                     error = errno

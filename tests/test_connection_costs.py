@@ -528,3 +528,35 @@ async def test_a_connection_runs_few_python_frames_of_the_library(mode):
     if not Reactor.for_loop(loop).socket_hints:
         assert not hints, calls
     assert {k: n for k, n in calls.items() if k not in SOCKET_HINT_FRAMES} == LIBRARY_FRAMES
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="a Python class exports a buffer (__buffer__) from 3.12 on"
+)
+def test_a_send_whose_buffer_closes_the_connection_never_reaches_the_fd_that_replaced_it():
+    """The data's own export closes the connection and puts another one on
+    the same fd number: the send fails with EBADF instead of writing to the
+    connection that now holds that number."""
+    conn, peer = accepted_pair()
+    fd = conn.fileno()
+    intruder: list[socket.socket] = []
+
+    class Sneaky:
+        def __buffer__(self, flags: int) -> memoryview:
+            conn.close()
+            other, other_peer = socket.socketpair()
+            os.dup2(other.fileno(), fd)  # the number now names another connection
+            intruder.extend([other, other_peer])
+            return memoryview(b"for the first connection only")
+
+    with peer:
+        with pytest.raises(OSError) as raised:
+            conn.send(Sneaky())  # type: ignore[arg-type]
+        assert raised.value.errno == errno.EBADF
+        other, other_peer = intruder
+        with other, other_peer:
+            other_peer.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                other_peer.recv(64)  # nothing reached the other connection
+            if other.fileno() != fd:
+                os.close(fd)  # the dup2'd copy (socketpair may have taken fd itself)
