@@ -12,6 +12,8 @@ import asyncio
 import os
 import select
 import selectors
+import signal
+import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -73,6 +75,32 @@ class ZcrxLoopMethods:
 
 class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
     """asyncio's selector loop with ``create_zcrx_server``."""
+
+    def run_forever(self) -> None:
+        # Ctrl-C under asyncio.run (or iouzcrx.run) cancels the main task
+        # from a Python-level handler, which runs only once this thread runs
+        # Python code: a SIGINT that lands just before the selector blocks,
+        # or on another thread, would wait for the next event, for ever on
+        # an idle server. Signals written to the self-pipe (the wakeup fd,
+        # as asyncio's proactor loop sets it) wake the selector instead.
+        installed = False
+        wakeup = -1
+        if threading.current_thread() is threading.main_thread() and not self.is_closed():
+            wakeup = self._csock.fileno()  # type: ignore[attr-defined]
+            try:
+                previous = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+            except ValueError:  # not the main interpreter
+                previous = None
+            if previous not in (None, -1, wakeup):
+                signal.set_wakeup_fd(previous)  # another's: left as it was
+            installed = previous == -1
+        try:
+            super().run_forever()
+        finally:
+            if installed:
+                current = signal.set_wakeup_fd(-1)
+                if current not in (-1, wakeup):
+                    signal.set_wakeup_fd(current)  # set by another meanwhile: theirs
 
     def _close_in_forked_child(self) -> None:
         selector = getattr(self, "_selector", None)

@@ -369,3 +369,48 @@ def test_a_reactor_closed_while_its_loop_runs_has_its_ring_closed_by_the_loops_c
     finally:
         loop.close()
     assert ring.closed
+
+
+# -- Ctrl-C ----------------------------------------------------------------------
+
+# An idle loop under iouzcrx.run; a helper thread sends itself SIGINT, so the
+# signal lands on a thread other than the loop's, which sleeps in the selector
+# and is not interrupted: only the wakeup fd can wake it.
+CTRL_C_ELSEWHERE = """
+    import asyncio, signal, threading
+    import iouzcrx
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def interrupt():
+            loop.call_soon_threadsafe(ready.set)
+            threading.Event().wait(0.5)  # the loop is asleep in the selector by then
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        await ready.wait()
+        await loop.create_future()  # idle until cancelled
+
+    try:
+        iouzcrx.run(main(), use_uvloop=False)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_on_another_thread_wakes_an_idle_selector_loop() -> None:
+    """asyncio.Runner's Ctrl-C handler runs only when the loop's thread runs
+    Python code: a SIGINT that does not interrupt the selector (it landed on
+    another thread, or just before the selector blocked) must still wake the
+    loop, through the self-pipe set as the signal wakeup fd."""
+    child = run_child(CTRL_C_ELSEWHERE)
+    try:
+        out, err = child.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        pytest.fail("the loop slept through the SIGINT")
+    assert child.returncode == 0, err.decode(errors="replace")
+    assert out.decode().strip() == "interrupted"
