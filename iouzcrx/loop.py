@@ -98,9 +98,26 @@ class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
             super().run_forever()
         finally:
             if installed:
-                current = signal.set_wakeup_fd(-1)
-                if current not in (-1, wakeup):
-                    signal.set_wakeup_fd(current)  # set by another meanwhile: theirs
+                self._clear_wakeup_fd()
+
+    def close(self) -> None:
+        if not self.is_running():
+            # Before the self-pipe goes: a signal must never be written to
+            # its fd number once something else may have it.
+            self._clear_wakeup_fd()
+        super().close()
+
+    def _clear_wakeup_fd(self) -> None:
+        """Unset the wakeup fd if it is this loop's self-pipe."""
+        csock = getattr(self, "_csock", None)
+        if csock is None or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            current = signal.set_wakeup_fd(-1)
+        except ValueError:  # not the main interpreter
+            return
+        if current not in (-1, csock.fileno()):
+            signal.set_wakeup_fd(current)  # another's: left as it was
 
     def _close_in_forked_child(self) -> None:
         selector = getattr(self, "_selector", None)

@@ -414,3 +414,36 @@ def test_ctrl_c_on_another_thread_wakes_an_idle_selector_loop() -> None:
         pytest.fail("the loop slept through the SIGINT")
     assert child.returncode == 0, err.decode(errors="replace")
     assert out.decode().strip() == "interrupted"
+
+
+def test_the_selector_loop_sets_the_wakeup_fd_only_while_it_runs_and_leaves_anothers() -> None:
+    """Its self-pipe is the wakeup fd while it runs (main thread), and not
+    after: a closed loop's fd number must never receive a signal byte. A
+    wakeup fd set by someone else is left as it was throughout."""
+    import signal
+
+    def wakeup_now() -> int:
+        current = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(current)
+        return current
+
+    async def seen() -> int:
+        return wakeup_now()
+
+    assert wakeup_now() == -1
+    loop = iouzcrx.new_event_loop(use_uvloop=False)
+    try:
+        assert loop.run_until_complete(seen()) == loop._csock.fileno()  # type: ignore[attr-defined]
+        assert wakeup_now() == -1
+        other_read, other_write = socket.socketpair()
+        with other_read, other_write:
+            other_write.setblocking(False)
+            signal.set_wakeup_fd(other_write.fileno())
+            try:
+                assert loop.run_until_complete(seen()) == other_write.fileno()
+                assert wakeup_now() == other_write.fileno()
+            finally:
+                signal.set_wakeup_fd(-1)
+    finally:
+        loop.close()
+    assert wakeup_now() == -1
