@@ -83,17 +83,11 @@ class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
         # or on another thread, would wait for the next event, for ever on
         # an idle server. Signals written to the self-pipe (the wakeup fd,
         # as asyncio's proactor loop sets it) wake the selector instead.
-        installed = False
-        wakeup = -1
-        if threading.current_thread() is threading.main_thread() and not self.is_closed():
-            wakeup = self._csock.fileno()  # type: ignore[attr-defined]
-            try:
-                previous = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
-            except ValueError:  # not the main interpreter
-                previous = None
-            if previous not in (None, -1, wakeup):
-                signal.set_wakeup_fd(previous)  # another's: left as it was
-            installed = previous == -1
+        installed = (
+            threading.current_thread() is threading.main_thread()
+            and not self.is_closed()
+            and _swap_wakeup_fd(-1, self._csock.fileno())  # type: ignore[attr-defined]
+        )
         try:
             super().run_forever()
         finally:
@@ -110,14 +104,8 @@ class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
     def _clear_wakeup_fd(self) -> None:
         """Unset the wakeup fd if it is this loop's self-pipe."""
         csock = getattr(self, "_csock", None)
-        if csock is None or threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            current = signal.set_wakeup_fd(-1)
-        except ValueError:  # not the main interpreter
-            return
-        if current not in (-1, csock.fileno()):
-            signal.set_wakeup_fd(current)  # another's: left as it was
+        if csock is not None and threading.current_thread() is threading.main_thread():
+            _swap_wakeup_fd(csock.fileno(), -1)
 
     def _close_in_forked_child(self) -> None:
         selector = getattr(self, "_selector", None)
@@ -127,6 +115,19 @@ class SelectorEventLoop(ZcrxLoopMethods, asyncio.SelectorEventLoop):
             selector._selector.close()  # type: ignore[attr-defined]
             selector._selector = select.epoll()  # type: ignore[attr-defined]
         super()._close_in_forked_child()
+
+
+def _swap_wakeup_fd(expected: int, new: int) -> bool:
+    """Make ``new`` the signal wakeup fd if it is ``expected`` (main thread
+    only); a wakeup fd someone else set is left as it was."""
+    try:
+        current = signal.set_wakeup_fd(new, warn_on_full_buffer=False)
+    except ValueError:  # not the main interpreter
+        return False
+    if current != expected:
+        signal.set_wakeup_fd(current)
+        return False
+    return True
 
 
 if _uvloop is not None:

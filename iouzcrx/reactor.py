@@ -61,9 +61,8 @@ class Reactor:
         # when that drain must run whatever ran since (see _scheduled_drain).
         self._enters_when_scheduled: int | None = None
         self._watching_eventfd = False
-        # The wake-up timer while a receive waits for buffers on a
-        # free-threaded build (see _free_deferred).
-        self._deferred_frees: asyncio.TimerHandle | None = None
+        # While a receive waits for buffers, on a free-threaded build.
+        self._wake_ups = _freethreading.WakeUps(self._ring_awaits_returns)
         # Receive backends of client connections (open_connection), per mode.
         self.client_backends: dict[str, Any] = {}
         # Idle zcrx queues of closed servers, by their parameters: the kernel
@@ -182,21 +181,14 @@ class Reactor:
     def _watch_deferred_frees(self) -> None:
         """A receive waits for buffers (free-threaded builds only): wake the
         loop now and then until it stops waiting (iouzcrx._freethreading)."""
-        if self._deferred_frees is None and not self.closed and self.pid == _pid:
+        if not self.closed and self.pid == _pid:
             loop = self._loop_ref()
             if loop is not None and not loop.is_closed():
-                self._deferred_frees = loop.call_later(
-                    _freethreading.WAKE_INTERVAL, self._free_deferred
-                )
+                self._wake_ups.start(loop)
 
-    def _free_deferred(self) -> None:
-        # Entering this Python function frees what other threads queued for
-        # this one; a view among them gives its buffers back, which signals
-        # the ring's eventfd. Again while a receive still waits.
-        self._deferred_frees = None
+    def _ring_awaits_returns(self) -> bool:
         ring = self.ring
-        if ring is not None and not ring.closed and ring.awaits_returns:
-            self._watch_deferred_frees()
+        return ring is not None and not ring.closed and ring.awaits_returns
 
     def _report(self, exc: BaseException) -> None:
         loop = self._loop_ref()
@@ -258,9 +250,7 @@ class Reactor:
             self.client_backends.clear()
             self.idle_queues.clear()
             self._unwatch_eventfd()
-            if self._deferred_frees is not None:
-                self._deferred_frees.cancel()
-                self._deferred_frees = None
+            self._wake_ups.cancel()
         ring = self.ring
         if ring is None or ring.closed:
             return

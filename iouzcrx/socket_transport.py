@@ -135,8 +135,12 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         self.transport: SocketModeTransport | None = None
         self._filling: int | None = None
         self._filling_slot: Any = None
-        # The wake-up timer while starved on a free-threaded build.
-        self._deferred_frees: asyncio.TimerHandle | None = None
+        # While starved, on a free-threaded build: views dropped on other
+        # threads go back only once this thread runs Python code, which a
+        # loop asleep waiting for them would never do.
+        self._wake_ups = (
+            _freethreading.WakeUps(self._starved_and_open) if _freethreading.FREE_THREADED else None
+        )
 
     def set_user_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         deliver = delivery_for(protocol)  # a protocol it refuses changes nothing
@@ -194,8 +198,8 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
             self.starved = True
             self.pool.starved_readers.add(self)
             self.update_reading()
-            if _freethreading.FREE_THREADED:
-                self._watch_deferred_frees()
+            if self._wake_ups is not None:
+                self._wake_ups.start(asyncio.get_running_loop())
             self._signal_stall()
         self._deliver(view)
 
@@ -206,9 +210,8 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._put_back_unfilled()
         self.pool.starved_readers.discard(self)
-        if self._deferred_frees is not None:
-            self._deferred_frees.cancel()
-            self._deferred_frees = None
+        if self._wake_ups is not None:
+            self._wake_ups.cancel()
         try:
             self.protocol.connection_lost(exc)
         finally:
@@ -227,23 +230,9 @@ class AreaReadingProtocol(asyncio.BufferedProtocol):
         if on_stall is not None:
             on_stall()
 
-    def _watch_deferred_frees(self) -> None:
-        """Starved on a free-threaded build: views dropped on other threads
-        go back only once this thread runs Python code, which a loop asleep
-        waiting for them would never do (iouzcrx._freethreading)."""
-        if self._deferred_frees is None and self._inner is not None:
-            loop = asyncio.get_running_loop()
-            self._deferred_frees = loop.call_later(
-                _freethreading.WAKE_INTERVAL, self._free_deferred
-            )
-
-    def _free_deferred(self) -> None:
-        # Entering this function frees what other threads queued for this
-        # one; a view among them gives its buffer back and resumes reading.
-        self._deferred_frees = None
+    def _starved_and_open(self) -> bool:
         inner = self._inner
-        if self.starved and inner is not None and not inner.is_closing():
-            self._watch_deferred_frees()
+        return self.starved and inner is not None and not inner.is_closing()
 
     def _put_back_unfilled(self) -> None:
         if self._filling is not None:

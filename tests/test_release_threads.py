@@ -17,7 +17,8 @@ import time
 
 import pytest
 from conftest import RECEIVE_MODES, SERVER_MODES, Pattern, Sender, Verifier, connect_pair
-from conftest import make_queue as conftest_make_queue
+from test_buffers import finish, first_view
+from test_buffers import make_queue as classic_queue
 
 import iouzcrx
 
@@ -25,14 +26,6 @@ TIMEOUT = 30.0
 KIB = 1024
 # Long enough for the owner to be asleep when the other thread lets go.
 SETTLE = 0.3
-
-
-def make_queue(ring: iouzcrx.Ring, mode: str) -> iouzcrx.ReceiveQueue:
-    if mode == "bufring":
-        return iouzcrx.BufRingQueue(
-            ring, area_size=256 * KIB, buffer_size=16 * KIB, incremental=False
-        )
-    return conftest_make_queue(ring, mode, area_size=256 * KIB)
 
 
 def starve(
@@ -54,7 +47,7 @@ def test_a_sleeping_owner_gets_back_the_views_another_thread_lets_go(ring, liste
     go of the views while the owner sleeps in wait_for: the receive starts
     again and the whole stream arrives intact."""
     client, server = connect_pair(listener)
-    queue = make_queue(ring, mode)
+    queue = classic_queue(ring, mode, area_size=256 * KIB, buffer_size=16 * KIB)
     receiver = queue.recv_multishot(server)
     seed, total = 71, 4 << 20
     sender = Sender(client, seed, total)
@@ -93,7 +86,7 @@ def test_a_view_released_on_another_thread_returns_its_buffers_there_and_then(ri
     """release() gives the buffers back on the releasing thread: the queue
     counts them returned before the owner runs again."""
     client, server = connect_pair(listener)
-    queue = make_queue(ring, mode)
+    queue = classic_queue(ring, mode, area_size=256 * KIB, buffer_size=16 * KIB)
     receiver = queue.recv_multishot(server)
     sender = Sender(client, 73, 4 << 20)
     sender.start()
@@ -124,15 +117,7 @@ def test_an_exporter_goes_back_with_its_last_export_and_exports_nothing_after(ri
     """A view's exporter (``view.obj``) may be exported again while the view
     lives; the buffers go back with the last export, and a later export
     fails with BufferError instead of showing memory the kernel reuses."""
-    client, server = connect_pair(listener)
-    queue = make_queue(ring, mode)
-    receiver = queue.recv_multishot(server)
-    sender = Sender(client, 75, 1 << 20)
-    sender.start()
-    view = receiver.get(TIMEOUT)
-    while view is not None and isinstance(view.obj, bytes):
-        view = receiver.get(TIMEOUT)  # a small chunk, copied: it holds no buffer
-    assert view is not None
+    queue, receiver, sender, server, view = first_view(ring, listener, mode, total=1 << 20)
     exporter = view.obj
     expected = view.tobytes()
     in_use = queue.buffers_in_use
@@ -148,11 +133,7 @@ def test_an_exporter_goes_back_with_its_last_export_and_exports_nothing_after(ri
         memoryview(exporter)
     with pytest.raises(BufferError):
         bytes(exporter)
-    receiver.close()
-    server.close()
-    sender.join(TIMEOUT)
-    ring.drain()
-    queue.close()
+    finish(receiver, sender, server)
 
 
 @pytest.mark.parametrize("mode", SERVER_MODES)
