@@ -31,6 +31,7 @@ cdef class BufferOwner(RingClient):
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept
+    cdef void pins_released(self) noexcept
     cdef object export(self, char *data, Py_ssize_t length, uint64_t token)
     cdef object export_run(self, char *data, Py_ssize_t length, uint64_t token,
                            uint32_t count, uint32_t first_length)

@@ -436,6 +436,11 @@ cdef class BufferOwner(RingClient):
                             Py_ssize_t length) noexcept:
         pass
 
+    cdef void pins_released(self) noexcept:
+        """A stalled pin account dropped to half its limit: a receive it
+        stopped may start again."""
+        pass
+
     def stats(self):
         """Counters since creation, as a dict (the same keys in every mode)."""
         return {
@@ -540,12 +545,19 @@ cdef class Buffer:
         if owner is None:
             return
         self.owner = None  # once: the memory is not exported again
-        if self.account is not None:
+        cdef PinAccount account = self.account
+        cdef bint unstalled = False
+        if account is not None:
             # Before the return: the owner thread's next pass, which the
             # return wakes, looks at the account to resume a paused receive.
-            self.account.pinned -= self.buffers
+            account.pinned -= self.buffers
+            unstalled = account.stalled and account.pinned <= account.limit // 2
             self.account = None
         if self.buffers == 1:
             owner.give_back(self.token, <uint32_t>self.length)
         else:
             owner.give_back_run(self.token, self.buffers, self.first_length, self.length)
+        if unstalled:
+            # The return may have woken nobody: a part of an incremental
+            # buffer the kernel still fills goes back later, with its last.
+            owner.pins_released()

@@ -138,13 +138,24 @@ cdef class Receiver(Request):
     cdef int finish(self, object error, bint eof) except -1
 
 
+cdef inline void request_pass(ReceiveQueue queue) noexcept:
+    # Have the owner thread run before_enter (publish the returns, start
+    # waiting receives again) soon.
+    cdef Ring ring = queue.ring
+    if ring is None:
+        return
+    if ring.draining:
+        # The drain runs it: in its next pass, or once its last pass is
+        # over (Ring.drain_completions).
+        ring.pass_requested = True
+    elif not queue.wake_requested:
+        # Nothing is going to drain soon (no traffic while the pool is
+        # empty, say): have the owner thread woken.
+        queue.wake_requested = True
+        ring.wake()
+
+
 cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
     # ``count`` buffer returns were queued for the owner thread to publish.
-    cdef bint was_empty = queue.pending_count == 0
     queue.pending_count += count
-    if was_empty and not queue.ring.draining and not queue.wake_requested:
-        # Nothing is going to drain soon (no traffic while the pool is
-        # empty): have the owner thread woken to publish.  Inside a drain
-        # the next pass publishes anyway.
-        queue.wake_requested = True
-        queue.ring.wake()
+    request_pass(queue)

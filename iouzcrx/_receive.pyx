@@ -194,6 +194,9 @@ cdef class ReceiveQueue(BufferOwner):
 
     # -- buffer returns --------------------------------------------------------
 
+    cdef void pins_released(self) noexcept:
+        request_pass(self)
+
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
         self.buffers_in_use -= 1
         self.buffers_returned += 1

@@ -81,6 +81,8 @@ cdef class Ring:
 
     cdef bint draining
     cdef bint close_requested
+    cdef uint32_t wake_pending       # wake() ran since the eventfd callback began
+    cdef bint pass_requested         # a client asked for a clients_before_enter pass
     cdef int watch_client_fds        # -1: not yet known; else 0 or 1
 
     cdef int map_rings(self, iouz_params *p) except -1

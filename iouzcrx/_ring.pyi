@@ -116,8 +116,12 @@ class Ring:
         completion queue was drained.
         """
     def on_eventfd_readable(self) -> bool:
-        """For event loops watching ``eventfd``: consume the wake-up, then drain.
+        """For event loops watching ``eventfd``: drain, then consume the wake-up.
 
+        The wake-up is read after the drain, so that the signal the drain's
+        own completions raise does not wake the loop a second time; work, or
+        a wake-up from another thread, that came after the drain's last look
+        gets a second drain.
         Meant to be the reader callback itself: when work is left after the
         drain, it calls ``more_work_handler()`` if set, and returns True.
         """

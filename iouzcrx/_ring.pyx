@@ -544,6 +544,7 @@ cdef class Ring:
             if self.dropped_buffer_groups:
                 self.release_dropped()
             while True:
+                self.pass_requested = False
                 self.clients_before_enter()
                 # The first pass always enters: that runs the deferred task work
                 # the caller was woken for. Later passes enter only when there
@@ -585,11 +586,25 @@ cdef class Ring:
                 # a child a handler forked: the buffers are the parent's).
                 if current_pid == self.owner_pid:
                     self.clients_after_reap(True)
+                    if self.pass_requested and not self.close_requested:
+                        # Buffers given back after the last pass published
+                        # the returns (by what after_reap delivered, above
+                        # all): publish them too, in shared memory, with no
+                        # system call. A receive this starts again is
+                        # submitted by the next drain.
+                        self.pass_requested = False
+                        self.clients_before_enter()
+                        if self.pending_submissions():
+                            more = 1
             finally:
                 self.draining = False
                 if self.close_requested and not self.closing:
                     more = 0
                     self.close_now(1.0)
+                elif self.pass_requested:
+                    # From another thread, after that: no drain is coming.
+                    self.pass_requested = False
+                    self.wake()
         if self.callback_errors:
             errors, self.callback_errors = self.callback_errors, []
             # A KeyboardInterrupt or SystemExit first: raising an error
@@ -685,6 +700,9 @@ cdef class Ring:
     cdef int wake(self) noexcept:
         """Make the eventfd readable; safe from any thread."""
         cdef uint64_t one = 1
+        # Before the write: an eventfd callback that reads this wake-up away
+        # after its drain sees the flag (on_eventfd_readable).
+        iouz_store_release(&self.wake_pending, 1)
         if self.eventfd >= 0:
             write(self.eventfd, &one, sizeof(one))
         return 0
@@ -810,7 +828,7 @@ cdef class Ring:
         return bool(self.drain_completions(DEFAULT_DRAIN_PASSES))
 
     def on_eventfd_readable(self):
-        """For event loops watching ``eventfd``: consume the wake-up, then drain.
+        """For event loops watching ``eventfd``: drain, then consume the wake-up.
 
         Meant to be the reader callback itself, so a wake-up costs no Python
         frame of its own: when work is left after the drain, it calls
@@ -819,8 +837,21 @@ cdef class Ring:
         """
         cdef uint64_t counter
         self.check_owner()
+        iouz_store_release(&self.wake_pending, 0)
+        cdef int more = self.drain_completions(DEFAULT_DRAIN_PASSES)
+        if self.closed:
+            return False  # closed from a completion handler: the eventfd went too
+        # Read after the drain, not before: the CQEs it posted signalled the
+        # eventfd again, and reading first would leave that signal to wake the
+        # loop once more for nothing (an epoll wait, a read and an enter per
+        # request). What the read may have taken away instead is a signal for
+        # work that arrived after the drain's last enter (the kernel sets
+        # SQ_TASKRUN before it signals) or a wake() from another thread (it
+        # sets wake_pending before it writes): either one, drain again.
         read(self.eventfd, &counter, sizeof(counter))
-        if self.drain_completions(DEFAULT_DRAIN_PASSES):
+        if not more and (iouz_load_acquire(&self.wake_pending) or self.kernel_has_work()):
+            more = self.drain_completions(DEFAULT_DRAIN_PASSES)
+        if more:
             if self.more_work_handler is not None:
                 self.more_work_handler()
             return True

@@ -154,6 +154,47 @@ def test_deferred_task_work_signals_the_eventfd(ring):
         os.close(w)
 
 
+def test_a_wake_up_leaves_no_second_one_behind(ring):
+    """Posting the CQEs of a drain signals the eventfd again; the callback
+    reads it after its drain, so the loop is not woken a second time for
+    nothing (an epoll wait, a read and an enter per request)."""
+    r, w = os.pipe()
+    try:
+        for n in range(3):
+            read = ring.read(r, bytearray(8))
+            ring.drain()
+            ring.on_eventfd_readable()
+            os.write(w, b"x")
+            assert select.select([ring.eventfd], [], [], 5)[0] == [ring.eventfd]
+            ring.on_eventfd_readable()
+            assert read.done and read.results[-1][0] == 1, n
+            assert select.select([ring.eventfd], [], [], 0)[0] == [], n
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_wake_up_from_inside_the_drain_is_not_read_away(ring):
+    """The callback reads the eventfd after its drain, so it may take away a
+    wake() made during that drain; it must drain again then. A buffer ring
+    freed from a completion handler asks for such a wake-up: its owner
+    unregisters it at the start of a drain."""
+    a, b = socket.socketpair()
+    doomed = [iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=64 << 10)]
+    group = doomed[0].buffer_group
+    try:
+        ring.drain()
+        ring.on_eventfd_readable()
+        assert ring._buffer_group_registered(group)
+        ring.send(a, b"x", callback=lambda res, flags: doomed.clear())
+        ring.on_eventfd_readable()  # submits the send; its handler frees the queue
+        assert not doomed
+        assert not ring._buffer_group_registered(group)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_one_drain_runs_all_pending_task_work(ring):
     """An enter runs at most 20 task-work items; drain loops while
     IORING_SQ_TASKRUN is set so 50 completions all arrive in one call."""
