@@ -27,6 +27,8 @@ def extension(name: str) -> Extension:
         f"iouzcrx.{name}",
         [f"iouzcrx/{name}.pyx"],
         include_dirs=["iouzcrx"],
+        # The C headers: an in-place build recompiles when one changes.
+        depends=["iouzcrx/_abi.h", "iouzcrx/_copy.h"],
         extra_compile_args=[
             "-O2",
             "-Wall",

@@ -8,10 +8,12 @@ spans chunks.  ``readuntil`` remembers how far the buffer was searched for
 its separator, so that each wake-up searches only what arrived since.
 """
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromObject
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp
+
+from iouzcrx._copy cimport copy_to_bytearray, iouz_copy
 
 import asyncio
 
@@ -252,7 +254,7 @@ cdef class ZcrxStreamReader:
 
     cdef int _spill(self) except -1:
         """Replace every buffered chunk by one bytearray holding their bytes."""
-        cdef Py_ssize_t length, i
+        cdef Py_ssize_t length, i, end
         cdef const char *data
         if self._size == 0:
             return 0
@@ -266,9 +268,12 @@ cdef class ZcrxStreamReader:
                 del spilled[:self._pos]
         else:
             data = chunk_data(first, &length)
-            spilled = PyByteArray_FromStringAndSize(data + self._pos, length - self._pos)
+            spilled = copy_to_bytearray(data + self._pos, length - self._pos)
         for i in range(self._head + 1, len(self._chunks)):
-            spilled += self._chunks[i]
+            data = chunk_data(self._chunks[i], &length)
+            end = PyByteArray_GET_SIZE(spilled)
+            PyByteArray_Resize(spilled, end + length)
+            iouz_copy(PyByteArray_AS_STRING(spilled) + end, data, <size_t>length)
         self._chunks = [spilled]
         self._head = 0
         self._pos = 0
@@ -299,7 +304,7 @@ cdef class ZcrxStreamReader:
         while done < n:
             data = chunk_data(self._chunks[self._head], &length)
             part = min(length - self._pos, n - done)
-            memcpy(out + done, data + self._pos, part)
+            iouz_copy(out + done, data + self._pos, <size_t>part)
             done += part
             self._pos += part
             if self._pos == length:

@@ -18,9 +18,9 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject
-from libc.string cimport memcpy
 
 from iouzcrx._area cimport BufferOwner, PinAccount
+from iouzcrx._copy cimport copy_to_bytes, iouz_copy
 from iouzcrx._ring cimport Request, Ring
 
 import collections as _collections
@@ -735,14 +735,13 @@ cdef class Receiver(Request):
         cdef Py_ssize_t n
         while length > 0 and not self.discarding:
             if self.delivery_kind == DELIVER_BYTES:
-                self.copy_target(PyBytes_FromStringAndSize(data, length))
+                self.copy_target(copy_to_bytes(data, length))
                 return 0
             if self.delivery_kind == DELIVER_VIEWS:
                 # Views wanted from here on (on_data was set): the rest as a
                 # view over a copy, since the buffers go back now.
                 self.deliveries -= 1  # deliver() counts it again
-                return self.deliver(PyMemoryView_FromObject(
-                    PyBytes_FromStringAndSize(data, length)))
+                return self.deliver(PyMemoryView_FromObject(copy_to_bytes(data, length)))
             buffer_updated = self.copy_updated
             memory = self.copy_target(length)
             try:
@@ -758,7 +757,7 @@ cdef class Receiver(Request):
                 raise RuntimeError("get_buffer() returned an empty buffer")
             if n > length:
                 n = length
-            memcpy(target.buf, data, n)
+            iouz_copy(target.buf, data, <size_t>n)
             PyBuffer_Release(&target)
             buffer_updated(n)
             data += n
@@ -768,7 +767,7 @@ cdef class Receiver(Request):
     cdef int deliver_copy(self, char *data, uint32_t length, uint64_t token) except -1:
         """Deliver a small chunk as a view over a copy; its buffer goes back
         now rather than when the program lets go of the data."""
-        view = PyMemoryView_FromObject(PyBytes_FromStringAndSize(data, length))
+        view = PyMemoryView_FromObject(copy_to_bytes(data, length))
         self.queue.deliveries += 1
         self.queue.give_back(token, length)
         return self.deliver(view)

@@ -8,6 +8,7 @@ The server tests run on both loops (tests/conftest.py) in every mode here."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 from typing import Any
 
 import pytest
@@ -71,9 +72,13 @@ class ViewCollector(Collector, iouzcrx.ZeroCopyProtocol):
 
 
 class BufferedCollector(Collector, asyncio.BufferedProtocol):
-    def __init__(self, size: int = 64 << 10, view: bool = False) -> None:
+    def __init__(self, size: int = 64 << 10, view: bool = False, page_offset: int = -1) -> None:
         super().__init__()
-        self.buffer = bytearray(size)
+        self.buffer: Any = bytearray(size)
+        if page_offset >= 0:
+            # Memory that starts page_offset bytes into a page, while area
+            # buffers start on one: the pairs the receiver copies in pieces.
+            self.buffer = memoryview(mmap.mmap(-1, size + 4096))[page_offset : page_offset + size]
         self.target: Any = memoryview(self.buffer) if view else self.buffer
         self.hints: list[int] = []
 
@@ -130,6 +135,12 @@ def assert_buffers_back(server: iouzcrx.ZcrxServer) -> None:
         pytest.param(BufferedCollector, 8 << 20, id="buffered-64k"),
         pytest.param(lambda: BufferedCollector(256 << 10, view=True), 8 << 20, id="memoryview"),
         pytest.param(lambda: BufferedCollector(4095), 2 << 20, id="buffered-4095"),
+        pytest.param(
+            lambda: BufferedCollector(64 << 10, page_offset=16), 8 << 20, id="buffered-page+16"
+        ),
+        pytest.param(
+            lambda: BufferedCollector(10_007, page_offset=63), 2 << 20, id="buffered-page+63"
+        ),
         pytest.param(lambda: BufferedCollector(10_007), 2 << 20, id="buffered-10007"),
         pytest.param(lambda: BufferedCollector(1), 48 << 10, id="buffered-1-byte"),
     ],
