@@ -54,6 +54,30 @@ def log(msg: str) -> None:
     print(f"vm: {msg}", file=sys.stderr, flush=True)
 
 
+def require_tool(tool: str, package: str) -> str:
+    """The path of ``tool``, installing ``package`` with apt-get first where it
+    is missing: every machine starts fresh, and tests/vm/netdevsim/build
+    fetches the kernel before tests/vm/run installs its own tools."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    found = shutil.which(tool, path=path)
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise Fatal(f"{tool} is missing: install {package} (apt-get install {package})")
+    log(f"installing {package} (for {tool})")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "-q", "update"], ["apt-get", "-q", "install", "-y", package]):
+        done = subprocess.run(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        if done.returncode != 0:
+            raise Fatal(f"{' '.join(cmd)} failed:\n{done.stdout}")
+    found = shutil.which(tool, path=path)
+    if not found:
+        raise Fatal(f"{tool} is still missing after installing {package}")
+    return found
+
+
 # --------------------------------------------------------------------------- apt configuration
 
 
@@ -355,7 +379,8 @@ def extract(
         if not os.path.exists(os.path.join(root, "lib")):
             os.symlink("usr/lib", os.path.join(root, "lib"))
         # Packages leave modules.dep to their postinst, which we never run.
-        subprocess.run(["depmod", "-a", "-b", root, krel], check=True)
+        depmod = require_tool("depmod", "kmod")
+        subprocess.run([depmod, "-a", "-b", root, krel], check=True)
 
         info = {
             "krel": krel,
