@@ -269,11 +269,14 @@ cdef class ZcrxStreamReader:
         else:
             data = chunk_data(first, &length)
             spilled = copy_to_bytearray(data + self._pos, length - self._pos)
+        # Grown once to every buffered byte, then the later chunks copied in.
+        end = PyByteArray_GET_SIZE(spilled)
+        PyByteArray_Resize(spilled, self._size)
         for i in range(self._head + 1, len(self._chunks)):
             data = chunk_data(self._chunks[i], &length)
-            end = PyByteArray_GET_SIZE(spilled)
-            PyByteArray_Resize(spilled, end + length)
             iouz_copy(PyByteArray_AS_STRING(spilled) + end, data, <size_t>length)
+            end += length
+        assert end == self._size
         self._chunks = [spilled]
         self._head = 0
         self._pos = 0
