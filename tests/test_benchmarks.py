@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,34 @@ def test_scaling_runs_every_farm_with_every_byte_counted(tmp_path: Path) -> None
                 assert figures["zero_copy_share"] == 0.0
     table = (tmp_path / "scaling.md").read_text()
     assert "| 2 | iouzcrx-zerocopy |" in table and "vs uvloop-protocol" in table
+
+
+@pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
+@pytest.mark.skipif(
+    shutil.which("perf") is None, reason="perf is not installed (apt-get install linux-perf)"
+)
+def test_request_costs_show_where_each_receiver_gets_its_data(tmp_path: Path) -> None:
+    # The stock loop receives each request with a recv(2); the bufring
+    # receiver never calls recv: its data comes through io_uring_enter.
+    out = tmp_path / "requests.json"
+    stock, ours = "asyncio-protocol", "iouzcrx-bufring-protocol-asyncio"
+    run_script(
+        "requests.py",
+        "--receivers",
+        f"{stock},{ours}",
+        "--requests",
+        "200,2000",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+        timeout=600,
+    )
+    results = json.loads(out.read_text())
+    assert results[stock]["syscalls"]["recvfrom"] >= 0.9
+    assert "io_uring_enter" not in results[stock]["syscalls"]
+    assert results[ours]["syscalls"]["io_uring_enter"] >= 0.5
+    assert results[ours]["syscalls"].get("recvfrom", 0) < 0.1
+    for row in results.values():
+        assert row["syscalls"]["all"] >= 2  # at least a wait and a send per request
+        assert row["kernel_symbols_us"]  # the profile was read
