@@ -169,7 +169,8 @@ def socket_addresses(fd: int) -> tuple[int, bytes | None, bytes | None]:
 class AcceptedFd:
     """A connection the server's ring accepted, held as its fd alone;
     ``socket()`` makes its ``socket.socket`` on demand, which then owns the
-    fd (every method here acts through it)."""
+    fd (every method here acts through it; ``send`` asks it for its fd at
+    each call and never waits, whatever its timeout)."""
 
     family: int
     kind: int

@@ -1026,7 +1026,9 @@ cdef class AcceptedFd:
     (``getsockname``, its check that the fd is a socket) and a Python
     object.  ``socket()`` makes one on demand (``get_extra_info``) and
     hands it the fd: from then on every method here acts through that
-    object, so that an fd its owner closed is never used by number again.
+    object, so that an fd its owner closed is never used by number again
+    (``send`` asks it for its fd at each call, as socket.send reads its
+    own, and sends without the object's timeout).
 
     It owns the fd until ``close()`` or ``socket()``; dropped while it
     still owns it, the fd is closed (as a socket object would)."""
@@ -1107,27 +1109,38 @@ cdef class AcceptedFd:
             raise os_error(EBADF)
         return 0
 
+    cdef int fd_now(self) except -1:
+        """The fd to act on at this moment, asked of its owner: the socket
+        once one was made (the program may have closed it: its fileno() is
+        then -1), else this object.  EBADF once closed, never a number
+        that may name another connection by now."""
+        cdef int fd
+        sock = self.sock
+        fd = self.fd if sock is None else sock.fileno()
+        if fd < 0:
+            raise os_error(EBADF)
+        return fd
+
     def send(self, data):
         """``socket.send(data)``: the number of bytes the socket took
-        (``BlockingIOError`` when none); SIGPIPE is never raised."""
-        if self.sock is not None:
-            return self.sock.send(data)
+        (``BlockingIOError`` when none, whatever the socket's timeout);
+        SIGPIPE is never raised."""
         cdef Py_buffer view
         cdef ssize_t sent
         cdef int fd
         cdef int error
-        self.check_open()
+        self.fd_now()
         # Exporting the buffer, like the signal handlers below, may run the
         # program's code (a class with __buffer__), which may close this
         # connection and open another on the same fd number: the fd is read
-        # only after any such code, just before the send.
+        # only after any such code, just before the send. Once a socket
+        # object was made it owns the fd, but sending through its send()
+        # would cost an argument parse and a method call per write: the fd
+        # is asked of it instead, as socket.send itself reads its own.
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             while True:
-                if self.sock is not None:
-                    return self.sock.send(data)  # the socket owns the fd now
-                self.check_open()
-                fd = self.fd
+                fd = self.fd_now()
                 with nogil:
                     sent = c_send(fd, view.buf, <size_t>view.len, MSG_NOSIGNAL)
                     error = errno

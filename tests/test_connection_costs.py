@@ -455,6 +455,48 @@ def test_an_accepted_fd_hands_its_fd_to_the_socket_it_makes():
         conn.close()  # nothing left to close
 
 
+def test_an_accepted_fd_never_sends_to_the_fd_that_replaced_its_closed_socket():
+    # The send asks the socket object for its fd at each call rather than
+    # going through socket.send (or keeping the number): once the program
+    # closed that socket, the number belongs to whoever opens next.
+    conn, peer = accepted_pair()
+    with peer:
+        sock = conn.socket()
+        sock.settimeout(TIMEOUT)  # a timeout makes no send of this object wait
+        assert conn.send(b"first") == 5
+        assert peer.recv(16) == b"first"
+        number = sock.fileno()
+        sock.close()
+        other, other_peer = socket.socketpair()
+        with other, other_peer:
+            if other.fileno() != number and other_peer.fileno() != number:
+                pytest.skip("the closed fd number was not reused by the next socketpair")
+            with pytest.raises(OSError) as raised:
+                conn.send(b"stray")
+            assert raised.value.errno == errno.EBADF
+            for end in (other, other_peer):
+                end.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    end.recv(16)  # nothing reached the replacement
+
+
+def test_an_accepted_fd_sends_through_its_socket_without_waiting():
+    conn, peer = accepted_pair()
+    with peer:
+        sock = conn.socket()
+        sock.settimeout(TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = 0
+        with pytest.raises(BlockingIOError):
+            while True:  # fills the peer's buffer, then says so at once
+                sent += conn.send(b"x" * 65536)
+        got = 0
+        while got < sent:
+            got += len(peer.recv(1 << 20))
+        assert got == sent
+        conn.close()
+
+
 def test_an_accepted_fd_closed_in_a_forked_child_stays_open_in_the_parent():
     conn, peer = accepted_pair()
     with peer:
