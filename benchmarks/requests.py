@@ -4,6 +4,7 @@ spent (io_uring, eventfd, epoll, TCP/IP, scheduler, user space).
 
     python benchmarks/requests.py [--receivers NAME,...] [--request-size BYTES]
                                   [--requests N1,N2] [--repeat K] [--json PATH]
+                                  [--instructions N1,N2]
 
 Each receiver serves the suite's ``rr`` scenario (the C sender's request,
 the receiver's 64-byte response, one at a time) twice, with N1 and then N2
@@ -13,8 +14,10 @@ syscall tracepoints: unlike strace it does not slow the receiver, which would
 change how requests batch (a slowed receiver finds the next request already
 waiting and skips the sleep). CPU comes from ``perf record`` samples of the
 receiver, kernel and user, grouped by symbol. Every figure is the median of
-``--repeat`` runs: a profile of one run moves by a fifth where the machine
-is shared. Receivers are named as in
+``--repeat`` runs, the receivers interleaved: a profile of one run moves by
+a fifth where the machine is shared. ``--instructions N1,N2`` adds user-space instructions per
+request (valgrind's callgrind, about fifty times slower: keep N small),
+which do not move with the load at all. Receivers are named as in
 benchmarks/suite.py (``uvloop-protocol``, ``iouzcrx-bufring-protocol-uvloop``...).
 Needs ``perf`` (Debian: ``apt-get install linux-perf``) and the right to
 trace (root, or ``kernel.perf_event_paranoid`` <= -1).
@@ -209,6 +212,23 @@ def measure(
     }
 
 
+def instructions_per_request(
+    name: str, programs: dict[str, Path], pair: tuple[int, int], size: int, work: Path
+) -> float:
+    """User-space instructions per request (callgrind), which do not move
+    with the machine's load as time does."""
+    totals = []
+    for n in pair:
+        out = work / f"callgrind-{name}-{n}"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        run(name, programs, rr(n, size), wrapper)
+        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+        if match is None:
+            raise RuntimeError(f"no totals in {out}")
+        totals.append(int(match.group(1)))
+    return (totals[1] - totals[0]) / (pair[1] - pair[0])
+
+
 def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The figure-by-figure median of ``measure``'s rows."""
 
@@ -240,30 +260,48 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=pair_of, default=(2000, 22000), help="N1,N2")
     parser.add_argument("--request-size", type=int, default=1024, help="bytes per request")
     parser.add_argument(
+        "--instructions",
+        type=pair_of,
+        default=None,
+        help="N1,N2 for callgrind (e.g. 200,600); omitted: no instruction counts",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=3, help="runs per receiver; figures are medians"
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if shutil.which("perf") is None:
-        raise SystemExit("requests.py needs perf (Debian: apt-get install linux-perf)")
+    for tool, package in [("perf", "linux-perf")] + (
+        [("valgrind", "valgrind")] if args.instructions else []
+    ):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"requests.py needs {tool} (Debian: apt-get install {package})")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="iouzcrx-requests-") as tmp:
         work = Path(tmp)
         programs = compile_programs(work)
-        for name in args.receivers.split(","):
-            row = results[name] = median_of(
-                [
-                    measure(name, programs, args.requests, args.request_size, work)
-                    for _ in range(args.repeat)
-                ]
-            )
+        names = args.receivers.split(",")
+        # Interleaved (A B A B ...), as the suite runs: a slow spell of a
+        # shared machine then falls on every receiver, not on one.
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for _ in range(args.repeat):
+            for name in names:
+                runs[name].append(measure(name, programs, args.requests, args.request_size, work))
+        for name in names:
+            row = results[name] = median_of(runs[name])
+            if args.instructions:
+                row["instructions"] = round(
+                    instructions_per_request(
+                        name, programs, args.instructions, args.request_size, work
+                    )
+                )
             calls = ", ".join(f"{k} {v:g}" for k, v in row["syscalls"].items() if k != "all")
             cpu = ", ".join(f"{k} {v:g}" for k, v in row["cpu_us"].items())
+            extra = f"; {row['instructions']} instructions" if "instructions" in row else ""
             print(
                 f"{name}: {row['syscalls'].get('all', 0):g} syscalls/request ({calls}); "
-                f"{row['cpu_us_total']:g} us CPU/request ({cpu})",
+                f"{row['cpu_us_total']:g} us CPU/request ({cpu}){extra}",
                 flush=True,
             )
     if args.json:
