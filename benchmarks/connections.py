@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suite import (  # noqa: E402  (a script beside suite.py, not a package)
     Scenario,
+    callgrind_instructions,
     compile_programs,
-    receiver_command,
-    run_one,
+    pair_of,
+    run_wrapped,
 )
 
 DEFAULT_RECEIVERS = "c-epoll,uvloop-protocol,iouzcrx-bufring-zerocopy-uvloop"
@@ -43,23 +44,6 @@ BYTES_PER_CONNECTION = 64 << 10
 
 def short(connections: int) -> Scenario:
     return Scenario("short", "short", "short connections", connections, BYTES_PER_CONNECTION)
-
-
-def run(name: str, programs: dict[str, Path], connections: int, wrapper: list[str]) -> None:
-    """One receiver under ``wrapper`` against the C sender; fails unless
-    every byte arrived."""
-    sc = short(connections)
-    raw = run_one(
-        name,
-        programs,
-        sc,
-        timeout=600,
-        command=wrapper + receiver_command(name, programs, sc),
-        start_timeout=600,
-    )
-    got = raw["receiver"]["bytes"]
-    if got != sc.expect_bytes:
-        raise RuntimeError(f"{name} received {got} bytes, expected {sc.expect_bytes}")
 
 
 def syscall_counts(path: Path) -> dict[str, int]:
@@ -79,7 +63,7 @@ def syscalls_per_connection(
     tables = []
     for n in pair:
         out = work / f"strace-{name}-{n}"
-        run(name, programs, n, ["strace", "-c", "-f", "-o", str(out)])
+        run_wrapped(name, programs, short(n), ["strace", "-c", "-f", "-o", str(out)])
         tables.append(syscall_counts(out))
     low, high = tables
     span = pair[1] - pair[0]
@@ -92,22 +76,11 @@ def syscalls_per_connection(
 def instructions_per_connection(
     name: str, programs: dict[str, Path], pair: tuple[int, int], work: Path
 ) -> float:
-    totals = []
-    for n in pair:
-        out = work / f"callgrind-{name}-{n}"
-        run(name, programs, n, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
-        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
-        if match is None:
-            raise RuntimeError(f"no totals in {out}")
-        totals.append(int(match.group(1)))
+    totals = [
+        callgrind_instructions(name, programs, short(n), work / f"callgrind-{name}-{n}")
+        for n in pair
+    ]
     return (totals[1] - totals[0]) / (pair[1] - pair[0])
-
-
-def pair_of(text: str) -> tuple[int, int]:
-    low, high = (int(x) for x in text.split(","))
-    if not 0 < low < high:
-        raise argparse.ArgumentTypeError(f"want N1,N2 with 0 < N1 < N2, not {text!r}")
-    return low, high
 
 
 def main(argv: list[str]) -> int:

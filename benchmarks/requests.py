@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suite import (  # noqa: E402  (a script beside suite.py, not a package)
     Scenario,
+    callgrind_instructions,
     compile_programs,
-    receiver_command,
-    run_one,
+    pair_of,
+    run_wrapped,
 )
 
 DEFAULT_RECEIVERS = ",".join(
@@ -86,23 +87,6 @@ def rr(requests: int, request_size: int) -> Scenario:
     return Scenario(
         "rr", "rr", "request/response", request_size=request_size, requests=requests, warmup=100
     )
-
-
-def run(name: str, programs: dict[str, Path], sc: Scenario, wrapper: list[str]) -> dict[str, Any]:
-    """One receiver under ``wrapper`` against the C sender; fails unless
-    every request arrived."""
-    raw = run_one(
-        name,
-        programs,
-        sc,
-        timeout=600,
-        command=wrapper + receiver_command(name, programs, sc),
-        start_timeout=120,
-    )
-    got = raw["receiver"]["bytes"]
-    if got != sc.expect_bytes:
-        raise RuntimeError(f"{name} received {got} bytes, expected {sc.expect_bytes}")
-    return raw
 
 
 def perf_stat_counts(path: Path) -> dict[str, int]:
@@ -178,8 +162,7 @@ def samples_by_group(record: Path) -> tuple[dict[str, int], dict[str, int]]:
 def per_request(
     low: dict[str, int], high: dict[str, int], span: int, scale: float
 ) -> dict[str, float]:
-    each = {k: (high.get(k, 0) - low.get(k, 0)) * scale / span for k in set(low) | set(high)}
-    return dict(sorted(each.items(), key=lambda kv: -kv[1]))
+    return {k: (high.get(k, 0) - low.get(k, 0)) * scale / span for k in set(low) | set(high)}
 
 
 def measure(
@@ -192,23 +175,21 @@ def measure(
     for n in pair:
         sc = rr(n, size)
         stat = work / f"stat-{name}-{n}"
-        run(name, programs, sc, ["perf", "stat", "-x,", "-o", str(stat), "-e", events])
+        run_wrapped(name, programs, sc, ["perf", "stat", "-x,", "-o", str(stat), "-e", events])
         counts.append(perf_stat_counts(stat))
         record = work / f"record-{name}-{n}"
-        run(name, programs, sc, ["perf", "record", "-q", "-F", str(SAMPLE_HZ), "-o", str(record)])
+        run_wrapped(
+            name, programs, sc, ["perf", "record", "-q", "-F", str(SAMPLE_HZ), "-o", str(record)]
+        )
         by_group, by_symbol = samples_by_group(record)
         groups.append(by_group)
         symbols.append(by_symbol)
     span = pair[1] - pair[0]
     us = 1e6 / SAMPLE_HZ
-    syscalls = {k: round(v, 2) for k, v in per_request(*counts, span, 1).items() if v >= 0.01}
-    cpu = {k: round(v, 2) for k, v in per_request(*groups, span, us).items() if v >= 0.05}
-    top = list(per_request(*symbols, span, us).items())[:40]
     return {
-        "syscalls": syscalls,
-        "cpu_us": cpu,
-        "cpu_us_total": round(sum(cpu.values()), 1),
-        "kernel_symbols_us": {k: round(v, 3) for k, v in top},
+        "syscalls": per_request(*counts, span, 1),
+        "cpu_us": per_request(*groups, span, us),
+        "kernel_symbols_us": per_request(*symbols, span, us),
     }
 
 
@@ -217,15 +198,10 @@ def instructions_per_request(
 ) -> float:
     """User-space instructions per request (callgrind), which do not move
     with the machine's load as time does."""
-    totals = []
-    for n in pair:
-        out = work / f"callgrind-{name}-{n}"
-        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-        run(name, programs, rr(n, size), wrapper)
-        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
-        if match is None:
-            raise RuntimeError(f"no totals in {out}")
-        totals.append(int(match.group(1)))
+    totals = [
+        callgrind_instructions(name, programs, rr(n, size), work / f"callgrind-{name}-{n}")
+        for n in pair
+    ]
     return (totals[1] - totals[0]) / (pair[1] - pair[0])
 
 
@@ -245,13 +221,6 @@ def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_us_total": round(sum(cpu.values()), 1),
         "kernel_symbols_us": dict(list(median("kernel_symbols_us", 3, 0.0).items())[:25]),
     }
-
-
-def pair_of(text: str) -> tuple[int, int]:
-    low, high = (int(x) for x in text.split(","))
-    if not 0 < low < high:
-        raise argparse.ArgumentTypeError(f"want N1,N2 with 0 < N1 < N2, not {text!r}")
-    return low, high
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import statistics
@@ -236,6 +237,42 @@ def run_one(
         if receiver.poll() is None:
             receiver.kill()
             receiver.wait()
+
+
+def run_wrapped(
+    name: str, programs: dict[str, Path], sc: Scenario, wrapper: list[str]
+) -> dict[str, Any]:
+    """``run_one`` with the receiver under ``wrapper`` (a profiler: strace,
+    perf, valgrind); fails unless every byte arrived."""
+    raw = run_one(
+        name,
+        programs,
+        sc,
+        timeout=600,
+        command=wrapper + receiver_command(name, programs, sc),
+        start_timeout=600,  # under callgrind the interpreter starts slowly
+    )
+    got = raw["receiver"]["bytes"]
+    if got != sc.expect_bytes:
+        raise RuntimeError(f"{name} received {got} bytes, expected {sc.expect_bytes}")
+    return raw
+
+
+def callgrind_instructions(name: str, programs: dict[str, Path], sc: Scenario, out: Path) -> int:
+    """User-space instructions of one run of ``name`` under callgrind."""
+    run_wrapped(name, programs, sc, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+    match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+    if match is None:
+        raise RuntimeError(f"no totals in {out}")
+    return int(match.group(1))
+
+
+def pair_of(text: str) -> tuple[int, int]:
+    """An ``N1,N2`` argument of the per-unit scripts (0 < N1 < N2)."""
+    low, high = (int(x) for x in text.split(","))
+    if not 0 < low < high:
+        raise argparse.ArgumentTypeError(f"want N1,N2 with 0 < N1 < N2, not {text!r}")
+    return low, high
 
 
 def figures_of(sc: Scenario, raw: dict[str, Any]) -> dict[str, float]:

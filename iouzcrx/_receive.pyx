@@ -1104,11 +1104,6 @@ cdef class AcceptedFd:
         if fd >= 0:
             c_close(fd)
 
-    cdef int check_open(self) except -1:
-        if self.fd < 0:
-            raise os_error(EBADF)
-        return 0
-
     cdef int fd_now(self) except -1:
         """The fd to act on at this moment, asked of its owner: the socket
         once one was made (the program may have closed it: its fileno() is
@@ -1156,16 +1151,14 @@ cdef class AcceptedFd:
         """``socket.shutdown(how)``."""
         if self.sock is not None:
             return self.sock.shutdown(how)
-        self.check_open()
-        if c_shutdown(self.fd, how) != 0:
+        if c_shutdown(self.fd_now(), how) != 0:
             raise os_error(errno)
 
     def setsockopt(self, int level, int name, int value):
         """``socket.setsockopt(level, name, value)`` for an int value."""
         if self.sock is not None:
             return self.sock.setsockopt(level, name, value)
-        self.check_open()
-        if c_setsockopt(self.fd, level, name, &value, sizeof(value)) != 0:
+        if c_setsockopt(self.fd_now(), level, name, &value, sizeof(value)) != 0:
             raise os_error(errno)
 
     def __repr__(self):
