@@ -20,12 +20,12 @@ Per row:
 - ``instructions_per_chunk_process``: everything the receiver executed in
   user space (interpreter, event loop, library, consumer).
 - ``instructions_per_chunk_library``: for the ring modes, the inclusive cost
-  of the ring's drain entry points (``Ring.on_eventfd_readable`` and
-  ``Ring.drain``): reaping, buffer export, delivery up to and including the
-  protocol's callback, buffer returns and the ring's enters (the syscall
-  instruction itself; kernel time is not counted). The Reactor's two small
-  Python frames that call the drain once per wake-up are outside it. With
-  the ``len`` consumer (``view_received = len`` on the instance) the
+  of the ring's drain entry points (``Ring.on_ring_readable``,
+  ``Ring.on_eventfd_readable`` and ``Ring.drain``): reaping, buffer export,
+  delivery up to and including the protocol's callback, buffer returns and
+  the ring's enters (the syscall instruction itself; kernel time is not
+  counted). The Reactor's Python frames of scheduled drains are outside
+  it. With the ``len`` consumer (``view_received = len`` on the instance) the
   callback's own body is a C builtin of a few dozen instructions; the
   ``method`` consumer shows what one Python-level method adds. The
   ``bytes`` (``asyncio.Protocol``) and ``buffered`` (``BufferedProtocol``
@@ -60,7 +60,9 @@ CHUNK = 4096
 # callgrind dumps its counters whenever this libc function is entered; the
 # receiver calls it (os.getloadavg) at each phase boundary.
 MARKER = "getloadavg"
-LIBRARY_ENTRY = re.compile(r"__pyx_pw_7iouzcrx_5_ring_4Ring_\d+(on_eventfd_readable|drain)$")
+LIBRARY_ENTRY = re.compile(
+    r"__pyx_pw_7iouzcrx_5_ring_4Ring_\d+(on_ring_readable|on_eventfd_readable|drain)$"
+)
 VALGRIND = shutil.which("valgrind") or "/usr/bin/valgrind"
 
 

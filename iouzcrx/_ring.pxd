@@ -42,6 +42,7 @@ cdef class Ring:
     cdef readonly uint32_t sq_entries
     cdef readonly uint32_t cq_entries
     cdef readonly bint cqe_mixed
+    cdef readonly bint defer_taskrun
     cdef readonly bint closed
     cdef readonly bint closing
     cdef readonly unsigned long owner_thread
@@ -76,6 +77,7 @@ cdef class Ring:
     cdef public object more_work_handler
     cdef public object awaiting_returns_handler
     cdef readonly uint64_t enters
+    cdef readonly uint64_t drains
     cdef readonly uint64_t stale_taskrun_flags
     cdef readonly uint64_t cqes_reaped
 

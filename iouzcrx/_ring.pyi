@@ -52,6 +52,13 @@ class Ring:
     an event loop can watch it: with ``DEFER_TASKRUN``, polling the ring fd
     itself does not wake before Linux 7.3.2.
 
+    ``defer_taskrun=False`` leaves out ``DEFER_TASKRUN`` and
+    ``TASKRUN_FLAG``: the kernel runs a receive's work as soon as the socket
+    has data and posts its completion itself, so a drain needs no system
+    call. Such a ring is watched through ``fd`` (``on_ring_readable()``);
+    its eventfd is only written by ``wake()``. Zero-copy receive cannot be
+    registered on it.
+
     A context manager: leaving the ``with`` block closes the ring.
     """
 
@@ -70,6 +77,8 @@ class Ring:
     """Completion queue size."""
     cqe_mixed: bool
     """Whether the completion queue mixes 16- and 32-byte entries."""
+    defer_taskrun: bool
+    """Whether the ring was set up with ``DEFER_TASKRUN`` (the default)."""
     closed: bool
     """Whether the ring is closed."""
     closing: bool
@@ -80,6 +89,8 @@ class Ring:
     """The process that created the ring."""
     enters: int
     """``io_uring_enter`` calls made so far."""
+    drains: int
+    """Drains (``drain()``, ``on_eventfd_readable()``, ...) finished so far."""
     cqes_reaped: int
     """Completions reaped so far."""
     stale_taskrun_flags: int
@@ -98,7 +109,9 @@ class Ring:
     @property
     def awaits_returns(self) -> bool:
         """Whether a receive waits for buffers that views still hold."""
-    def __init__(self, sq_entries: int = 256, cq_entries: int = 8192) -> None: ...
+    def __init__(
+        self, sq_entries: int = 256, cq_entries: int = 8192, *, defer_taskrun: bool = True
+    ) -> None: ...
     @property
     def in_flight(self) -> int:
         """Number of requests that may still post completions."""
@@ -115,6 +128,10 @@ class Ring:
         loop's exception handler, say), else is re-raised here after the
         completion queue was drained.
         """
+    def on_ring_readable(self) -> bool:
+        """For event loops watching ``fd`` of a ring made with
+        ``defer_taskrun=False``: drain; as ``on_eventfd_readable()``, call
+        ``more_work_handler()`` and return True when work is left."""
     def on_eventfd_readable(self) -> bool:
         """For event loops watching ``eventfd``: drain, then consume the wake-up.
 

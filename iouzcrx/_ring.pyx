@@ -274,9 +274,18 @@ cdef class Ring:
     plus CQE_MIXED (6.18+) or else CQE32, and NO_SQARRAY where the kernel has it.
     An eventfd is registered so an event loop can watch it: with DEFER_TASKRUN,
     polling the ring fd itself does not wake before Linux 7.3.2.
+
+    ``defer_taskrun=False`` leaves out DEFER_TASKRUN and TASKRUN_FLAG: the
+    kernel then runs a receive's work as soon as the socket has data (it
+    interrupts the thread for it) and posts the completion itself, so a
+    drain needs no io_uring_enter, and the ring fd turns readable at once.
+    Such a ring is watched through ``fd`` (``on_ring_readable``); the kernel
+    does not signal its eventfd, which only ``wake()`` writes. Zero-copy
+    receive cannot be registered on it.
     """
 
-    def __cinit__(self, sq_entries=DEFAULT_SQ_ENTRIES, cq_entries=DEFAULT_CQ_ENTRIES):
+    def __cinit__(self, sq_entries=DEFAULT_SQ_ENTRIES, cq_entries=DEFAULT_CQ_ENTRIES, *,
+                  bint defer_taskrun=True):
         self.fd = -1
         self.eventfd = -1
         self.closed = True
@@ -287,14 +296,16 @@ cdef class Ring:
         self.callback_errors = []
         self.owner_thread = PyThread_get_thread_ident()
         self.owner_pid = current_pid
-        self.watch_client_fds = -1
+        # A ring without DEFER_TASKRUN leaves no work behind a readable socket.
+        self.watch_client_fds = -1 if defer_taskrun else 0
         cdef unsigned sq = entries_argument("sq_entries", sq_entries, MAX_SQ_ENTRIES)
         cdef unsigned cq = entries_argument("cq_entries", cq_entries, MAX_CQ_ENTRIES)
 
         cdef iouz_params params
-        cdef uint32_t base = (IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_DEFER_TASKRUN
-                              | IOUZ_SETUP_TASKRUN_FLAG | IOUZ_SETUP_SUBMIT_ALL
+        cdef uint32_t base = (IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_SUBMIT_ALL
                               | IOUZ_SETUP_CQSIZE | IOUZ_SETUP_CLAMP)
+        if defer_taskrun:
+            base |= IOUZ_SETUP_DEFER_TASKRUN | IOUZ_SETUP_TASKRUN_FLAG
         # Newest layout first; EINVAL means the kernel does not know a flag.
         cdef uint32_t[3] ladder
         ladder[0] = base | IOUZ_SETUP_NO_SQARRAY | IOUZ_SETUP_CQE_MIXED   # 6.18+
@@ -320,6 +331,7 @@ cdef class Ring:
         self.sq_entries = params.sq_entries
         self.cq_entries = params.cq_entries
         self.cqe_mixed = (params.flags & IOUZ_SETUP_CQE_MIXED) != 0
+        self.defer_taskrun = defer_taskrun
         self.cqe_stride = 16 if self.cqe_mixed else 32
         self.next_buffer_group = 1
         try:
@@ -375,6 +387,9 @@ cdef class Ring:
             raise kernel_error(errno, "creating the ring's eventfd")
         cdef int32_t efd = self.eventfd
         self.register(IOUZ_REGISTER_EVENTFD, &efd, 1)
+        if not self.defer_taskrun:
+            # Its fd tells of completions; the eventfd is left to wake().
+            iouz_atomic_or(self.cq_flags, IOUZ_CQ_EVENTFD_DISABLED)
         return 0
 
     cdef void release_resources(self) noexcept:
@@ -546,11 +561,14 @@ cdef class Ring:
             while True:
                 self.pass_requested = False
                 self.clients_before_enter()
-                # The first pass always enters: that runs the deferred task work
-                # the caller was woken for. Later passes enter only when there
-                # is something to submit or the kernel flags more work; returned
-                # buffers are published in shared memory and need no syscall.
-                if passes == 0 or self.pending_submissions() or self.kernel_has_work():
+                # The first pass on a DEFER_TASKRUN ring always enters: that
+                # runs the deferred task work the caller was woken for (without
+                # it the kernel has run it already). Later passes enter only
+                # when there is something to submit or the kernel flags more
+                # work; returned buffers are published in shared memory and
+                # need no syscall.
+                if ((passes == 0 and self.defer_taskrun) or self.pending_submissions()
+                        or self.kernel_has_work()):
                     self.enter(0, True)
                 reaped = self.reap()
                 if self.close_requested:
@@ -598,6 +616,7 @@ cdef class Ring:
                             more = 1
             finally:
                 self.draining = False
+                self.drains += 1
                 if self.close_requested and not self.closing:
                     more = 0
                     self.close_now(1.0)
@@ -625,6 +644,8 @@ cdef class Ring:
         turning readable returns at once, and the drain that follows runs
         the work."""
         cdef list fds = [self.eventfd]
+        if not self.defer_taskrun:
+            fds.append(self.fd)  # readable while completions wait in the CQ
         cdef RingClient client
         if self.watching_sockets():
             for client in self.live_clients():
@@ -852,6 +873,20 @@ cdef class Ring:
         if not more and (iouz_load_acquire(&self.wake_pending) or self.kernel_has_work()):
             more = self.drain_completions(DEFAULT_DRAIN_PASSES)
         if more:
+            if self.more_work_handler is not None:
+                self.more_work_handler()
+            return True
+        return False
+
+    def on_ring_readable(self):
+        """For event loops watching ``fd`` of a ring made with
+        ``defer_taskrun=False``: drain. Like ``on_eventfd_readable``, it
+        calls ``more_work_handler()`` and returns True when work is left.
+
+        Nothing is read: the fd stays readable while completions wait in the
+        CQ, and the drain reaps them."""
+        self.check_owner()
+        if self.drain_completions(DEFAULT_DRAIN_PASSES) and not self.closed:
             if self.more_work_handler is not None:
                 self.more_work_handler()
             return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +74,15 @@ def select_mode(
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     hugepages: bool = False,
     ring_error: BaseException | None = None,
+    zcrx_ring: Callable[[], Ring] | None = None,
 ) -> ModeSelection:
     """Open the backend for ``mode`` on ``ring`` (None when io_uring could not
     be set up; ``ring_error`` says why).
+
+    ``zcrx_ring``, when given, makes (or returns) the ring the ``zerocopy``
+    and ``copy`` modes register on instead of ``ring``: they need one set up
+    with DEFER_TASKRUN, which the buffer-ring mode is faster without. It is
+    called only when one of them is tried.
 
     ``"auto"`` takes the first of ``MODES`` that works (``zerocopy`` only
     when ``interface`` and ``queue`` are given) and records why each better
@@ -133,7 +140,7 @@ def select_mode(
             else:
                 zerocopy = candidate == "zerocopy"
                 backend = ZcrxQueue(
-                    ring,
+                    ring if zcrx_ring is None else zcrx_ring(),
                     mode=candidate,
                     interface=interface if zerocopy else None,
                     queue=queue if zerocopy else None,

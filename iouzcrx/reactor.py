@@ -1,16 +1,29 @@
-"""The Reactor: one io_uring ring per event loop, driven by the loop.
+"""The Reactor: the io_uring rings of one event loop, driven by the loop.
 
-It watches the ring's eventfd with ``loop.add_reader`` (works on the stock
-selector loop and on uvloop alike): with DEFER_TASKRUN, polling the ring fd
-itself does not wake before Linux 7.3.2, the eventfd does. SQEs queued during
-one loop iteration are submitted together by one ``schedule()``d drain.
+Two kinds of ring, each watched with ``loop.add_reader`` (works on the stock
+selector loop and on uvloop alike):
 
-Where the kernel signals that eventfd late (Linux 7.3 defers it to an RCU
-callback when a socket wake-up queues the work: milliseconds), the transports
-and servers also watch their sockets (``socket_hints``): a socket turning
-readable drains the ring at once, and the eventfd stays as the backstop.
-Watching the ring fd instead would not help: on 7.3.4 its pollers are woken
-from the same callback, as late (measured: 15-25 ms under the test VM).
+- ``ring``, set up without DEFER_TASKRUN, for accepts, buffer-ring receives
+  and sends. The kernel runs a receive as soon as its socket has data and
+  posts the completion itself, so the ring fd turns readable and the drain
+  reaps it without a system call: a request costs the loop's wait, the
+  reply and nothing else. Its eventfd carries only ``wake()``.
+- ``zcrx_ring()``, made the first time a zero-copy (or copy-mode) queue is
+  asked for: zero-copy receive registers only on a DEFER_TASKRUN ring, whose
+  work runs when the drain enters it. Before Linux 7.3.2 polling such a
+  ring's fd does not wake; its registered eventfd does, and is watched.
+
+SQEs queued during one loop iteration are submitted together by one
+``schedule()``d drain of both.
+
+Where the kernel signals the zero-copy ring's eventfd late (Linux 7.3 defers
+it to an RCU callback when a socket wake-up queues the work: milliseconds),
+the transports on that ring also watch their sockets (``socket_hints``): a
+socket turning readable drains the ring at once, and the eventfd stays as the
+backstop. Watching that ring's fd instead would not help: on 7.3.4 its
+pollers are woken from the same callback, as late (measured: 15-25 ms under
+the test VM). The other ring needs no hints: its receives complete without a
+drain, and take the data before the socket could turn readable.
 
 Lifetimes: the reactor holds its loop weakly and closes with it. Our loops
 close it from ``close()``; any other loop gets ``close`` wrapped on first use;
@@ -45,8 +58,8 @@ _closing: set[Reactor] = set()
 
 
 class Reactor:
-    """Owns the ring of one event loop. Get it with ``Reactor.for_loop(loop)``
-    from the loop's thread (the ring is SINGLE_ISSUER)."""
+    """Owns the rings of one event loop. Get it with ``Reactor.for_loop(loop)``
+    from the loop's thread (the rings are SINGLE_ISSUER)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         key = id(loop)
@@ -55,12 +68,15 @@ class Reactor:
         self.thread = threading.get_ident()
         self.ring: Ring | None = None
         self.ring_error: OSError | None = None
+        self._zcrx_ring: Ring | None = None
         self.closed = False
         self._drain_scheduled = False
-        # The ring's enter count when the pending drain was scheduled; None
-        # when that drain must run whatever ran since (see _scheduled_drain).
-        self._enters_when_scheduled: int | None = None
-        self._watching_eventfd = False
+        # Each ring's drain count when the pending drain was scheduled (None
+        # for a ring that must be drained whatever ran since), or None for
+        # both (see _scheduled_drain).
+        self._drains_when_scheduled: tuple[int | None, int | None] | None = None
+        # The fds given to loop.add_reader for the rings.
+        self._watched_fds: list[int] = []
         # While a receive waits for buffers, on a free-threaded build.
         self._wake_ups = _freethreading.WakeUps(self._ring_awaits_returns)
         # Receive backends of client connections (open_connection), per mode.
@@ -72,7 +88,7 @@ class Reactor:
         # Watch sockets as well as the eventfd (see the module docstring).
         self.socket_hints = False
         try:
-            self.ring = Ring()
+            ring = Ring(defer_taskrun=False)
         except OSError as exc:
             self.ring_error = exc  # the socket mode still works
             return
@@ -80,19 +96,54 @@ class Reactor:
         if not features.io_uring:
             # Set up, but io_uring_enter is refused (seccomp): every drain
             # would fail. Nothing is in flight, so closing does not enter.
-            self.ring.close()
-            self.ring, self.ring_error = None, features.io_uring_error
+            ring.close()
+            self.ring_error = features.io_uring_error
             return
-        self.ring.error_handler = self._report
-        self.ring.more_work_handler = self._drain_again
+        self.ring = ring
+        self._adopt(ring, loop)
+        # As the blocking waits of a DEFER_TASKRUN ring do (Ring.watches_sockets).
+        self.socket_hints = not features.eventfd_prompt
+
+    def _adopt(self, ring: Ring, loop: asyncio.AbstractEventLoop) -> None:
+        ring.error_handler = self._report
+        ring.more_work_handler = self._drain_again
         if _freethreading.FREE_THREADED:
-            self.ring.awaiting_returns_handler = self._watch_deferred_frees
-        # As the ring's own blocking waits do (Ring.watches_sockets).
-        self.socket_hints = self.ring.watches_sockets
-        # The ring's method is the reader callback itself: no Python frame
-        # between the loop and the drain on the receive path.
-        loop.add_reader(self.ring.eventfd, self.ring.on_eventfd_readable)
-        self._watching_eventfd = True
+            ring.awaiting_returns_handler = self._watch_deferred_frees
+        # The ring's methods are the reader callbacks themselves: no Python
+        # frame between the loop and the drain on the receive path.
+        if not ring.defer_taskrun:
+            loop.add_reader(ring.fd, ring.on_ring_readable)
+            self._watched_fds.append(ring.fd)
+        loop.add_reader(ring.eventfd, ring.on_eventfd_readable)
+        self._watched_fds.append(ring.eventfd)
+
+    def zcrx_ring(self) -> Ring:
+        """The loop's DEFER_TASKRUN ring, which zero-copy receive needs: made
+        on the first call (OSError when it cannot be)."""
+        ring = self._zcrx_ring
+        if ring is None:
+            if self.closed or self.inherited:
+                raise RuntimeError("this iouzcrx reactor is closed: its loop is closing")
+            if threading.get_ident() != self.thread:
+                raise RuntimeError(
+                    "a zero-copy queue must be set up on its event loop's thread "
+                    "(the loop's rings belong to it)"
+                )
+            if self.ring is None:
+                raise OSError(f"io_uring is unavailable: {self.ring_error}")
+            loop = self.loop
+            ring = Ring()
+            try:
+                self._adopt(ring, loop)
+            except BaseException:
+                ring.close()
+                raise
+            self._zcrx_ring = ring
+        return ring
+
+    def _rings(self) -> list[Ring]:
+        """The open rings, the zero-copy one first."""
+        return [r for r in (self._zcrx_ring, self.ring) if r is not None and not r.closed]
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> Reactor:
@@ -133,43 +184,50 @@ class Reactor:
             if loop is None:
                 raise RuntimeError("the event loop of this iouzcrx reactor was collected")
             self._drain_scheduled = True
-            self._enters_when_scheduled = None if self.ring is None else self.ring.enters
+            ring, zcrx = self.ring, self._zcrx_ring
+            self._drains_when_scheduled = (
+                None if ring is None else ring.drains,
+                None if zcrx is None else zcrx.drains,
+            )
             loop.call_soon(self._scheduled_drain)
 
     def _drain_again(self) -> None:
         """A drain stopped with work left: the next one runs, whatever ran
         in between."""
         self.schedule()
-        self._enters_when_scheduled = None
+        self._drains_when_scheduled = None
 
     def _scheduled_drain(self) -> None:
-        ring = self.ring
-        since = self._enters_when_scheduled
-        if (
-            since is not None
-            and ring is not None
-            and not ring.closed
-            and ring.enters != since
-            and not self.closed
-            and self.pid == _pid
-            and ring.submit() == 0
-        ):
-            # A drain ran since this one was scheduled (the eventfd's, in the
+        self._drain_scheduled = False
+        since = self._drains_when_scheduled
+        if since is None:
+            self.drain_now()
+            return
+        self._drain_unless_idle(self._zcrx_ring, since[1])
+        self._drain_unless_idle(self.ring, since[0])
+
+    def _drain_unless_idle(self, ring: Ring | None, since: int | None) -> None:
+        if ring is None or ring.closed or self.closed or self.pid != _pid:
+            return
+        if since is not None and ring.drains != since and ring.submit() == 0:
+            # A drain ran since this one was scheduled (the reader's, in the
             # same loop iteration, typically) and left the ring idle, and
             # nothing was queued after it (submit() then makes no system
-            # call): another enter would find nothing. Work the kernel
-            # queues from now on signals the eventfd.
-            self._drain_scheduled = False
+            # call): another drain would find nothing. Work the kernel posts
+            # from now on makes the watched fd readable.
             return
-        self.drain_now()
+        self._drain(ring)
 
     def drain_now(self) -> None:
         """Submit and reap at once: a scheduled drain, and the reader callback
         of a watched socket."""
         self._drain_scheduled = False
-        ring = self.ring
-        if ring is None or ring.closed or self.closed or self.pid != _pid:
-            return
+        for ring in (self._zcrx_ring, self.ring):
+            # Checked for each: a callback of the first drain may close.
+            if ring is not None and not ring.closed and not self.closed and self.pid == _pid:
+                self._drain(ring)
+
+    def _drain(self, ring: Ring) -> None:
         try:
             more = ring.drain()
         except Exception as exc:
@@ -187,8 +245,7 @@ class Reactor:
                 self._wake_ups.start(loop)
 
     def _ring_awaits_returns(self) -> bool:
-        ring = self.ring
-        return ring is not None and not ring.closed and ring.awaits_returns
+        return any(ring.awaits_returns for ring in self._rings())
 
     def _report(self, exc: BaseException) -> None:
         loop = self._loop_ref()
@@ -249,15 +306,14 @@ class Reactor:
                 del _reactors[id(loop)]
             self.client_backends.clear()
             self.idle_queues.clear()
-            self._unwatch_eventfd()
+            self._unwatch_rings()
             self._wake_ups.cancel()
-        ring = self.ring
-        if ring is None or ring.closed:
+        if not self._rings():
             return
         if self.inherited:
-            # The ring's memory and requests are the parent's: let the copies
+            # The rings' memory and requests are the parent's: let the copies
             # go with this process, never submit a cancel for the parent's work.
-            self.ring = None
+            self.ring = self._zcrx_ring = None
             return
         if loop is None or not loop.is_running():
             self._close_ring()
@@ -265,34 +321,39 @@ class Reactor:
             _closing.add(self)  # until then, the loop's close() closes it
             loop.call_soon(self._close_ring)
 
-    def _unwatch_eventfd(self) -> None:
-        if not self._watching_eventfd or self.ring is None:
-            return
-        self._watching_eventfd = False
-        if self.inherited:
+    def _unwatch_rings(self) -> None:
+        fds, self._watched_fds = self._watched_fds, []
+        if not fds or self.inherited:
             return
         loop = self._loop_ref()
         if loop is None or loop.is_closed():
             return
-        try:
-            loop.remove_reader(self.ring.eventfd)
-        except (RuntimeError, ValueError):
-            pass  # the loop is closing
+        for fd in fds:
+            try:
+                loop.remove_reader(fd)
+            except (RuntimeError, ValueError):
+                pass  # the loop is closing
 
     def _close_ring(self) -> None:
         _closing.discard(self)
-        ring = self.ring
-        if ring is None or ring.closed or self.inherited:
+        if self.inherited:
             return
-        try:
-            ring.close()
-        except Exception:
+        error: Exception | None = None
+        for ring in self._rings():
+            try:
+                ring.close()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
             loop = self._loop_ref()
             if loop is not None and not loop.is_closed():
-                raise
+                raise error
             # Found closed (or collected) later: the connections' callbacks
             # cannot reach their loop any more, and nobody is left to tell.
-            log.debug("iouzcrx: closing the ring of a closed loop", exc_info=True)
+            log.debug(
+                "iouzcrx: closing the rings of a closed loop",
+                exc_info=(type(error), error, error.__traceback__),
+            )
 
 
 def _loop_collected(key: int, reactor: Reactor) -> None:

@@ -275,11 +275,10 @@ class ZcrxServer(asyncio.AbstractServer):
             sock.proto,
             family in (socket.AF_INET, socket.AF_INET6),
         )
+        # On the reactor's ring without DEFER_TASKRUN: the kernel accepts and
+        # posts the completion itself, with no work for a socket hint to run.
         self._accepts[sock] = ring.accept(sock, multishot=True, callback=on_accept)
         self._reactor.schedule()
-        if self._reactor.socket_hints:
-            # A pending connection drains the ring at once (see iouzcrx.reactor).
-            self._reactor.watch(sock.fileno(), self._reactor.drain_now)
 
     def _on_accept(
         self,
@@ -329,8 +328,6 @@ class ZcrxServer(asyncio.AbstractServer):
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
-        if self._reactor.socket_hints and sock.fileno() >= 0:  # close() unwatched it
-            self._reactor.unwatch(sock.fileno())
         if not self._serving or res == -errno.ECANCELED:
             return
         if res >= 0:
@@ -446,8 +443,6 @@ class ZcrxServer(asyncio.AbstractServer):
         for sock in self.sockets:
             if self.mode != "socket":
                 _stop_listening(sock)
-            if self._reactor.socket_hints and self.mode != "socket":
-                self._reactor.unwatch(sock.fileno())
             accept = self._accepts.pop(sock, None)
             if accept is not None:
                 accept.cancel()
@@ -864,6 +859,7 @@ async def create_zcrx_server(
                 buffer_size=buffer_size,
                 hugepages=hugepages,
                 ring_error=reactor.ring_error,
+                zcrx_ring=reactor.zcrx_ring,
             )
             return made, key
 

@@ -262,6 +262,11 @@ def _client_backend(
     selection: ModeSelection | None = backends.get(mode)
     if selection is None:
         selection = backends[mode] = select_mode(
-            reactor.ring, mode=mode, area_size=area_size, ring_error=reactor.ring_error, **options
+            reactor.ring,
+            mode=mode,
+            area_size=area_size,
+            ring_error=reactor.ring_error,
+            zcrx_ring=reactor.zcrx_ring,
+            **options,
         )
     return selection

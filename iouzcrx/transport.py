@@ -68,11 +68,13 @@ class ZcrxTransport(asyncio.Transport):
     ) -> None:
         # What asyncio.BaseTransport.__init__ does, without its frame.
         self._extra = {} if extra is None else extra
-        assert reactor.ring is not None, "ring modes need the reactor's ring"
         loop = reactor._loop_ref()  # the ``loop`` property without its frame
         self._loop = reactor.loop if loop is None else loop  # None: it raises
         self._reactor = reactor
-        self._ring = reactor.ring
+        # The queue's ring takes the connection's sends too: its closing then
+        # tells that no operation names the socket any more.
+        self._ring = queue.ring
+        assert self._ring is not None, "ring modes need a ring"
         self._queue = queue
         self._sock = sock
         self._protocol = protocol
@@ -81,6 +83,8 @@ class ZcrxTransport(asyncio.Transport):
         self._on_closed = on_closed
         self._receiver: Receiver | None = None
         self._watching = False  # the loop watches the socket (Reactor.socket_hints)
+        # Only a DEFER_TASKRUN ring leaves a receive's work for the drain.
+        self._hints = reactor.socket_hints and self._ring.defer_taskrun
         self._generation = 0  # bumps when a receiver is retired (pause, close)
         self._paused = False
         # Views held while paused, and writes the socket did not take at
@@ -174,7 +178,7 @@ class ZcrxTransport(asyncio.Transport):
             return
         self._receiver = receiver
         self._ops_on_socket += 1
-        if self._reactor.socket_hints:
+        if self._hints:
             self._watch_socket()
 
     def __repr__(self) -> str:
@@ -232,7 +236,7 @@ class ZcrxTransport(asyncio.Transport):
         self._ops_on_socket += 1
         if not in_drain:
             self._reactor.schedule()
-        if self._reactor.socket_hints:
+        if self._hints:
             self._watch_socket()
 
     # Where the ring's eventfd wakes the loop late, the socket turning readable

@@ -602,3 +602,49 @@ def test_a_send_whose_buffer_closes_the_connection_never_reaches_the_fd_that_rep
                 other_peer.recv(64)  # nothing reached the other connection
             if other.fileno() != fd:
                 os.close(fd)  # the dup2'd copy (socketpair may have taken fd itself)
+
+
+class EchoRequests(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def exchange_requests(port: int, count: int, size: int) -> None:
+    """``count`` requests of ``size`` bytes, each answered before the next."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            sock.sendall(b"r" * size)
+            got = 0
+            while got < size:
+                chunk = sock.recv(size)
+                assert chunk, "the server closed"
+                got += len(chunk)
+
+
+async def test_a_bufring_request_is_received_without_entering_the_ring():
+    """The loop's ring for buffer-ring receives has no DEFER_TASKRUN: the
+    kernel runs each receive as its data arrives, and the drain that the
+    ring fd's readiness calls reaps it with no io_uring_enter. One enter
+    per request (the deferred-work ring's way) would show as hundreds."""
+    loop = asyncio.get_running_loop()
+    server = await iouzcrx.create_zcrx_server(EchoRequests, "127.0.0.1", 0, mode="bufring")
+    async with server:
+        reactor = Reactor.for_loop(loop)
+        ring = reactor.ring
+        assert ring is not None and not ring.defer_taskrun
+        port = server.sockets[0].getsockname()[1]
+        await loop.run_in_executor(None, exchange_requests, port, 5, 1024)  # connected, warm
+        enters, reaped = ring.enters, ring.cqes_reaped
+        await asyncio.wait_for(
+            loop.run_in_executor(None, exchange_requests, port, 400, 1024), TIMEOUT
+        )
+        assert ring.cqes_reaped - reaped >= 400  # every request was a completion here
+        # The new connection's accept and first receive are submitted; the
+        # rest need none (a few more where a full CQ ends a multishot).
+        assert ring.enters - enters <= 20
+        # No zero-copy queue was asked for: no deferred-work ring was made.
+        assert reactor._zcrx_ring is None

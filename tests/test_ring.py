@@ -154,6 +154,52 @@ def test_deferred_task_work_signals_the_eventfd(ring):
         os.close(w)
 
 
+def test_a_ring_without_defer_taskrun_completes_a_read_with_no_enter():
+    """defer_taskrun=False: the kernel runs the read as soon as the pipe has
+    data and posts its completion itself; the ring fd turns readable (its
+    eventfd does not) and on_ring_readable reaps it without io_uring_enter."""
+    r, w = os.pipe()
+    try:
+        with iouzcrx.Ring(defer_taskrun=False) as ring:
+            names = set(ring.setup_flag_names)
+            assert "SINGLE_ISSUER" in names and not ring.defer_taskrun
+            assert not names & {"DEFER_TASKRUN", "TASKRUN_FLAG"}
+            assert not ring.kernel_signals_eventfd
+            read = ring.read(r, bytearray(8))
+            ring.drain()  # submits it: the pipe is empty, so it waits
+            assert not read.done
+            enters = ring.enters
+            os.write(w, b"x")
+            assert select.select([ring.fd, ring.eventfd], [], [], 5)[0] == [ring.fd]
+            assert ring.on_ring_readable() is False  # nothing left
+            assert read.done and read.results[-1][0] == 1
+            assert ring.enters == enters
+            assert select.select([ring.fd], [], [], 0)[0] == []  # reaped
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_blocking_wait_on_a_ring_without_defer_taskrun_wakes_for_either_fd():
+    """Completions make the ring fd readable, a wake-up from another thread
+    the eventfd: a blocking wait returns for each."""
+    r, w = os.pipe()
+    try:
+        with iouzcrx.Ring(defer_taskrun=False) as ring:
+            read = ring.read(r, bytearray(8))
+            writer = threading.Timer(0.05, os.write, (w, b"x"))
+            writer.start()
+            assert read.wait(10) == 1
+            writer.join()
+            waker = threading.Timer(0.05, os.write, (ring.eventfd, (1).to_bytes(8, "little")))
+            waker.start()
+            assert ring.wait(10) is True
+            waker.join()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_a_wake_up_leaves_no_second_one_behind(ring):
     """Posting the CQEs of a drain signals the eventfd again; the callback
     reads it after its drain, so the loop is not woken a second time for

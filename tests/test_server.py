@@ -526,6 +526,11 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
     closes without an error reported."""
     if mode == "socket":
         pytest.skip("socket mode has no ring")
+    if mode == "bufring":
+        pytest.skip(
+            "bufring receives run on the ring without DEFER_TASKRUN: the kernel completes "
+            "them itself, leaving no deferred work for a socket hint to run"
+        )
     from iouzcrx.reactor import Reactor
 
     loop = asyncio.get_running_loop()
@@ -535,9 +540,13 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
     assert reactor.ring is not None
     hints = reactor.socket_hints
     reactor.socket_hints = True
-    loop.remove_reader(reactor.ring.eventfd)
+    unwatched = []
     try:
         server = await start(mode, Echo)
+        # The zero-copy ring's eventfd stays silent, as a late-signalling kernel's.
+        ring = reactor.zcrx_ring()
+        unwatched.append(ring)
+        assert loop.remove_reader(ring.eventfd)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         for i in range(50):
             request = b"%04d" % i * (1 + i * 13)
@@ -550,12 +559,14 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
         server.close()
         await server.wait_closed()
     finally:
-        loop.add_reader(reactor.ring.eventfd, reactor.ring.on_eventfd_readable)
+        for ring in unwatched:
+            loop.add_reader(ring.eventfd, ring.on_eventfd_readable)
         reactor.socket_hints = hints
+    ring = reactor.zcrx_ring()
     deadline = loop.time() + 10
-    while reactor.ring.in_flight and loop.time() < deadline:
+    while ring.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.01)
-    assert reactor.ring.in_flight == 0
+    assert ring.in_flight == 0
     assert errors == []
 
 
