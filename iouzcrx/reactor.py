@@ -27,10 +27,10 @@ drain, and take the data before the socket could turn readable.
 
 Lifetimes: the reactor holds its loop weakly and closes with it. Our loops
 close it from ``close()``; any other loop gets ``close`` wrapped on first use;
-a loop closed without either gives its ring back at the next look-up, a loop
-collected unclosed when it goes. A forked child inherits the parent's ring and the epoll instance
+a loop closed without either gives its rings back at the next look-up, a loop
+collected unclosed when it goes. A forked child inherits the parent's rings and the epoll instance
 the loop registered on, both shared with the parent: there the reactor never
-enters the ring nor adds or removes a reader, it only lets its copies go.
+enters a ring nor adds or removes a reader, it only lets its copies go.
 """
 
 from __future__ import annotations
@@ -289,11 +289,11 @@ class Reactor:
         return selection
 
     def close(self) -> None:
-        """Cancel everything in flight and close the ring (views stay valid).
+        """Cancel everything in flight and close the rings (views stay valid).
 
         Idempotent. Called while the loop runs (from a completion callback,
-        say), the ring closes from a callback of its own, once nothing walks
-        it; a loop closed before that closes it then.
+        say), the rings close from a callback of their own, once nothing
+        walks them; a loop closed before that closes them then.
         """
         loop = self._loop_ref()
         if loop is not None and loop.is_running() and threading.get_ident() != self.thread:

@@ -546,7 +546,7 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
         # The zero-copy ring's eventfd stays silent, as a late-signalling kernel's.
         ring = reactor.zcrx_ring()
         unwatched.append(ring)
-        assert loop.remove_reader(ring.eventfd)
+        loop.remove_reader(ring.eventfd)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         for i in range(50):
             request = b"%04d" % i * (1 + i * 13)
