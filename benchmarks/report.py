@@ -10,6 +10,7 @@ puts the summary table and the chart into the README's benchmark block.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,9 +314,13 @@ def cell(run: dict[str, Any], key: str, fmt: str, repeat: int) -> str:
 
 
 def command(results: dict[str, Any]) -> str:
-    """The command that produced these results (its default selection)."""
+    """The command that produced these results, with the options that
+    narrowed its default selection."""
     flags = " --vm" if results["machine"].get("in_vm") else ""
     flags += " --quick" if results["quick"] else ""
+    for option, value in (results.get("options") or {}).items():
+        if value:
+            flags += f" --{option} {shlex.quote(str(value))}"
     return f"bash benchmarks/run{flags}"
 
 

@@ -387,6 +387,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "quick": args.quick,
         "repeat": repeat,
+        # What narrowed the default run, for the report's command line.
+        "options": {
+            "repeat": args.repeat or None,
+            "scenarios": args.scenarios,
+            "receivers": args.receivers,
+        },
         "modes": modes,
         "scenarios": [sc.__dict__ | {"expect_bytes": sc.expect_bytes} for sc in chosen],
         "unavailable": {},
