@@ -98,6 +98,7 @@ cdef class Ring:
     cdef int buffer_group_dropped(self, uint16_t group) noexcept
     cdef int check_open(self) except -1
     cdef bint watching_sockets(self) except -1
+    cdef bint work_left(self, int more) except -1
     cdef iouz_sqe *get_sqe(self) except NULL
     cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL
     cdef uint32_t pending_submissions(self) noexcept

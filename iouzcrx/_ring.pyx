@@ -635,8 +635,9 @@ cdef class Ring:
         return more
 
     cdef int wait_readable(self, double timeout) except -1:
-        """Sleep until the eventfd fires or ``timeout`` (seconds, < 0: forever)
-        passes; 1 if it fired.
+        """Sleep until the eventfd fires (or, without DEFER_TASKRUN, the ring
+        fd turns readable) or ``timeout`` (seconds, < 0: forever) passes; 1
+        if one did.
 
         Where the kernel signals the eventfd late (Linux 7.3 defers it to an
         RCU callback when a socket wake-up queues the work), the sockets of
@@ -872,11 +873,7 @@ cdef class Ring:
         read(self.eventfd, &counter, sizeof(counter))
         if not more and (iouz_load_acquire(&self.wake_pending) or self.kernel_has_work()):
             more = self.drain_completions(DEFAULT_DRAIN_PASSES)
-        if more:
-            if self.more_work_handler is not None:
-                self.more_work_handler()
-            return True
-        return False
+        return self.work_left(more)
 
     def on_ring_readable(self):
         """For event loops watching ``fd`` of a ring made with
@@ -886,11 +883,15 @@ cdef class Ring:
         Nothing is read: the fd stays readable while completions wait in the
         CQ, and the drain reaps them."""
         self.check_owner()
-        if self.drain_completions(DEFAULT_DRAIN_PASSES) and not self.closed:
-            if self.more_work_handler is not None:
-                self.more_work_handler()
-            return True
-        return False
+        cdef int more = self.drain_completions(DEFAULT_DRAIN_PASSES)
+        return False if self.closed else self.work_left(more)
+
+    cdef bint work_left(self, int more) except -1:
+        """The end of a reader callback: when its drain left work, ask for
+        another (more_work_handler) and say so."""
+        if more and self.more_work_handler is not None:
+            self.more_work_handler()
+        return more != 0
 
     cdef bint watching_sockets(self) except -1:
         if self.watch_client_fds < 0:

@@ -18,7 +18,7 @@ SQEs queued during one loop iteration are submitted together by one
 
 Where the kernel signals the zero-copy ring's eventfd late (Linux 7.3 defers
 it to an RCU callback when a socket wake-up queues the work: milliseconds),
-the transports on that ring also watch their sockets (``socket_hints``): a
+the transports on that ring also watch their sockets (``Ring.watches_sockets``): a
 socket turning readable drains the ring at once, and the eventfd stays as the
 backstop. Watching that ring's fd instead would not help: on 7.3.4 its
 pollers are woken from the same callback, as late (measured: 15-25 ms under
@@ -71,10 +71,10 @@ class Reactor:
         self._zcrx_ring: Ring | None = None
         self.closed = False
         self._drain_scheduled = False
-        # Each ring's drain count when the pending drain was scheduled (None
-        # for a ring that must be drained whatever ran since), or None for
-        # both (see _scheduled_drain).
-        self._drains_when_scheduled: tuple[int | None, int | None] | None = None
+        # Each ring's drain count when the pending drain was scheduled; a
+        # ring missing from it (or the whole of it None) is drained whatever
+        # ran since (see _scheduled_drain).
+        self._drains_when_scheduled: dict[Ring, int] | None = None
         # The fds given to loop.add_reader for the rings.
         self._watched_fds: list[int] = []
         # While a receive waits for buffers, on a free-threaded build.
@@ -85,8 +85,6 @@ class Reactor:
         # frees an ifq only with its ring, so the loop's next server with the
         # same parameters takes one instead of registering another.
         self.idle_queues: dict[tuple[Any, ...], list[Any]] = {}
-        # Watch sockets as well as the eventfd (see the module docstring).
-        self.socket_hints = False
         try:
             ring = Ring(defer_taskrun=False)
         except OSError as exc:
@@ -101,8 +99,6 @@ class Reactor:
             return
         self.ring = ring
         self._adopt(ring, loop)
-        # As the blocking waits of a DEFER_TASKRUN ring do (Ring.watches_sockets).
-        self.socket_hints = not features.eventfd_prompt
 
     def _adopt(self, ring: Ring, loop: asyncio.AbstractEventLoop) -> None:
         ring.error_handler = self._report
@@ -129,8 +125,6 @@ class Reactor:
                     "a zero-copy queue must be set up on its event loop's thread "
                     "(the loop's rings belong to it)"
                 )
-            if self.ring is None:
-                raise OSError(f"io_uring is unavailable: {self.ring_error}")
             loop = self.loop
             ring = Ring()
             try:
@@ -184,11 +178,7 @@ class Reactor:
             if loop is None:
                 raise RuntimeError("the event loop of this iouzcrx reactor was collected")
             self._drain_scheduled = True
-            ring, zcrx = self.ring, self._zcrx_ring
-            self._drains_when_scheduled = (
-                None if ring is None else ring.drains,
-                None if zcrx is None else zcrx.drains,
-            )
+            self._drains_when_scheduled = {ring: ring.drains for ring in self._rings()}
             loop.call_soon(self._scheduled_drain)
 
     def _drain_again(self) -> None:
@@ -199,16 +189,13 @@ class Reactor:
 
     def _scheduled_drain(self) -> None:
         self._drain_scheduled = False
-        since = self._drains_when_scheduled
-        if since is None:
-            self.drain_now()
-            return
-        self._drain_unless_idle(self._zcrx_ring, since[1])
-        self._drain_unless_idle(self.ring, since[0])
+        since = self._drains_when_scheduled or {}
+        for ring in self._rings():
+            self._drain_unless_idle(ring, since.get(ring))
 
-    def _drain_unless_idle(self, ring: Ring | None, since: int | None) -> None:
-        if ring is None or ring.closed or self.closed or self.pid != _pid:
-            return
+    def _drain_unless_idle(self, ring: Ring, since: int | None) -> None:
+        if ring.closed or self.closed or self.pid != _pid:
+            return  # closed by the drain of the ring before it
         if since is not None and ring.drains != since and ring.submit() == 0:
             # A drain ran since this one was scheduled (the reader's, in the
             # same loop iteration, typically) and left the ring idle, and
@@ -222,10 +209,8 @@ class Reactor:
         """Submit and reap at once: a scheduled drain, and the reader callback
         of a watched socket."""
         self._drain_scheduled = False
-        for ring in (self._zcrx_ring, self.ring):
-            # Checked for each: a callback of the first drain may close.
-            if ring is not None and not ring.closed and not self.closed and self.pid == _pid:
-                self._drain(ring)
+        for ring in self._rings():
+            self._drain_unless_idle(ring, None)
 
     def _drain(self, ring: Ring) -> None:
         try:

@@ -74,7 +74,6 @@ class ZcrxTransport(asyncio.Transport):
         # The queue's ring takes the connection's sends too: its closing then
         # tells that no operation names the socket any more.
         self._ring = queue.ring
-        assert self._ring is not None, "ring modes need a ring"
         self._queue = queue
         self._sock = sock
         self._protocol = protocol
@@ -82,9 +81,10 @@ class ZcrxTransport(asyncio.Transport):
         self._methods = delivery_methods(protocol)
         self._on_closed = on_closed
         self._receiver: Receiver | None = None
-        self._watching = False  # the loop watches the socket (Reactor.socket_hints)
-        # Only a DEFER_TASKRUN ring leaves a receive's work for the drain.
-        self._hints = reactor.socket_hints and self._ring.defer_taskrun
+        self._watching = False  # the loop watches the socket (see _watch_socket)
+        # Where the ring leaves a receive's work for a drain that its fd may
+        # announce late (never without DEFER_TASKRUN).
+        self._hints = self._ring.watches_sockets
         self._generation = 0  # bumps when a receiver is retired (pause, close)
         self._paused = False
         # Views held while paused, and writes the socket did not take at

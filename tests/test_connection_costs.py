@@ -528,7 +528,7 @@ LIBRARY_FRAMES = {
     "ZcrxTransport._call_connection_lost": 1,
 }
 # Where the ring's eventfd wakes the loop late, the transport also watches its
-# socket (Reactor.socket_hints): those frames are not counted, and how many
+# socket (Ring.watches_sockets): those frames are not counted, and how many
 # readable events come depends on timing.
 SOCKET_HINT_FRAMES = {
     "ZcrxTransport._watch_socket",
@@ -567,7 +567,7 @@ async def test_a_connection_runs_few_python_frames_of_the_library(mode):
         await asyncio.wait_for(client, TIMEOUT)
     assert protocol.events == ["made", "data", "eof", "lost"]
     hints = {name for name in calls if name in SOCKET_HINT_FRAMES}
-    if not Reactor.for_loop(loop).socket_hints:
+    if not any(ring.watches_sockets for ring in Reactor.for_loop(loop)._rings()):
         assert not hints, calls
     assert {k: n for k, n in calls.items() if k not in SOCKET_HINT_FRAMES} == LIBRARY_FRAMES
 

@@ -536,16 +536,12 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
     loop = asyncio.get_running_loop()
     errors: list[dict] = []  # type: ignore[type-arg]
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    reactor = Reactor.for_loop(loop)
-    assert reactor.ring is not None
-    hints = reactor.socket_hints
-    reactor.socket_hints = True
-    unwatched = []
+    ring = Reactor.for_loop(loop).zcrx_ring()  # the server's queue registers on it
+    hints = ring.watches_sockets
+    ring.watches_sockets = True
     try:
         server = await start(mode, Echo)
-        # The zero-copy ring's eventfd stays silent, as a late-signalling kernel's.
-        ring = reactor.zcrx_ring()
-        unwatched.append(ring)
+        # The ring's eventfd stays silent, as a late-signalling kernel's.
         loop.remove_reader(ring.eventfd)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         for i in range(50):
@@ -559,10 +555,8 @@ async def test_watched_sockets_wake_the_loop_when_the_ring_eventfd_does_not(mode
         server.close()
         await server.wait_closed()
     finally:
-        for ring in unwatched:
-            loop.add_reader(ring.eventfd, ring.on_eventfd_readable)
-        reactor.socket_hints = hints
-    ring = reactor.zcrx_ring()
+        loop.add_reader(ring.eventfd, ring.on_eventfd_readable)
+        ring.watches_sockets = hints
     deadline = loop.time() + 10
     while ring.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.01)
