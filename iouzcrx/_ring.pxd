@@ -76,6 +76,8 @@ cdef class Ring:
     cdef public object error_handler
     cdef public object more_work_handler
     cdef public object awaiting_returns_handler
+    cdef public object closing_handler
+    cdef public object refused_reader_handler
     cdef readonly uint64_t enters
     cdef readonly uint64_t drains
     cdef readonly uint64_t stale_taskrun_flags
@@ -93,6 +95,8 @@ cdef class Ring:
     cdef int check_owner(self) except -1
     cdef int check_thread(self) except -1
     cdef int close_now(self, double timeout) except -1
+    cdef int finish_close(self) except -1
+    cdef bint reader_may_drain(self) except -1
     cdef int forget(self) except -1
     cdef int release_dropped(self) except -1
     cdef int buffer_group_dropped(self, uint16_t group) noexcept

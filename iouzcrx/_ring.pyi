@@ -106,6 +106,14 @@ class Ring:
     """Called, on free-threaded builds only, when a receive starts waiting
     for buffers that views still hold: an event loop must then wake now and
     then (see ``iouzcrx._freethreading``)."""
+    closing_handler: Callable[[Ring], object] | None
+    """Called with the ring once, as it closes, before its fds are closed
+    (an event loop removes its readers of ``fd`` and ``eventfd`` there)."""
+    refused_reader_handler: Callable[[Ring, Exception], object] | None
+    """Called by ``on_ring_readable()`` and ``on_eventfd_readable()`` with
+    the ring and the error, in place of raising it, when they run where the
+    ring may not be drained: closed, on another thread, or in a forked
+    child. The handler should stop watching, or the readable fd calls again."""
     @property
     def awaits_returns(self) -> bool:
         """Whether a receive waits for buffers that views still hold."""
@@ -115,6 +123,10 @@ class Ring:
     @property
     def in_flight(self) -> int:
         """Number of requests that may still post completions."""
+    @property
+    def unsubmitted(self) -> int:
+        """Number of queued requests the kernel has not taken yet (a submit
+        it refused for a full CQ leaves them queued)."""
     @property
     def setup_flag_names(self) -> list[str]:
         """The setup flags by name."""
@@ -208,5 +220,10 @@ class Ring:
         The kernel reclaims zcrx buffers still held by the program when the
         ring goes; memoryviews over the area stay readable.
         """
+    def close_from_any_thread(self) -> None:
+        """Close now, from any thread of the owner process, a ring its owner
+        will never walk again (its event loop closed while not running):
+        nothing is submitted, closing the fd makes the kernel cancel what is
+        in flight. RuntimeError while a drain runs."""
     def __enter__(self) -> Ring: ...
     def __exit__(self, *exc_info: object) -> None: ...

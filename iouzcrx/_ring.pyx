@@ -819,6 +819,12 @@ cdef class Ring:
         return len(self.inflight)
 
     @property
+    def unsubmitted(self):
+        """Number of queued requests the kernel has not taken yet (a submit
+        it refused for a full CQ leaves them queued)."""
+        return self.local_sq_tail - self.submitted_tail
+
+    @property
     def setup_flag_names(self):
         names = []
         for flag, name in ((IOUZ_SETUP_SINGLE_ISSUER, "SINGLE_ISSUER"),
@@ -858,7 +864,8 @@ cdef class Ring:
         True.
         """
         cdef uint64_t counter
-        self.check_owner()
+        if not self.reader_may_drain():
+            return False
         iouz_store_release(&self.wake_pending, 0)
         cdef int more = self.drain_completions(DEFAULT_DRAIN_PASSES)
         if self.closed:
@@ -882,9 +889,29 @@ cdef class Ring:
 
         Nothing is read: the fd stays readable while completions wait in the
         CQ, and the drain reaps them."""
-        self.check_owner()
+        if not self.reader_may_drain():
+            return False
         cdef int more = self.drain_completions(DEFAULT_DRAIN_PASSES)
         return False if self.closed else self.work_left(more)
+
+    cdef bint reader_may_drain(self) except -1:
+        """Whether a reader callback runs where it may drain: open, on the
+        owner thread of the owner process.  Else, with a
+        ``refused_reader_handler``, that is called with the ring and the
+        error (which is raised without one): a level-triggered fd left
+        readable would call a reader that only raised again at once, for
+        ever."""
+        if (not self.closed and current_pid == self.owner_pid
+                and PyThread_get_thread_ident() == self.owner_thread):
+            return True
+        handler = self.refused_reader_handler
+        try:
+            self.check_owner()
+        except (ValueError, WrongThread) as exc:
+            if handler is None:
+                raise
+            handler(self, exc)
+        return False
 
     cdef bint work_left(self, int more) except -1:
         """The end of a reader callback: when its drain left work, ask for
@@ -1090,7 +1117,6 @@ cdef class Ring:
     cdef int close_now(self, double timeout) except -1:
         """On the owner thread, outside any drain."""
         cdef iouz_sqe *sqe
-        cdef RingClient client
         self.closing = True
         self.close_requested = False
         try:
@@ -1106,23 +1132,56 @@ cdef class Ring:
                     if self.inflight:
                         self.wait_readable(0.01)
         finally:
-            clients = self.live_clients()
-            self.clients = []
-            self.inflight.clear()
-            self.release_resources()
-            self.kernel_refs = []
-            error = None
-            for client in clients:
-                try:
-                    client.ring_closed()
-                except BaseException as exc:
-                    # A receive's on_end failed: every client still hears of
-                    # the close, and the first failure is raised after.
-                    if error is None:
-                        error = exc
-            if error is not None:
-                raise error
+            self.finish_close()
         return 0
+
+    cdef int finish_close(self) except -1:
+        cdef RingClient client
+        clients = self.live_clients()
+        self.clients = []
+        self.inflight.clear()
+        error = None
+        handler = self.closing_handler
+        if handler is not None:
+            # Before the fds go: whoever watches them stops now, while the
+            # numbers still name this ring's files and no other.
+            self.closing_handler = None
+            try:
+                handler(self)
+            except BaseException as exc:
+                error = exc  # raised once the ring is closed all the same
+        self.release_resources()
+        self.kernel_refs = []
+        for client in clients:
+            try:
+                client.ring_closed()
+            except BaseException as exc:
+                # A receive's on_end failed: every client still hears of
+                # the close, and the first failure is raised after.
+                if error is None:
+                    error = exc
+        if error is not None:
+            raise error
+        return 0
+
+    def close_from_any_thread(self):
+        """Close now, on whichever thread of the owner process calls, for a
+        ring its owner will never walk again (its event loop closed while
+        not running, say), where ``close()`` would only ask the owner to.
+        Nothing is submitted (only the owner may submit): closing the fd
+        makes the kernel cancel what is in flight, and the clients hear of
+        the close as from ``close()``.  RuntimeError while a drain runs."""
+        if self.closed or self.closing:
+            return
+        if current_pid != self.owner_pid:
+            self.forget()
+            return
+        if self.draining:
+            raise RuntimeError("the ring is being drained: close() it instead, which "
+                               "takes effect when that drain is over")
+        self.closing = True
+        self.close_requested = False
+        self.finish_close()
 
     cdef int forget(self) except -1:
         """In a forked child: drop this process's copies of the mappings and

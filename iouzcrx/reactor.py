@@ -31,6 +31,14 @@ a loop closed without either gives its rings back at the next look-up, a loop
 collected unclosed when it goes. A forked child inherits the parent's rings and the epoll instance
 the loop registered on, both shared with the parent: there the reactor never
 enters a ring nor adds or removes a reader, it only lets its copies go.
+
+Threads: the rings are SINGLE_ISSUER, the thread that made them is the only
+one that may drain them. A reader callback that runs anywhere else (the loop
+moved to another thread, or a forked child runs it) is refused by the ring
+and reported here once, and the reader goes (in a child, the loop stops), so
+a readable fd never calls a failing reader for ever. A ring that closes
+tells the reactor first, which removes its readers while the fd numbers are
+still the ring's.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from typing import Any
 from iouzcrx import _freethreading
 from iouzcrx._probe import kernel_features
 from iouzcrx._ring import Ring
+from iouzcrx.errors import WrongThread
 
 __all__ = ["Reactor"]
 
@@ -75,8 +84,8 @@ class Reactor:
         # ring missing from it (or the whole of it None) is drained whatever
         # ran since (see _scheduled_drain).
         self._drains_when_scheduled: dict[Ring, int] | None = None
-        # The fds given to loop.add_reader for the rings.
-        self._watched_fds: list[int] = []
+        # The fds given to loop.add_reader, per ring.
+        self._watched: dict[Ring, list[int]] = {}
         # While a receive waits for buffers, on a free-threaded build.
         self._wake_ups = _freethreading.WakeUps(self._ring_awaits_returns)
         # Receive backends of client connections (open_connection), per mode.
@@ -103,15 +112,18 @@ class Reactor:
     def _adopt(self, ring: Ring, loop: asyncio.AbstractEventLoop) -> None:
         ring.error_handler = self._report
         ring.more_work_handler = self._drain_again
+        ring.closing_handler = self._unwatch_ring
+        ring.refused_reader_handler = self._reader_refused
         if _freethreading.FREE_THREADED:
             ring.awaiting_returns_handler = self._watch_deferred_frees
         # The ring's methods are the reader callbacks themselves: no Python
         # frame between the loop and the drain on the receive path.
+        fds = self._watched[ring] = []
         if not ring.defer_taskrun:
             loop.add_reader(ring.fd, ring.on_ring_readable)
-            self._watched_fds.append(ring.fd)
+            fds.append(ring.fd)
         loop.add_reader(ring.eventfd, ring.on_eventfd_readable)
-        self._watched_fds.append(ring.eventfd)
+        fds.append(ring.eventfd)
 
     def zcrx_ring(self) -> Ring:
         """The loop's DEFER_TASKRUN ring, which zero-copy receive needs: made
@@ -121,7 +133,7 @@ class Reactor:
             if self.closed or self.inherited:
                 raise RuntimeError("this iouzcrx reactor is closed: its loop is closing")
             if threading.get_ident() != self.thread:
-                raise RuntimeError(
+                raise WrongThread(
                     "a zero-copy queue must be set up on its event loop's thread "
                     "(the loop's rings belong to it)"
                 )
@@ -181,6 +193,28 @@ class Reactor:
             self._drains_when_scheduled = {ring: ring.drains for ring in self._rings()}
             loop.call_soon(self._scheduled_drain)
 
+    def handed_to_owner(self, callback: Any) -> bool:
+        """For a public method that touches the rings (a close, say): True
+        when called on a thread that may not, with ``callback`` (the same
+        call) handed to the loop to run on the rings' thread. The method
+        returns at once then, before it changed anything: half done, its
+        state would claim what the ring never did.
+
+        False, to go on here: on the rings' thread; on a thread that runs
+        the loop without owning the rings (handing the call to the loop
+        would only bring it back here; see _reader_refused); in a forked
+        child; or once the loop is closed, with the rings."""
+        if threading.get_ident() == self.thread or self.pid != _pid:
+            return False
+        loop = self._loop_ref()
+        if loop is None or loop.is_closed() or asyncio._get_running_loop() is loop:
+            return False
+        try:
+            loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            return False  # closed meanwhile
+        return True
+
     def _drain_again(self) -> None:
         """A drain stopped with work left: the next one runs, whatever ran
         in between."""
@@ -196,12 +230,13 @@ class Reactor:
     def _drain_unless_idle(self, ring: Ring, since: int | None) -> None:
         if ring.closed or self.closed or self.pid != _pid:
             return  # closed by the drain of the ring before it
-        if since is not None and ring.drains != since and ring.submit() == 0:
+        if since is not None and ring.drains != since and not ring.unsubmitted:
             # A drain ran since this one was scheduled (the reader's, in the
             # same loop iteration, typically) and left the ring idle, and
-            # nothing was queued after it (submit() then makes no system
-            # call): another drain would find nothing. Work the kernel posts
-            # from now on makes the watched fd readable.
+            # nothing was queued after it: another drain would find nothing.
+            # Work the kernel posts from now on makes the watched fd
+            # readable. (Anything queued, even left by a submit the kernel
+            # refused for a full CQ, takes the whole drain, which reaps.)
             return
         self._drain(ring)
 
@@ -231,6 +266,40 @@ class Reactor:
 
     def _ring_awaits_returns(self) -> bool:
         return any(ring.awaits_returns for ring in self._rings())
+
+    def _reader_refused(self, ring: Ring, exc: Exception) -> None:
+        """A ring's reader callback ran where the ring may not be drained
+        (Ring.reader_may_drain): stop it from being called again and again."""
+        loop = self._loop_ref()
+        if loop is None or loop.is_closed():
+            return
+        if self.inherited:
+            # A forked child runs the loop its parent made: that loop's epoll
+            # instance is the parent's too, and removing the reader would
+            # remove the parent's.  Stop the loop instead.
+            loop.call_exception_handler(
+                {
+                    "message": "this event loop was made in the parent of this forked "
+                    "process, and its iouzcrx rings are the parent's: create a new event "
+                    "loop in the child (the loop is stopped)",
+                    "exception": exc,
+                }
+            )
+            loop.stop()
+            return
+        if not isinstance(exc, WrongThread):
+            self._unwatch_ring(ring)  # closed: its fds are gone
+            return
+        self._unwatch_rings()
+        loop.call_exception_handler(
+            {
+                "message": "this event loop runs on another thread than the one that "
+                "created its iouzcrx rings, which only that thread may use "
+                "(SINGLE_ISSUER): its iouzcrx servers and connections stop here. Create "
+                "them from a coroutine or callback that the loop's own thread runs",
+                "exception": exc,
+            }
+        )
 
     def _report(self, exc: BaseException) -> None:
         loop = self._loop_ref()
@@ -281,8 +350,8 @@ class Reactor:
         walks them; a loop closed before that closes them then.
         """
         loop = self._loop_ref()
-        if loop is not None and loop.is_running() and threading.get_ident() != self.thread:
-            # The loop's readers and the ring are its thread's to touch.
+        if loop is not None and loop.is_running() and asyncio._get_running_loop() is not loop:
+            # The loop's readers are the thread's that runs it to touch.
             loop.call_soon_threadsafe(self.close)
             return
         if not self.closed:
@@ -307,7 +376,14 @@ class Reactor:
             loop.call_soon(self._close_ring)
 
     def _unwatch_rings(self) -> None:
-        fds, self._watched_fds = self._watched_fds, []
+        for ring in list(self._watched):
+            self._unwatch_ring(ring)
+
+    def _unwatch_ring(self, ring: Ring) -> None:
+        """Remove the loop's readers of ``ring`` (its closing_handler: the
+        ring calls it before it closes the fds, whose numbers could name
+        other files after)."""
+        fds = self._watched.pop(ring, None)
         if not fds or self.inherited:
             return
         loop = self._loop_ref()
@@ -324,9 +400,16 @@ class Reactor:
         if self.inherited:
             return
         error: Exception | None = None
+        owner = threading.get_ident() == self.thread
         for ring in self._rings():
             try:
-                ring.close()
+                if owner:
+                    ring.close()
+                else:
+                    # The loop closes, or runs, on another thread than the one
+                    # that made the rings: close() would only ask that thread
+                    # to, and it never drains them again.
+                    ring.close_from_any_thread()
             except Exception as exc:
                 error = error or exc
         if error is not None:

@@ -290,7 +290,9 @@ class ZcrxServer(asyncio.AbstractServer):
         res: int,
         flags: int,
     ) -> None:
-        if res >= 0:
+        if res >= 0 and self._closed:
+            os.close(res)  # taken as the listener closed: refused
+        elif res >= 0:
             if self._accept_failures:
                 self._accept_failures.pop(sock, None)
             # The fd alone, in a small object that owns it: no socket.socket
@@ -328,6 +330,9 @@ class ZcrxServer(asyncio.AbstractServer):
         if flags & CQE_F_MORE:
             return
         self._accepts.pop(sock, None)
+        if self._closed:
+            sock.close()
+            return
         if not self._serving or res == -errno.ECANCELED:
             return
         if res >= 0:
@@ -430,8 +435,15 @@ class ZcrxServer(asyncio.AbstractServer):
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; open connections
-        stay (close_clients() / abort_clients() end them)."""
-        if self._closed:
+        stay (close_clients() / abort_clients() end them).
+
+        From another thread than the loop's, the close is handed to the loop.
+        A listening socket with an accept in the ring is closed when the
+        accept's cancellation completes: the kernel looks its fd up when it
+        takes the request, and the number must not name another file by
+        then. In a forked child only the child's copies close: the listener
+        and its accept are the parent's."""
+        if self._closed or self._reactor.handed_to_owner(self.close):
             return
         self._closed = True
         self._serving = False
@@ -440,15 +452,20 @@ class ZcrxServer(asyncio.AbstractServer):
                 connection._on_closed = self._detach
         for loop_server in self._loop_servers:
             loop_server.close()
+        inherited = self._reactor.inherited
         for sock in self.sockets:
+            accept = self._accepts.pop(sock, None)
+            if inherited:
+                sock.close()
+                continue
             if self.mode != "socket":
                 _stop_listening(sock)
-            accept = self._accepts.pop(sock, None)
-            if accept is not None:
-                accept.cancel()
-        self._reactor.schedule()
-        for sock in self.sockets:
-            sock.close()
+            if accept is None:
+                sock.close()
+            else:
+                accept.cancel()  # its last completion closes the socket
+        if not inherited:
+            self._reactor.schedule()
         self._sockets = None
         if self._serving_forever is not None and not self._serving_forever.done():
             self._serving_forever.cancel()

@@ -336,14 +336,14 @@ class ZcrxTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         """Stop delivering data to the protocol until ``resume_reading()``; what
         already arrived is kept for then."""
-        if self._closing or self._paused:
+        if self._closing or self._paused or self._reactor.handed_to_owner(self.pause_reading):
             return
         self._paused = True
         self._retire_receiver(discard=False)
 
     def resume_reading(self) -> None:
         """Deliver again, starting with what arrived while paused."""
-        if self._closing or not self._paused:
+        if self._closing or not self._paused or self._reactor.handed_to_owner(self.resume_reading):
             return
         self._paused = False
         self._loop.call_soon(self._resume)
@@ -540,7 +540,7 @@ class ZcrxTransport(asyncio.Transport):
 
     def close(self) -> None:
         """Stop reading, send what is queued, then close the socket."""
-        if self._closing:
+        if self._closing or self._reactor.handed_to_owner(self.close):
             return
         self._closing = True
         if self._receiver is not None or self._watching:
@@ -553,7 +553,8 @@ class ZcrxTransport(asyncio.Transport):
     def abort(self) -> None:
         """Close at once: queued data is dropped, and the protocol's
         ``connection_lost(None)`` follows."""
-        self._force_close(None)
+        if not self._reactor.handed_to_owner(self.abort):
+            self._force_close(None)
 
     def _force_close(self, exc: BaseException | None) -> None:
         if self._connection_lost:
