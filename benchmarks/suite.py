@@ -132,7 +132,7 @@ def compile_programs(build: Path) -> dict[str, Path]:
     if cc is None:
         raise SystemExit("no C compiler: install gcc (the sender and C receivers are built here)")
     programs = {}
-    for name in ("sender", "recv_receiver", "zcrx_receiver"):
+    for name in ("sender", "recv_receiver", "zcrx_receiver", "rr_wakeups"):
         out = build / name
         subprocess.run(
             [cc, "-O2", "-pthread", "-o", str(out), str(HERE / "c" / f"{name}.c")], check=True

@@ -183,3 +183,26 @@ def test_request_costs_show_where_each_receiver_gets_its_data(tmp_path: Path) ->
     for row in results.values():
         assert row["syscalls"]["sendto"] >= 0.9  # each answer is sent at once
         assert row["kernel_symbols_us"]  # the profile was read
+
+
+@pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
+def test_each_way_of_waking_for_a_request_answers_every_request(tmp_path: Path) -> None:
+    # run_one fails a run unless every request byte arrived and the sender
+    # got every answer, so three rows mean three working receivers.
+    out = tmp_path / "wakeups.json"
+    run_script(
+        "wakeups.py",
+        "--repeat",
+        "1",
+        "--requests",
+        "500",
+        "--receivers",
+        "",
+        "--json",
+        str(out),
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["receiver"] for row in rows] == ["c-epoll-recv", "c-ring", "c-epoll-ring-recv"]
+    assert all(row["p50_us"] > 0 and row["cpu_us"] >= 0 for row in rows)
+    assert rows[0]["p50_ratio"] == 1.0

@@ -167,4 +167,30 @@ static int listen_loopback(int *port)
     return fd;
 }
 
+/* The receivers' listener on 127.0.0.1, its port told to the driver as
+ * "READY <port>" on stdout. */
+__attribute__((unused))
+static int listen_announced(void)
+{
+    int port;
+    int fd = listen_loopback(&port);
+    printf("READY %d\n", port);
+    fflush(stdout);
+    return fd;
+}
+
+/* The next connection (blocking). */
+__attribute__((unused))
+static int accept_one(int listen_fd)
+{
+    for (;;) {
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0)
+            return fd;
+        /* A connection reset before we got to it is the peer's business. */
+        if (errno != EINTR && errno != ECONNABORTED)
+            die("accept: %s", strerror(errno));
+    }
+}
+
 #endif

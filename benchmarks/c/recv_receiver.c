@@ -274,26 +274,11 @@ static void parse_args(int argc, char **argv)
         die("--threads one is for bulk and short (rr has one connection already)");
 }
 
-static int accept_one(int listen_fd)
-{
-    for (;;) {
-        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd >= 0)
-            return fd;
-        /* A connection reset before we got to it is the peer's business. */
-        if (errno != EINTR && errno != ECONNABORTED)
-            die("accept: %s", strerror(errno));
-    }
-}
-
 int main(int argc, char **argv)
 {
     parse_args(argc, argv);
     signal(SIGPIPE, SIG_IGN);
-    int port;
-    int listen_fd = listen_loopback(&port);
-    printf("READY %d\n", port);
-    fflush(stdout);
+    int listen_fd = listen_announced();
 
     struct rusage before, after;
     double start = 0;
