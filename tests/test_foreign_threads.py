@@ -330,6 +330,7 @@ def test_a_forked_child_running_its_parents_loop_is_stopped_with_the_reason(
             # that stops the loop.
             print("errors:", 1 <= len(errors) <= 2)
             print("parent:", all("parent" in error["message"] for error in errors))
+            sys.stdout.flush()  # os._exit does not
             os._exit(0)
         _, status = os.waitpid(pid, 0)
         print("child:", os.waitstatus_to_exitcode(status))
