@@ -39,7 +39,8 @@ class Completion(Request):
         """
     def cancel(self) -> None:
         """Ask the kernel to cancel this request (its last completion says
-        ``-ECANCELED``)."""
+        ``-ECANCELED``). Nothing on a closed ring: closing it ended every
+        request."""
 
 class Ring:
     """An io_uring instance set up for zero-copy receive.

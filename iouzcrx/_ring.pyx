@@ -259,10 +259,11 @@ cdef class Completion(Request):
         return res
 
     def cancel(self):
-        """Ask the kernel to cancel this request (its last CQE says -ECANCELED)."""
+        """Ask the kernel to cancel this request (its last CQE says -ECANCELED).
+        Nothing on a closed ring: closing it ended every request."""
         if self.ring is None:
             raise RuntimeError("this Completion was never submitted to a ring")
-        if not self.done:
+        if not self.done and not self.ring.closed:
             self.ring.cancel(self)
 
 
@@ -725,7 +726,9 @@ cdef class Ring:
         # Before the write: an eventfd callback that reads this wake-up away
         # after its drain sees the flag (on_eventfd_readable).
         iouz_store_release(&self.wake_pending, 1)
-        if self.eventfd >= 0:
+        # Never from a forked child: the eventfd is the parent's too, and a
+        # view the child lets go would wake the parent's loop for nothing.
+        if self.eventfd >= 0 and current_pid == self.owner_pid:
             write(self.eventfd, &one, sizeof(one))
         return 0
 

@@ -453,6 +453,7 @@ class ZcrxServer(asyncio.AbstractServer):
         for loop_server in self._loop_servers:
             loop_server.close()
         inherited = self._reactor.inherited
+        ring = self._reactor.ring
         for sock in self.sockets:
             accept = self._accepts.pop(sock, None)
             if inherited:
@@ -460,8 +461,8 @@ class ZcrxServer(asyncio.AbstractServer):
                 continue
             if self.mode != "socket":
                 _stop_listening(sock)
-            if accept is None:
-                sock.close()
+            if accept is None or accept.done or ring is None or ring.closed:
+                sock.close()  # no accept names it any more
             else:
                 accept.cancel()  # its last completion closes the socket
         if not inherited:
