@@ -7,6 +7,7 @@ another file, or a half-done close behind. Real kernel, both loops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
@@ -51,16 +53,28 @@ def new_loop(loop_name: str) -> asyncio.AbstractEventLoop:
     return iouzcrx.new_event_loop(use_uvloop=loop_name == "uvloop")
 
 
+def sink_server(loop: asyncio.AbstractEventLoop) -> Any:
+    """The coroutine that makes a bufring server of Sinks on ``loop``."""
+    return loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode="bufring")  # type: ignore[attr-defined]
+
+
 def serve(loop: asyncio.AbstractEventLoop) -> Any:
-    return loop.run_until_complete(
-        loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode="bufring")  # type: ignore[attr-defined]
-    )
+    return loop.run_until_complete(sink_server(loop))
 
 
-def serve_from_loop_thread(loop: asyncio.AbstractEventLoop) -> Any:
-    """A server made by the thread that runs ``loop``, which owns its rings."""
-    made = loop.create_zcrx_server(Sink, "127.0.0.1", 0, mode="bufring")  # type: ignore[attr-defined]
-    return asyncio.run_coroutine_threadsafe(made, loop).result(TIMEOUT)
+@contextlib.contextmanager
+def served_from_loop_thread(loop_name: str) -> Iterator[tuple[asyncio.AbstractEventLoop, Any]]:
+    """A loop running on a thread of its own, and a server that thread made
+    (so it owns the rings); both closed at the end."""
+    loop = new_loop(loop_name)
+    thread = on_loop_thread(loop)
+    server = asyncio.run_coroutine_threadsafe(sink_server(loop), loop).result(TIMEOUT)
+    try:
+        yield loop, server
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        stop(loop, thread)
+        loop.close()
 
 
 def port_of(server: Any) -> int:
@@ -182,44 +196,33 @@ def test_a_ring_closed_by_hand_stops_being_watched_before_its_fds_go(loop_name: 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_transport_closed_from_another_thread_closes_on_the_loops(loop_name: str) -> None:
-    loop = new_loop(loop_name)
-    thread = on_loop_thread(loop)
-    server = serve_from_loop_thread(loop)
     Sink.last = None
-    try:
-        with socket.create_connection(("127.0.0.1", port_of(server))) as client:
-            client.sendall(b"a" * 10)
-            wait_until(lambda: getattr(Sink, "last", None) and Sink.last.received == 10, "data")
-            protocol = Sink.last
-            protocol.transport.close()  # this thread does not run the loop
-            assert protocol.lost.wait(TIMEOUT)
-            client.settimeout(TIMEOUT)
-            assert client.recv(10) == b""  # the peer sees the close
-            assert protocol.received == 10
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        stop(loop, thread)
-        loop.close()
+    with (
+        served_from_loop_thread(loop_name) as (_loop, server),
+        socket.create_connection(("127.0.0.1", port_of(server))) as client,
+    ):
+        client.sendall(b"a" * 10)
+        wait_until(lambda: getattr(Sink, "last", None) and Sink.last.received == 10, "data")
+        protocol = Sink.last
+        protocol.transport.close()  # this thread does not run the loop
+        assert protocol.lost.wait(TIMEOUT)
+        client.settimeout(TIMEOUT)
+        assert client.recv(10) == b""  # the peer sees the close
+        assert protocol.received == 10
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_server_closed_from_another_thread_closes_its_listener(loop_name: str) -> None:
-    loop = new_loop(loop_name)
-    thread = on_loop_thread(loop)
-    server = serve_from_loop_thread(loop)
-    port = port_of(server)
-    forever = asyncio.run_coroutine_threadsafe(server.serve_forever(), loop)
-    wait_until(lambda: server._serving_forever is not None, "serve_forever started")
-    try:
+    with served_from_loop_thread(loop_name) as (loop, server):
+        port = port_of(server)
+        forever = asyncio.run_coroutine_threadsafe(server.serve_forever(), loop)
+        wait_until(lambda: server._serving_forever is not None, "serve_forever started")
         server.close()  # this thread does not run the loop
         with pytest.raises(CancelledError):  # by the close, on the loop's thread
             forever.result(TIMEOUT)
         wait_until(lambda: not server._accepts, "the accept ended")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port)).close()
-    finally:
-        stop(loop, thread)
-        loop.close()
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
