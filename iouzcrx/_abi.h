@@ -123,6 +123,7 @@ IOUZ_ASSERT_SIZE(struct iouz_zcrx_cqe, 16);
 
 #define IOUZ_OP_NOP          0
 #define IOUZ_OP_READ         22
+#define IOUZ_OP_POLL_ADD     6
 #define IOUZ_OP_ACCEPT       13
 #define IOUZ_OP_ASYNC_CANCEL 14
 #define IOUZ_OP_CLOSE        19

@@ -23,6 +23,7 @@ cdef extern from "_abi.h" nogil:
 
         IOUZ_OP_NOP
         IOUZ_OP_READ
+        IOUZ_OP_POLL_ADD
         IOUZ_OP_ACCEPT
         IOUZ_OP_ASYNC_CANCEL
         IOUZ_OP_CLOSE

@@ -85,9 +85,36 @@ class AcceptedSocket(socket.socket):
     connected socket never turns into a listening one nor changes type. So
     ``stream_socket_fd`` asks the kernel nothing about it, which spares
     every accepted connection six system calls. Sockets a program passes
-    in are plain ``socket.socket`` objects and are always checked."""
+    in are plain ``socket.socket`` objects and are always checked.
 
-    __slots__ = ()
+    ``on_release(closing)``, when set, is called once before the fd is
+    closed (``closing`` True) or detached: a transport whose loop watches
+    the fd removes its reader there, while the number still names this
+    connection. Off the loop's thread it cannot, and returns True: it then
+    closes the fd itself (``close_now``) once the loop let go of it."""
+
+    __slots__ = ("on_release",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_release: Callable[[bool], bool] | None = None
+
+    def _released(self, closing: bool) -> bool:
+        hook, self.on_release = self.on_release, None
+        return hook is not None and hook(closing)
+
+    def _real_close(self, *args: Any) -> None:
+        # Every close ends here (close(), a makefile's last close, __exit__).
+        if not self._released(True):
+            super()._real_close(*args)  # type: ignore[misc]
+
+    def close_now(self) -> None:
+        """Close the fd, whatever the hook would say."""
+        super()._real_close()  # type: ignore[misc]
+
+    def detach(self) -> int:
+        self._released(False)
+        return super().detach()
 
 
 def stream_socket_fd(name: str, sock: Any) -> int:

@@ -1,3 +1,4 @@
+cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 from iouzcrx._area cimport Area, BufferOwner, PinAccount
@@ -34,6 +35,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef bint wake_requested
     cdef list starved
     cdef set receivers
+    cdef set close_listeners         # called once when the queue closes
     # Receivers holding a run not yet delivered, in the order their runs
     # started: the first apart, as one connection per batch is the usual case
     # and a list made and dropped per batch costs more than its delivery.
@@ -50,6 +52,7 @@ cdef class ReceiveQueue(BufferOwner):
     cdef Py_ssize_t max_run_bytes    # most bytes one delivery may hold
 
     cdef int setup_returns(self, size_t capacity) except -1
+    cdef object tell_close_listeners(self, object error)
     cdef int arm_receiver(self, Receiver receiver) except -1
     cdef bint progressed(self, Receiver receiver) noexcept
     cdef int publish_returns(self) except -1
@@ -159,3 +162,15 @@ cdef inline void returns_added(ReceiveQueue queue, size_t count) noexcept:
     # ``count`` buffer returns were queued for the owner thread to publish.
     queue.pending_count += count
     request_pass(queue)
+
+
+@cython.final
+cdef class AcceptedFd:
+    cdef int fd                  # owned while >= 0 and no socket was made
+    cdef readonly int family
+    cdef readonly int kind       # type, as accept made it (SOCK_NONBLOCK)
+    cdef readonly int proto
+    cdef object sock             # the socket made by socket(), the fd's owner
+
+    cdef int take_fd(self) noexcept
+    cdef int fd_now(self) except -1

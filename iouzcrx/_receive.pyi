@@ -26,6 +26,11 @@ class ReceiveQueue(BufferOwner):
     """Advances each time returned buffers reach the kernel."""
     closed: bool
     """Whether ``close()`` was called."""
+    def add_close_listener(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` once when the queue closes (``close()`` or its
+        ring closing); ValueError if it is closed already."""
+    def remove_close_listener(self, listener: Callable[[], object]) -> None:
+        """Forget ``listener``; nothing if it was not added."""
     @property
     def buffers_pending_return(self) -> int:
         """Buffers released by the program but not yet handed to the kernel."""

@@ -178,6 +178,7 @@ cdef class ReceiveQueue(BufferOwner):
     def __cinit__(self, *args, **kwargs):
         self.starved = []
         self.receivers = set()
+        self.close_listeners = set()
         self.runs_pending = []
         self.max_run_bytes = MAX_RUN_BYTES
 
@@ -391,9 +392,35 @@ cdef class ReceiveQueue(BufferOwner):
                         error = exc
         self.receivers.clear()
         self.starved.clear()
+        error = self.tell_close_listeners(error)
         if error is not None:
             raise error
         return 0
+
+    cdef object tell_close_listeners(self, object error):
+        """Call each close listener once; the first exception among ``error``
+        and theirs, for the caller to raise once all were called."""
+        listeners = list(self.close_listeners)
+        self.close_listeners.clear()
+        for listener in listeners:
+            try:
+                listener()
+            except BaseException as exc:
+                if error is None:
+                    error = exc
+        return error
+
+    def add_close_listener(self, listener):
+        """Call ``listener()`` once when this queue closes (``close()``, or its
+        ring closing): a connection of the queue reading by other means than
+        its receives (iouzcrx._readiness) ends there as theirs do."""
+        if self.closed:
+            raise ValueError("the receive queue is closed")
+        self.close_listeners.add(listener)
+
+    def remove_close_listener(self, listener):
+        """Forget ``listener``; nothing if it was not added."""
+        self.close_listeners.discard(listener)
 
     cdef int publish_returns(self) except -1:
         raise NotImplementedError
@@ -584,6 +611,7 @@ cdef class ReceiveQueue(BufferOwner):
                     error = exc
         if not self.receivers:
             self.release_registration()
+        error = self.tell_close_listeners(error)
         if error is not None:
             raise error
 
@@ -1018,7 +1046,6 @@ cdef inline object os_error(int number):
     return OSError(number, _os.strerror(number))
 
 
-@cython.final
 cdef class AcceptedFd:
     """A connection the server's ring accepted, held as its fd alone: most
     connections are served, written to and closed without anyone asking
@@ -1032,12 +1059,6 @@ cdef class AcceptedFd:
 
     It owns the fd until ``close()`` or ``socket()``; dropped while it
     still owns it, the fd is closed (as a socket object would)."""
-
-    cdef int fd                  # owned while >= 0 and no socket was made
-    cdef readonly int family
-    cdef readonly int kind       # type, as accept made it (SOCK_NONBLOCK)
-    cdef readonly int proto
-    cdef object sock             # the socket made by socket(), the fd's owner
 
     def __cinit__(self, int family, int kind, int proto, int fd):
         self.fd = fd

@@ -197,6 +197,11 @@ class Ring:
     ) -> Completion:
         """Queue an accept (multishot by default): each completion's res is a
         new fd. ``sock`` is kept alive until the accept's last completion."""
+    def poll(
+        self, sock: _Fd, events: int, *, callback: Callable[[int, int], object] | None = None
+    ) -> Completion:
+        """Queue a one-shot poll of ``sock`` for ``events`` (the kernel adds
+        POLLERR and POLLHUP); res is the events that were ready."""
     def shutdown(self, sock: _Fd, how: int = ...) -> Completion:
         """Queue ``shutdown(2)``; ``SHUT_RD`` ends pending receives with res 0.
         ``sock`` is kept alive (its fd open) until the shutdown completes."""

@@ -1070,6 +1070,18 @@ cdef class Ring:
         request.target = sock
         return request
 
+    def poll(self, sock, int events, *, callback=None):
+        """Queue a one-shot poll of ``sock`` for ``events`` (``select.POLLIN``
+        and so on; the kernel always adds POLLERR and POLLHUP): the
+        completion's res is the events that were ready.  ``sock`` is kept
+        alive until it completes."""
+        cdef Completion request = Completion()
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_POLL_ADD, fileno_of(sock))
+        sqe.op_flags = <uint32_t>events  # poll32_events shares the field
+        request.target = sock
+        request.callback = callback
+        return request
+
     def cancel(self, Request target not None):
         """Queue a cancel of ``target``; the target's last CQE says -ECANCELED."""
         cdef Completion request = Completion()

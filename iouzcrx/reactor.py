@@ -94,6 +94,13 @@ class Reactor:
         # frees an ifq only with its ring, so the loop's next server with the
         # same parameters takes one instead of registering another.
         self.idle_queues: dict[tuple[Any, ...], list[Any]] = {}
+        # libuv stops a poll handle on POLLERR without calling its reader, and
+        # uvloop then drops the reader: a socket the peer reset would never
+        # be read again. Transports reading by readiness there also have the
+        # ring poll for errors (ZcrxTransport._watch_errors).
+        self.readers_miss_errors = any(
+            cls.__module__.partition(".")[0] == "uvloop" for cls in type(loop).__mro__
+        )
         try:
             ring = Ring(defer_taskrun=False)
         except OSError as exc:
@@ -274,18 +281,7 @@ class Reactor:
         if loop is None or loop.is_closed():
             return
         if self.inherited:
-            # A forked child runs the loop its parent made: that loop's epoll
-            # instance is the parent's too, and removing the reader would
-            # remove the parent's.  Stop the loop instead.
-            loop.call_exception_handler(
-                {
-                    "message": "this event loop was made in the parent of this forked "
-                    "process, and its iouzcrx rings are the parent's: create a new event "
-                    "loop in the child (the loop is stopped)",
-                    "exception": exc,
-                }
-            )
-            loop.stop()
+            self.refuse_in_child(exc)
             return
         if not isinstance(exc, WrongThread):
             self._unwatch_ring(ring)  # closed: its fds are gone
@@ -301,6 +297,23 @@ class Reactor:
             }
         )
 
+    def refuse_in_child(self, exc: Exception) -> None:
+        """A reader of the parent's (a ring's, or a connection's read by
+        readiness) ran in a forked child running the parent's loop: report
+        it and stop the loop. That loop's epoll instance is the parent's too,
+        and removing the reader would remove the parent's."""
+        loop = self._loop_ref()
+        if loop is not None and not loop.is_closed():
+            loop.call_exception_handler(
+                {
+                    "message": "this event loop was made in the parent of this forked "
+                    "process, and its iouzcrx rings are the parent's: create a new event "
+                    "loop in the child (the loop is stopped)",
+                    "exception": exc,
+                }
+            )
+            loop.stop()
+
     def _report(self, exc: BaseException) -> None:
         loop = self._loop_ref()
         if loop is not None and not loop.is_closed():
@@ -309,10 +322,15 @@ class Reactor:
             )
 
     def watch(self, fd: int, callback: Any) -> None:
-        """``loop.add_reader`` for a socket hint; nothing in a forked child,
+        """``loop.add_reader`` for a socket of ours; nothing in a forked child,
         whose loop shares its epoll instance with the parent."""
         if not self.inherited:
-            self.loop.add_reader(fd, callback)
+            loop = self.loop
+            # A reader left on the number by a socket that a program closed
+            # behind its owner would keep the loop from watching this one
+            # (asyncio's selector only swaps the callback of its stale key).
+            loop.remove_reader(fd)
+            loop.add_reader(fd, callback)
 
     def unwatch(self, fd: int) -> None:
         """``loop.remove_reader`` for a socket hint; nothing in a forked child
