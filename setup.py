@@ -19,7 +19,8 @@ try:
 except ImportError:
     sys.exit("building iouzcrx needs Cython >= 3.1 (a build requirement in pyproject.toml)")
 
-MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe", "_reader"]
+MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe", "_reader",
+           "_readiness"]
 
 
 def extension(name: str) -> Extension:

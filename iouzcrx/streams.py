@@ -41,6 +41,10 @@ class _StreamProtocol(asyncio.BaseProtocol):
     """
 
     view_received: Callable[[memoryview], None]
+    # The reader takes any view: a request/response connection in bufring
+    # mode may then be read by readiness, into views over copies
+    # (iouzcrx._readiness).
+    _views_may_be_copies = True
 
     def __init__(
         self,

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
+from iouzcrx._checks import AcceptedSocket
+from iouzcrx._readiness import ReadinessReceiver
 from iouzcrx._receive import AcceptedFd, ReceiveQueue, Receiver, socket_addresses
 from iouzcrx._ring import Completion
 from iouzcrx.protocols import delivery_for, delivery_methods
@@ -28,6 +30,10 @@ _STARVED_RECHECK = 0.001
 # Plain ints: the socket module's are enums, slower to compare.
 _AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
+# Whether buffer-ring connections may be read when their socket is readable
+# (iouzcrx._readiness): IOUZCRX_READINESS=0 keeps them all on the multishot
+# receive, to compare the two.
+_READINESS = os.environ.get("IOUZCRX_READINESS", "1") != "0"
 
 
 class ZcrxTransport(asyncio.Transport):
@@ -36,9 +42,10 @@ class ZcrxTransport(asyncio.Transport):
     Made by the server for each connection (in ``copy``, ``zerocopy`` and
     ``bufring`` modes), not constructed directly. ``get_extra_info`` knows
     ``"zcrx_mode"``, ``"socket"``, ``"peername"``, ``"sockname"``,
-    ``"interface"`` and ``"queue"``. When the views the program holds leave
-    the area empty, reading pauses by itself and resumes as they are
-    released.
+    ``"interface"``, ``"queue"`` and ``"zcrx_reading"`` (how it reads now:
+    ``"multishot"``, ``"readiness"`` or None while not reading). When the
+    views the program holds leave the area empty, reading pauses by itself
+    and resumes as they are released.
     """
 
     # What most connections neither read nor change, kept on the class: a
@@ -53,6 +60,13 @@ class ZcrxTransport(asyncio.Transport):
     _addresses: tuple[bytes | None, bytes | None] = (None, None)
     # The delivery of held views (pause, backlog), made when first needed.
     _deliver: Callable[[memoryview], None] | None = None
+    # The readiness receive, while reading goes that way, and the fd number
+    # the loop watches for it (see _start_readiness).
+    _ready: ReadinessReceiver | None = None
+    _ready_fd = -1
+    # The ring's poll for errors on the socket, where the loop misses them
+    # (Reactor.readers_miss_errors).
+    _error_poll: Completion | None = None
 
     def __init__(
         self,
@@ -85,6 +99,16 @@ class ZcrxTransport(asyncio.Transport):
         # Where the ring leaves a receive's work for a drain that its fd may
         # announce late (never without DEFER_TASKRUN).
         self._hints = self._ring.watches_sockets
+        # Whether reading starts by readiness (iouzcrx._readiness): buffer-ring
+        # connections of the server's accept, until a read shows the peer
+        # streams or the program takes the socket object.
+        self._by_readiness = (
+            _READINESS and not self._hints and type(sock) is AcceptedFd and queue.mode == "bufring"
+        )
+        # _takes_readiness, spelled out: a Python frame less per connection.
+        self._readiness_fits = (
+            self._methods[0] != "views" or getattr(protocol, "_views_may_be_copies", False) is True
+        )
         self._generation = 0  # bumps when a receiver is retired (pause, close)
         self._paused = False
         # Views held while paused, and writes the socket did not take at
@@ -162,6 +186,9 @@ class ZcrxTransport(asyncio.Transport):
         if self._closing or self._paused or self._eof_seen or self._receiver is not None:
             return
         try:
+            if self._by_readiness and self._ready is None and self._readiness_fits:
+                self._start_readiness()
+                return
             receiver = self._queue.recv_multishot(
                 self._sock,
                 on_end=functools.partial(self._receive_ended, self._generation),
@@ -191,12 +218,28 @@ class ZcrxTransport(asyncio.Transport):
         # The transport's own first: what a caller passed in names the rest.
         if name == "socket":
             sock = self._sock
-            # An accepted fd gets its socket object now (see AcceptedFd).
-            return sock.socket() if type(sock) is AcceptedFd else sock
+            if type(sock) is not AcceptedFd:
+                return sock
+            # An accepted fd gets its socket object now (see AcceptedFd). The
+            # program may close it: the loop stops watching its fd first.
+            made = sock.socket()
+            if self._by_readiness and not self._closing and type(made) is AcceptedSocket:
+                # Cleared when the socket closes: the cycle it makes (transport,
+                # fd, socket, hook) lasts only while the connection does.
+                made.on_release = self._socket_released
+            return made
         if name == "zcrx_mode":
             return self._queue.mode
         if name == "pin_account":
             return self._pins
+        if name == "zcrx_reading":
+            return (
+                "readiness"
+                if self._ready is not None
+                else "multishot"
+                if self._receiver is not None
+                else None
+            )
         extra = self._extra
         if name in extra:
             return extra[name]
@@ -217,7 +260,16 @@ class ZcrxTransport(asyncio.Transport):
     def _start_reading(self, in_drain: bool = False) -> None:
         """Arm a receive; ``in_drain``: called from a completion, whose
         drain submits it (else a drain is scheduled)."""
-        if self._closing or self._paused or self._eof_seen or self._receiver is not None:
+        if (
+            self._closing
+            or self._paused
+            or self._eof_seen
+            or self._receiver is not None
+            or self._ready is not None
+        ):
+            return
+        if self._by_readiness and self._readiness_fits:
+            self._start_readiness()
             return
         generation = self._generation
         # While reading normally the receiver calls the protocol's own methods
@@ -238,6 +290,124 @@ class ZcrxTransport(asyncio.Transport):
             self._reactor.schedule()
         if self._hints:
             self._watch_socket()
+
+    # Reading by readiness (iouzcrx._readiness).
+
+    def _start_readiness(self) -> None:
+        ready = ReadinessReceiver(
+            self._queue,
+            cast(AcceptedFd, self._sock),  # _by_readiness: it is one
+            self._readiness_ended,
+            self._on_protocol_error,
+            self._readiness_bulk,
+            self._reactor.refuse_in_child,
+        )
+        ready.set_protocol_delivery(self._protocol, self._methods)
+        # The queue's receives end when it closes (its ring closing with the
+        # loop, or by hand): this connection ends with them.
+        self._queue.add_close_listener(self._queue_closed)
+        self._ready = ready
+        self._ready_fd = fd = self._sock.fileno()
+        self._reactor.watch(fd, ready.on_readable)
+        if self._reactor.readers_miss_errors:
+            self._watch_errors(ready)
+
+    def _watch_errors(self, ready: ReadinessReceiver) -> None:
+        # Reactor.readers_miss_errors: the ring tells of POLLERR and POLLHUP
+        # (asked for with no other event, the kernel adds them).
+        self._error_poll = self._ring.poll(
+            self._sock, 0, callback=functools.partial(self._on_error_poll, ready)
+        )
+        self._ops_on_socket += 1
+        self._reactor.schedule()
+
+    def _on_error_poll(self, ready: ReadinessReceiver, res: int, flags: int) -> None:
+        try:
+            if self._ready is ready and self._error_poll is not None:
+                self._error_poll = None
+                # Read what is left, then the error or EOF, as the loop would
+                # have had it called the reader.
+                while self._ready is ready:
+                    reads = ready.reads
+                    ready.on_readable()
+                    if ready.reads == reads:
+                        break
+                if self._ready is ready and not ready.finished:
+                    self._watch_errors(ready)
+        finally:
+            self._op_on_socket_done()
+
+    def _stop_readiness(self) -> None:
+        """Remove the reader; the socket is still open, so its number still
+        names this connection."""
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.close()
+            self._queue.remove_close_listener(self._queue_closed)
+            self._reactor.unwatch(self._ready_fd)
+            self._ready_fd = -1
+            error_poll, self._error_poll = self._error_poll, None
+            if error_poll is not None:
+                error_poll.cancel()  # its completion still comes: _on_error_poll
+                self._reactor.schedule()
+
+    def _queue_closed(self) -> None:
+        if self._ready is not None:
+            self._stop_readiness()
+            self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
+
+    def _leave_readiness(self) -> None:
+        """Go on with the multishot receive (the peer streams, the program took
+        the socket object, or the protocol wants views)."""
+        if self._reactor.handed_to_owner(self._leave_readiness):
+            return
+        self._by_readiness = False
+        if self._ready is not None:
+            self._stop_readiness()
+            self._start_reading()
+
+    def _socket_released(self, closing: bool) -> bool:
+        """The program closes (``closing``) or detaches the socket object
+        (AcceptedSocket.on_release): the loop stops watching its fd while
+        the number is still this connection's. Off the loop's thread that is
+        handed to the loop, which then closes the fd too: True."""
+        self._by_readiness = False
+        if self._ready is None:
+            return False
+        if self._reactor.handed_to_owner(functools.partial(self._let_go, closing, closing)):
+            return closing
+        self._let_go(closing, False)
+        return False
+
+    def _let_go(self, closing: bool, close_now: bool) -> None:
+        self._stop_readiness()
+        if closing:
+            # The error poll's cancel, and the poll itself if still queued,
+            # go to the kernel while the number still names this socket.
+            ring = self._ring
+            if not ring.closed and ring.unsubmitted:
+                ring.submit()
+            if close_now:
+                cast(AcceptedSocket, cast(AcceptedFd, self._sock).socket()).close_now()
+            # Nothing can be read or sent any more: end as a failed read would.
+            self._force_close(OSError(errno.EBADF, "the connection's socket was closed"))
+        else:
+            self._start_reading()  # the program holds the fd now: the ring reads it
+
+    def _readiness_bulk(self) -> None:
+        # A read took a whole BULK_READ: the peer streams, and the multishot
+        # receive costs less per byte.
+        self._leave_readiness()
+
+    def _readiness_ended(self, error: BaseException | None) -> None:
+        ready = self._ready
+        self._stop_readiness()
+        if error is not None:
+            self._fatal_error(error, "Fatal read error on zcrx transport")
+        elif ready is not None and ready.eof and not self._closing:
+            self._eof_seen = True
+            if not self._paused and not self._backlog:
+                self._deliver_eof()
 
     # Where the ring's eventfd wakes the loop late, the socket turning readable
     # drains the ring instead (see iouzcrx.reactor).
@@ -362,6 +532,8 @@ class ZcrxTransport(asyncio.Transport):
     def _retire_receiver(self, *, discard: bool) -> None:
         """Stop the current multishot; data already in flight lands in the
         backlog (pause) or is dropped (close)."""
+        if self._ready is not None:
+            self._stop_readiness()
         self._unwatch_socket()
         receiver, self._receiver = self._receiver, None
         self._generation += 1
@@ -543,7 +715,7 @@ class ZcrxTransport(asyncio.Transport):
         if self._closing or self._reactor.handed_to_owner(self.close):
             return
         self._closing = True
-        if self._receiver is not None or self._watching:
+        if self._receiver is not None or self._watching or self._ready is not None:
             self._retire_receiver(discard=True)
         if self._backlog:
             self._backlog.clear()
@@ -625,6 +797,12 @@ class ZcrxTransport(asyncio.Transport):
         self._deliver = None
         if self._receiver is not None:
             self._receiver.set_protocol_delivery(protocol, methods)
+        self._readiness_fits = _takes_readiness(protocol, methods)
+        if self._ready is not None:
+            if self._readiness_fits:
+                self._ready.set_protocol_delivery(protocol, methods)
+            else:
+                self._leave_readiness()
 
 
 class _Holder:
@@ -635,6 +813,14 @@ class _Holder:
 
     def __init__(self, data_received: Any) -> None:
         self.data_received = data_received
+
+
+def _takes_readiness(protocol: Any, methods: tuple[str, Any, Any]) -> bool:
+    """Whether ``protocol`` takes what a readiness receive gives: bytes or
+    buffered data, or views over copies where it says it wants any view
+    (``_views_may_be_copies``, as the streams' protocol does). A zero-copy
+    protocol's views stay over the area."""
+    return methods[0] != "views" or getattr(protocol, "_views_may_be_copies", False) is True
 
 
 def _discard(view: memoryview) -> None:

@@ -30,6 +30,7 @@ from isolation import child_env, run_python
 
 import iouzcrx
 from iouzcrx import _checks
+from iouzcrx import transport as transport_module
 from iouzcrx._receive import AcceptedFd
 from iouzcrx.reactor import Reactor
 
@@ -625,11 +626,14 @@ def exchange_requests(port: int, count: int, size: int) -> None:
                 got += len(chunk)
 
 
-async def test_a_bufring_request_is_received_without_entering_the_ring():
+async def test_a_bufring_request_is_received_without_entering_the_ring(monkeypatch):
     """The loop's ring for buffer-ring receives has no DEFER_TASKRUN: the
     kernel runs each receive as its data arrives, and the drain that the
     ring fd's readiness calls reaps it with no io_uring_enter. One enter
-    per request (the deferred-work ring's way) would show as hundreds."""
+    per request (the deferred-work ring's way) would show as hundreds.
+    (Request/response connections are read by readiness unless turned off,
+    as here: tests/test_readiness.py.)"""
+    monkeypatch.setattr(transport_module, "_READINESS", False)
     loop = asyncio.get_running_loop()
     server = await iouzcrx.create_zcrx_server(EchoRequests, "127.0.0.1", 0, mode="bufring")
     async with server:

@@ -21,7 +21,17 @@ import pytest
 
 import iouzcrx
 
-COMPILED = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe", "_reader"]
+COMPILED = [
+    "_ring",
+    "_area",
+    "_receive",
+    "_zcrx",
+    "_bufring",
+    "_socket_pool",
+    "_probe",
+    "_reader",
+    "_readiness",
+]
 
 
 def distribution() -> importlib.metadata.Distribution:
