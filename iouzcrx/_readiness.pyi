@@ -4,8 +4,8 @@ from typing import Any
 from iouzcrx._receive import AcceptedFd, ReceiveQueue
 
 BULK_READ: int
-"""Bytes a read must take to count as bulk (the transport then goes back to
-the multishot receive)."""
+"""Bytes a read must take to count as bulk (after two such reads in a row
+the transport goes back to the multishot receive)."""
 
 class ReadinessReceiver:
     """Reads one connection when its socket is readable and hands the data

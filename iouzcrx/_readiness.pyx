@@ -8,10 +8,11 @@ against epoll and ``recv``), so the buffer-ring transport serves such
 connections the way uvloop does: the loop watches the socket and a
 readable socket is read here, straight into ``bytes`` for ``data_received``
 (or a view over them, for a protocol that takes any view) or into
-``get_buffer()`` memory (asked for with uvloop's hint, 64 KiB).  A read
-that takes a whole ``BULK_READ`` tells that the peer streams: the
+``get_buffer()`` memory (asked for with uvloop's hint, 64 KiB).  Two reads
+in a row that take a whole ``BULK_READ`` tell that the peer streams: the
 transport then goes back to the multishot receive, which costs less per
-byte.
+byte.  (One is not enough: a short connection that sends 64 KiB and closes
+would pay for both ways.)
 
 Only connections whose fd the ring's accept made (``AcceptedFd``) are read
 this way: the fd is asked of its owner at each read, and a socket object
@@ -88,7 +89,8 @@ cdef class ReadinessReceiver:
     What it reads counts in ``queue``'s statistics, as a receive's would.
     ``on_end(error)`` is called once when the socket says EOF (``error`` is
     None, ``eof`` True) or fails; ``on_error(exc)`` when the protocol raised;
-    ``on_bulk()`` after a read that took ``BULK_READ`` bytes;
+    ``on_bulk()`` after the second read in a row that took ``BULK_READ``
+    bytes;
     ``on_forked(exc)`` instead of reading, in a process forked after it was
     made.  After ``close()`` it reads nothing more and calls nobody."""
 
@@ -104,6 +106,7 @@ cdef class ReadinessReceiver:
     cdef long pid
     cdef readonly bint finished
     cdef readonly bint eof
+    cdef bint last_read_full
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t reads
 
@@ -243,7 +246,11 @@ cdef class ReadinessReceiver:
         elif n < 0:
             if error != EAGAIN and error != EINTR:  # EWOULDBLOCK is EAGAIN on Linux
                 self.end(OSError(error, _os.strerror(error)))
-        elif n >= READ_SIZE and not self.finished:
+        elif n < READ_SIZE:
+            self.last_read_full = False
+        elif not self.last_read_full:
+            self.last_read_full = True
+        elif not self.finished:
             on_bulk = self.on_bulk
             if on_bulk is not None:
                 on_bulk()

@@ -30,10 +30,11 @@ _STARVED_RECHECK = 0.001
 # Plain ints: the socket module's are enums, slower to compare.
 _AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
-# Whether buffer-ring connections may be read when their socket is readable
-# (iouzcrx._readiness): IOUZCRX_READINESS=0 keeps them all on the multishot
-# receive, to compare the two.
-_READINESS = os.environ.get("IOUZCRX_READINESS", "1") != "0"
+# Whether buffer-ring connections start by reading when their socket is
+# readable (iouzcrx._readiness): IOUZCRX_READINESS=1. Off by default: it has
+# not yet shown a gain that outweighs its cost per connection
+# (benchmarks/README.md, "Reading requests by readiness").
+_READINESS = os.environ.get("IOUZCRX_READINESS", "0") == "1"
 
 
 class ZcrxTransport(asyncio.Transport):
@@ -395,8 +396,8 @@ class ZcrxTransport(asyncio.Transport):
             self._start_reading()  # the program holds the fd now: the ring reads it
 
     def _readiness_bulk(self) -> None:
-        # A read took a whole BULK_READ: the peer streams, and the multishot
-        # receive costs less per byte.
+        # Two reads in a row took a whole BULK_READ: the peer streams, and the
+        # multishot receive costs less per byte.
         self._leave_readiness()
 
     def _readiness_ended(self, error: BaseException | None) -> None:

@@ -154,10 +154,11 @@ def test_scaling_runs_every_farm_with_every_byte_counted(tmp_path: Path) -> None
     shutil.which("perf") is None, reason="perf is not installed (apt-get install linux-perf)"
 )
 def test_request_costs_show_where_each_receiver_gets_its_data(tmp_path: Path) -> None:
-    # The stock loop receives each request with a recv(2). The bufring
-    # receiver reads request/response connections by readiness
-    # (iouzcrx._readiness) the same way: the loop's wait, one recv(2), and
-    # the send of the answer, with no io_uring_enter.
+    # The stock loop receives each request with a recv(2); the bufring
+    # receiver calls neither recv nor io_uring_enter: the kernel completes
+    # its receive as the data arrives, and the drain reaps it from memory.
+    # What it does call is the loop's wait (twice where the kernel's work
+    # interrupts a sleeping wait) and the send of the answer.
     out = tmp_path / "requests.json"
     stock, ours = "asyncio-protocol", "iouzcrx-bufring-protocol-asyncio"
     run_script(
@@ -176,10 +177,9 @@ def test_request_costs_show_where_each_receiver_gets_its_data(tmp_path: Path) ->
     assert results[stock]["syscalls"]["recvfrom"] >= 0.9
     assert "io_uring_enter" not in results[stock]["syscalls"]
     assert results[ours]["syscalls"].get("io_uring_enter", 0) < 0.1
-    assert results[ours]["syscalls"]["recvfrom"] >= 0.9
+    assert results[ours]["syscalls"].get("recvfrom", 0) < 0.1
     calls = results[ours]["syscalls"]
-    waits = calls.get("epoll_wait", 0)
-    assert calls["all"] - waits - calls["sendto"] - calls["recvfrom"] < 0.1, calls
+    assert calls["all"] - calls.get("epoll_wait", 0) - calls["sendto"] < 0.1, calls
     for row in results.values():
         assert row["syscalls"]["sendto"] >= 0.9  # each answer is sent at once
         assert row["kernel_symbols_us"]  # the profile was read
