@@ -101,8 +101,8 @@ class ZcrxTransport(asyncio.Transport):
         # announce late (never without DEFER_TASKRUN).
         self._hints = self._ring.watches_sockets
         # Whether reading starts by readiness (iouzcrx._readiness): buffer-ring
-        # connections of the server's accept, until a read shows the peer
-        # streams or the program takes the socket object.
+        # connections of the server's accept, until reads show the peer
+        # streams or the program closes or detaches the socket object.
         self._by_readiness = (
             _READINESS and not self._hints and type(sock) is AcceptedFd and queue.mode == "bufring"
         )
@@ -358,8 +358,8 @@ class ZcrxTransport(asyncio.Transport):
             self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
 
     def _leave_readiness(self) -> None:
-        """Go on with the multishot receive (the peer streams, the program took
-        the socket object, or the protocol wants views)."""
+        """Go on with the multishot receive (the peer streams, or the protocol
+        now wants views over the area)."""
         if self._reactor.handed_to_owner(self._leave_readiness):
             return
         self._by_readiness = False
