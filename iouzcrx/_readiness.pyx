@@ -22,13 +22,14 @@ names another file by then.
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_XDECREF
 from libc.stdint cimport uint64_t
 
+from iouzcrx._copy cimport export_protocol_buffer
 from iouzcrx._receive cimport AcceptedFd, ReceiveQueue
 
 import os as _os
@@ -200,17 +201,7 @@ cdef class ReadinessReceiver:
             # if the call handed the connection to another one.
             updated = self.updated
             try:
-                memory = self.method(READ_SIZE)
-                try:
-                    PyObject_GetBuffer(memory, &target, PyBUF_WRITABLE)
-                except (BufferError, TypeError) as exc:
-                    raise TypeError(
-                        f"get_buffer({READ_SIZE}) returned {type(memory).__name__!r}, which is not "
-                        "writable contiguous memory: return a bytearray, a writable memoryview "
-                        "or another object exporting a writable buffer") from exc
-                if target.len <= 0:
-                    PyBuffer_Release(&target)
-                    raise RuntimeError("get_buffer() returned an empty buffer")
+                export_protocol_buffer(self.method(READ_SIZE), &target, READ_SIZE)
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:

@@ -12,7 +12,7 @@ from iouzcrx._abi cimport (ECANCELED, IOUZ_CQE_BUFFER_SHIFT, IOUZ_CQE_F_BUFFER,
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 
-from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBuffer_Release,
                              PyObject_GetBuffer)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -20,7 +20,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject
 
 from iouzcrx._area cimport BufferOwner, PinAccount
-from iouzcrx._copy cimport copy_to_bytes, iouz_copy
+from iouzcrx._copy cimport copy_to_bytes, export_protocol_buffer, iouz_copy
 from iouzcrx._ring cimport Request, Ring
 
 import collections as _collections
@@ -771,18 +771,8 @@ cdef class Receiver(Request):
                 self.deliveries -= 1  # deliver() counts it again
                 return self.deliver(PyMemoryView_FromObject(copy_to_bytes(data, length)))
             buffer_updated = self.copy_updated
-            memory = self.copy_target(length)
-            try:
-                PyObject_GetBuffer(memory, &target, PyBUF_WRITABLE)
-            except (BufferError, TypeError) as exc:
-                raise TypeError(
-                    f"get_buffer({length}) returned {type(memory).__name__!r}, which is not "
-                    "writable contiguous memory: return a bytearray, a writable memoryview "
-                    "or another object exporting a writable buffer") from exc
+            export_protocol_buffer(self.copy_target(length), &target, length)
             n = target.len
-            if n <= 0:
-                PyBuffer_Release(&target)
-                raise RuntimeError("get_buffer() returned an empty buffer")
             if n > length:
                 n = length
             iouz_copy(target.buf, data, <size_t>n)

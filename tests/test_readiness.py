@@ -94,6 +94,17 @@ async def request(reader: Any, writer: Any, payload: bytes) -> bytes:
     return bytes(await asyncio.wait_for(reader.readexactly(len(payload)), TIMEOUT))
 
 
+async def first_request(factory: Any, payload: bytes) -> tuple[Any, int, Any, Any, Echo]:
+    """A server of ``factory`` (an Echo), a client connection to it that had
+    ``payload`` echoed, and the connection's protocol."""
+    Echo.instances.clear()
+    server, port = await serve(factory)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await request(reader, writer, payload) == payload
+    (protocol,) = Echo.instances
+    return server, port, reader, writer, protocol
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("factory", [Echo, BufferedEcho], ids=["protocol", "buffered"])
 async def test_requests_are_read_by_readiness(factory: Any) -> None:
@@ -133,11 +144,7 @@ async def test_a_stream_moves_to_the_multishot_receive_in_order(factory: Any) ->
 
 @pytest.mark.asyncio
 async def test_pause_stops_reading_and_resume_delivers_the_rest() -> None:
-    Echo.instances.clear()
-    server, port = await serve(Echo)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await request(reader, writer, b"a") == b"a"
-    (protocol,) = Echo.instances
+    server, port, reader, writer, protocol = await first_request(Echo, b"a")
     protocol.transport.pause_reading()
     assert protocol.transport.get_extra_info("zcrx_reading") is None
     writer.write(b"while paused")
@@ -210,11 +217,7 @@ class ZeroCopyEcho(iouzcrx.ZeroCopyProtocol):
 
 @pytest.mark.asyncio
 async def test_a_protocol_wanting_views_moves_to_the_multishot_receive() -> None:
-    Echo.instances.clear()
-    server, port = await serve(Echo)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await request(reader, writer, b"bytes") == b"bytes"
-    (protocol,) = Echo.instances
+    server, port, reader, writer, protocol = await first_request(Echo, b"bytes")
     transport = protocol.transport
     views = ZeroCopyEcho(transport)
     transport.set_protocol(views)
@@ -353,11 +356,7 @@ async def test_requests_read_by_readiness_take_no_ring_operation() -> None:
 async def test_a_connection_reading_by_readiness_ends_when_its_queue_closes() -> None:
     """As the multishot receives of the queue end when it closes (or its ring
     does, with the loop), so does a connection the loop reads for it."""
-    Echo.instances.clear()
-    server, port = await serve(Echo)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await request(reader, writer, b"idle") == b"idle"
-    (protocol,) = Echo.instances
+    server, port, reader, writer, protocol = await first_request(Echo, b"idle")
     server.backend.close()
     exc = await asyncio.wait_for(protocol.lost, TIMEOUT)
     assert isinstance(exc, ConnectionAbortedError)
@@ -444,11 +443,7 @@ async def test_a_connection_whose_socket_the_program_closes_ends(where: str) -> 
     """Closed on the loop's thread or another: the reader goes before the fd
     number is free, and the connection ends (EBADF) instead of hanging."""
     loop = asyncio.get_running_loop()
-    Echo.instances.clear()
-    server, port = await serve(Echo)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await request(reader, writer, b"one") == b"one"
-    (protocol,) = Echo.instances
+    server, port, reader, writer, protocol = await first_request(Echo, b"one")
     sock = protocol.transport.get_extra_info("socket")
     if where == "loop":
         sock.close()
