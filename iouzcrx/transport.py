@@ -224,7 +224,7 @@ class ZcrxTransport(asyncio.Transport):
             # An accepted fd gets its socket object now (see AcceptedFd). The
             # program may close it: the loop stops watching its fd first.
             made = sock.socket()
-            if self._by_readiness and not self._closing and type(made) is AcceptedSocket:
+            if not self._socket_release_wanted and type(made) is AcceptedSocket:
                 # Cleared when the socket closes: the cycle it makes (transport,
                 # fd, socket, hook) lasts only while the connection does.
                 made.on_release = self._socket_released
@@ -369,11 +369,16 @@ class ZcrxTransport(asyncio.Transport):
 
     def _socket_released(self, closing: bool) -> bool:
         """The program closes (``closing``) or detaches the socket object
-        (AcceptedSocket.on_release): the loop stops watching its fd while
-        the number is still this connection's. Off the loop's thread that is
-        handed to the loop, which then closes the fd too: True."""
+        (AcceptedSocket.on_release). While the number is still this
+        connection's, the loop stops watching it and the ring takes every
+        SQE queued with it (a SEND, a receive): submitted later, one would
+        act on whatever file the number names by then. Off the loop's thread
+        that is handed to the loop, which then closes the fd too: True."""
         self._by_readiness = False
-        if self._ready is None:
+        if self._socket_release_wanted or self._reactor.inherited:
+            # The transport's own close (nothing names the fd any more), or
+            # a forked child's copy of the socket: the parent's ring is not
+            # the child's to touch.
             return False
         if self._reactor.handed_to_owner(functools.partial(self._let_go, closing, closing)):
             return closing
@@ -381,18 +386,17 @@ class ZcrxTransport(asyncio.Transport):
         return False
 
     def _let_go(self, closing: bool, close_now: bool) -> None:
+        reading_ready = self._ready is not None
         self._stop_readiness()
+        ring = self._ring
+        if not ring.closed and ring.unsubmitted:
+            ring.submit()
+        if close_now:
+            cast(AcceptedSocket, cast(AcceptedFd, self._sock).socket()).close_now()
         if closing:
-            # The error poll's cancel, and the poll itself if still queued,
-            # go to the kernel while the number still names this socket.
-            ring = self._ring
-            if not ring.closed and ring.unsubmitted:
-                ring.submit()
-            if close_now:
-                cast(AcceptedSocket, cast(AcceptedFd, self._sock).socket()).close_now()
             # Nothing can be read or sent any more: end as a failed read would.
             self._force_close(OSError(errno.EBADF, "the connection's socket was closed"))
-        else:
+        elif reading_ready:
             self._start_reading()  # the program holds the fd now: the ring reads it
 
     def _readiness_bulk(self) -> None:
@@ -507,14 +511,16 @@ class ZcrxTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         """Stop delivering data to the protocol until ``resume_reading()``; what
         already arrived is kept for then."""
-        if self._closing or self._paused or self._reactor.handed_to_owner(self.pause_reading):
+        # Handed off before the state is read: off the loop's thread it may
+        # be changing (a pause handed off just before, not yet run).
+        if self._reactor.handed_to_owner(self.pause_reading) or self._closing or self._paused:
             return
         self._paused = True
         self._retire_receiver(discard=False)
 
     def resume_reading(self) -> None:
         """Deliver again, starting with what arrived while paused."""
-        if self._closing or not self._paused or self._reactor.handed_to_owner(self.resume_reading):
+        if self._reactor.handed_to_owner(self.resume_reading) or self._closing or not self._paused:
             return
         self._paused = False
         self._loop.call_soon(self._resume)
@@ -608,7 +614,17 @@ class ZcrxTransport(asyncio.Transport):
                 parts.append(part)
                 size += len(part)
             write_queue.appendleft(b"".join(parts))
-        self._sending = self._ring.send(self._sock, write_queue[0], callback=self._on_sent)
+        try:
+            sending = self._ring.send(self._sock, write_queue[0], callback=self._on_sent)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            # The socket is gone (the program closed or detached the socket
+            # object), or the ring is: the connection cannot send any more.
+            # Raised from here, it would end a completion, not this connection.
+            self._fatal_error(exc, "Fatal write error on zcrx transport")
+            return
+        self._sending = sending
         self._ops_on_socket += 1
         self._reactor.schedule()
 

@@ -5,6 +5,7 @@ served, and an accepted socket is never left to the GC."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import importlib.util
 import os
@@ -142,6 +143,94 @@ async def test_a_connection_reusing_the_fd_of_one_closed_after_write_eof_keeps_i
                 b.close()
                 first.close()
     assert calls == []
+
+
+class WritesThenClosesItsSocket(asyncio.Protocol):
+    """Writes more than the socket takes at once, so that a ring SEND is
+    queued, then closes the socket object under its transport and connects
+    a socket of its own, which the kernel gives the lowest free number: the
+    one the SEND was queued with."""
+
+    def __init__(self, sink: socket.socket, lost: asyncio.Future[BaseException | None]) -> None:
+        self.sink = sink.getsockname()
+        self.lost = lost
+        self.numbers: list[int] = []
+        self.other: socket.socket | None = None
+
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.write(b"x" * (4 << 20))
+        assert transport.get_write_buffer_size() > 0  # a SEND is queued
+        self.numbers.append(sock.fileno())
+        sock.close()
+        self.other = socket.create_connection(self.sink)
+        self.numbers.append(self.other.fileno())
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("mode", RING_MODES)
+async def test_what_was_queued_to_send_never_reaches_the_next_owner_of_the_fd_number(mode):
+    """The program closes get_extra_info("socket") with a SEND queued: the
+    SEND goes to the kernel while the number still names the connection,
+    and the connection ends with EBADF; the program's next socket, on the
+    same number, gets none of it."""
+    loop = asyncio.get_running_loop()
+    calls = record_exception_handler_calls()
+    with socket.create_server(("127.0.0.1", 0)) as sink:
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+        protocol = WritesThenClosesItsSocket(sink, lost)
+        server = await loop.create_zcrx_server(lambda: protocol, "127.0.0.1", 0, mode=mode)
+        async with server:
+            with socket.create_connection(("127.0.0.1", port_of(server))) as client:
+                exc = await asyncio.wait_for(lost, TIMEOUT)
+                assert isinstance(exc, OSError) and exc.errno == errno.EBADF, exc
+                assert protocol.numbers[0] == protocol.numbers[1]  # the number was reused
+                other = protocol.other
+                assert other is not None
+                other.close()
+                accepted, _ = sink.accept()
+                with accepted:
+                    accepted.settimeout(TIMEOUT)
+                    assert accepted.recv(1 << 20) == b""  # nothing of the old connection
+                # What the kernel took before the close reached the client.
+                client.settimeout(TIMEOUT)
+                assert client.recv(1 << 20).startswith(b"x")
+    assert calls == []
+
+
+async def test_pause_then_resume_from_another_thread_leaves_the_transport_reading():
+    """Both calls are handed to the loop; the resume must not be dropped
+    for finding the transport not yet paused."""
+    loop = asyncio.get_running_loop()
+    received: list[bytes] = []
+    made: asyncio.Future[asyncio.Transport] = loop.create_future()
+    got = asyncio.Event()
+
+    class Keeps(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            made.set_result(transport)
+
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+            got.set()
+
+    server = await loop.create_zcrx_server(Keeps, "127.0.0.1", 0)
+    async with server:
+        with socket.create_connection(("127.0.0.1", port_of(server))) as client:
+            transport = await asyncio.wait_for(made, TIMEOUT)
+
+            def pause_then_resume() -> None:
+                transport.pause_reading()
+                transport.resume_reading()
+
+            await loop.run_in_executor(None, pause_then_resume)
+            client.sendall(b"after resume")
+            await asyncio.wait_for(got.wait(), TIMEOUT)
+            assert transport.is_reading()
+            assert b"".join(received) == b"after resume"
 
 
 class FloodThenAbort(asyncio.Protocol):
