@@ -88,16 +88,20 @@ class AcceptedSocket(socket.socket):
     in are plain ``socket.socket`` objects and are always checked.
 
     ``on_release(closing)``, when set, is called once before the fd is
-    closed (``closing`` True) or detached: a transport whose loop watches
-    the fd removes its reader there, while the number still names this
-    connection. Off the loop's thread it cannot, and returns True: it then
-    closes the fd itself (``close_now``) once the loop let go of it."""
+    closed (``closing`` True) or detached: a transport whose ring or loop
+    may still name the fd lets go of it there, while the number still names
+    this connection. Off the loop's thread it cannot, and returns True: the
+    loop closes the fd (``close_now``) once it let go of it, and a
+    ``detach()`` there hands the program a duplicate of the fd."""
 
-    __slots__ = ("on_release",)
+    __slots__ = ("on_release", "_left_to_loop")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_release: Callable[[bool], bool] | None = None
+        # The hook handed the fd to the loop, which closes it (close_now):
+        # until then no close or detach of this object may free the number.
+        self._left_to_loop = False
 
     def _released(self, closing: bool) -> bool:
         hook, self.on_release = self.on_release, None
@@ -105,16 +109,45 @@ class AcceptedSocket(socket.socket):
 
     def _real_close(self, *args: Any) -> None:
         # Every close ends here (close(), a makefile's last close, __exit__).
-        if not self._released(True):
+        if self._left_to_loop:
+            return
+        try:
+            left = self._released(True)
+        except BaseException:
+            super()._real_close(*args)  # type: ignore[misc]
+            raise
+        if left:
+            self._left_to_loop = True
+        else:
             super()._real_close(*args)  # type: ignore[misc]
 
     def close_now(self) -> None:
         """Close the fd, whatever the hook would say."""
+        self._left_to_loop = False
         super()._real_close()  # type: ignore[misc]
 
     def detach(self) -> int:
-        self._released(False)
-        return super().detach()
+        if self._left_to_loop:
+            self._closed = True
+            return -1  # closed already: the loop closes the fd
+        if self.on_release is None:
+            return super().detach()
+        # Off the loop's thread the loop still names the number until it let
+        # go of it, and then closes it: the program gets a number of its own
+        # for the socket, made first, as the loop may close the number as
+        # soon as the hook handed it over.
+        fd = os.dup(self.fileno())
+        try:
+            left = self._released(False)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not left:
+            os.close(fd)
+            return super().detach()
+        self._left_to_loop = True
+        self._closed = True
+        return fd
 
 
 def stream_socket_fd(name: str, sock: Any) -> int:

@@ -369,35 +369,40 @@ class ZcrxTransport(asyncio.Transport):
 
     def _socket_released(self, closing: bool) -> bool:
         """The program closes (``closing``) or detaches the socket object
-        (AcceptedSocket.on_release). While the number is still this
-        connection's, the loop stops watching it and the ring takes every
-        SQE queued with it (a SEND, a receive): submitted later, one would
-        act on whatever file the number names by then. Off the loop's thread
-        that is handed to the loop, which then closes the fd too: True."""
+        (AcceptedSocket.on_release), and with it the connection: while the
+        number is still this connection's, the loop stops watching it and
+        the ring takes every SQE queued with it (a SEND, a receive):
+        submitted later, one would act on whatever file the number names by
+        then. Off the loop's thread that is handed to the loop, which then
+        closes the fd: True."""
         self._by_readiness = False
-        if self._socket_release_wanted or self._reactor.inherited:
-            # The transport's own close (nothing names the fd any more), or
-            # a forked child's copy of the socket: the parent's ring is not
-            # the child's to touch.
+        if self._socket_release_wanted or self._reactor.inherited or self._loop.is_closed():
+            # The transport's own close (nothing names the fd any more), a
+            # forked child's copy of the socket (the parent's ring is not the
+            # child's to touch), or a loop closed with its rings.
             return False
-        if self._reactor.handed_to_owner(functools.partial(self._let_go, closing, closing)):
-            return closing
+        if self._reactor.handed_to_owner(functools.partial(self._let_go, closing, True)):
+            return True
         self._let_go(closing, False)
         return False
 
     def _let_go(self, closing: bool, close_now: bool) -> None:
-        reading_ready = self._ready is not None
         self._stop_readiness()
+        self._unwatch_socket()  # while fileno() still names it
         ring = self._ring
         if not ring.closed and ring.unsubmitted:
             ring.submit()
         if close_now:
             cast(AcceptedSocket, cast(AcceptedFd, self._sock).socket()).close_now()
-        if closing:
-            # Nothing can be read or sent any more: end as a failed read would.
-            self._force_close(OSError(errno.EBADF, "the connection's socket was closed"))
-        elif reading_ready:
-            self._start_reading()  # the program holds the fd now: the ring reads it
+        # Nothing can be read or sent any more: end as a failed read would.
+        self._force_close(
+            OSError(
+                errno.EBADF,
+                "the connection's socket was closed"
+                if closing
+                else "the connection's socket was detached: the program owns its fd",
+            )
+        )
 
     def _readiness_bulk(self) -> None:
         # Two reads in a row took a whole BULK_READ: the peer streams, and the

@@ -484,9 +484,15 @@ class Keeps(asyncio.Protocol):
 
 
 @pytest.mark.asyncio
-async def test_a_connection_whose_socket_the_program_detaches_goes_on_by_the_ring() -> None:
-    """The program owns the fd from then on: the ring's receive reads it
-    (as it would have without readiness), the loop no longer watches it."""
+@pytest.mark.parametrize("where", ["loop", "thread"])
+async def test_a_connection_whose_socket_the_program_detaches_ends_and_leaves_it_the_fd(
+    where: str,
+) -> None:
+    """The program owns the fd from then on (from another thread, a
+    duplicate: the loop still names the number until it removed its
+    reader): the connection ends with EBADF, and what the peer sends next
+    is the program's to read."""
+    loop = asyncio.get_running_loop()
     server, port = await serve(Keeps)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"one")
@@ -494,17 +500,16 @@ async def test_a_connection_whose_socket_the_program_detaches_goes_on_by_the_rin
         await asyncio.sleep(0.01)
     protocol = Keeps.last
     assert protocol.transport.get_extra_info("zcrx_reading") == "readiness"
-    fd = protocol.transport.get_extra_info("socket").detach()
-    try:
-        assert protocol.transport.get_extra_info("zcrx_reading") == "multishot"
+    sock = protocol.transport.get_extra_info("socket")
+    fd = sock.detach() if where == "loop" else await loop.run_in_executor(None, sock.detach)
+    with socket.socket(fileno=fd) as owned:
+        exc = await asyncio.wait_for(protocol.lost, TIMEOUT)
+        assert isinstance(exc, OSError) and exc.errno == errno.EBADF
+        assert protocol.transport.get_extra_info("zcrx_reading") is None
         writer.write(b"two")
-        while bytes(protocol.data) != b"onetwo":
-            protocol.arrived.clear()
-            await asyncio.wait_for(protocol.arrived.wait(), TIMEOUT)
-        protocol.transport.abort()
-        await asyncio.wait_for(protocol.lost, TIMEOUT)
-    finally:
-        os.close(fd)
+        owned.settimeout(TIMEOUT)
+        assert await loop.run_in_executor(None, owned.recv, 100) == b"two"
+        assert bytes(protocol.data) == b"one"
     writer.close()
     await close(server)
 

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import os
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -145,13 +146,17 @@ async def test_a_connection_reusing_the_fd_of_one_closed_after_write_eof_keeps_i
     assert calls == []
 
 
-class WritesThenClosesItsSocket(asyncio.Protocol):
+class WritesThenLetsGoOfItsSocket(asyncio.Protocol):
     """Writes more than the socket takes at once, so that a ring SEND is
-    queued, then closes the socket object under its transport and connects
-    a socket of its own, which the kernel gives the lowest free number: the
-    one the SEND was queued with."""
+    queued, then closes or detaches the socket object under its transport
+    (``how``), on the loop's thread or another, and connects a socket of its
+    own, which the kernel gives the lowest free number: on the loop's
+    thread, the one the SEND was queued with."""
 
-    def __init__(self, sink: socket.socket, lost: asyncio.Future[BaseException | None]) -> None:
+    def __init__(
+        self, how: str, sink: socket.socket, lost: asyncio.Future[BaseException | None]
+    ) -> None:
+        self.how = how
         self.sink = sink.getsockname()
         self.lost = lost
         self.numbers: list[int] = []
@@ -163,7 +168,23 @@ class WritesThenClosesItsSocket(asyncio.Protocol):
         transport.write(b"x" * (4 << 20))
         assert transport.get_write_buffer_size() > 0  # a SEND is queued
         self.numbers.append(sock.fileno())
-        sock.close()
+        where, what = self.how.split("-", 1)
+
+        def let_go() -> None:
+            if what == "detach":
+                os.close(sock.detach())
+            else:
+                for _ in range(2 if what == "close-twice" else 1):
+                    sock.close()
+
+        if where == "loop":
+            let_go()
+        else:
+            thread = threading.Thread(target=let_go)
+            thread.start()
+            thread.join()
+            if what == "close-then-loop-close":
+                sock.close()
         self.other = socket.create_connection(self.sink)
         self.numbers.append(self.other.fileno())
 
@@ -172,22 +193,35 @@ class WritesThenClosesItsSocket(asyncio.Protocol):
 
 
 @pytest.mark.parametrize("mode", RING_MODES)
-async def test_what_was_queued_to_send_never_reaches_the_next_owner_of_the_fd_number(mode):
-    """The program closes get_extra_info("socket") with a SEND queued: the
-    SEND goes to the kernel while the number still names the connection,
-    and the connection ends with EBADF; the program's next socket, on the
-    same number, gets none of it."""
+@pytest.mark.parametrize(
+    "how",
+    [
+        "loop-close",
+        "loop-detach",
+        "thread-close",
+        "thread-close-twice",
+        "thread-close-then-loop-close",
+        "thread-detach",
+    ],
+)
+async def test_what_was_queued_to_send_never_reaches_the_next_owner_of_the_fd_number(mode, how):
+    """The program closes or detaches get_extra_info("socket") with a SEND
+    queued: the SEND goes to the kernel while the number still names the
+    connection, and the connection ends with EBADF; the program's next
+    socket gets none of it, on the same number (on the loop's thread) or
+    once the loop let go of the old one (from another thread)."""
     loop = asyncio.get_running_loop()
     calls = record_exception_handler_calls()
     with socket.create_server(("127.0.0.1", 0)) as sink:
         lost: asyncio.Future[BaseException | None] = loop.create_future()
-        protocol = WritesThenClosesItsSocket(sink, lost)
+        protocol = WritesThenLetsGoOfItsSocket(how, sink, lost)
         server = await loop.create_zcrx_server(lambda: protocol, "127.0.0.1", 0, mode=mode)
         async with server:
             with socket.create_connection(("127.0.0.1", port_of(server))) as client:
                 exc = await asyncio.wait_for(lost, TIMEOUT)
                 assert isinstance(exc, OSError) and exc.errno == errno.EBADF, exc
-                assert protocol.numbers[0] == protocol.numbers[1]  # the number was reused
+                if how.startswith("loop"):
+                    assert protocol.numbers[0] == protocol.numbers[1]  # reused
                 other = protocol.other
                 assert other is not None
                 other.close()
@@ -408,3 +442,35 @@ async def test_set_protocol_refuses_a_protocol_that_cannot_take_data_and_changes
         assert await asyncio.wait_for(protocols[0].done, TIMEOUT) == b"still served"
         transport.close()
         writer.close()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_a_socket_object_kept_past_its_loop_closes_quietly(use_uvloop: bool) -> None:
+    """The program keeps get_extra_info("socket") and closes it after the
+    server and the loop are gone: the fd closes, nothing raises."""
+    kept: list[socket.socket] = []
+
+    class Keeps(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            kept.append(transport.get_extra_info("socket"))
+
+    async def serve() -> tuple[iouzcrx.ZcrxServer, socket.socket]:
+        server = await iouzcrx.create_zcrx_server(Keeps, "127.0.0.1", 0, mode="bufring")
+        client = socket.create_connection(("127.0.0.1", port_of(server)))
+        while not kept:
+            await asyncio.sleep(0.01)
+        return server, client
+
+    loop = iouzcrx.new_event_loop(use_uvloop=use_uvloop)
+    try:
+        server, client = loop.run_until_complete(serve())
+        server.close()
+    finally:
+        loop.close()
+    with client:
+        (sock,) = kept
+        fd = sock.fileno()
+        assert os.path.exists(f"/proc/self/fd/{fd}")
+        sock.close()
+        assert sock.fileno() == -1
+        assert not os.path.exists(f"/proc/self/fd/{fd}")
