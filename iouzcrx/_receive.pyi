@@ -121,6 +121,8 @@ class Receiver(Request):
     """Bytes received on this socket."""
     chunks_received: int
     """Kernel completions that carried data for this socket."""
+    deliveries: int
+    """Times received data was handed on (a run of completions is one)."""
     rearms: int
     """Times the multishot receive was started again."""
     @property

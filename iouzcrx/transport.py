@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from iouzcrx._checks import AcceptedSocket
-from iouzcrx._readiness import ReadinessReceiver
+from iouzcrx._readiness import BULK_READ, ReadinessReceiver
 from iouzcrx._receive import AcceptedFd, ReceiveQueue, Receiver, socket_addresses
 from iouzcrx._ring import Completion
 from iouzcrx.protocols import delivery_for, delivery_methods
@@ -30,11 +30,16 @@ _STARVED_RECHECK = 0.001
 # Plain ints: the socket module's are enums, slower to compare.
 _AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
-# Whether buffer-ring connections start by reading when their socket is
-# readable (iouzcrx._readiness): IOUZCRX_READINESS=1. Off by default: it has
-# not yet shown a gain that outweighs its cost per connection
-# (benchmarks/README.md, "Reading requests by readiness").
-_READINESS = os.environ.get("IOUZCRX_READINESS", "0") == "1"
+# How buffer-ring connections read, IOUZCRX_READINESS: by default ("auto")
+# with the multishot receive, until requests alternate with responses, then
+# by reading when the socket is readable (iouzcrx._readiness), which costs
+# less per request; "1": by readiness from the first read; "0": never by
+# readiness (benchmarks/README.md, "Reading requests by readiness").
+_READINESS = os.environ.get("IOUZCRX_READINESS", "auto")
+# Exchanges in a row (one or more small reads, then a write) that move a
+# connection to reading by readiness. A short connection (one request, one
+# response) never pays for the move.
+_EXCHANGES_TO_MOVE = 2
 
 
 class ZcrxTransport(asyncio.Transport):
@@ -56,6 +61,12 @@ class ZcrxTransport(asyncio.Transport):
     _eof_requested = False
     _protocol_paused = False
     _high_water = _DEFAULT_HIGH_WATER
+    # Whether reading goes by readiness when it starts (_by_readiness), and
+    # what _note_exchange last saw of the multishot receive.
+    _prefer_readiness = _READINESS == "1"
+    _exchanges = 0
+    _seen_deliveries = 0
+    _seen_bytes = 0
     _low_water = _DEFAULT_HIGH_WATER // 4
     # The raw local and peer addresses (get_extra_info), of INET sockets.
     _addresses: tuple[bytes | None, bytes | None] = (None, None)
@@ -100,11 +111,14 @@ class ZcrxTransport(asyncio.Transport):
         # Where the ring leaves a receive's work for a drain that its fd may
         # announce late (never without DEFER_TASKRUN).
         self._hints = self._ring.watches_sockets
-        # Whether reading starts by readiness (iouzcrx._readiness): buffer-ring
+        # Whether reading may go by readiness (iouzcrx._readiness): buffer-ring
         # connections of the server's accept, until reads show the peer
         # streams or the program closes or detaches the socket object.
         self._by_readiness = (
-            _READINESS and not self._hints and type(sock) is AcceptedFd and queue.mode == "bufring"
+            _READINESS != "0"
+            and not self._hints
+            and type(sock) is AcceptedFd
+            and queue.mode == "bufring"
         )
         # _takes_readiness, spelled out: a Python frame less per connection.
         self._readiness_fits = (
@@ -187,7 +201,7 @@ class ZcrxTransport(asyncio.Transport):
         if self._closing or self._paused or self._eof_seen or self._receiver is not None:
             return
         try:
-            if self._by_readiness and self._ready is None and self._readiness_fits:
+            if self._prefer_readiness and self._by_readiness and self._readiness_fits:
                 self._start_readiness()
                 return
             receiver = self._queue.recv_multishot(
@@ -269,7 +283,7 @@ class ZcrxTransport(asyncio.Transport):
             or self._ready is not None
         ):
             return
-        if self._by_readiness and self._readiness_fits:
+        if self._prefer_readiness and self._by_readiness and self._readiness_fits:
             self._start_readiness()
             return
         generation = self._generation
@@ -293,6 +307,30 @@ class ZcrxTransport(asyncio.Transport):
             self._watch_socket()
 
     # Reading by readiness (iouzcrx._readiness).
+
+    def _note_exchange(self, receiver: Receiver) -> None:
+        """A write on a connection the multishot receive reads: after
+        _EXCHANGES_TO_MOVE small requests answered in a row, the receive is
+        cancelled, and reading by readiness starts once its last completion
+        came (_receive_ended), so that no data is read out of order."""
+        deliveries = receiver.deliveries
+        received = receiver.bytes_received
+        if deliveries > self._seen_deliveries and received - self._seen_bytes < BULK_READ:
+            self._exchanges += 1
+        else:
+            self._exchanges = 0
+        self._seen_deliveries = deliveries
+        self._seen_bytes = received
+        if (
+            self._exchanges >= _EXCHANGES_TO_MOVE
+            and self._readiness_fits
+            and not receiver.cancelling
+            and not receiver.starved
+            and not self._closing
+        ):
+            self._prefer_readiness = True
+            receiver.cancel()
+            self._reactor.schedule()
 
     def _start_readiness(self) -> None:
         ready = ReadinessReceiver(
@@ -490,6 +528,22 @@ class ZcrxTransport(asyncio.Transport):
                 self._eof_seen = True
                 if not self._paused and not self._backlog:
                     self._deliver_eof()
+            elif (
+                receiver is not None
+                and receiver.cancelling
+                and self._prefer_readiness
+                and not self._ring.closed
+            ):
+                # Cancelled to read by readiness (_note_exchange): the last
+                # of its data came before this.
+                try:
+                    self._start_reading()
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    # Raised from here, it would end a completion, not this
+                    # connection.
+                    self._fatal_error(exc, "Fatal error: zcrx transport could not go on reading")
             else:
                 # Ended neither by EOF, an error nor this transport: the ring closed.
                 self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
@@ -574,6 +628,8 @@ class ZcrxTransport(asyncio.Transport):
             return
         if not data:
             return
+        if self._by_readiness and not self._prefer_readiness and self._receiver is not None:
+            self._note_exchange(self._receiver)
         write_queue = self._write_queue
         if self._sending is None and not write_queue:
             # Nothing queued: try the socket first, as the stock transports do.

@@ -631,9 +631,9 @@ async def test_a_bufring_request_is_received_without_entering_the_ring(monkeypat
     kernel runs each receive as its data arrives, and the drain that the
     ring fd's readiness calls reaps it with no io_uring_enter. One enter
     per request (the deferred-work ring's way) would show as hundreds.
-    (Reading by readiness, IOUZCRX_READINESS=1, would take requests off the
-    ring: it stays off here whatever the environment says.)"""
-    monkeypatch.setattr(transport_module, "_READINESS", False)
+    (Reading by readiness, where requests alternate with responses, would
+    take them off the ring: it stays off here.)"""
+    monkeypatch.setattr(transport_module, "_READINESS", "0")
     loop = asyncio.get_running_loop()
     server = await iouzcrx.create_zcrx_server(EchoRequests, "127.0.0.1", 0, mode="bufring")
     async with server:

@@ -1,7 +1,9 @@
 """Buffer-ring connections read when their socket is readable
-(iouzcrx._readiness, turned on with IOUZCRX_READINESS=1; here by setting
-what the transport read from it): request/response traffic stays on the
-readiness receive, a stream moves to the multishot receive, and pausing,
+(iouzcrx._readiness). By default a connection moves there from the multishot
+receive once requests alternate with responses; most tests here start it
+there (IOUZCRX_READINESS=1; here by setting what the transport read from
+it): request/response traffic stays on the readiness receive, a stream moves
+to the multishot receive, and pausing,
 closing, a protocol swap or a socket object the program closes leave no
 reader behind.  Real kernel, both loops (tests/conftest.py)."""
 
@@ -29,8 +31,15 @@ TIMEOUT = 60
 
 
 @pytest.fixture(autouse=True)
-def _readiness_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport_module, "_READINESS", True)
+def _readiness_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "_READINESS", "1")
+    monkeypatch.setattr(transport_module.ZcrxTransport, "_prefer_readiness", True)
+
+
+@pytest.fixture
+def _readiness_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "_READINESS", "auto")
+    monkeypatch.setattr(transport_module.ZcrxTransport, "_prefer_readiness", False)
 
 
 class Echo(asyncio.Protocol):
@@ -94,14 +103,15 @@ async def request(reader: Any, writer: Any, payload: bytes) -> bytes:
     return bytes(await asyncio.wait_for(reader.readexactly(len(payload)), TIMEOUT))
 
 
-async def first_request(factory: Any, payload: bytes) -> tuple[Any, int, Any, Any, Echo]:
-    """A server of ``factory`` (an Echo), a client connection to it that had
-    ``payload`` echoed, and the connection's protocol."""
-    Echo.instances.clear()
+async def first_request(factory: Any, payload: bytes) -> tuple[Any, int, Any, Any, Any]:
+    """A server of ``factory`` (an Echo or BufferedEcho), a client connection
+    to it that had ``payload`` echoed, and the connection's protocol."""
+    instances = factory.instances
+    instances.clear()
     server, port = await serve(factory)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert await request(reader, writer, payload) == payload
-    (protocol,) = Echo.instances
+    (protocol,) = instances
     return server, port, reader, writer, protocol
 
 
@@ -121,13 +131,56 @@ async def test_requests_are_read_by_readiness(factory: Any) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("_readiness_auto")
+@pytest.mark.parametrize("factory", [Echo, BufferedEcho], ids=["protocol", "buffered"])
+async def test_by_default_requests_answered_in_a_row_move_to_readiness_in_order(
+    factory: Any,
+) -> None:
+    """The multishot receive reads the first requests; the second answered
+    in a row cancels it, and reading by readiness starts after its last
+    completion. Requests the client sends while the move is under way (a
+    burst of pipelined ones right after that answer) come back whole and in
+    order."""
+    server, port, reader, writer, protocol = await first_request(factory, b"one")
+    assert protocol.transport.get_extra_info("zcrx_reading") == "multishot"
+    assert await request(reader, writer, b"two") == b"two"
+    # Under BULK_READ (two full reads in a row would move it back).
+    burst = b"".join(struct.pack("!I", i) * 16 for i in range(600))
+    writer.write(burst)
+    echoed = await asyncio.wait_for(reader.readexactly(len(burst)), TIMEOUT)
+    assert echoed == burst
+    for i in range(20):
+        payload = bytes([i]) * (100 + 300 * i)
+        assert await request(reader, writer, payload) == payload
+    assert protocol.readings[:2] == ["multishot", "multishot"]
+    assert protocol.readings[-1] == "readiness"
+    assert protocol.transport.get_extra_info("zcrx_reading") == "readiness"
+    writer.close()
+    await close(server)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("_readiness_auto")
+async def test_by_default_a_connection_that_answers_once_stays_on_the_multishot_receive() -> None:
+    """One request, one response, then the client's EOF: the move would
+    cost more than it saves, and is not made."""
+    Echo.instances.clear()
+    server, port = await serve(Echo)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await request(reader, writer, b"only") == b"only"
+    (protocol,) = Echo.instances
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+    assert protocol.readings == ["multishot"]
+    writer.close()
+    await close(server)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("factory", [Echo, BufferedEcho], ids=["protocol", "buffered"])
 async def test_a_stream_moves_to_the_multishot_receive_in_order(factory: Any) -> None:
-    factory.instances.clear()
-    server, port = await serve(factory)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await request(reader, writer, b"hello") == b"hello"
-    (protocol,) = factory.instances
+    server, port, reader, writer, protocol = await first_request(factory, b"hello")
     assert protocol.transport.get_extra_info("zcrx_reading") == "readiness"
     # Several MiB written at once (two full reads in a row move it), then
     # small requests again: all of it comes back, in order, whichever
@@ -305,7 +358,8 @@ async def test_a_read_only_buffer_fails_the_connection_clearly(
 
 @pytest.mark.asyncio
 async def test_readiness_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport_module, "_READINESS", False)
+    monkeypatch.setattr(transport_module, "_READINESS", "0")
+    monkeypatch.setattr(transport_module.ZcrxTransport, "_prefer_readiness", False)
     Echo.instances.clear()
     server, port = await serve(Echo)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
