@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -314,8 +315,13 @@ class ZcrxTransport(asyncio.Transport):
         cancelled, and reading by readiness starts once its last completion
         came (_receive_ended), so that no data is read out of order."""
         deliveries = receiver.deliveries
+        if deliveries < self._seen_deliveries:
+            # A receive made since (pause, resume): its counts start at 0.
+            self._seen_deliveries = self._seen_bytes = 0
+        if deliveries == self._seen_deliveries:
+            return  # the same answer, in several writes (a header, a body)
         received = receiver.bytes_received
-        if deliveries > self._seen_deliveries and received - self._seen_bytes < BULK_READ:
+        if received - self._seen_bytes < BULK_READ:
             self._exchanges += 1
         else:
             self._exchanges = 0
@@ -327,9 +333,20 @@ class ZcrxTransport(asyncio.Transport):
             and not receiver.cancelling
             and not receiver.starved
             and not self._closing
+            # Only the rings' thread may cancel (a program may write from
+            # another): a later answer there makes the move.
+            and threading.get_ident() == self._reactor.thread
+            and not self._reactor.inherited
         ):
+            # Set first: _receive_ended reads it when the end comes.
             self._prefer_readiness = True
-            receiver.cancel()
+            try:
+                receiver.cancel()
+            except Exception:
+                # The move saves work, nothing more: without it the
+                # multishot receive reads on.
+                self._prefer_readiness = False
+                return
             self._reactor.schedule()
 
     def _start_readiness(self) -> None:

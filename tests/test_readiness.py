@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import Any
 
 import pytest
@@ -173,6 +174,59 @@ async def test_by_default_a_connection_that_answers_once_stays_on_the_multishot_
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
     assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
     assert protocol.readings == ["multishot"]
+    writer.close()
+    await close(server)
+
+
+class HeaderThenBody(Echo):
+    """Answers in two writes, as a protocol sending a header and a body does."""
+
+    def data_received(self, data: bytes) -> None:
+        self.readings.append(self.transport.get_extra_info("zcrx_reading"))
+        self.transport.write(b"<")
+        self.transport.write(data)
+
+
+class AnswersFromAThread(Echo):
+    """Writes its answers from a thread of its own, as a program handing
+    work to a pool might: the rings' thread alone may make the move."""
+
+    def data_received(self, data: bytes) -> None:
+        self.readings.append(self.transport.get_extra_info("zcrx_reading"))
+        writer = threading.Thread(target=self.transport.write, args=(data,))
+        writer.start()
+        writer.join()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("_readiness_auto")
+async def test_by_default_answers_in_several_writes_move_to_readiness() -> None:
+    Echo.instances.clear()
+    server, port = await serve(HeaderThenBody)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(5):
+        payload = b"request %d" % i
+        writer.write(payload)
+        got = await asyncio.wait_for(reader.readexactly(len(payload) + 1), TIMEOUT)
+        assert got == b"<" + payload
+    (protocol,) = Echo.instances
+    assert protocol.readings[0] == "multishot"
+    assert protocol.transport.get_extra_info("zcrx_reading") == "readiness"
+    writer.close()
+    await close(server)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("_readiness_auto")
+async def test_by_default_answers_written_from_another_thread_all_arrive(
+    exception_handler_calls: list[dict[str, Any]],
+) -> None:
+    server, port, reader, writer, protocol = await first_request(AnswersFromAThread, b"zero")
+    for i in range(5):
+        payload = b"request %d" % i
+        assert await request(reader, writer, payload) == payload
+    assert protocol.transport.get_extra_info("zcrx_reading") == "multishot"
+    assert exception_handler_calls == []
     writer.close()
     await close(server)
 
