@@ -62,13 +62,13 @@ class ZcrxTransport(asyncio.Transport):
     _eof_requested = False
     _protocol_paused = False
     _high_water = _DEFAULT_HIGH_WATER
+    _low_water = _DEFAULT_HIGH_WATER // 4
     # Whether reading goes by readiness when it starts (_by_readiness), and
     # what _note_exchange last saw of the multishot receive.
     _prefer_readiness = _READINESS == "1"
     _exchanges = 0
     _seen_deliveries = 0
     _seen_bytes = 0
-    _low_water = _DEFAULT_HIGH_WATER // 4
     # The raw local and peer addresses (get_extra_info), of INET sockets.
     _addresses: tuple[bytes | None, bytes | None] = (None, None)
     # The delivery of held views (pause, backlog), made when first needed.
@@ -314,6 +314,8 @@ class ZcrxTransport(asyncio.Transport):
         _EXCHANGES_TO_MOVE small requests answered in a row, the receive is
         cancelled, and reading by readiness starts once its last completion
         came (_receive_ended), so that no data is read out of order."""
+        if not self._readiness_fits:
+            return  # a zero-copy protocol's views stay over the area
         deliveries = receiver.deliveries
         if deliveries < self._seen_deliveries:
             # A receive made since (pause, resume): its counts start at 0.
@@ -329,7 +331,6 @@ class ZcrxTransport(asyncio.Transport):
         self._seen_bytes = received
         if (
             self._exchanges >= _EXCHANGES_TO_MOVE
-            and self._readiness_fits
             and not receiver.cancelling
             and not receiver.starved
             and not self._closing
