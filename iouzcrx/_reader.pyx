@@ -70,7 +70,7 @@ cdef object own_view(object data):
     release while its memory is read through the pointer it holds."""
     cdef object view = PyMemoryView_FromObject(data)
     cdef Py_buffer *buf = PyMemoryView_GET_BUFFER(view)
-    if buf.itemsize != 1 or not PyBuffer_IsContiguous(buf, b'C'):
+    if buf.itemsize != 1 or buf.ndim != 1 or not PyBuffer_IsContiguous(buf, b'C'):
         # Not plain bytes in one run: what is read is its bytes, in order.
         view = PyMemoryView_FromObject(view.tobytes())
     return view
@@ -315,6 +315,20 @@ cdef class ZcrxStreamReader:
         self._consumed(n)
         return result
 
+    cdef int _discard(self, Py_ssize_t n) except -1:
+        """Remove the first ``n`` buffered bytes (0 <= n <= buffered) unread:
+        no copy, and their buffers go back as no slice holds them."""
+        cdef Py_ssize_t length, part, left = n
+        while left:
+            chunk_data(self._chunks[self._head], &length)
+            part = min(length - self._pos, left)
+            left -= part
+            self._pos += part
+            if self._pos == length:
+                self._drop_first()
+        self._consumed(n)
+        return 0
+
     cdef object _take_first(self):
         """Remove the rest of the first chunk, as a read-only memoryview."""
         cdef Py_ssize_t length
@@ -403,12 +417,19 @@ cdef class ZcrxStreamReader:
 
     cdef object _until(self, bytes separator, bint partial_at_eof):
         """readuntil's answer if it has one now, else None."""
+        cdef Py_ssize_t width = len(separator)
         cdef Py_ssize_t end = self._find(separator)
+        # As asyncio's reader: past the limit is where the separator starts,
+        # or, while none is found, where the next one could start.
         if end >= 0:
+            if end - width > self._limit:
+                raise LimitOverrunError(
+                    "Separator is found, but chunk is longer than limit", end - width
+                )
             return self._take(end)
-        if self._size > self._limit:
+        if self._size + 1 - width > self._limit:
             raise LimitOverrunError(
-                "Separator is not found, and chunk exceed the limit", self._size
+                "Separator is not found, and chunk exceed the limit", self._size + 1 - width
             )
         if self._eof:
             partial = self._take(self._size) if self._size else b""
@@ -499,9 +520,19 @@ cdef class ZcrxStreamReader:
                     self._waiter = None
 
     async def readline(self):
-        """One line, ending with the newline unless EOF came first."""
+        """One line, ending with the newline unless EOF came first.
+
+        A line longer than the limit raises ``ValueError`` and is dropped, as
+        asyncio's reader does: up to its newline if one came, else all that
+        is buffered. The next call reads on after it."""
+        cdef Py_ssize_t end
         while True:
-            line = self._until(NEWLINE, True)
+            try:
+                line = self._until(NEWLINE, True)
+            except LimitOverrunError as exc:
+                end = self._find(NEWLINE)
+                self._discard(end if end >= 0 else self._size)
+                raise ValueError(exc.args[0]) from None
             if line is not None:
                 return line
             waiter = self._new_waiter("readline")

@@ -118,7 +118,7 @@ async def test_a_limit_overrun_keeps_the_data_and_the_search_position():
     reader.feed_view(memoryview(b"ghij\r"))
     with pytest.raises(asyncio.LimitOverrunError) as info:
         await reader.readuntil(b"\r\n")
-    assert info.value.consumed == 11
+    assert info.value.consumed == 10  # as asyncio: where the next separator could start
     assert reader._size == 11 and reader._searched == 10
     # A read moves the search position with the read position.
     assert bytes(await reader.read(2)) == b"ab"
@@ -126,6 +126,69 @@ async def test_a_limit_overrun_keeps_the_data_and_the_search_position():
     reader.feed_view(memoryview(b"\nrest"))
     assert bytes(await reader.readuntil(b"\r\n")) == b"cdefghij\r\n"
     assert bytes(await reader.readuntil(b"st")) == b"rest"
+
+
+def stock_reader_of(limit: int, parts: list[bytes]) -> asyncio.StreamReader:
+    stock = asyncio.StreamReader(limit=limit)
+    for part in parts:
+        stock.feed_data(part)
+    stock.feed_eof()
+    return stock
+
+
+async def outcomes(reader: Any, calls: list[tuple[str, bytes]]) -> list[Any]:
+    """What each call returns or raises (the exception's type, message and
+    consumed): the same calls on asyncio's reader must give the same."""
+    seen: list[Any] = []
+    for name, separator in calls:
+        try:
+            if name == "readline":
+                result = await reader.readline()
+            else:
+                result = await reader.readuntil(separator)
+        except asyncio.LimitOverrunError as exc:
+            seen.append(("LimitOverrunError", str(exc), exc.consumed))
+        except asyncio.IncompleteReadError as exc:
+            seen.append(("IncompleteReadError", exc.partial))
+        except ValueError as exc:
+            seen.append(("ValueError", str(exc)))
+        else:
+            seen.append(bytes(result))
+    return seen
+
+
+LONG_LINES = [
+    # A line past the limit with no newline yet, ended later.
+    (8, [b"ok 1\n", b"A" * 20, b"\nok 2\n", b"tail"], [("readline", b"")] * 5),
+    # The newline arrives with the line, beyond the limit.
+    (8, [b"A" * 12 + b"\nok\n"], [("readline", b"")] * 3),
+    # An unterminated tail past the limit at EOF.
+    (8, [b"short\n", b"B" * 30], [("readline", b"")] * 3),
+    # readuntil leaves the data where it is, whichever error it raises.
+    (
+        8,
+        [b"C" * 10 + b"\r\n", b"D" * 3 + b"\r\n"],
+        [("readuntil", b"\r\n"), ("readline", b""), ("readuntil", b"\r\n"), ("readline", b"")],
+    ),
+    (6, [b"E" * 7, b"F\r"], [("readuntil", b"\r\n"), ("readline", b""), ("readline", b"")]),
+    # A separator that ends right at the limit is within it.
+    (4, [b"abcd;", b"abcde;"], [("readuntil", b";"), ("readuntil", b";"), ("readline", b"")]),
+]
+
+
+@pytest.mark.parametrize(("limit", "parts", "calls"), LONG_LINES)
+async def test_lines_past_the_limit_are_refused_and_dropped_as_asyncio_does(limit, parts, calls):
+    """readline raises ValueError for a line past the limit and drops it, so
+    that the next call reads on (a handler that skips long lines must not
+    spin on the same bytes); readuntil raises LimitOverrunError and keeps
+    them. Chunked as fed, and in chunks of one byte."""
+    expected = await outcomes(stock_reader_of(limit, parts), calls)
+    for chunks in (parts, [bytes([b]) for part in parts for b in part]):
+        reader = ZcrxStreamReader(limit=limit)
+        for chunk in chunks:
+            reader.feed_view(memoryview(chunk))
+        reader.feed_eof()
+        assert await outcomes(reader, calls) == expected
 
 
 async def test_another_separator_starts_a_new_search():
@@ -197,8 +260,11 @@ async def test_views_that_are_not_plain_bytes_are_read_as_their_bytes():
     words = memoryview(bytearray(b"\x01\x00\x02\x00")).cast("H")
     reader.feed_view(words)
     reader.feed_view(memoryview(b"0123456789")[::2])
+    reader.feed_view(memoryview(b"abcdef").cast("B", (2, 3)))
     reader.feed_eof()
-    assert bytes(await reader.read()) == b"\x01\x00\x02\x0002468"
+    assert bytes(await reader.readexactly(9)) == b"\x01\x00\x02\x0002468"
+    assert bytes(await reader.read(2)) == b"ab"  # bytes, not rows
+    assert bytes(await reader.read()) == b"cdef"
 
 
 async def test_two_coroutines_waiting_on_one_reader_is_refused():
