@@ -18,7 +18,15 @@ from typing import Any
 
 from iouzcrx.errors import InvalidConfiguration
 
-__all__ = ["AcceptedSocket", "integer", "size", "timeout", "callback", "stream_socket_fd"]
+__all__ = [
+    "AcceptedSocket",
+    "byte_buffer",
+    "integer",
+    "size",
+    "timeout",
+    "callback",
+    "stream_socket_fd",
+]
 
 SIZE_MAX = (1 << 64) - 1
 PAGE_SIZE = 4096
@@ -40,6 +48,21 @@ def integer(name: str, value: Any, low: int, high: int | None, what: str = "an i
         bounds = f"at least {low}" if high is None else f"from {low} to {high}"
         raise InvalidConfiguration(f"{name} must be {what} {bounds}, not {number}")
     return number
+
+
+def byte_buffer(data: Any) -> bytes | bytearray | memoryview:
+    """``data`` as a transport's write() sends it: a buffer whose ``len``
+    counts its bytes. Anything but bytes, bytearray or memoryview is refused,
+    as by asyncio's transports (``bytes(3)`` would send three NULs); a view
+    of wider items, of several dimensions or with gaps becomes its bytes, in
+    order."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if not isinstance(data, memoryview):
+        raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+    if data.itemsize == 1 and data.ndim == 1 and data.c_contiguous:
+        return data
+    return data.cast("B") if data.c_contiguous and data.ndim else data.tobytes()
 
 
 def size(name: str, value: Any, unit: int, high: int = SIZE_MAX) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from iouzcrx import _freethreading
+from iouzcrx._checks import byte_buffer
 from iouzcrx._socket_pool import SocketBufferPool
 from iouzcrx.protocols import delivery_for
 
@@ -62,10 +63,12 @@ class SocketModeTransport(asyncio.Transport):
         self._reader.update_reading()
 
     def write(self, data: Any) -> None:
-        self._inner.write(data)
+        # Checked here as in the ring modes: a view of wider items is sent
+        # as its bytes, which the stock transports may cut short.
+        self._inner.write(byte_buffer(data))
 
     def writelines(self, list_of_data: Any) -> None:
-        self._inner.writelines(list_of_data)
+        self._inner.writelines([byte_buffer(data) for data in list_of_data])
 
     def write_eof(self) -> None:
         self._inner.write_eof()

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from iouzcrx._checks import AcceptedSocket
+from iouzcrx._checks import AcceptedSocket, byte_buffer
 from iouzcrx._readiness import BULK_READ, ReadinessReceiver
 from iouzcrx._receive import AcceptedFd, ReceiveQueue, Receiver, socket_addresses
 from iouzcrx._ring import Completion
@@ -102,6 +102,13 @@ class ZcrxTransport(asyncio.Transport):
         # tells that no operation names the socket any more.
         self._ring = queue.ring
         self._queue = queue
+        if isinstance(sock, socket.socket):
+            # A socket of the library's own making (a client's connect, a
+            # worker's hand-over), held from here on as its fd alone, as an
+            # accepted one is: the socket object the program may then get
+            # (get_extra_info) tells the transport before its fd is closed or
+            # detached, so no queued SQE can name a number reused by then.
+            sock = AcceptedFd(sock.family, sock.type, sock.proto, sock.detach())
         self._sock = sock
         self._protocol = protocol
         # Looked up once: the receiver is given them when reading starts.
@@ -113,14 +120,9 @@ class ZcrxTransport(asyncio.Transport):
         # announce late (never without DEFER_TASKRUN).
         self._hints = self._ring.watches_sockets
         # Whether reading may go by readiness (iouzcrx._readiness): buffer-ring
-        # connections of the server's accept, until reads show the peer
-        # streams or the program closes or detaches the socket object.
-        self._by_readiness = (
-            _READINESS != "0"
-            and not self._hints
-            and type(sock) is AcceptedFd
-            and queue.mode == "bufring"
-        )
+        # connections, until reads show the peer streams or the program
+        # closes or detaches the socket object.
+        self._by_readiness = _READINESS != "0" and not self._hints and queue.mode == "bufring"
         # _takes_readiness, spelled out: a Python frame less per connection.
         self._readiness_fits = (
             self._methods[0] != "views" or getattr(protocol, "_views_may_be_copies", False) is True
@@ -153,7 +155,7 @@ class ZcrxTransport(asyncio.Transport):
         if family == _AF_INET or family == _AF_INET6:
             self._addresses = (sockname, peername)
         else:  # a socket of another family: as asyncio does
-            made = cast(socket.socket, sock.socket() if type(sock) is AcceptedFd else sock)
+            made = sock.socket()
             extra = self._extra
             extra["sockname"] = made.getsockname()
             try:
@@ -233,12 +235,9 @@ class ZcrxTransport(asyncio.Transport):
         docstring)."""
         # The transport's own first: what a caller passed in names the rest.
         if name == "socket":
-            sock = self._sock
-            if type(sock) is not AcceptedFd:
-                return sock
-            # An accepted fd gets its socket object now (see AcceptedFd). The
-            # program may close it: the loop stops watching its fd first.
-            made = sock.socket()
+            # The fd gets its socket object now (see AcceptedFd). The program
+            # may close it: the loop stops watching its fd first.
+            made = self._sock.socket()
             if not self._socket_release_wanted and type(made) is AcceptedSocket:
                 # Cleared when the socket closes: the cycle it makes (transport,
                 # fd, socket, hook) lasts only while the connection does.
@@ -353,7 +352,7 @@ class ZcrxTransport(asyncio.Transport):
     def _start_readiness(self) -> None:
         ready = ReadinessReceiver(
             self._queue,
-            cast(AcceptedFd, self._sock),  # _by_readiness: it is one
+            self._sock,
             self._readiness_ended,
             self._on_protocol_error,
             self._readiness_bulk,
@@ -449,7 +448,7 @@ class ZcrxTransport(asyncio.Transport):
         if not ring.closed and ring.unsubmitted:
             ring.submit()
         if close_now:
-            cast(AcceptedSocket, cast(AcceptedFd, self._sock).socket()).close_now()
+            cast(AcceptedSocket, self._sock.socket()).close_now()
         # Nothing can be read or sent any more: end as a failed read would.
         self._force_close(
             OSError(
@@ -640,6 +639,8 @@ class ZcrxTransport(asyncio.Transport):
         """Send ``data``: at once on the socket where it takes it, the rest through
         ring ``SEND``s. The protocol's ``pause_writing()`` is called above the
         high-water mark and ``resume_writing()`` below the low one."""
+        if type(data) is not bytes:
+            data = byte_buffer(data)
         if self._eof_requested:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or self._connection_lost:

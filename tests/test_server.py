@@ -212,6 +212,63 @@ async def test_the_write_path_echoes_with_write_flow_control(mode):
         writer.close()
 
 
+async def test_write_refuses_what_is_not_bytes_and_the_connection_goes_on(mode):
+    """As asyncio's transports: TypeError, and nothing sent (bytes(3) would
+    send three NULs, and a list its items), whether the socket takes writes
+    at once or they queue behind one it did not take."""
+    made: list[asyncio.Transport] = []
+
+    class Keeps(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            made.append(transport)
+
+    async with await start(mode, Keeps) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        transport = await first(made)
+        for queued in (b"", b"q" * (8 << 20)):
+            transport.write(queued)
+            for bad in ("text", 3, [66, 67], None):
+                with pytest.raises(TypeError, match="bytes-like"):
+                    transport.write(bad)  # type: ignore[arg-type]
+            transport.write(b"END")
+            expected = queued + b"END"
+            got = await asyncio.wait_for(reader.readexactly(len(expected)), TIMEOUT)
+            assert got == expected
+        assert not transport.is_closing()
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda data: memoryview(data).cast("I"),
+        lambda data: memoryview(data).cast("B", (4, len(data) // 4)),
+        lambda data: memoryview(data).cast("Q")[::2],
+    ],
+    ids=["wide-items", "two-dimensions", "strided"],
+)
+async def test_write_sends_a_view_of_wider_items_whole(mode, view):
+    """A view's len counts items: a partial send of one must go on from the
+    byte the socket stopped at, not from that many items in; a view with
+    gaps sends its items' bytes, in order."""
+    made: list[asyncio.Transport] = []
+
+    class Keeps(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            made.append(transport)
+
+    data = os.urandom(16 << 20)
+    expected = view(data).tobytes() + b"END"
+    async with await start(mode, Keeps) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        transport = await first(made)
+        transport.write(view(data))  # more than the socket takes at once
+        transport.write(b"END")
+        got = await asyncio.wait_for(reader.readexactly(len(expected)), TIMEOUT)
+        assert got == expected
+        writer.close()
+
+
 async def test_pause_reading_stops_delivery_until_resumed(mode):
     protocols: list[Recorder] = []
 

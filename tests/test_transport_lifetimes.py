@@ -235,6 +235,46 @@ async def test_what_was_queued_to_send_never_reaches_the_next_owner_of_the_fd_nu
     assert calls == []
 
 
+@pytest.mark.parametrize("where", ["loop", "thread"])
+async def test_a_client_connection_s_queued_send_never_reaches_the_next_owner_of_its_number(
+    where,
+):
+    """As above, on a connection iouzcrx.open_connection made: its socket
+    is the library's own too, and closing what get_extra_info("socket")
+    returns lets the queued SEND go while the number still names it."""
+    loop = asyncio.get_running_loop()
+    calls = record_exception_handler_calls()
+    with (
+        socket.create_server(("127.0.0.1", 0)) as peer,
+        socket.create_server(("127.0.0.1", 0)) as sink,
+    ):
+        reader, writer = await iouzcrx.open_connection(*peer.getsockname(), mode="bufring")
+        accepted, _ = peer.accept()
+        with accepted:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            writer.write(b"x" * (4 << 20))
+            assert writer.transport.get_write_buffer_size() > 0  # a SEND is queued
+            number = sock.fileno()
+            if where == "loop":
+                sock.close()
+            else:
+                await loop.run_in_executor(None, sock.close)
+            with socket.create_connection(sink.getsockname()) as other:
+                if where == "loop":
+                    assert other.fileno() == number  # the kernel reused it
+                with pytest.raises(OSError) as raised:
+                    await asyncio.wait_for(reader.read(), TIMEOUT)
+                assert raised.value.errno == errno.EBADF
+            unrelated, _ = sink.accept()
+            with unrelated:
+                unrelated.settimeout(TIMEOUT)
+                assert unrelated.recv(1 << 20) == b""  # nothing of the old connection
+            accepted.settimeout(TIMEOUT)
+            assert accepted.recv(1 << 20).startswith(b"x")
+    assert calls == []
+
+
 async def test_pause_then_resume_from_another_thread_leaves_the_transport_reading():
     """Both calls are handed to the loop; the resume must not be dropped
     for finding the transport not yet paused."""
