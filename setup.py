@@ -40,7 +40,9 @@ def extension(name: str) -> Extension:
         ],
     )
     # Read by Cython's build_ext, which setuptools' build_ext extends.
-    ext.cython_directives = {"language_level": 3, "embedsignature": True}
+    # auto_pickle off: a copy of an object that owns a buffer, an fd or a
+    # mapping would give it back twice. Such objects refuse pickling instead.
+    ext.cython_directives = {"language_level": 3, "embedsignature": True, "auto_pickle": False}
     return ext
 
 

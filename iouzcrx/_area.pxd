@@ -28,6 +28,8 @@ cdef class BufferOwner(RingClient):
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t chunks_received
     cdef readonly uint64_t deliveries
+    cdef bint setup_begun
+    cdef int begin_setup(self) except -1
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept
     cdef void give_back_run(self, uint64_t token, uint32_t count, uint32_t first_length,
                             Py_ssize_t length) noexcept

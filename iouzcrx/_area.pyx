@@ -429,6 +429,14 @@ cdef uint64_t buffer_count(size_t area_size, uint32_t buffer_size) except 0:
 
 cdef class BufferOwner(RingClient):
 
+    cdef int begin_setup(self) except -1:
+        """Called first by ``__init__``: a second call would map a new area
+        and ring over the first while views of them are out."""
+        if self.setup_begun:
+            raise RuntimeError(f"this {type(self).__name__} is set up already: make a new one")
+        self.setup_begun = True
+        return 0
+
     cdef void give_back(self, uint64_t token, uint32_t length) noexcept:
         pass
 

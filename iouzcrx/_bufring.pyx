@@ -220,6 +220,7 @@ cdef class BufRingQueue(ReceiveQueue):
                  buffer_size=DEFAULT_BUFFER_SIZE, bint hugepages=False, incremental=None,
                  window_size=None):
         ring.check_owner()  # before anything is allocated
+        self.begin_setup()
         cdef bint want_incremental = _wants_incremental(incremental)
         cdef uint64_t count = buffer_count(_checks.size("area_size", area_size, _checks.PAGE_SIZE),
                                            _checks.size("buffer_size", buffer_size,

@@ -126,6 +126,9 @@ cdef class ZcrxStreamReader:
     cdef object __weakref__
 
     def __init__(self, limit=DEFAULT_LIMIT):
+        if self._chunks is not None:
+            # Called again: views and counts would part ways.
+            raise RuntimeError("this ZcrxStreamReader is set up already: make a new one")
         check_limit(limit)
         self._limit = limit
         self._chunks = []

@@ -138,6 +138,7 @@ cdef class Receiver(Request):
                            uint32_t count, uint32_t first_length) except -1
     cdef int copy_to_protocol(self, char *data, Py_ssize_t length) except -1
     cdef int callback_failed(self, object exc) except -1
+    cdef int check_made(self) except -1
     cdef int finish(self, object error, bint eof) except -1
 
 

@@ -863,6 +863,8 @@ cdef class Receiver(Request):
 
     @on_data.setter
     def on_data(self, callback):
+        if callback is not None and not callable(callback):
+            raise TypeError(f"on_data must be callable or None, not {callback!r}")
         self.data_callback = callback
         self.delivery_kind = DELIVER_VIEWS
         self.copy_target = None
@@ -917,10 +919,18 @@ cdef class Receiver(Request):
             raise StopIteration
         return view
 
+    cdef int check_made(self) except -1:
+        # Receiver() or Receiver.__new__ makes one with no queue nor ring.
+        if self.queue is None:
+            raise TypeError("this Receiver was not made by a receive queue: receivers come "
+                            "from queue.recv_multishot(sock)")
+        return 0
+
     def get(self, timeout=None):
         """The next received view; None at EOF or after cancel; raises the
         receive's error, or TimeoutError after ``timeout`` seconds (None:
         no limit; NaN or negative: ValueError)."""
+        self.check_made()
         self.queue.ring.check_thread()
         chunks = self.chunks
         if not chunks and not self.finished:
@@ -939,12 +949,13 @@ cdef class Receiver(Request):
     @property
     def queued(self):
         """Views received but not yet taken with get()/iteration."""
-        return len(self.chunks)
+        return 0 if self.chunks is None else len(self.chunks)
 
     def cancel(self):
         """Stop receiving: the multishot is cancelled, queued views stay.
         Owner thread only: from another thread it raises WrongThread and
         changes nothing."""
+        self.check_made()
         if self.finished or self.cancelling:
             return
         if self.armed:
@@ -963,6 +974,7 @@ cdef class Receiver(Request):
         from another thread it raises WrongThread and changes nothing.  In a
         process forked from the owner it drops only this copy's queued views
         (the receive is the parent's)."""
+        self.check_made()
         if not self.finished:
             if forked_copy(self.queue.ring):
                 # The receive is the parent's: only this copy's views go.

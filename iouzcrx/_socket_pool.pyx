@@ -53,6 +53,7 @@ cdef class SocketBufferPool(BufferOwner):
     """
 
     def __init__(self, *, area_size, buffer_size, bint hugepages=False):
+        self.begin_setup()
         cdef uint64_t count = buffer_count(_checks.size("area_size", area_size, _checks.PAGE_SIZE),
                                            _checks.size("buffer_size", buffer_size,
                                                         _checks.PAGE_SIZE,

@@ -242,6 +242,7 @@ cdef class ZcrxQueue(ReceiveQueue):
                  area_size=DEFAULT_AREA_SIZE, rq_entries=None, rx_buf_len=0,
                  bint hugepages=False):
         ring.check_owner()  # before anything is allocated
+        self.begin_setup()
         if mode not in ZCRX_MODES:
             raise InvalidConfiguration(f"zcrx mode must be one of {ZCRX_MODES}, not {mode!r}")
         # The arguments first: a value that can never do is named as such,

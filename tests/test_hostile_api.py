@@ -4,6 +4,8 @@ crash the interpreter (each runs in a child, whose exit status tells)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from isolation import run_python
 
@@ -51,3 +53,120 @@ def test_a_queue_never_set_up_refuses_or_answers_and_closes_twice(module, name):
     done = [line.split()[0] for line in lines if line.endswith(" ok")]
     assert done == [m for m in METHODS if name == "ZcrxQueue" or m in BUFRING_METHODS]
     assert "recv_multishot refused: the None receive queue is closed" in lines
+
+
+ENGINE_MODULES = (
+    "_ring",
+    "_area",
+    "_receive",
+    "_zcrx",
+    "_bufring",
+    "_socket_pool",
+    "_probe",
+    "_reader",
+    "_readiness",
+)
+
+
+def test_no_engine_type_can_be_copied_or_pickled_into_a_second_owner():
+    """A copy of a view's exporter, a receiver or a queue would give the
+    same buffer (fd, mapping) back twice: every extension type refuses."""
+    seen = []
+    for name in ENGINE_MODULES:
+        module = importlib.import_module(f"iouzcrx.{name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                seen.append(attr)
+                # Cython's generated pickling copies C fields (a char * as a
+                # NUL-terminated string): none may be generated.
+                assert not hasattr(value, "__reduce_cython__"), attr
+    assert {"Buffer", "Receiver", "BufRingQueue", "ZcrxStreamReader"} <= set(seen)
+    lines = run_python(
+        """
+        import copy, pickle, socket
+        import iouzcrx
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        ring = iouzcrx.Ring()
+        queue = iouzcrx.BufRingQueue(ring, area_size=8 * 4096, buffer_size=4096, incremental=False)
+        receiver = queue.recv_multishot(server)
+        client.sendall(b"A" * 4096)
+        held = receiver.get(timeout=10)
+        for name, thing in [("Buffer", held.obj), ("Receiver", receiver), ("queue", queue)]:
+            for how in (copy.copy, pickle.dumps):
+                try:
+                    how(thing)
+                except TypeError:
+                    print(name, how.__name__, "refused")
+        # The held buffer is still out: more data goes to other buffers.
+        for i in range(40):
+            client.sendall(bytes([66 + i % 20]) * 4096)
+            receiver.get(timeout=10)
+        print("held", bytes(held[:8]))
+        """
+    )
+    assert lines[:-1] == [
+        f"{name} {how} refused"
+        for name in ("Buffer", "Receiver", "queue")
+        for how in ("copy", "dumps")
+    ]
+    assert lines[-1] == "held " + repr(b"A" * 8)
+
+
+def test_a_receiver_made_directly_refuses_every_operation():
+    lines = run_python(
+        """
+        import iouzcrx
+        for receiver in (iouzcrx.Receiver(), iouzcrx.Receiver.__new__(iouzcrx.Receiver)):
+            for call in ("get", "cancel", "close", "__next__"):
+                try:
+                    getattr(receiver, call)()
+                except TypeError as exc:
+                    print(call, "refused:", exc)
+            print("queued", receiver.queued, repr(receiver))
+        """
+    )
+    refusals = [line for line in lines if "refused" in line]
+    assert len(refusals) == 8
+    assert all("recv_multishot" in line for line in refusals)
+    assert lines.count("queued 0 <Receiver fd=0 idle bytes=0 chunks=0>") == 2
+
+
+def test_setting_up_a_queue_again_is_refused_and_its_views_stay_readable():
+    lines = run_python(
+        """
+        import gc, socket
+        import iouzcrx
+        from iouzcrx.streams import ZcrxStreamReader
+        from iouzcrx._socket_pool import SocketBufferPool
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        ring = iouzcrx.Ring()
+        queue = iouzcrx.BufRingQueue(ring, area_size=1 << 20, buffer_size=4096)
+        receiver = queue.recv_multishot(server)
+        client.sendall(b"A" * 8192)
+        view = receiver.get(timeout=10)
+        pool = SocketBufferPool(area_size=1 << 20, buffer_size=4096)
+        reader = ZcrxStreamReader()
+        for thing, args, kwargs in [
+            (queue, (ring,), dict(area_size=1 << 20, buffer_size=4096)),
+            (pool, (), dict(area_size=1 << 20, buffer_size=4096)),
+            (reader, (), {}),
+        ]:
+            try:
+                thing.__init__(*args, **kwargs)
+            except RuntimeError as exc:
+                print(type(thing).__name__, "refused:", exc)
+        gc.collect()
+        print("view", bytes(view[:4]), queue.stats()["total_buffers"])
+        """
+    )
+    assert [line.split(" refused:")[0] for line in lines[:-1]] == [
+        "BufRingQueue",
+        "SocketBufferPool",
+        "ZcrxStreamReader",
+    ]
+    assert all("set up already" in line for line in lines[:-1])
+    assert lines[-1] == "view b'AAAA' 256"
