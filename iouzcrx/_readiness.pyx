@@ -42,6 +42,10 @@ __all__ = ["BULK_READ", "ReadinessReceiver"]
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_recv "recv"(int fd, void *buf, size_t length, int flags)
+    enum:
+        # Whether or not the program made the socket blocking
+        # (get_extra_info): a read by readiness never waits.
+        MSG_DONTWAIT
 
 cdef extern from "Python.h":
     # Declared to return the new reference as a pointer: it is resized in
@@ -176,7 +180,7 @@ cdef class ReadinessReceiver:
             raw = new_bytes(NULL, READ_SIZE)
             into = PyBytes_AS_STRING(<object>raw)
             with nogil:
-                n = c_recv(fd, into, READ_SIZE, 0)
+                n = c_recv(fd, into, READ_SIZE, MSG_DONTWAIT)
                 if n < 0:
                     error = errno
             if n <= 0:
@@ -218,7 +222,7 @@ cdef class ReadinessReceiver:
                 self.end(exc)
                 return
             with nogil:
-                n = c_recv(fd, target.buf, <size_t>target.len, 0)
+                n = c_recv(fd, target.buf, <size_t>target.len, MSG_DONTWAIT)
                 if n < 0:
                     error = errno
             PyBuffer_Release(&target)

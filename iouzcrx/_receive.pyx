@@ -357,9 +357,12 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int add_watched_fds(self, list fds) except -1:
         # Only armed receives: a starved one's socket stays readable until
         # buffers return, which its readiness cannot hasten.
+        # And only while the socket object still names the fd the receive
+        # was armed with: a closed number polls as POLLNVAL at once (a wait
+        # would spin), and a reused one names another file.
         cdef Receiver receiver
         for receiver in self.receivers:
-            if receiver.armed:
+            if receiver.armed and receiver.fd >= 0 and socket_fd_now(receiver.sock) == receiver.fd:
                 fds.append(receiver.fd)
         return 0
 
@@ -1031,6 +1034,7 @@ cdef extern from "<sys/socket.h>" nogil:
                                   socklen_t length)
     enum:
         MSG_NOSIGNAL
+        MSG_DONTWAIT
 
 cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
@@ -1160,7 +1164,9 @@ cdef class AcceptedFd:
             while True:
                 fd = self.fd_now()
                 with nogil:
-                    sent = c_send(fd, view.buf, <size_t>view.len, MSG_NOSIGNAL)
+                    # MSG_DONTWAIT: the program may have made the socket
+                    # blocking (get_extra_info), and the loop must not wait.
+                    sent = c_send(fd, view.buf, <size_t>view.len, MSG_NOSIGNAL | MSG_DONTWAIT)
                     error = errno
                 if sent >= 0:
                     return sent

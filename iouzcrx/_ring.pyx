@@ -77,6 +77,10 @@ cdef enum:
     # io_uring_setup's own limits (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES);
     # CLAMP lowers larger sizes to them.
     MAX_SQ_ENTRIES = 32768
+    # The most one read or send moves, as the kernel's own MAX_RW_COUNT: an
+    # SQE's length is 32 bits, and a longer buffer is sent or read in part,
+    # as send(2) and read(2) do, never cut to its length modulo 4 GiB.
+    MAX_IO_LENGTH = 0x7FFFF000
     MAX_CQ_ENTRIES = 65536
     # Enters in a row that post nothing while SQ_TASKRUN is set, after which
     # a drain takes the flag for stale (see drain_completions).
@@ -1023,12 +1027,13 @@ cdef class Ring:
 
     def read(self, fd, buffer):
         """Queue a read into ``buffer`` (a writable buffer) from ``fd``; both
-        are kept alive until the read completes."""
+        are kept alive until the read completes. It reads at most
+        0x7FFFF000 bytes, as read(2)."""
         cdef Completion request = Completion()
         cdef unsigned char[::1] view = buffer
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_READ, fileno_of(fd))
         sqe.addr = <uintptr_t>&view[0] if view.shape[0] else 0
-        sqe.len = view.shape[0]
+        sqe.len = min(<size_t>view.shape[0], MAX_IO_LENGTH)
         sqe.off = <uint64_t>-1    # current file position: works on pipes
         request.keepalive = view
         request.target = fd
@@ -1036,12 +1041,14 @@ cdef class Ring:
 
     def send(self, sock, data, *, callback=None, int flags=0):
         """Queue a send of ``data`` (any buffer); ``data`` and ``sock`` are
-        kept alive until the send completes, so the fd it names stays open."""
+        kept alive until the send completes, so the fd it names stays open.
+        It sends at most 0x7FFFF000 bytes, as send(2): the result says how
+        many went."""
         cdef Completion request = Completion()
         cdef const unsigned char[::1] view = data
         cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SEND, fileno_of(sock))
         sqe.addr = <uintptr_t>&view[0] if view.shape[0] else 0
-        sqe.len = view.shape[0]
+        sqe.len = min(<size_t>view.shape[0], MAX_IO_LENGTH)
         sqe.op_flags = flags
         request.keepalive = view
         request.target = sock

@@ -257,6 +257,26 @@ def test_a_blocking_receive_is_woken_by_its_socket_where_the_eventfd_is_not(ring
     server.close()
 
 
+def test_a_watched_socket_closed_under_its_armed_receive_is_not_polled(ring, listener, mode):
+    """Its number polls as POLLNVAL at once: watched still, every wait would
+    return at once and the next enter nothing, round and round until the
+    timeout (the enters count the rounds)."""
+    client, server = connect_pair(listener)
+    queue = make_queue(ring, mode)
+    receiver = queue.recv_multishot(server)
+    ring.drain()
+    ring.watches_sockets = True
+    assert receiver.armed
+    server.close()
+    enters = ring.enters
+    try:
+        receiver.get(timeout=1.0)  # nothing comes: the peer sends nothing
+    except TimeoutError:
+        pass
+    assert ring.enters - enters < 50
+    client.close()
+
+
 def test_many_sockets_on_one_queue_each_receive_their_own_bytes(ring, listener, mode):
     sockets = 8
     per_socket = (128 << 20) // SCALE  # >= 1 GiB in all on the host

@@ -97,6 +97,35 @@ def test_send_and_read_move_bytes(ring):
         assert bytes(buf[:n]) == b"hello, ring"
 
 
+@pytest.mark.parametrize("extra", [0, 5])
+def test_a_send_or_read_of_4_gib_or_more_moves_part_of_it_never_nothing(ring, extra):
+    """An SQE's length is 32 bits: a buffer of 4 GiB (+ 5) must not become
+    one of 0 (5) bytes. Untouched anonymous memory: nothing is faulted in
+    beyond what the socket and the pipe take."""
+    import mmap
+
+    big = mmap.mmap(-1, (4 << 30) + extra)
+    a, b = socket.socketpair()
+    with a, b, big:
+        view = memoryview(big)
+        sent = ring.send(a, view).wait(10)
+        assert sent > extra  # the socket takes what its buffer holds
+        b.setblocking(False)
+        got = 0
+        while got < sent:
+            got += len(b.recv(1 << 20))
+        assert got == sent
+        readable, writable = os.pipe()
+        try:
+            os.write(writable, b"data waiting in the pipe")
+            assert ring.read(readable, view).wait(10) == len(b"data waiting in the pipe")
+            assert big[:4] == b"data"
+        finally:
+            os.close(readable)
+            os.close(writable)
+        view.release()
+
+
 def test_send_failure_raises_oserror(ring):
     a, b = socket.socketpair()
     b.close()

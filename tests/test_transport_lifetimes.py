@@ -514,3 +514,57 @@ def test_a_socket_object_kept_past_its_loop_closes_quietly(use_uvloop: bool) -> 
         sock.close()
         assert sock.fileno() == -1
         assert not os.path.exists(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_a_socket_the_program_made_blocking_never_blocks_the_loop(side):
+    """setblocking(True) on get_extra_info("socket"), then a write larger
+    than the socket takes and a peer that reads only later: write() returns
+    at once and the rest goes by ring SENDs. In a child: a blocking send
+    would hang the loop for good."""
+    from isolation import run_python
+
+    lines = run_python(
+        f"""
+        import asyncio, socket, threading
+        import iouzcrx
+
+        PAYLOAD = bytes(range(256)) * (64 << 12)  # 64 MiB
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            if {side!r} == "server":
+                made = loop.create_future()
+
+                class Writes(asyncio.Protocol):
+                    def connection_made(self, transport):
+                        made.set_result(transport)
+
+                server = await loop.create_zcrx_server(Writes, "127.0.0.1", 0, mode="bufring")
+                peer = socket.create_connection(server.sockets[0].getsockname())
+                transport = await made
+            else:
+                listener = socket.create_server(("127.0.0.1", 0))
+                _, writer = await iouzcrx.open_connection(
+                    *listener.getsockname(), mode="bufring"
+                )
+                peer, _ = listener.accept()
+                transport = writer.transport
+            transport.get_extra_info("socket").setblocking(True)
+            transport.write(PAYLOAD)
+            print("write returned", flush=True)
+            received = bytearray()
+
+            def read_all():
+                while len(received) < len(PAYLOAD):
+                    received.extend(peer.recv(1 << 20))
+
+            await loop.run_in_executor(None, read_all)
+            print("intact", bytes(received) == PAYLOAD)
+
+        iouzcrx.install()
+        asyncio.run(main())
+        """,
+        timeout=60,
+    )
+    assert lines == ["write returned", "intact True"]
