@@ -73,7 +73,7 @@ async def handle(
             received += size
     except asyncio.IncompleteReadError:
         outcome = "peer left mid-request"
-    except (asyncio.LimitOverrunError, OSError) as exc:  # Limit...: no newline within the limit
+    except (ValueError, OSError) as exc:  # ValueError: no newline within the limit
         outcome = f"failed: {exc}"
     finally:
         writer.close()
