@@ -368,7 +368,8 @@ cdef class BufRingQueue(ReceiveQueue):
         return 0
 
     cdef int arm(self, Receiver receiver) except -1:
-        cdef iouz_sqe *sqe = self.ring.prepare(receiver, IOUZ_OP_RECV, receiver.fd)
+        cdef iouz_sqe *sqe = self.ring.prepare(receiver, IOUZ_OP_RECV, receiver.fd,
+                                               receiver.sock)
         sqe.flags = IOUZ_SQE_BUFFER_SELECT
         sqe.buf_group = self.buffer_group
         sqe.ioprio = IOUZ_RECV_MULTISHOT

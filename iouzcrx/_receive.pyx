@@ -663,6 +663,11 @@ cdef class Receiver(Request):
                 self.run_end = data + res
                 return 0
             return self.add_chunk(data, res, bid, True)
+        if self.fd_gone:
+            # Its SQE became a no-op: the socket was closed before it went
+            # to the kernel (Ring.drop_stale_fds).
+            self.fd_gone = False
+            res = -EBADF
         return self.queue.receive(self, res, flags, extra)
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,

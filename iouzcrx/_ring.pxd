@@ -12,6 +12,11 @@ cdef int fileno_of(object sock) except -1
 cdef class Request:
     """One submitted operation; the ring calls complete() for each of its CQEs."""
     cdef readonly Ring ring
+    # What the SQE's fd number was read from (None: a number given as such),
+    # and whether the ring found it naming another fd, or none, by the time
+    # it submitted the SQE, which it then turned into a no-op (see enter).
+    cdef object fd_owner
+    cdef bint fd_gone
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1
 
 
@@ -65,6 +70,7 @@ cdef class Ring:
     cdef uint32_t local_sq_tail
     cdef uint32_t submitted_tail
     cdef uint16_t next_buffer_group
+    cdef bint fd_owners_pending      # an unsubmitted SQE has an fd_owner
 
     cdef set inflight
     # Objects whose address the kernel holds as user_data outside any
@@ -104,7 +110,9 @@ cdef class Ring:
     cdef bint watching_sockets(self) except -1
     cdef bint work_left(self, int more) except -1
     cdef iouz_sqe *get_sqe(self) except NULL
-    cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL
+    cdef iouz_sqe *prepare(self, Request request, int opcode, int fd,
+                           object fd_owner=*) except NULL
+    cdef int drop_stale_fds(self) except -1
     cdef uint32_t pending_submissions(self) noexcept
     cdef bint kernel_has_work(self) noexcept
     cdef int enter(self, uint32_t min_complete, bint getevents) except -1

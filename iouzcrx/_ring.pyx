@@ -12,7 +12,7 @@ cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.errno cimport ENOENT, errno
+from libc.errno cimport EBADF, ENOENT, errno
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
@@ -92,6 +92,15 @@ CQE_F_MORE = IOUZ_CQE_F_MORE
 
 cdef int fileno_of(object sock) except -1:
     return PyObject_AsFileDescriptor(sock)
+
+
+cdef int fd_now(object owner) noexcept:
+    """The fd ``owner`` names now; -1 if none (closed, detached, no answer)."""
+    try:
+        fd = owner.fileno()
+        return fd if type(fd) is int and 0 <= fd < 0x7FFFFFFF else -1
+    except BaseException:
+        return -1
 
 
 cdef unsigned entries_argument(str name, object value, unsigned limit) except 0:
@@ -237,6 +246,8 @@ cdef class Completion(Request):
         self.results = []
 
     cdef int complete(self, int32_t res, uint32_t flags, uint64_t extra) except -1:
+        if self.fd_gone:
+            res = -EBADF  # the no-op its SQE became (Ring.drop_stale_fds)
         if not (flags & IOUZ_CQE_F_MORE):
             self.done = True
             self.keepalive = None
@@ -464,22 +475,59 @@ cdef class Ring:
         self.local_sq_tail += 1
         return sqe
 
-    cdef iouz_sqe *prepare(self, Request request, int opcode, int fd) except NULL:
+    cdef iouz_sqe *prepare(self, Request request, int opcode, int fd,
+                           object fd_owner=None) except NULL:
         """An SQE for ``request``; the ring keeps the request alive until its
-        last CQE."""
+        last CQE. ``fd_owner``: the object ``fd`` was read from (a socket),
+        asked again just before the SQE is submitted."""
         self.check_owner()
         cdef iouz_sqe *sqe = self.get_sqe()
         sqe.opcode = opcode
         sqe.fd = fd
         sqe.user_data = <uintptr_t><void *>request
         request.ring = self
+        if fd_owner is not None and type(fd_owner) is not int:
+            request.fd_owner = fd_owner
+            self.fd_owners_pending = True
         self.inflight.add(request)
         return sqe
+
+    cdef int drop_stale_fds(self) except -1:
+        """Turn each unsubmitted SQE whose fd number its owner no longer
+        names into a no-op, whose completion the request reads as EBADF.
+
+        An SQE carries a number, which the kernel looks up only when it is
+        submitted: a socket the program closed after queueing an operation
+        on it, and a new socket that got the same number, would otherwise
+        get the operation (a receive of its data, a send to its peer).  Run
+        with the GIL held up to the submission, so no close can come between
+        the check and the kernel's look-up."""
+        cdef uint32_t i = self.submitted_tail
+        cdef iouz_sqe *sqe
+        cdef Request request
+        cdef uint64_t user_data
+        while i != self.local_sq_tail:
+            sqe = &self.sqes[i & self.sq_mask]
+            i += 1
+            if sqe.fd < 0 or sqe.user_data == 0:
+                continue
+            request = <Request><void *><uintptr_t>sqe.user_data
+            if request.fd_owner is None or fd_now(request.fd_owner) == sqe.fd:
+                continue
+            user_data = sqe.user_data
+            memset(sqe, 0, sizeof(iouz_sqe))
+            sqe.opcode = IOUZ_OP_NOP
+            sqe.fd = -1
+            sqe.user_data = user_data
+            request.fd_gone = True
+        return 0
 
     cdef int enter(self, uint32_t min_complete, bint getevents) except -1:
         cdef uint32_t to_submit = self.local_sq_tail - self.submitted_tail
         if to_submit == 0 and not getevents:
             return 0
+        if self.fd_owners_pending and to_submit:
+            self.drop_stale_fds()
         iouz_store_release(self.sq_tail, self.local_sq_tail)
         cdef unsigned flags = IOUZ_ENTER_GETEVENTS if getevents else 0
         cdef int ret = iouz_enter(self.fd, to_submit, min_complete, flags, NULL, 8)
@@ -491,6 +539,8 @@ cdef class Ring:
                 return 0
             raise kernel_error(-ret, "io_uring_enter")
         self.submitted_tail += <uint32_t>ret
+        if self.submitted_tail == self.local_sq_tail:
+            self.fd_owners_pending = False
         return ret
 
     cdef int register(self, unsigned opcode, void *arg, unsigned nr_args) except? -1:
@@ -1031,7 +1081,7 @@ cdef class Ring:
         0x7FFFF000 bytes, as read(2)."""
         cdef Completion request = Completion()
         cdef unsigned char[::1] view = buffer
-        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_READ, fileno_of(fd))
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_READ, fileno_of(fd), fd)
         sqe.addr = <uintptr_t>&view[0] if view.shape[0] else 0
         sqe.len = min(<size_t>view.shape[0], MAX_IO_LENGTH)
         sqe.off = <uint64_t>-1    # current file position: works on pipes
@@ -1046,7 +1096,7 @@ cdef class Ring:
         many went."""
         cdef Completion request = Completion()
         cdef const unsigned char[::1] view = data
-        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SEND, fileno_of(sock))
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SEND, fileno_of(sock), sock)
         sqe.addr = <uintptr_t>&view[0] if view.shape[0] else 0
         sqe.len = min(<size_t>view.shape[0], MAX_IO_LENGTH)
         sqe.op_flags = flags
@@ -1059,7 +1109,7 @@ cdef class Ring:
         """Queue an accept (multishot by default): each CQE's res is a new fd.
         ``sock`` is kept alive until the accept's last completion."""
         cdef Completion request = Completion()
-        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ACCEPT, fileno_of(sock))
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ACCEPT, fileno_of(sock), sock)
         sqe.op_flags = _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK
         if multishot:
             sqe.ioprio = IOUZ_ACCEPT_MULTISHOT
@@ -1072,7 +1122,7 @@ cdef class Ring:
         ``sock`` is kept alive (its fd open) until the shutdown completes: the
         kernel may look the fd up only when it runs the request."""
         cdef Completion request = Completion()
-        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SHUTDOWN, fileno_of(sock))
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_SHUTDOWN, fileno_of(sock), sock)
         sqe.len = how
         request.target = sock
         return request
@@ -1083,7 +1133,7 @@ cdef class Ring:
         completion's res is the events that were ready.  ``sock`` is kept
         alive until it completes."""
         cdef Completion request = Completion()
-        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_POLL_ADD, fileno_of(sock))
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_POLL_ADD, fileno_of(sock), sock)
         sqe.op_flags = <uint32_t>events  # poll32_events shares the field
         request.target = sock
         request.callback = callback
@@ -1101,7 +1151,7 @@ cdef class Ring:
         """Queue a cancel of every request on ``sock`` (kept alive until the
         cancel completes)."""
         cdef Completion request = Completion()
-        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ASYNC_CANCEL, fileno_of(sock))
+        cdef iouz_sqe *sqe = self.prepare(request, IOUZ_OP_ASYNC_CANCEL, fileno_of(sock), sock)
         sqe.op_flags = IOUZ_ASYNC_CANCEL_FD | IOUZ_ASYNC_CANCEL_ALL
         request.target = sock
         return request

@@ -685,7 +685,8 @@ cdef class ZcrxQueue(ReceiveQueue):
     # -- receives ------------------------------------------------------------
 
     cdef int arm(self, Receiver receiver) except -1:
-        cdef iouz_sqe *sqe = self.ring.prepare(receiver, IOUZ_OP_RECV_ZC, receiver.fd)
+        cdef iouz_sqe *sqe = self.ring.prepare(receiver, IOUZ_OP_RECV_ZC, receiver.fd,
+                                               receiver.sock)
         sqe.ioprio = IOUZ_RECV_MULTISHOT
         sqe.file_index = self.zcrx_id
         receiver.armed = True

@@ -8,7 +8,9 @@ asserts the child exited cleanly and said what was expected.
 
 from __future__ import annotations
 
+import errno
 import gc
+import select
 import socket
 import subprocess
 import sys
@@ -487,3 +489,66 @@ def test_a_completion_never_submitted_says_so():
         iouzcrx.Completion().wait()
     with pytest.raises(RuntimeError, match="never submitted"):
         iouzcrx.Completion().cancel()
+
+
+def reuse_number(listener: socket.socket, number: int) -> tuple[socket.socket, socket.socket]:
+    """A new connection whose socket got ``number`` (the lowest free one,
+    just closed), and its peer."""
+    a, b = connect_pair(listener)
+    assert number in (a.fileno(), b.fileno())
+    return (a, b) if a.fileno() == number else (b, a)
+
+
+@pytest.mark.parametrize("mode", RECEIVE_MODES)
+def test_a_receive_queued_on_a_socket_closed_before_submission_never_reads_its_successor(
+    ring, listener, mode
+):
+    """The SQE holds the number: submitted after the close and a new
+    connection on it, it would read that connection's data. The ring turns
+    it into a no-op and the receive ends with EBADF."""
+    queue = make_queue(ring, mode)
+    client, server = connect_pair(listener)
+    receiver = queue.recv_multishot(server)  # queued, not yet submitted
+    number = server.fileno()
+    server.close()
+    mine, peer = reuse_number(listener, number)
+    with client, mine, peer:
+        peer.sendall(b"another connection's data")
+        with pytest.raises(OSError) as raised:
+            receiver.get(timeout=10)
+        assert raised.value.errno == errno.EBADF
+        mine.settimeout(10)
+        assert mine.recv(100) == b"another connection's data"  # still all there
+
+
+@pytest.mark.parametrize(
+    "operation",
+    ["send", "shutdown", "poll", "cancel_fd"],
+)
+def test_an_operation_queued_on_a_socket_closed_before_submission_never_acts_on_its_successor(
+    ring, listener, operation
+):
+    client, server = connect_pair(listener)
+    with client:
+        if operation == "send":
+            request = ring.send(server, b"meant for the closed connection")
+        elif operation == "shutdown":
+            request = ring.shutdown(server, socket.SHUT_RDWR)
+        elif operation == "poll":
+            request = ring.poll(server, select.POLLOUT)
+        else:
+            request = ring.cancel_fd(server)
+        number = server.fileno()
+        server.close()
+        mine, peer = reuse_number(listener, number)
+        with mine, peer:
+            with pytest.raises(OSError) as raised:
+                request.wait(10)
+            assert raised.value.errno == errno.EBADF
+            # The new connection is whole: nothing sent to it, not shut down.
+            mine.sendall(b"ping")
+            peer.settimeout(10)
+            assert peer.recv(100) == b"ping"
+            peer.sendall(b"pong")
+            mine.settimeout(10)
+            assert mine.recv(100) == b"pong"
