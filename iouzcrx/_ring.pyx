@@ -331,6 +331,10 @@ cdef class Ring:
         cdef int i
         if cq < sq:
             cq = sq
+        if cq < 2:
+            # A 32-byte CQE takes two slots of a CQE_MIXED ring, which the
+            # kernel refuses (EOVERFLOW) to make with one.
+            cq = 2
         for i in range(3):
             memset(&params, 0, sizeof(params))
             params.flags = ladder[i]

@@ -180,17 +180,62 @@ def run(
     return iouzcrx.run(stream(connections, per_connection, mode, area_mib), use_uvloop=use_uvloop)
 
 
+MAX_CONNECTIONS = 256  # each is a sender process
+MAX_SIZE_GIB = 1024.0
+
+
+def gib_to_stream(text: str) -> float:
+    try:
+        size = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not 0 < size <= MAX_SIZE_GIB:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text} GiB: stream more than 0 and at most {MAX_SIZE_GIB:g} GiB"
+        )
+    return size
+
+
+def whole_number(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number}: use {low} to {high}")
+        return number
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iouzcrx demo", description=__doc__)
-    parser.add_argument("--size", type=float, default=4.0, help="GiB to stream (default 4)")
-    parser.add_argument("--connections", type=int, default=4)
+    parser = argparse.ArgumentParser(
+        prog="python -m iouzcrx demo",
+        description=__doc__,
+        epilog="The data crosses loopback, which has no NIC queue: zerocopy mode "
+        "needs a NIC (create_zcrx_server's interface= and queue=), so auto takes "
+        "the best mode loopback allows.",
+    )
+    parser.add_argument("--size", type=gib_to_stream, default=4.0, help="GiB to stream (default 4)")
+    parser.add_argument(
+        "--connections",
+        type=whole_number(1, MAX_CONNECTIONS),
+        default=4,
+        help=f"connections, one sender process each (1 to {MAX_CONNECTIONS}, default 4)",
+    )
     parser.add_argument("--mode", choices=("auto",) + MODES, default="auto")
-    parser.add_argument("--interface", help="NIC for zerocopy mode")
-    parser.add_argument("--queue", type=int, help="RX queue for zerocopy mode")
     parser.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default=None, help="default: uvloop if installed"
     )
-    parser.add_argument("--area", type=int, default=64, help="receive area in MiB")
+    parser.add_argument(
+        "--area",
+        type=whole_number(1, 1 << 20),
+        default=64,
+        help="receive area in MiB (default 64)",
+    )
     args = parser.parse_args(argv)
+    if int(args.size * GIB) < args.connections:
+        parser.error(f"--size {args.size} GiB is less than a byte per connection")
     use_uvloop = None if args.loop is None else args.loop == "uvloop"
     return run(args.size, args.connections, args.mode, args.area, use_uvloop)

@@ -1348,6 +1348,16 @@ def _queue_list(text: str) -> list[int]:
     return queues
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 0 to 65535")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m iouzcrx serve MODULE:APP [options]``."""
     from iouzcrx.modes import MODES
@@ -1359,7 +1369,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("app", help="MODULE:ATTRIBUTE, e.g. examples.serve_workers:Digest")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000, help="default 9000; 0 picks one")
+    parser.add_argument(
+        "--port", type=port_number, default=9000, help="0 to 65535 (default 9000; 0 picks one)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--mode", choices=("auto", *MODES), default="auto")
     parser.add_argument("--interface", help="NIC for zerocopy mode")

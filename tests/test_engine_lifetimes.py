@@ -423,6 +423,14 @@ def test_ring_with_zero_entries_names_the_value_not_the_kernel():
         iouzcrx.Ring(8, -1)
 
 
+def test_the_smallest_ring_is_made_with_room_for_one_wide_completion():
+    """One CQ entry is too few where a 32-byte CQE takes two (CQE_MIXED):
+    the kernel would refuse the ring with EOVERFLOW."""
+    with iouzcrx.Ring(1, 1) as ring:
+        assert ring.sq_entries == 1 and ring.cq_entries >= 2
+        assert ring.nop().wait(10) == 0
+
+
 def test_ring_sizes_above_the_kernel_limit_are_clamped():
     with iouzcrx.Ring(1 << 20, 1 << 30) as ring:
         assert ring.sq_entries == 32768 and ring.cq_entries == 65536

@@ -78,3 +78,32 @@ def test_the_demo_streams_verifies_and_reports(mode):
         assert f"the kernel copied {1 << 28} bytes" in lines["zero copy"]
     else:
         assert lines["zero copy"].split()[0] in ("none", "unknown")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--connections", "-1"], "--connections: -1: use 1 to 256"),
+        (["--connections", "0"], "--connections: 0: use 1 to 256"),
+        (["--connections", "100000"], "--connections: 100000: use 1 to 256"),
+        (["--size", "0"], "--size: 0 GiB"),
+        (["--size", "nan"], "--size: nan GiB"),
+        (["--size", "inf"], "--size: inf GiB"),
+        (["--size", "1e-12"], "less than a byte per connection"),
+        (["--area", "0"], "--area: 0: use 1 to"),
+    ],
+)
+def test_the_demo_refuses_arguments_it_cannot_stream_with_naming_them(arguments, named):
+    """Before this, a negative count waited for ever for senders it never
+    started, and a size of 0 ended in a division by zero."""
+    result = subprocess.run(
+        [sys.executable, "-m", "iouzcrx", "demo", *arguments],
+        cwd=TESTS,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1026,9 +1026,12 @@ def test_the_cli_reports_bad_workers_and_exits_1():
         (("--queues", "3-1"), 2, "queue range '3-1' runs backwards"),
         (("--queues", "a"), 2, "'a' is not a list of RX queues"),
         (("--queues", "0-3", "--workers", "5", "--interface", "lo"), 1, "workers=5 but"),
+        (("--port", "70000"), 2, "70000 is not a port: use 0 to 65535"),
+        (("--port", "-1"), 2, "-1 is not a port: use 0 to 65535"),
+        (("--port", "http"), 2, "'http' is not a port number"),
     ],
 )
-def test_the_cli_reports_bad_queues(args, code, words):
+def test_the_cli_reports_bad_queues_and_ports(args, code, words):
     result = subprocess.run(
         [sys.executable, "-m", "iouzcrx", "serve", "workers_app:Verify", *args],
         cwd=TESTS,
