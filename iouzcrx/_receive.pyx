@@ -21,7 +21,7 @@ from cpython.object cimport PyObject
 
 from iouzcrx._area cimport BufferOwner, PinAccount
 from iouzcrx._copy cimport copy_to_bytes, export_protocol_buffer, iouz_copy
-from iouzcrx._ring cimport Request, Ring
+from iouzcrx._ring cimport Request, Ring, trust_fd_owner
 
 import collections as _collections
 import gc as _gc
@@ -665,9 +665,10 @@ cdef class Receiver(Request):
             return self.add_chunk(data, res, bid, True)
         if self.fd_gone:
             # Its SQE became a no-op: the socket was closed before it went
-            # to the kernel (Ring.drop_stale_fds).
+            # to the kernel (Ring.drop_stale_fds). Cancelled meanwhile, it
+            # ends as a cancel does.
             self.fd_gone = False
-            res = -EBADF
+            res = -ECANCELED if self.cancelling else -EBADF
         return self.queue.receive(self, res, flags, extra)
 
     cdef int add_chunk(self, char *data, uint32_t length, uint64_t token,
@@ -1197,3 +1198,8 @@ cdef class AcceptedFd:
 
     def __repr__(self):
         return f"<AcceptedFd fd={self.fileno()}>"
+
+
+# Its fileno() runs none of the program's code: the ring may ask it again
+# just before it submits an SQE made with its number (Ring.drop_stale_fds).
+trust_fd_owner(AcceptedFd)

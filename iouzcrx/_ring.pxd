@@ -7,6 +7,7 @@ cdef class Ring
 
 
 cdef int fileno_of(object sock) except -1
+cdef void trust_fd_owner(type kind) noexcept
 
 
 cdef class Request:

@@ -94,12 +94,33 @@ cdef int fileno_of(object sock) except -1:
     return PyObject_AsFileDescriptor(sock)
 
 
+# The owners whose fileno() the ring asks again before it submits an SQE
+# (Ring.drop_stale_fds): socket objects whose fileno is the socket module's
+# own, and the types registered with trust_fd_owner (the library's accepted
+# fds). Only these: the check runs between filling SQEs and submitting them,
+# where a program's own fileno() could close the ring or submit under it.
+cdef object socket_fileno = _socket.socket.fileno
+cdef set trusted_owner_types = set()
+
+
+cdef void trust_fd_owner(type kind) noexcept:
+    trusted_owner_types.add(kind)
+
+
+cdef inline bint checkable_owner(object owner) noexcept:
+    cdef type kind = type(owner)
+    return (kind in trusted_owner_types
+            or (isinstance(owner, _socket.socket)
+                and getattr(kind, "fileno", None) is socket_fileno))
+
+
 cdef int fd_now(object owner) noexcept:
-    """The fd ``owner`` names now; -1 if none (closed, detached, no answer)."""
+    """The fd ``owner`` (a checkable_owner) names now; -1 if none (closed,
+    detached)."""
     try:
         fd = owner.fileno()
         return fd if type(fd) is int and 0 <= fd < 0x7FFFFFFF else -1
-    except BaseException:
+    except Exception:
         return -1
 
 
@@ -252,6 +273,7 @@ cdef class Completion(Request):
             self.done = True
             self.keepalive = None
             self.target = None
+            self.fd_owner = None
         if self.callback is not None:
             self.callback(res, flags)
         else:
@@ -490,7 +512,7 @@ cdef class Ring:
         sqe.fd = fd
         sqe.user_data = <uintptr_t><void *>request
         request.ring = self
-        if fd_owner is not None and type(fd_owner) is not int:
+        if fd_owner is not None and checkable_owner(fd_owner):
             request.fd_owner = fd_owner
             self.fd_owners_pending = True
         self.inflight.add(request)
@@ -500,12 +522,15 @@ cdef class Ring:
         """Turn each unsubmitted SQE whose fd number its owner no longer
         names into a no-op, whose completion the request reads as EBADF.
 
-        An SQE carries a number, which the kernel looks up only when it is
+        An SQE carries a number, which the kernel looks up when it is
         submitted: a socket the program closed after queueing an operation
         on it, and a new socket that got the same number, would otherwise
         get the operation (a receive of its data, a send to its peer).  Run
-        with the GIL held up to the submission, so no close can come between
-        the check and the kernel's look-up."""
+        with the GIL held up to the submission and no Python code of the
+        program's (checkable_owner), so that no close comes between the check
+        and the submission.  Covers what happens before the submission only:
+        an operation the kernel runs later in a worker (a SHUTDOWN) looks the
+        number up then, so its socket must stay open until it completes."""
         cdef uint32_t i = self.submitted_tail
         cdef iouz_sqe *sqe
         cdef Request request

@@ -27,7 +27,7 @@ from iouzcrx.modes import (
 from iouzcrx.netdev import QueueRouter
 from iouzcrx.reactor import Reactor
 from iouzcrx.socket_transport import AreaReadingProtocol, RefusedConnection
-from iouzcrx.transport import ZcrxTransport
+from iouzcrx.transport import ZcrxTransport, owned_fd
 
 __all__ = ["MAX_WORKERS", "ZcrxServer", "attach_connection", "check_workers", "create_zcrx_server"]
 
@@ -380,6 +380,8 @@ class ZcrxServer(asyncio.AbstractServer):
                     self._reactor, selection, _socket_of(conn), protocol, self._detach
                 )
             else:
+                if isinstance(conn, socket.socket):
+                    conn = owned_fd(conn)  # closed below on failure
                 connection = ZcrxTransport(
                     self._reactor,
                     selection.backend,
@@ -571,8 +573,10 @@ def attach_connection(
     cannot take data, say), it is closed."""
     try:
         if selection.mode != "socket":
+            owned = owned_fd(conn)
+            conn = owned  # type: ignore[assignment]  # closed below on failure
             return ZcrxTransport(
-                reactor, selection.backend, conn, protocol, on_closed=on_closed, waiter=waiter
+                reactor, selection.backend, owned, protocol, on_closed=on_closed, waiter=waiter
             )
         reader = AreaReadingProtocol(selection.backend, protocol, on_closed=on_closed)
     except BaseException:

@@ -43,6 +43,18 @@ _READINESS = os.environ.get("IOUZCRX_READINESS", "auto")
 _EXCHANGES_TO_MOVE = 2
 
 
+def owned_fd(sock: socket.socket) -> AcceptedFd:
+    """A socket of the library's own making (a client's connect, a worker's
+    hand-over) held as its fd alone, as an accepted one is: the socket
+    object the program may then get (get_extra_info) tells the transport
+    before its fd is closed or detached, so no queued SQE can name a number
+    reused by then. ``sock`` is detached."""
+    kind = int(sock.type)
+    if sock.gettimeout() == 0:
+        kind |= socket.SOCK_NONBLOCK  # socket.type leaves it out
+    return AcceptedFd(sock.family, kind, sock.proto, sock.detach())
+
+
 class ZcrxTransport(asyncio.Transport):
     """One TCP connection served by the ring's receive queue.
 
@@ -103,12 +115,7 @@ class ZcrxTransport(asyncio.Transport):
         self._ring = queue.ring
         self._queue = queue
         if isinstance(sock, socket.socket):
-            # A socket of the library's own making (a client's connect, a
-            # worker's hand-over), held from here on as its fd alone, as an
-            # accepted one is: the socket object the program may then get
-            # (get_extra_info) tells the transport before its fd is closed or
-            # detached, so no queued SQE can name a number reused by then.
-            sock = AcceptedFd(sock.family, sock.type, sock.proto, sock.detach())
+            sock = owned_fd(sock)  # its callers convert it first (they close it)
         self._sock = sock
         self._protocol = protocol
         # Looked up once: the receiver is given them when reading starts.

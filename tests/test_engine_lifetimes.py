@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import select
 import socket
 import subprocess
@@ -560,3 +561,67 @@ def test_an_operation_queued_on_a_socket_closed_before_submission_never_acts_on_
             peer.sendall(b"pong")
             mine.settimeout(10)
             assert mine.recv(100) == b"pong"
+
+
+def test_the_check_before_submission_runs_none_of_the_program_s_code():
+    """An object whose own fileno() the ring would call between filling
+    SQEs and submitting them could close the ring there (its SQEs unmapped
+    under the check): such an owner is not asked again. In a child, which
+    must not crash."""
+    lines = run_child(
+        """
+        import socket
+        import iouzcrx
+        ring = iouzcrx.Ring()
+        a, b = socket.socketpair()
+
+        class ClosesTheRing:
+            calls = 0
+
+            def fileno(self):
+                ClosesTheRing.calls += 1
+                if ClosesTheRing.calls > 1:
+                    ring.close()
+                return a.fileno()
+
+        request = ring.send(ClosesTheRing(), b"hi")
+        print("sent", request.wait(10), ClosesTheRing.calls, b.recv(10))
+        """
+    )
+    assert lines == ["sent 2 1 b'hi'"]
+
+
+def test_an_fd_given_as_an_int_subclass_is_used_as_given(ring):
+    class Fd(int):
+        pass
+
+    readable, writable = os.pipe()
+    try:
+        os.write(writable, b"ok")
+        assert ring.read(Fd(readable), bytearray(10)).wait(10) == 2
+    finally:
+        os.close(readable)
+        os.close(writable)
+
+
+def test_a_completed_send_lets_go_of_its_socket(ring):
+    a, b = socket.socketpair()
+    with b:
+        assert ring.send(a, b"x").wait(10) == 1
+        gone = weakref.ref(a)
+        a.close()
+        del a
+        gc.collect()
+        assert gone() is None
+
+
+@pytest.mark.parametrize("mode", RECEIVE_MODES)
+def test_a_receive_cancelled_then_closed_before_submission_ends_as_a_cancel(ring, listener, mode):
+    queue = make_queue(ring, mode)
+    client, server = connect_pair(listener)
+    with client:
+        receiver = queue.recv_multishot(server)
+        receiver.cancel()
+        server.close()
+        assert receiver.get(timeout=10) is None  # no error: the program cancelled it
+        assert receiver.finished and receiver.error is None

@@ -252,6 +252,7 @@ async def test_a_client_connection_s_queued_send_never_reaches_the_next_owner_of
         accepted, _ = peer.accept()
         with accepted:
             sock = writer.get_extra_info("socket")
+            assert sock.gettimeout() == 0.0  # non-blocking, as the transport left it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             writer.write(b"x" * (4 << 20))
             assert writer.transport.get_write_buffer_size() > 0  # a SEND is queued
