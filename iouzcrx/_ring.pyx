@@ -77,11 +77,11 @@ cdef enum:
     # io_uring_setup's own limits (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES);
     # CLAMP lowers larger sizes to them.
     MAX_SQ_ENTRIES = 32768
+    MAX_CQ_ENTRIES = 65536
     # The most one read or send moves, as the kernel's own MAX_RW_COUNT: an
     # SQE's length is 32 bits, and a longer buffer is sent or read in part,
     # as send(2) and read(2) do, never cut to its length modulo 4 GiB.
     MAX_IO_LENGTH = 0x7FFFF000
-    MAX_CQ_ENTRIES = 65536
     # Enters in a row that post nothing while SQ_TASKRUN is set, after which
     # a drain takes the flag for stale (see drain_completions).
     MAX_FRUITLESS_ENTERS = 3

@@ -28,6 +28,19 @@ from iouzcrx.reactor import _reactors
 from iouzcrx.server import ZcrxServer
 
 FEATURES = iouzcrx.kernel_features()
+
+# The package's Cython modules (setup.py's MODULES).
+COMPILED_MODULES = (
+    "_ring",
+    "_area",
+    "_receive",
+    "_zcrx",
+    "_bufring",
+    "_socket_pool",
+    "_probe",
+    "_reader",
+    "_readiness",
+)
 IN_VM = os.environ.get("IOUZCRX_VM") == "1"
 
 COPY_MODE_REASON = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from conftest import COMPILED_MODULES
 from isolation import run_python
 
 METHODS = (
@@ -55,24 +56,11 @@ def test_a_queue_never_set_up_refuses_or_answers_and_closes_twice(module, name):
     assert "recv_multishot refused: the None receive queue is closed" in lines
 
 
-ENGINE_MODULES = (
-    "_ring",
-    "_area",
-    "_receive",
-    "_zcrx",
-    "_bufring",
-    "_socket_pool",
-    "_probe",
-    "_reader",
-    "_readiness",
-)
-
-
 def test_no_engine_type_can_be_copied_or_pickled_into_a_second_owner():
     """A copy of a view's exporter, a receiver or a queue would give the
     same buffer (fd, mapping) back twice: every extension type refuses."""
     seen = []
-    for name in ENGINE_MODULES:
+    for name in COMPILED_MODULES:
         module = importlib.import_module(f"iouzcrx.{name}")
         for attr, value in vars(module).items():
             if isinstance(value, type) and value.__module__ == module.__name__:

@@ -18,20 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import COMPILED_MODULES
 
 import iouzcrx
-
-COMPILED = [
-    "_ring",
-    "_area",
-    "_receive",
-    "_zcrx",
-    "_bufring",
-    "_socket_pool",
-    "_probe",
-    "_reader",
-    "_readiness",
-]
 
 
 def distribution() -> importlib.metadata.Distribution:
@@ -58,7 +47,7 @@ def test_the_imported_package_is_the_installed_distribution() -> None:
     package = Path(iouzcrx.__file__).resolve().parent
     modules = [Path(iouzcrx.__file__).resolve()] + [
         Path(importlib.import_module(f"iouzcrx.{name}").__file__ or "").resolve()
-        for name in COMPILED
+        for name in COMPILED_MODULES
     ]
     source = editable_source(dist)
     if os.environ.get("IOUZCRX_REQUIRE_INSTALLED") == "1":
