@@ -22,6 +22,7 @@ from cpython.object cimport PyObject
 from iouzcrx._area cimport BufferOwner, PinAccount
 from iouzcrx._copy cimport copy_to_bytes, export_protocol_buffer, iouz_copy
 from iouzcrx._ring cimport Request, Ring, trust_fd_owner
+from iouzcrx._ring cimport fd_now as owner_fd_now
 
 import collections as _collections
 import gc as _gc
@@ -117,7 +118,7 @@ cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t cou
         queue.give_back_run(token, count, first_length, length)
 
 
-cdef int socket_fd_now(object sock) except? -2:
+cdef int socket_fd_now(object sock) noexcept:
     """The fd ``sock`` names now (-1: closed, detached, or no answer)."""
     cdef AcceptedFd accepted
     if type(sock) is AcceptedFd:
@@ -129,11 +130,7 @@ cdef int socket_fd_now(object sock) except? -2:
             return -1
     elif type(sock) is int:
         return <int>sock  # a bare number: the program vouches for it
-    try:
-        fd = sock.fileno()
-        return fd if type(fd) is int and 0 <= fd < 0x7FFFFFFF else -1
-    except Exception:
-        return -1
+    return owner_fd_now(sock)
 
 
 cdef inline bint extends_run(Receiver receiver, char *data, uint32_t length) noexcept:

@@ -571,16 +571,16 @@ def attach_connection(
     ``waiter`` is resolved once the protocol got connection_made(). ``conn``
     belongs to the connection from here on: if this raises (a protocol that
     cannot take data, say), it is closed."""
+    held: socket.socket | AcceptedFd = conn  # closed below on failure
     try:
         if selection.mode != "socket":
-            owned = owned_fd(conn)
-            conn = owned  # type: ignore[assignment]  # closed below on failure
+            held = owned_fd(conn)
             return ZcrxTransport(
-                reactor, selection.backend, owned, protocol, on_closed=on_closed, waiter=waiter
+                reactor, selection.backend, held, protocol, on_closed=on_closed, waiter=waiter
             )
         reader = AreaReadingProtocol(selection.backend, protocol, on_closed=on_closed)
     except BaseException:
-        conn.close()  # never left to the GC
+        held.close()  # never left to the GC
         raise
     loop = reactor.loop
 
