@@ -7,6 +7,7 @@ cdef extern from "_abi.h" nogil:
         IOUZ_SETUP_CQSIZE
         IOUZ_SETUP_CLAMP
         IOUZ_SETUP_SUBMIT_ALL
+        IOUZ_SETUP_COOP_TASKRUN
         IOUZ_SETUP_TASKRUN_FLAG
         IOUZ_SETUP_CQE32
         IOUZ_SETUP_SINGLE_ISSUER

@@ -115,8 +115,9 @@ cdef inline bint checkable_owner(object owner) noexcept:
 
 
 cdef int fd_now(object owner) noexcept:
-    """The fd ``owner`` (a checkable_owner) names now; -1 if none (closed,
-    detached)."""
+    """The fd ``owner`` names now, asked of its ``fileno()``; -1 if none
+    (closed, detached, no answer).  Before a submission only a
+    checkable_owner is asked."""
     try:
         fd = owner.fileno()
         return fd if type(fd) is int and 0 <= fd < 0x7FFFFFFF else -1
@@ -313,10 +314,11 @@ cdef class Ring:
     An eventfd is registered so an event loop can watch it: with DEFER_TASKRUN,
     polling the ring fd itself does not wake before Linux 7.3.2.
 
-    ``defer_taskrun=False`` leaves out DEFER_TASKRUN and TASKRUN_FLAG: the
-    kernel then runs a receive's work as soon as the socket has data (it
-    interrupts the thread for it) and posts the completion itself, so a
-    drain needs no io_uring_enter, and the ring fd turns readable at once.
+    ``defer_taskrun=False`` sets COOP_TASKRUN instead of DEFER_TASKRUN and
+    TASKRUN_FLAG: the kernel then runs a receive's work at the thread's next
+    system call (waking it if it sleeps, never interrupting it while it
+    runs) and posts the completion itself, so a drain needs no
+    io_uring_enter, and the ring fd turns readable without one.
     Such a ring is watched through ``fd`` (``on_ring_readable``); the kernel
     does not signal its eventfd, which only ``wake()`` writes. Zero-copy
     receive cannot be registered on it.
@@ -344,6 +346,13 @@ cdef class Ring:
                               | IOUZ_SETUP_CQSIZE | IOUZ_SETUP_CLAMP)
         if defer_taskrun:
             base |= IOUZ_SETUP_DEFER_TASKRUN | IOUZ_SETUP_TASKRUN_FLAG
+        else:
+            # The receive's work waits for the thread's next system call
+            # (or wakes it where it sleeps) instead of interrupting it with
+            # an IPI while it runs: on one streaming connection the
+            # interrupts cost about a sixth of the receiver's CPU
+            # (benchmarks/cpu_profile.py, irqentry_exit_to_user_mode).
+            base |= IOUZ_SETUP_COOP_TASKRUN
         # Newest layout first; EINVAL means the kernel does not know a flag.
         cdef uint32_t[3] ladder
         ladder[0] = base | IOUZ_SETUP_NO_SQARRAY | IOUZ_SETUP_CQE_MIXED   # 6.18+
@@ -916,6 +925,7 @@ cdef class Ring:
         for flag, name in ((IOUZ_SETUP_SINGLE_ISSUER, "SINGLE_ISSUER"),
                            (IOUZ_SETUP_DEFER_TASKRUN, "DEFER_TASKRUN"),
                            (IOUZ_SETUP_TASKRUN_FLAG, "TASKRUN_FLAG"),
+                           (IOUZ_SETUP_COOP_TASKRUN, "COOP_TASKRUN"),
                            (IOUZ_SETUP_SUBMIT_ALL, "SUBMIT_ALL"),
                            (IOUZ_SETUP_CQSIZE, "CQSIZE"),
                            (IOUZ_SETUP_CLAMP, "CLAMP"),

@@ -189,15 +189,17 @@ def test_deferred_task_work_signals_the_eventfd(ring):
 
 
 def test_a_ring_without_defer_taskrun_completes_a_read_with_no_enter():
-    """defer_taskrun=False: the kernel runs the read as soon as the pipe has
-    data and posts its completion itself; the ring fd turns readable (its
-    eventfd does not) and on_ring_readable reaps it without io_uring_enter."""
+    """defer_taskrun=False: the kernel runs the read once the pipe has data
+    (COOP_TASKRUN: it wakes the sleeping thread for it) and posts its
+    completion itself; the ring fd turns readable (its eventfd does not) and
+    on_ring_readable reaps it without io_uring_enter."""
     r, w = os.pipe()
     try:
         with iouzcrx.Ring(defer_taskrun=False) as ring:
             names = set(ring.setup_flag_names)
             assert "SINGLE_ISSUER" in names and not ring.defer_taskrun
             assert not names & {"DEFER_TASKRUN", "TASKRUN_FLAG"}
+            assert "COOP_TASKRUN" in names
             assert not ring.kernel_signals_eventfd
             read = ring.read(r, bytearray(8))
             ring.drain()  # submits it: the pipe is empty, so it waits
