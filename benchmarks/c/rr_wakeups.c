@@ -108,8 +108,8 @@ static void ring_setup(void)
 {
     struct iouz_params p;
     memset(&p, 0, sizeof(p));
-    /* As iouzcrx's bufring ring: no DEFER_TASKRUN, no COOP_TASKRUN. */
-    p.flags = IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_SUBMIT_ALL;
+    /* As iouzcrx's bufring ring: COOP_TASKRUN, no DEFER_TASKRUN. */
+    p.flags = IOUZ_SETUP_SINGLE_ISSUER | IOUZ_SETUP_SUBMIT_ALL | IOUZ_SETUP_COOP_TASKRUN;
     ring.fd = (int)syscall(__NR_io_uring_setup, RING_ENTRIES, &p);
     if (ring.fd < 0)
         die("io_uring_setup: %s", strerror(errno));
