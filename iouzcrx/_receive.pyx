@@ -34,6 +34,28 @@ from iouzcrx.errors import kernel_error
 from iouzcrx.protocols import delivery_methods as _delivery_methods
 
 
+cdef extern from *:
+    """
+    /* The head of CPython's socket object (Modules/socketmodule.h): its fd,
+       an int on POSIX, follows the object header in every version. */
+    typedef struct { PyObject_HEAD int sock_fd; } iouz_socket_head;
+    """
+    ctypedef struct iouz_socket_head:
+        int sock_fd
+
+
+# The socket objects AcceptedFd.socket() makes.
+cdef type accepted_socket_type = _AcceptedSocket
+
+
+cdef inline int accepted_socket_fd(object sock) noexcept:
+    """The fd of an ``AcceptedSocket`` (-1 once closed or detached), read as
+    its ``fileno()`` would read it, without the method call: a connection
+    whose program asked for its socket asks for the fd at every read and
+    send."""
+    return (<iouz_socket_head *><PyObject *>sock).sock_fd
+
+
 cdef enum:
     # Bound on one coalesced view: a run holds all of its buffers until the
     # program releases the view.
@@ -1141,7 +1163,12 @@ cdef class AcceptedFd:
         that may name another connection by now."""
         cdef int fd
         sock = self.sock
-        fd = self.fd if sock is None else sock.fileno()
+        if sock is None:
+            fd = self.fd
+        elif type(sock) is accepted_socket_type:
+            fd = accepted_socket_fd(sock)
+        else:
+            fd = sock.fileno()
         if fd < 0:
             raise os_error(EBADF)
         return fd

@@ -456,6 +456,24 @@ def test_an_accepted_fd_hands_its_fd_to_the_socket_it_makes():
         conn.close()  # nothing left to close
 
 
+def test_an_accepted_fd_whose_socket_was_detached_sends_nothing():
+    # The fd is read from the socket object itself (not through fileno()):
+    # a detach, which leaves the number to the program, must show there too.
+    conn, peer = accepted_pair()
+    with peer:
+        sock = conn.socket()
+        assert conn.send(b"one") == 3 and peer.recv(16) == b"one"
+        number = sock.detach()
+        try:
+            assert conn.fileno() == -1
+            with pytest.raises(OSError) as raised:
+                conn.send(b"x")
+            assert raised.value.errno == errno.EBADF
+        finally:
+            os.close(number)
+        assert peer.recv(16) == b""  # the program's close ended it, not a send
+
+
 def test_an_accepted_fd_never_sends_to_the_fd_that_replaced_its_closed_socket():
     # The send asks the socket object for its fd at each call rather than
     # going through socket.send (or keeping the number): once the program
