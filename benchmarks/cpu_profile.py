@@ -6,7 +6,10 @@ receiver it is held against: the profile behind a target's ratio.
         [--symbols N] [--json PATH]
 
 Each receiver serves the scenario under ``perf record`` (kernel and user,
-the receiver process only), the receivers interleaved, ``--repeat`` times.
+the receiver process only) twice, at full size and at a quarter of it, and
+every figure is the difference divided by the difference in units, so that
+start-up and teardown (imports, faulting the area in) cancel out. The
+receivers run interleaved, ``--repeat`` times.
 Its samples are grouped the way ``requests.py`` groups them (io_uring,
 epoll, TCP/IP, scheduler... in the kernel; Python, uvloop, iouzcrx, libc in
 user space) and given per unit of the scenario: per GB for bulk, per
@@ -22,6 +25,7 @@ reads as the functions it is spent in. Needs ``perf`` (Debian:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -64,20 +68,33 @@ def symbol_samples(record: Path) -> dict[tuple[str, str], int]:
     return samples
 
 
+def quarter_of(sc: Scenario) -> Scenario:
+    """``sc`` with a quarter of its requests, connections or bytes."""
+    if sc.kind == "rr":
+        return dataclasses.replace(sc, requests=sc.requests // 4)
+    if sc.kind == "short":
+        return dataclasses.replace(sc, connections=sc.connections // 4)
+    return dataclasses.replace(sc, bytes_per_connection=sc.bytes_per_connection // 4)
+
+
 def profile_once(name: str, programs: dict[str, Path], sc: Scenario, work: Path) -> dict[str, Any]:
-    """One run of ``name`` under perf: CPU µs per unit, by group and by symbol."""
-    record = work / f"record-{name}"
-    run_wrapped(
-        name, programs, sc, ["perf", "record", "-q", "-F", str(SAMPLE_HZ), "-o", str(record)]
-    )
-    units, _ = units_of(sc)
-    scale = 1e6 / SAMPLE_HZ / units
-    samples = symbol_samples(record)
-    by_symbol = {f"{dso} {sym}": n * scale for (dso, sym), n in samples.items()}
+    """Two runs of ``name`` under perf (a quarter and all of ``sc``): CPU µs
+    per unit, by group and by symbol."""
+    samples = []
+    for size in (quarter_of(sc), sc):
+        record = work / f"record-{name}"
+        run_wrapped(
+            name, programs, size, ["perf", "record", "-q", "-F", str(SAMPLE_HZ), "-o", str(record)]
+        )
+        samples.append(symbol_samples(record))
+    scale = 1e6 / SAMPLE_HZ / (units_of(sc)[0] - units_of(quarter_of(sc))[0])
+    by_symbol: dict[str, float] = {}
     by_group: dict[str, float] = {}
-    for (dso, sym), n in samples.items():
+    for dso, sym in set(samples[0]) | set(samples[1]):
+        cost = (samples[1].get((dso, sym), 0) - samples[0].get((dso, sym), 0)) * scale
+        by_symbol[f"{dso} {sym}"] = cost
         group = group_of(dso, sym)
-        by_group[group] = by_group.get(group, 0.0) + n * scale
+        by_group[group] = by_group.get(group, 0.0) + cost
     return {"groups": by_group, "symbols": by_symbol}
 
 

@@ -121,7 +121,9 @@ def group_of(dso: str, symbol: str) -> str:
     return "user: other"
 
 
-IOUZCRX_MODULE = re.compile(r"_(area|bufring|probe|reader|receive|ring|socket_pool|zcrx)\.cpython-")
+IOUZCRX_MODULE = re.compile(
+    r"_(area|bufring|probe|reader|readiness|receive|ring|socket_pool|zcrx)\.cpython-"
+)
 SAMPLE_LINE = re.compile(r"^\s*[\d.]+%\s+(\d+)\s+(\S+)\s+\[(.)\]\s+(\S+)")
 
 

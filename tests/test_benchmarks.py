@@ -217,3 +217,37 @@ def test_each_way_of_waking_for_a_request_answers_every_request(tmp_path: Path) 
     assert [row["receiver"] for row in rows] == ["c-epoll-recv", "c-ring", "c-epoll-ring-recv"]
     assert all(row["p50_us"] > 0 and row["cpu_us"] >= 0 for row in rows)
     assert rows[0]["p50_ratio"] == 1.0
+
+
+@pytest.mark.skipif(bool(os.environ.get("IOUZCRX_VM")), reason="the host run")
+@pytest.mark.skipif(
+    shutil.which("perf") is None, reason="perf is not installed (apt-get install linux-perf)"
+)
+def test_a_scenario_profile_puts_each_receiver_s_cpu_where_its_code_is(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    stock, ours = "asyncio-protocol", "iouzcrx-bufring-protocol-asyncio"
+    printed = run_script(
+        "cpu_profile.py",
+        "--scenario",
+        "short",
+        "--receivers",
+        f"{stock},{ours}",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+        timeout=600,
+    )
+    assert "µs per connection" in printed
+    results = json.loads(out.read_text())
+    assert results["scenario"] == "short" and results["unit"] == "connection"
+    for name in (stock, ours):
+        groups = results[name]["groups"]
+        assert sum(groups.values()) > 0 and groups.get("user: Python", 0) > 0, groups
+        assert results[name]["symbols"]
+    # The library's modules are found as such, and where they run: the
+    # stock receiver only imports them (its start-up is taken out, up to
+    # sampling noise).
+    library = results[ours]["groups"].get("user: iouzcrx", 0)
+    assert library > 0.5, results[ours]["groups"]
+    assert abs(results[stock]["groups"].get("user: iouzcrx", 0)) < library / 10
