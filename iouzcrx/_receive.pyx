@@ -140,7 +140,7 @@ cdef inline void return_buffers(ReceiveQueue queue, uint64_t token, uint32_t cou
         queue.give_back_run(token, count, first_length, length)
 
 
-cdef int socket_fd_now(object sock) noexcept:
+cdef int socket_fd_now(object sock) except? -2:
     """The fd ``sock`` names now (-1: closed, detached, or no answer)."""
     cdef AcceptedFd accepted
     if type(sock) is AcceptedFd:

@@ -8,7 +8,7 @@ cdef class Ring
 
 cdef int fileno_of(object sock) except -1
 cdef void trust_fd_owner(type kind) noexcept
-cdef int fd_now(object owner) noexcept
+cdef int fd_now(object owner) except? -2
 
 
 cdef class Request:

@@ -114,10 +114,10 @@ cdef inline bint checkable_owner(object owner) noexcept:
                 and getattr(kind, "fileno", None) is socket_fileno))
 
 
-cdef int fd_now(object owner) noexcept:
+cdef int fd_now(object owner) except? -2:
     """The fd ``owner`` names now, asked of its ``fileno()``; -1 if none
-    (closed, detached, no answer).  Before a submission only a
-    checkable_owner is asked."""
+    (closed, detached, no answer; a KeyboardInterrupt or SystemExit in it
+    is raised).  Before a submission only a checkable_owner is asked."""
     try:
         fd = owner.fileno()
         return fd if type(fd) is int and 0 <= fd < 0x7FFFFFFF else -1
@@ -315,10 +315,13 @@ cdef class Ring:
     polling the ring fd itself does not wake before Linux 7.3.2.
 
     ``defer_taskrun=False`` sets COOP_TASKRUN instead of DEFER_TASKRUN and
-    TASKRUN_FLAG: the kernel then runs a receive's work at the thread's next
-    system call (waking it if it sleeps, never interrupting it while it
-    runs) and posts the completion itself, so a drain needs no
-    io_uring_enter, and the ring fd turns readable without one.
+    TASKRUN_FLAG: the kernel then runs a receive's work when the thread next
+    returns from the kernel (a system call, or an interrupt such as the
+    timer tick; it wakes the thread if it sleeps, and sends no interrupt of
+    its own while it runs) and posts the completion itself, so a drain
+    after the event loop's wait needs no io_uring_enter, and the ring fd
+    turns readable without one. A drain that finds nothing enters once, so
+    that a program polling with ``drain()`` alone gets the work too.
     Such a ring is watched through ``fd`` (``on_ring_readable``); the kernel
     does not signal its eventfd, which only ``wake()`` writes. Zero-copy
     receive cannot be registered on it.
@@ -347,10 +350,10 @@ cdef class Ring:
         if defer_taskrun:
             base |= IOUZ_SETUP_DEFER_TASKRUN | IOUZ_SETUP_TASKRUN_FLAG
         else:
-            # The receive's work waits for the thread's next system call
-            # (or wakes it where it sleeps) instead of interrupting it with
-            # an IPI while it runs: on one streaming connection the
-            # interrupts cost about a sixth of the receiver's CPU
+            # The receive's work waits for the thread's next return from the
+            # kernel (or wakes it where it sleeps) instead of interrupting it
+            # with an IPI while it runs: on one streaming connection the
+            # interrupts cost about an eighth of the receiver's CPU
             # (benchmarks/cpu_profile.py, irqentry_exit_to_user_mode).
             base |= IOUZ_SETUP_COOP_TASKRUN
         # Newest layout first; EINVAL means the kernel does not know a flag.
@@ -648,6 +651,7 @@ cdef class Ring:
         cdef int more = 0
         cdef int fruitless = 0
         cdef int reaped
+        cdef bint entered
         try:
             if self.dropped_buffer_groups:
                 self.release_dropped()
@@ -660,14 +664,22 @@ cdef class Ring:
                 # when there is something to submit or the kernel flags more
                 # work; returned buffers are published in shared memory and
                 # need no syscall.
-                if ((passes == 0 and self.defer_taskrun) or self.pending_submissions()
-                        or self.kernel_has_work()):
+                entered = ((passes == 0 and self.defer_taskrun) or self.pending_submissions()
+                           or self.kernel_has_work())
+                if entered:
                     self.enter(0, True)
                 reaped = self.reap()
                 if self.close_requested:
                     break  # closed from a callback: the walk is over, close now
                 if reaped or self.pending_submissions():
                     fruitless = 0
+                elif passes == 0 and not entered and not self.defer_taskrun:
+                    # COOP_TASKRUN: work the kernel queued while this thread
+                    # ran user code waits for its next return from the
+                    # kernel, which a drain called in a busy loop would
+                    # never make. One enter runs it (the event loop's drains
+                    # find completions and never get here).
+                    self.enter(0, True)
                 elif not self.kernel_has_work():
                     break  # idle: no completion, submission, task work or overflow
                 else:

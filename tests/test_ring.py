@@ -3,6 +3,7 @@ server layer needs, task-work draining, the eventfd wake-up, teardown."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import socket
@@ -15,6 +16,8 @@ import iouzcrx
 from iouzcrx import _probe
 
 CQE_F_MORE = 0x2
+# Iterations of a spin on shared memory before giving up (seconds of Python).
+SPIN_LIMIT = 100_000_000
 
 
 def open_fds() -> set[str]:
@@ -186,6 +189,44 @@ def test_deferred_task_work_signals_the_eventfd(ring):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_drain_called_in_a_busy_loop_runs_work_queued_while_it_ran():
+    """COOP_TASKRUN: the kernel queues a completion's work for this thread
+    without interrupting it, and runs it at its next return from the kernel.
+    A program that polls with drain() and no other system call still gets
+    it: the drain enters when it finds nothing. The write comes from a
+    child process, and the parent waits for it in shared memory, so that
+    nothing but the drain enters the kernel."""
+    flags = mmap.mmap(-1, 2)  # [0]: written, set by the child; [1]: go
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            for _ in range(SPIN_LIMIT):
+                if flags[1]:
+                    os.write(w, b"x")
+                    flags[0] = 1
+                    break
+        finally:
+            os._exit(0)
+    try:
+        with iouzcrx.Ring(defer_taskrun=False) as ring:
+            read = ring.read(r, bytearray(8))
+            ring.drain()  # submitted: the pipe is empty, so it waits
+            assert not read.done
+            flags[1] = 1
+            for _ in range(SPIN_LIMIT):
+                if flags[0]:
+                    break
+            assert flags[0], "the child never wrote"
+            ring.drain()
+            assert read.done and read.results[-1][0] == 1
+    finally:
+        os.waitpid(child, 0)
+        os.close(r)
+        os.close(w)
+        flags.close()
 
 
 def test_a_ring_without_defer_taskrun_completes_a_read_with_no_enter():
