@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if shutil.which("perf") is None:
-        raise SystemExit("profile.py needs perf (Debian: apt-get install linux-perf)")
+        raise SystemExit("cpu_profile.py needs perf (Debian: apt-get install linux-perf)")
     sc = by_name[args.scenario]
     _, unit = units_of(sc)
     names = args.receivers.split(",")

@@ -677,8 +677,8 @@ cdef class Ring:
                     # COOP_TASKRUN: work the kernel queued while this thread
                     # ran user code waits for its next return from the
                     # kernel, which a drain called in a busy loop would
-                    # never make. One enter runs it (the event loop's drains
-                    # find completions and never get here).
+                    # never make. One enter runs it (a drain the ring fd's
+                    # readiness calls finds completions and does not get here).
                     self.enter(0, True)
                 elif not self.kernel_has_work():
                     break  # idle: no completion, submission, task work or overflow
