@@ -35,7 +35,7 @@ from iouzcrx._receive cimport AcceptedFd, ReceiveQueue
 import os as _os
 
 from iouzcrx.errors import WrongProcess
-from iouzcrx.protocols import delivery_methods as _delivery_methods
+from iouzcrx._receive import delivery_methods as _delivery_methods
 
 __all__ = ["BULK_READ", "ReadinessReceiver"]
 

@@ -167,6 +167,9 @@ class Receiver(Request):
         process forked from the owner it drops only this copy's queued views
         (the receive is the parent's)."""
 
+def delivery_methods(
+    protocol: Any,
+) -> tuple[str, Callable[..., Any], Callable[..., Any] | None]: ...
 def socket_addresses(fd: int) -> tuple[int, bytes | None, bytes | None]:
     """``(family, local, peer)``: the address family of the socket ``fd``
     (-1 if the kernel will not say) and its local and peer addresses as the

@@ -31,7 +31,33 @@ import os as _os
 from iouzcrx import _checks
 from iouzcrx._checks import AcceptedSocket as _AcceptedSocket
 from iouzcrx.errors import kernel_error
-from iouzcrx.protocols import delivery_methods as _delivery_methods
+
+
+def delivery_methods(protocol):
+    """How data reaches ``protocol``: ``("views", view_received, None)``,
+    ``("buffered", get_buffer, buffer_updated)`` or ``("bytes",
+    data_received, None)``, the bound methods looked up once.
+
+    Chosen by what the protocol has, as the event loops do (no base class is
+    required), in that order. TypeError if it has none of these.
+    """
+    # Here rather than in iouzcrx.protocols (which exports it): every
+    # connection asks it once, and in C the look-ups cost no Python frame.
+    view_received = getattr(protocol, "view_received", None)
+    if callable(view_received):
+        return "views", view_received, None
+    get_buffer = getattr(protocol, "get_buffer", None)
+    buffer_updated = getattr(protocol, "buffer_updated", None)
+    if callable(get_buffer) and callable(buffer_updated):
+        return "buffered", get_buffer, buffer_updated
+    data_received = getattr(protocol, "data_received", None)
+    if callable(data_received):
+        return "bytes", data_received, None
+    raise TypeError(
+        f"the protocol {protocol!r} cannot take received data: give it view_received(view) "
+        "(zero copy, see ZeroCopyProtocol), get_buffer(sizehint) and buffer_updated(nbytes) "
+        "(asyncio.BufferedProtocol) or data_received(data) (asyncio.Protocol)"
+    )
 
 
 cdef extern from *:
@@ -912,7 +938,7 @@ cdef class Receiver(Request):
         returned, when the caller has it already (not looked up again).
         Returns the kind chosen, as ``delivery`` does."""
         if methods is None:
-            methods = _delivery_methods(protocol)
+            methods = delivery_methods(protocol)
         kind, method, updated = methods
         if kind == "views":
             self.on_data = method

@@ -17,6 +17,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from iouzcrx._receive import delivery_methods
+
 __all__ = ["ZeroCopyProtocol", "delivery_for", "delivery_methods"]
 
 
@@ -35,31 +37,6 @@ class ZeroCopyProtocol(asyncio.BaseProtocol):
         """The peer closed its side. Return true to keep the transport open
         for writing (half-close); otherwise it is closed."""
         return None
-
-
-def delivery_methods(protocol: Any) -> tuple[str, Callable[..., Any], Callable[..., Any] | None]:
-    """How data reaches ``protocol``: ``("views", view_received, None)``,
-    ``("buffered", get_buffer, buffer_updated)`` or ``("bytes",
-    data_received, None)``, the bound methods looked up once.
-
-    Chosen by what the protocol has, as the event loops do (no base class is
-    required), in that order. TypeError if it has none of these.
-    """
-    view_received = getattr(protocol, "view_received", None)
-    if callable(view_received):
-        return "views", view_received, None
-    get_buffer = getattr(protocol, "get_buffer", None)
-    buffer_updated = getattr(protocol, "buffer_updated", None)
-    if callable(get_buffer) and callable(buffer_updated):
-        return "buffered", get_buffer, buffer_updated
-    data_received = getattr(protocol, "data_received", None)
-    if callable(data_received):
-        return "bytes", data_received, None
-    raise TypeError(
-        f"the protocol {protocol!r} cannot take received data: give it view_received(view) "
-        "(zero copy, see ZeroCopyProtocol), get_buffer(sizehint) and buffer_updated(nbytes) "
-        "(asyncio.BufferedProtocol) or data_received(data) (asyncio.Protocol)"
-    )
 
 
 def delivery_for(protocol: Any) -> Callable[[memoryview], None]:

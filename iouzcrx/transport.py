@@ -816,7 +816,12 @@ class ZcrxTransport(asyncio.Transport):
 
     def close(self) -> None:
         """Stop reading, send what is queued, then close the socket."""
-        if self._closing or self._reactor.handed_to_owner(self.close):
+        if self._closing:
+            return
+        # handed_to_owner's first test, spelled out: a close on the rings'
+        # thread (every close but one from another thread) costs no frame.
+        reactor = self._reactor
+        if threading.get_ident() != reactor.thread and reactor.handed_to_owner(self.close):
             return
         self._closing = True
         if self._receiver is not None or self._watching or self._ready is not None:
