@@ -28,8 +28,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from requests import SAMPLE_HZ, SAMPLE_LINE, group_of  # noqa: E402  (scripts beside each other)
+from requests import (  # noqa: E402  (scripts beside each other)
+    SAMPLE_HZ,
+    group_of,
+    medians,
+    symbol_samples,
+)
 from suite import Scenario, compile_programs, run_wrapped, scenarios  # noqa: E402
 
 
@@ -48,24 +51,6 @@ def units_of(sc: Scenario) -> tuple[float, str]:
     if sc.kind == "short":
         return sc.connections, "connection"
     return sc.expect_bytes / 1e9, "GB"
-
-
-def symbol_samples(record: Path) -> dict[tuple[str, str], int]:
-    """perf report of ``record``: samples per (dso, symbol)."""
-    report = subprocess.run(
-        ["perf", "report", "-i", str(record), "--stdio", "-n", "-g", "none"]
-        + ["--no-children", "--sort", "dso,sym"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    samples: dict[tuple[str, str], int] = {}
-    for line in report.splitlines():
-        match = SAMPLE_LINE.match(line)
-        if match is not None:
-            key = (match[2], match[4])
-            samples[key] = samples.get(key, 0) + int(match[1])
-    return samples
 
 
 def quarter_of(sc: Scenario) -> Scenario:
@@ -96,12 +81,6 @@ def profile_once(name: str, programs: dict[str, Path], sc: Scenario, work: Path)
         group = group_of(dso, sym)
         by_group[group] = by_group.get(group, 0.0) + cost
     return {"groups": by_group, "symbols": by_symbol}
-
-
-def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    names = {name for row in rows for name in row}
-    middle = {n: statistics.median(row.get(n, 0.0) for row in rows) for n in names}
-    return dict(sorted(middle.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str]) -> int:

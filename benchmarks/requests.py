@@ -127,33 +127,29 @@ IOUZCRX_MODULE = re.compile(
 SAMPLE_LINE = re.compile(r"^\s*[\d.]+%\s+(\d+)\s+(\S+)\s+\[(.)\]\s+(\S+)")
 
 
-def samples_by_group(record: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """perf report of ``record``: samples per group and per kernel symbol."""
+def symbol_samples(record: Path) -> dict[tuple[str, str], int]:
+    """perf report of ``record``: samples per (dso, symbol)."""
     report = subprocess.run(
-        [
-            "perf",
-            "report",
-            "-i",
-            str(record),
-            "--stdio",
-            "-n",
-            "-g",
-            "none",
-            "--no-children",
-            "--sort",
-            "dso,sym",
-        ],
+        ["perf", "report", "-i", str(record), "--stdio", "-n", "-g", "none"]
+        + ["--no-children", "--sort", "dso,sym"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    groups: dict[str, int] = {}
-    kernel: dict[str, int] = {}
+    samples: dict[tuple[str, str], int] = {}
     for line in report.splitlines():
         match = SAMPLE_LINE.match(line)
-        if match is None:
-            continue
-        samples, dso, _, symbol = int(match[1]), match[2], match[3], match[4]
+        if match is not None:
+            key = (match[2], match[4])
+            samples[key] = samples.get(key, 0) + int(match[1])
+    return samples
+
+
+def samples_by_group(record: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """perf report of ``record``: samples per group and per kernel symbol."""
+    groups: dict[str, int] = {}
+    kernel: dict[str, int] = {}
+    for (dso, symbol), samples in symbol_samples(record).items():
         group = group_of(dso, symbol)
         groups[group] = groups.get(group, 0) + samples
         if dso == "[kernel.kallsyms]":
@@ -207,14 +203,20 @@ def instructions_per_request(
     return (totals[1] - totals[0]) / (pair[1] - pair[0])
 
 
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The name-by-name median of ``rows`` (a name a row lacks counts 0 there),
+    largest first."""
+    names = {name for row in rows for name in row}
+    middle = {n: statistics.median(row.get(n, 0.0) for row in rows) for n in names}
+    return dict(sorted(middle.items(), key=lambda kv: -kv[1]))
+
+
 def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The figure-by-figure median of ``measure``'s rows."""
 
     def median(key: str, digits: int, floor: float) -> dict[str, float]:
-        names = {name for row in rows for name in row[key]}
-        middle = {n: statistics.median(row[key].get(n, 0.0) for row in rows) for n in names}
-        kept = {n: round(v, digits) for n, v in middle.items() if v >= floor}
-        return dict(sorted(kept.items(), key=lambda kv: -kv[1]))
+        middle = medians([row[key] for row in rows])
+        return {n: round(v, digits) for n, v in middle.items() if v >= floor}
 
     cpu = median("cpu_us", 2, 0.05)
     return {
