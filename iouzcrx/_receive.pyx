@@ -176,6 +176,8 @@ cdef int socket_fd_now(object sock) except? -2:
         sock = accepted.sock
         if sock is None:
             return -1
+        if type(sock) is accepted_socket_type:
+            return accepted_socket_fd(sock)  # as AcceptedFd.fd_now reads it
     elif type(sock) is int:
         return <int>sock  # a bare number: the program vouches for it
     return owner_fd_now(sock)
