@@ -20,7 +20,7 @@ except ImportError:
     sys.exit("building iouzcrx needs Cython >= 3.1 (a build requirement in pyproject.toml)")
 
 MODULES = ["_ring", "_area", "_receive", "_zcrx", "_bufring", "_socket_pool", "_probe", "_reader",
-           "_readiness"]
+           "_readiness", "_transport"]
 
 
 def extension(name: str) -> Extension:

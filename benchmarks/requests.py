@@ -122,7 +122,7 @@ def group_of(dso: str, symbol: str) -> str:
 
 
 IOUZCRX_MODULE = re.compile(
-    r"_(area|bufring|probe|reader|readiness|receive|ring|socket_pool|zcrx)\.cpython-"
+    r"_(area|bufring|probe|reader|readiness|receive|ring|socket_pool|transport|zcrx)\.cpython-"
 )
 SAMPLE_LINE = re.compile(r"^\s*[\d.]+%\s+(\d+)\s+(\S+)\s+\[(.)\]\s+(\S+)")
 

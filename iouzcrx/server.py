@@ -450,8 +450,8 @@ class ZcrxServer(asyncio.AbstractServer):
         self._closed = True
         self._serving = False
         for connection in self._connections:
-            if type(connection) is ZcrxTransport and connection._on_closed is not None:
-                connection._on_closed = self._detach
+            if type(connection) is ZcrxTransport:
+                connection._core.replace_on_closed(self._detach)
         for loop_server in self._loop_servers:
             loop_server.close()
         inherited = self._reactor.inherited

@@ -40,6 +40,7 @@ COMPILED_MODULES = (
     "_probe",
     "_reader",
     "_readiness",
+    "_transport",
 )
 IN_VM = os.environ.get("IOUZCRX_VM") == "1"
 

@@ -25,7 +25,7 @@ import pytest
 from isolation import TESTS, child_env
 
 import iouzcrx
-from iouzcrx import transport as transport_module
+from iouzcrx import _transport as transport_module
 from iouzcrx.reactor import Reactor
 
 TIMEOUT = 60
@@ -34,13 +34,11 @@ TIMEOUT = 60
 @pytest.fixture(autouse=True)
 def _readiness_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "_READINESS", "1")
-    monkeypatch.setattr(transport_module.ZcrxTransport, "_prefer_readiness", True)
 
 
 @pytest.fixture
 def _readiness_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "_READINESS", "auto")
-    monkeypatch.setattr(transport_module.ZcrxTransport, "_prefer_readiness", False)
 
 
 class Echo(asyncio.Protocol):
@@ -413,7 +411,6 @@ async def test_a_read_only_buffer_fails_the_connection_clearly(
 @pytest.mark.asyncio
 async def test_readiness_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "_READINESS", "0")
-    monkeypatch.setattr(transport_module.ZcrxTransport, "_prefer_readiness", False)
     Echo.instances.clear()
     server, port = await serve(Echo)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
