@@ -183,6 +183,8 @@ cdef class TransportCore:
     # The ring's poll for errors on the socket, where the loop misses them
     # (Reactor.readers_miss_errors).
     cdef object _error_poll
+    # connection_made was called, or is scheduled (start_accepted refuses then).
+    cdef bint _started
 
     def __init__(
         self, transport, reactor, queue, sock, protocol, extra, waiter, on_closed, bint start
@@ -227,11 +229,15 @@ cdef class TransportCore:
             except OSError:
                 extra["peername"] = None  # reset by the peer already: its receive says so
         if start:
+            self._started = True
             # One callback, as uvloop does: connection_made, then reading,
             # then the waiter, in the order asyncio's three would run them.
             # The server starts the connections its ring accepted itself
             # (start_accepted).
             self._loop.call_soon(self._connection_made, waiter)
+
+    def __repr__(self):
+        return self.describe()
 
     cpdef str describe(self):
         """The transport's repr."""
@@ -265,8 +271,15 @@ cdef class TransportCore:
         receive in its next pass: the connection costs no loop callback and
         no enter of its own to start. An exception from ``connection_made``
         goes to the loop's exception handler, as it would from a callback,
-        and the connection is served even so."""
-        # _connection_made without a waiter, spelled out (one frame less).
+        and the connection is served even so. RuntimeError if it was
+        started already."""
+        if self._started:
+            raise RuntimeError(
+                "start_accepted(): this connection was started already (the server "
+                "starts the connections it accepts)"
+            )
+        self._started = True
+        # _connection_made without a waiter, spelled out.
         try:
             self._protocol.connection_made(self.transport)
         except (SystemExit, KeyboardInterrupt):
@@ -649,7 +662,11 @@ cdef class TransportCore:
             self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
             return
         if not keep_open:
-            self.close()
+            transport = self.transport
+            if transport is not None and type(transport) is not ZcrxTransport:
+                transport.close()  # a subclass's close(), as asyncio's transports call it
+            else:
+                self.close()
 
     cpdef is_reading(self):
         """Whether the transport receives (not paused, not closing)."""
@@ -981,6 +998,17 @@ cdef class TransportCore:
                 self._leave_readiness()
 
 
+cdef inline TransportCore core_of(transport):
+    """``transport``'s core, checked: a program may have replaced it."""
+    core = transport._core
+    if type(core) is not TransportCore:
+        raise TypeError(
+            f"this ZcrxTransport's _core is {core!r}, not its TransportCore: the transport "
+            "cannot be used once that is replaced"
+        )
+    return <TransportCore>core
+
+
 class ZcrxTransport(asyncio.Transport):
     """One TCP connection served by the ring's receive queue.
 
@@ -1008,7 +1036,7 @@ class ZcrxTransport(asyncio.Transport):
     def _loop(self):
         # The event loop, where asyncio's transports keep it: the streams'
         # reader waits on futures of this loop.
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core._loop
 
     def start_accepted(self):
@@ -1020,46 +1048,50 @@ class ZcrxTransport(asyncio.Transport):
         no enter of its own to start. An exception from ``connection_made``
         goes to the loop's exception handler, as it would from a callback,
         and the connection is served even so."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.start_accepted()
 
     def __repr__(self):
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.describe()
 
     def get_extra_info(self, name, default=None):
         """What asyncio's transports answer, and more (see the class
         docstring)."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.get_extra_info(name, default)
 
     def is_reading(self):
         """Whether the transport receives (not paused, not closing)."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.is_reading()
 
     def pause_reading(self):
         """Stop delivering data to the protocol until ``resume_reading()``; what
         already arrived is kept for then."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.pause_reading()
 
     def resume_reading(self):
         """Deliver again, starting with what arrived while paused."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.resume_reading()
 
     def write(self, data):
         """Send ``data``: at once on the socket where it takes it, the rest through
         ring ``SEND``s. The protocol's ``pause_writing()`` is called above the
         high-water mark and ``resume_writing()`` below the low one."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.write(data)
 
     def writelines(self, list_of_data):
         """``write()`` each buffer of ``list_of_data``."""
-        cdef TransportCore core = self._core
-        core.writelines(list_of_data)
+        cdef TransportCore core = core_of(self)
+        if type(self) is ZcrxTransport:
+            core.writelines(list_of_data)
+        else:
+            for data in list_of_data:
+                self.write(data)  # a subclass's write(), as asyncio's transports call it
 
     def can_write_eof(self):
         """True: TCP can close its sending side alone."""
@@ -1067,46 +1099,46 @@ class ZcrxTransport(asyncio.Transport):
 
     def write_eof(self):
         """Close the sending side once the data queued so far is sent."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.write_eof()
 
     def get_write_buffer_size(self):
         """Bytes queued and not yet sent."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.get_write_buffer_size()
 
     def get_write_buffer_limits(self):
         """The ``(low, high)`` water marks of the write buffer."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.get_write_buffer_limits()
 
     def set_write_buffer_limits(self, high=None, low=None):
         """Set the write buffer's water marks, as asyncio's transports do."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.set_write_buffer_limits(high, low)
 
     def is_closing(self):
         """Whether the transport is closing or closed."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.is_closing()
 
     def close(self):
         """Stop reading, send what is queued, then close the socket."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.close()
 
     def abort(self):
         """Close at once: queued data is dropped, and the protocol's
         ``connection_lost(None)`` follows."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.abort()
 
     def get_protocol(self):
         """The protocol that gets the data."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         return core.get_protocol()
 
     def set_protocol(self, protocol):
         """Hand the connection to another protocol."""
-        cdef TransportCore core = self._core
+        cdef TransportCore core = core_of(self)
         core.set_protocol(protocol)

@@ -569,3 +569,117 @@ def test_a_socket_the_program_made_blocking_never_blocks_the_loop(side):
         timeout=60,
     )
     assert lines == ["write returned", "intact True"]
+
+
+def test_a_transport_whose_core_was_replaced_refuses_instead_of_crashing():
+    """The transport's state lives in its TransportCore (iouzcrx._transport):
+    a program that replaces ``_core`` gets TypeError from every method, not
+    the C methods run on another object. In a child: a crash is its exit."""
+    from isolation import run_python
+
+    lines = run_python(
+        """
+        import asyncio, socket
+        import iouzcrx
+
+        async def main():
+            made = asyncio.get_running_loop().create_future()
+
+            class Keeps(asyncio.Protocol):
+                def connection_made(self, transport):
+                    made.set_result(transport)
+
+            server = await iouzcrx.create_zcrx_server(Keeps, "127.0.0.1", 0, mode="bufring")
+            client = socket.create_connection(server.sockets[0].getsockname())
+            transport = await made
+            core = transport._core
+            for replacement in (None, object(), 7):
+                transport._core = replacement
+                for call in (
+                    transport.close, transport.is_closing, transport.pause_reading,
+                    transport.get_write_buffer_size, lambda: transport.write(b"x"),
+                    lambda: repr(transport), lambda: transport.get_extra_info("peername"),
+                ):
+                    try:
+                        call()
+                    except TypeError as exc:
+                        assert "_core" in str(exc), exc
+                    else:
+                        print("no TypeError from", call)
+            transport._core = core
+            transport.close()
+            client.close()
+            server.close()
+            await server.wait_closed()
+            print("refused every call")
+
+        asyncio.run(main())
+        """
+    )
+    assert lines == ["refused every call"]
+
+
+@pytest.mark.asyncio
+async def test_a_transport_subclass_gets_its_own_write_and_close_called(monkeypatch):
+    """writelines() writes through write(), and an eof_received() that
+    returns false closes through close(), as asyncio's transports do: a
+    subclass's overrides are called."""
+    import iouzcrx.server
+
+    seen: list[Any] = []
+
+    class Watched(iouzcrx.ZcrxTransport):
+        def write(self, data):  # type: ignore[no-untyped-def]
+            seen.append(bytes(data))
+            super().write(data)
+
+        def close(self):  # type: ignore[no-untyped-def]
+            seen.append("close")
+            super().close()
+
+    monkeypatch.setattr(iouzcrx.server, "ZcrxTransport", Watched)
+    lost = asyncio.get_running_loop().create_future()
+
+    class Answers(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            self.transport = transport
+
+        def data_received(self, data):  # type: ignore[no-untyped-def]
+            self.transport.writelines([data, b"!"])
+
+        def connection_lost(self, exc):  # type: ignore[no-untyped-def]
+            lost.set_result(exc)
+
+    server = await iouzcrx.create_zcrx_server(Answers, "127.0.0.1", 0, mode="bufring")
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.write(b"hi")
+        assert await asyncio.wait_for(reader.readexactly(3), 30) == b"hi!"
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        assert await asyncio.wait_for(lost, 30) is None
+        writer.close()
+    assert seen == [b"hi", b"!", "close"]
+
+
+@pytest.mark.asyncio
+async def test_a_connection_cannot_be_started_twice():
+    """start_accepted() on a connection already started (by the server)
+    raises: a second connection_made and a second reader would follow."""
+    made: list[Any] = []
+
+    class Counts(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            made.append(transport)
+
+    server = await iouzcrx.create_zcrx_server(Counts, "127.0.0.1", 0, mode="bufring")
+    async with server:
+        client = socket.create_connection(("127.0.0.1", port_of(server)))
+        with client:
+            while not made:
+                await asyncio.sleep(0.01)
+            with pytest.raises(RuntimeError, match="started already"):
+                made[0].start_accepted()
+            await asyncio.sleep(0.05)
+            assert len(made) == 1
+            made[0].close()
