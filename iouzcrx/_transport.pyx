@@ -279,7 +279,7 @@ cdef class TransportCore:
                 "starts the connections it accepts)"
             )
         self._started = True
-        # _connection_made without a waiter, spelled out.
+        # _connection_made without a waiter, its exceptions reported.
         try:
             self._protocol.connection_made(self.transport)
         except (SystemExit, KeyboardInterrupt):
@@ -287,32 +287,14 @@ cdef class TransportCore:
             raise
         except BaseException as exc:
             self._report(exc, "Exception in protocol.connection_made()")
-        # _start_reading(True), spelled out: a Python frame less for every
-        # connection.
-        if self._closing or self._paused or self._eof_seen or self._receiver is not None:
-            return
         try:
-            if self._prefer_readiness and self._by_readiness and self._readiness_fits:
-                self._start_readiness()
-                return
-            receiver = self._queue.recv_multishot(
-                self._sock,
-                on_end=functools.partial(self._receive_ended, self._generation),
-                on_error=self._on_protocol_error,
-                account=self._pins,
-            )
-            receiver.set_protocol_delivery(self._protocol, self._methods)
+            self._start_reading(True)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             # Raised from here, it would end the accept's completion, not
             # this connection: the protocol is told instead.
             self._fatal_error(exc, "Fatal error: zcrx transport could not start receiving")
-            return
-        self._receiver = receiver
-        self._ops_on_socket += 1
-        if self._hints:
-            self._watch_socket()
 
     cpdef get_extra_info(self, name, default=None):
         """What asyncio's transports answer, and more (see the class
@@ -613,13 +595,11 @@ cdef class TransportCore:
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     def _receive_ended(self, generation, error):
-        # Every connection ends here, usually at EOF: _unwatch_socket and
-        # _op_on_socket_done are spelled out in it.
+        # Every connection ends here, usually at EOF.
         try:
             if generation != self._generation:
                 return  # a receiver retired by pause_reading() or close()
-            if self._watching:
-                self._unwatch_socket()
+            self._unwatch_socket()
             receiver, self._receiver = self._receiver, None
             if error is not None:
                 self._fatal_error(error, "Fatal read error on zcrx transport")
@@ -649,9 +629,7 @@ cdef class TransportCore:
                 # Ended neither by EOF, an error nor this transport: the ring closed.
                 self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
         finally:
-            self._ops_on_socket -= 1
-            if self._socket_release_wanted and (self._ops_on_socket == 0 or self._ring.closed):
-                self._sock.close()
+            self._op_on_socket_done()
 
     cdef _deliver_eof(self):
         try:
@@ -954,8 +932,7 @@ cdef class TransportCore:
         try:
             self._protocol.connection_lost(exc)
         finally:
-            if self._watching:
-                self._unwatch_socket()
+            self._unwatch_socket()
             # The socket is closed once no ring operation names it any more
             # (else by the last one's completion, _op_on_socket_done). A
             # closed ring has dropped its operations: none is coming back.
