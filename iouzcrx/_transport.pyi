@@ -19,6 +19,28 @@ class TransportCore:
         """Tell ``on_closed`` instead when the connection is lost, unless
         nobody was to be told."""
 
+class Acceptor:
+    """The completion of a listening socket's multishot accept: each
+    connection is made a ``ZcrxTransport`` and started, with no Python
+    frame. Made by the server."""
+
+    listener: socket.socket
+    closed: bool
+    direct: bool
+    failures: int
+
+    def __init__(
+        self,
+        server: Any,
+        listener: socket.socket,
+        reactor: Reactor,
+        queue: ReceiveQueue,
+        factory: Any,
+        connections: set[Any],
+        transport_type: type[ZcrxTransport] = ...,
+    ) -> None: ...
+    def __call__(self, res: int, flags: int) -> None: ...
+
 class ZcrxTransport(asyncio.Transport):
     """One TCP connection served by the ring's receive queue.
 

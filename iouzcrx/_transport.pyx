@@ -11,6 +11,26 @@ frame of the library's.
 """
 
 cimport cython
+from cpython.exc cimport PyErr_SetFromErrno
+
+from iouzcrx._abi cimport IOUZ_CQE_F_MORE
+from iouzcrx._receive cimport AcceptedFd
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int c_setsockopt "setsockopt"(int fd, int level, int name, const void *value,
+                                  unsigned int length)
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<unistd.h>" nogil:
+    int c_close "close"(int fd)
 
 import asyncio
 import collections
@@ -23,10 +43,10 @@ import threading
 
 from iouzcrx._checks import AcceptedSocket, byte_buffer
 from iouzcrx._readiness import BULK_READ, ReadinessReceiver
-from iouzcrx._receive import AcceptedFd, delivery_methods, socket_addresses
+from iouzcrx._receive import delivery_methods, socket_addresses
 from iouzcrx.protocols import delivery_for
 
-__all__ = ["TransportCore", "ZcrxTransport", "owned_fd"]
+__all__ = ["Acceptor", "TransportCore", "ZcrxTransport", "owned_fd"]
 
 _DEFAULT_HIGH_WATER = 64 * 1024
 _MAX_SEND = 1 << 20  # small writes are joined into sends of at most this
@@ -189,6 +209,11 @@ cdef class TransportCore:
     def __init__(
         self, transport, reactor, queue, sock, protocol, extra, waiter, on_closed, bint start
     ):
+        self.setup(transport, reactor, queue, sock, protocol, extra, waiter, on_closed, start)
+
+    cdef int setup(
+        self, transport, reactor, queue, sock, protocol, extra, waiter, on_closed, bint start
+    ) except -1:
         # Fields not set here start as None, 0 or False.
         self.transport = transport
         self._extra = extra
@@ -235,6 +260,7 @@ cdef class TransportCore:
             # The server starts the connections its ring accepted itself
             # (start_accepted).
             self._loop.call_soon(self._connection_made, waiter)
+        return 0
 
     def __repr__(self):
         return self.describe()
@@ -998,6 +1024,9 @@ class ZcrxTransport(asyncio.Transport):
     and resumes as they are released.
     """
 
+    # No instance dict: the server makes one of these per connection.
+    __slots__ = ("_core", "__weakref__")
+
     def __init__(
         self, reactor, queue, sock, protocol, extra=None, waiter=None, on_closed=None, *, start=True
     ):
@@ -1119,3 +1148,108 @@ class ZcrxTransport(asyncio.Transport):
         """Hand the connection to another protocol."""
         cdef TransportCore core = core_of(self)
         core.set_protocol(protocol)
+
+
+cdef object _new_object = object.__new__
+
+
+@cython.final
+cdef class Acceptor:
+    """The completion of a listening socket's multishot accept: the ring
+    calls it with each CQE. Each connection is made a ``ZcrxTransport`` and
+    started here, with no Python frame. The server is called for the rest:
+    a connection it steers or routes (``_new_connection``), a connection its
+    protocol factory refused (``_report_refused_connection``) and the
+    accept's last completion (``_accept_ended``). Made by the server."""
+
+    cdef object _server
+    cdef readonly object listener
+    cdef int _family
+    cdef int _kind
+    cdef int _proto
+    cdef bint _tcp
+    cdef object _reactor
+    cdef object _queue
+    cdef object _factory
+    cdef object _transport_type
+    cdef set _connections
+    cdef object _leave
+    # Set by the server: once it closed, each connection accepted still is
+    # closed at once (refused).
+    cdef public bint closed
+    # Whether each connection is served here: neither steered nor routed.
+    cdef public bint direct
+    # Accept errors in a row, for the server's retry (a success resets it).
+    cdef public int failures
+
+    def __init__(
+        self, server, listener, reactor, queue, factory, set connections not None,
+        transport_type=ZcrxTransport,
+    ):
+        if not (isinstance(transport_type, type) and issubclass(transport_type, ZcrxTransport)):
+            raise TypeError(f"transport_type={transport_type!r}: want ZcrxTransport or a subclass")
+        self._transport_type = transport_type
+        self._server = server
+        self.listener = listener
+        # Each accepted socket is made with the listener's family, type and
+        # protocol (the ring's accept makes it non-blocking), read here once.
+        self._family = int(listener.family)
+        self._kind = int(listener.type) | socket.SOCK_NONBLOCK
+        self._proto = listener.proto
+        self._tcp = self._family == _AF_INET or self._family == _AF_INET6
+        self._reactor = reactor
+        self._queue = queue
+        self._factory = factory
+        self._connections = connections
+        # While the server is open, leaving is only this (close() hands the
+        # connections still open the server's _detach, which wakes
+        # wait_closed() after the last).
+        self._leave = connections.discard
+
+    def __call__(self, int res, unsigned int flags):
+        if res >= 0:
+            if self.closed:
+                c_close(res)  # taken as the listener closed: refused
+            else:
+                self.failures = 0
+                if self.direct:
+                    self.serve(res)
+                else:
+                    self._server._new_connection(
+                        AcceptedFd(self._family, self._kind, self._proto, res),
+                        tcp=self._tcp,
+                        accepted=True,
+                    )
+        if not flags & IOUZ_CQE_F_MORE:
+            self._server._accept_ended(self, res)
+
+    cdef int serve(self, int fd) except -1:
+        cdef TransportCore core
+        cdef int one = 1
+        # The fd alone, in a small object that owns it: no socket.socket
+        # (and its getsockname) unless the program asks for one.
+        conn = AcceptedFd(self._family, self._kind, self._proto, fd)
+        try:
+            if self._tcp and c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0:
+                PyErr_SetFromErrno(OSError)
+            protocol = self._factory()
+            # What ZcrxTransport() does, without its argument parsing.
+            core = TransportCore.__new__(TransportCore)
+            extra = {}
+            transport = _new_object(self._transport_type)
+            transport._extra = extra
+            transport._core = core
+            core.setup(
+                transport, self._reactor, self._queue, conn, protocol, extra, None, self._leave,
+                False,
+            )
+        except (SystemExit, KeyboardInterrupt):
+            conn.close()
+            raise
+        except BaseException as exc:
+            conn.close()
+            self._server._report_refused_connection(exc)
+            return 0
+        self._connections.add(transport)
+        core.start_accepted()
+        return 0

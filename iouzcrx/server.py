@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from iouzcrx._receive import AcceptedFd
-from iouzcrx._ring import CQE_F_MORE
+from iouzcrx._transport import Acceptor
 from iouzcrx.errors import InvalidConfiguration
 from iouzcrx.modes import (
     DEFAULT_AREA_SIZE,
@@ -39,10 +39,6 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_RETRY_DELAY = 1.0
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
-
-# Plain ints: the socket module's are enums, slower to pass.
-_IPPROTO_TCP = int(socket.IPPROTO_TCP)
-_TCP_NODELAY = int(socket.TCP_NODELAY)
 
 # asyncio's Server.wait_closed() waits for the open connections only since
 # 3.12.1; before, once close() had been called it returned at once. The server
@@ -78,8 +74,9 @@ class ZcrxServer(asyncio.AbstractServer):
         self._serving = False
         self._closed = False
         self._accepts: dict[socket.socket, Any] = {}
-        # Accept errors in a row per listening socket (reset by a success).
-        self._accept_failures: dict[socket.socket, int] = {}
+        # Each listening socket's accept completion (it counts the accept
+        # errors in a row).
+        self._acceptors: dict[socket.socket, Acceptor] = {}
         self._connections: set[Any] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._serving_forever: asyncio.Future[None] | None = None
@@ -263,72 +260,33 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         ring = self._reactor.ring
         assert ring is not None
-        # Each accepted socket is made with the listener's family, type and
-        # protocol (Ring.accept makes it non-blocking), read here once: the
-        # socket module converts them to enums on every read.
-        family = int(sock.family)
-        on_accept = functools.partial(
-            self._on_accept,
-            sock,
-            family,
-            int(sock.type) | socket.SOCK_NONBLOCK,
-            sock.proto,
-            family in (socket.AF_INET, socket.AF_INET6),
-        )
+        acceptor = self._acceptors.get(sock)
+        if acceptor is None:
+            acceptor = self._acceptors[sock] = Acceptor(
+                self,
+                sock,
+                self._reactor,
+                self._selection.backend,
+                self._protocol_factory,
+                self._connections,
+                ZcrxTransport,
+            )
+        acceptor.direct = self._steer is None and self._router is None
         # On the reactor's ring without DEFER_TASKRUN: the kernel accepts and
         # posts the completion itself, with no work for a socket hint to run.
-        self._accepts[sock] = ring.accept(sock, multishot=True, callback=on_accept)
+        self._accepts[sock] = ring.accept(sock, multishot=True, callback=acceptor)
         self._reactor.schedule()
 
-    def _on_accept(
-        self,
-        sock: socket.socket,
-        family: int,
-        kind: int,
-        proto: int,
-        tcp: bool,
-        res: int,
-        flags: int,
-    ) -> None:
-        if res >= 0 and self._closed:
-            os.close(res)  # taken as the listener closed: refused
-        elif res >= 0:
-            if self._accept_failures:
-                self._accept_failures.pop(sock, None)
-            # The fd alone, in a small object that owns it: no socket.socket
-            # (and its getsockname) unless the program asks for one.
-            conn = AcceptedFd(family, kind, proto, res)
-            if self._steer is not None or self._router is not None:
-                self._new_connection(conn, tcp=tcp, accepted=True)
-            else:
-                # _new_connection for one receive queue and no steering, spelled
-                # out: a Python frame less for every connection.
-                try:
-                    if tcp:
-                        conn.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
-                    transport = ZcrxTransport(
-                        self._reactor,
-                        self._selection.backend,
-                        conn,
-                        self._protocol_factory(),
-                        # While the server is open, leaving is only this: no
-                        # Python frame per connection (close() hands the
-                        # connections still open _detach, which wakes
-                        # wait_closed() after the last).
-                        on_closed=self._connections.discard,
-                        start=False,
-                    )
-                except (SystemExit, KeyboardInterrupt):
-                    conn.close()
-                    raise
-                except BaseException as exc:
-                    conn.close()
-                    self._report_refused_connection(exc)
-                else:
-                    self._connections.add(transport)
-                    transport.start_accepted()
-        if flags & CQE_F_MORE:
-            return
+    def _steer_with(self, steer: Callable[[socket.socket], bool] | None) -> None:
+        """Have ``steer`` see each connection the ring accepts first (None:
+        none does)."""
+        self._steer = steer
+        for acceptor in self._acceptors.values():
+            acceptor.direct = steer is None and self._router is None
+
+    def _accept_ended(self, acceptor: Acceptor, res: int) -> None:
+        """The last completion of ``acceptor``'s multishot accept."""
+        sock = acceptor.listener
         self._accepts.pop(sock, None)
         if self._closed:
             sock.close()
@@ -338,8 +296,8 @@ class ZcrxServer(asyncio.AbstractServer):
         if res >= 0:
             self._arm_accept(sock)  # a full CQ ended the multishot
             return
-        failures = self._accept_failures[sock] = self._accept_failures.get(sock, 0) + 1
-        if failures == 1 and -res not in _ACCEPT_RETRY_ERRNOS:
+        acceptor.failures += 1
+        if acceptor.failures == 1 and -res not in _ACCEPT_RETRY_ERRNOS:
             self._arm_accept(sock)  # most likely one connection's error: go on at once
             return
         # Out of resources, or an error of the listener itself that a new
@@ -449,6 +407,8 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        for acceptor in self._acceptors.values():
+            acceptor.closed = True
         for connection in self._connections:
             if type(connection) is ZcrxTransport:
                 connection._core.replace_on_closed(self._detach)

@@ -430,7 +430,14 @@ async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
         def view_received(self, view: memoryview) -> None:
             raise ValueError("boom in user code")
 
-    async with await start(mode, lambda: Faulty(seed=9)) as server:
+    protocols: list[Recorder] = []
+    faulty = True  # the first connection's protocol fails, the next one's not
+
+    def factory() -> Recorder:
+        protocols.append(Faulty(seed=9) if faulty else Recorder(seed=10))
+        return protocols[-1]
+
+    async with await start(mode, factory) as server:
         _, writer = await send_pattern(port_of(server), 9, 100_000, eof=False)
         while not reported:
             await asyncio.sleep(0.01)
@@ -438,8 +445,8 @@ async def test_an_exception_in_user_code_goes_to_the_loop_handler(mode):
         writer.close()
         # The server, and the reactor under it, still serve the next client.
         loop.set_exception_handler(None)
-        protocols: list[Recorder] = []
-        server._protocol_factory = lambda: protocols.append(Recorder(seed=10)) or protocols[-1]  # type: ignore[attr-defined]
+        protocols.clear()
+        faulty = False
         _, writer = await send_pattern(port_of(server), 10, 100_000)
         assert await asyncio.wait_for((await first(protocols)).eof, TIMEOUT) == 100_000
         writer.close()
