@@ -6,6 +6,15 @@ from iouzcrx._ring cimport Request, Ring
 
 
 cdef class Receiver
+cdef class AcceptedFd
+
+
+cdef class ReceiveClient:
+    """What owns a receiver and is told in C, instead of through its
+    ``on_end`` and ``on_error`` callables: the end of the receive, and an
+    exception the delivery raised (a transport's core is one)."""
+    cdef int receive_ended(self, Receiver receiver, object error) except -1
+    cdef int delivery_failed(self, Receiver receiver, object exc) except -1
 
 
 ctypedef struct ReturnedBuffer:
@@ -54,6 +63,9 @@ cdef class ReceiveQueue(BufferOwner):
     cdef int setup_returns(self, size_t capacity) except -1
     cdef object tell_close_listeners(self, object error)
     cdef int arm_receiver(self, Receiver receiver) except -1
+    cdef Receiver receive_for(self, AcceptedFd sock, PinAccount account, ReceiveClient client)
+    cdef Receiver start_receiver(self, object sock, int fd, object on_data, object on_end,
+                                 object on_error, PinAccount account, ReceiveClient client)
     cdef bint progressed(self, Receiver receiver) noexcept
     cdef int publish_returns(self) except -1
     cdef uint64_t free_buffers(self) noexcept
@@ -81,6 +93,7 @@ cdef class Receiver(Request):
     cdef object data_callback         # on_data: gets views (DELIVER_VIEWS)
     cdef public object on_end
     cdef public object on_error
+    cdef ReceiveClient client        # told instead of on_end/on_error (None: not)
     cdef readonly bint armed
     cdef readonly bint starved
     cdef readonly bint finished
@@ -140,6 +153,7 @@ cdef class Receiver(Request):
     cdef int callback_failed(self, object exc) except -1
     cdef int check_made(self) except -1
     cdef int finish(self, object error, bint eof) except -1
+    cdef int deliver_to(self, tuple methods) except -1
 
 
 cdef inline void request_pass(ReceiveQueue queue) noexcept:

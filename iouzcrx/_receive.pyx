@@ -599,14 +599,33 @@ cdef class ReceiveQueue(BufferOwner):
             _checks.callback("on_end", on_end)
         if not (on_error is None or callable(on_error)):
             _checks.callback("on_error", on_error)
+        return self.start_receiver(sock, fd, on_data, on_end, on_error, account, None)
+
+    cdef Receiver receive_for(self, AcceptedFd sock, PinAccount account, ReceiveClient client):
+        """recv_multishot for a transport's core: on the socket the server
+        accepted, counted in the connection's pin account, and ``client``
+        told of the end and of the delivery's exceptions."""
+        if self.closed or self.ring is None:
+            raise ValueError(f"the {self.mode} receive queue is closed")
+        self.ring.check_owner()
+        return self.start_receiver(sock, sock.fd_now(), None, None, None, account, client)
+
+    cdef Receiver start_receiver(self, object sock, int fd, object on_data, object on_end,
+                                 object on_error, PinAccount account, ReceiveClient client):
+        """recv_multishot once its arguments are checked (``fd`` is
+        ``sock``'s, the callables are None or callable); ``client``, if not
+        None, is told instead of ``on_end`` and ``on_error``."""
         cdef Receiver receiver = Receiver.__new__(Receiver)
         receiver.queue = self
         receiver.sock = sock
         receiver.fd = fd
-        receiver.chunks = _deque()
-        receiver.on_data = on_data
+        if client is None:
+            receiver.chunks = _deque()  # a client's receiver delivers: made if ever needed
+        if on_data is not None:
+            receiver.on_data = on_data
         receiver.on_end = on_end
         receiver.on_error = on_error
+        receiver.client = client
         receiver.account = account
         receiver.run_cap = 0xFFFFFFFF
         receiver.run_bytes_cap = self.max_run_bytes
@@ -682,6 +701,18 @@ cdef class ReceiveQueue(BufferOwner):
                      rearms=self.rearms, starvations=self.starvations,
                      rearms_held=self.rearms_held)
         return stats
+
+
+cdef class ReceiveClient:
+    """What owns a receiver and is told in C: the receive's end and the
+    delivery's exceptions (see the declaration). This base is told and does
+    nothing."""
+
+    cdef int receive_ended(self, Receiver receiver, object error) except -1:
+        return 0
+
+    cdef int delivery_failed(self, Receiver receiver, object exc) except -1:
+        return 0
 
 
 @cython.final
@@ -870,6 +901,8 @@ cdef class Receiver(Request):
             return 0  # closed: the view dies here and its buffers go back
         on_data = self.data_callback  # held: the callback may replace itself
         if on_data is None:
+            if self.chunks is None:
+                self.chunks = _deque()
             self.chunks.append(view)
             return 0
         cdef PyObject *result = call_one(on_data, view)
@@ -890,10 +923,15 @@ cdef class Receiver(Request):
         # Caught here rather than in the caller so that the receive's own
         # bookkeeping (re-arm, buffer counts) always runs to the end.
         on_error = self.on_error
-        if on_error is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        client = self.client
+        if (on_error is None and client is None) or isinstance(
+                exc, (KeyboardInterrupt, SystemExit)):
             return self.queue.ring.report_callback_error(exc)
         try:
-            on_error(exc)
+            if client is not None:
+                client.delivery_failed(self, exc)
+            else:
+                on_error(exc)
         except BaseException as error:
             self.queue.ring.report_callback_error(error)
         return 0
@@ -907,7 +945,11 @@ cdef class Receiver(Request):
         self.eof = eof
         self.error = error
         self.queue.receiver_finished(self)
-        if self.on_end is not None:
+        client = self.client
+        if client is not None:
+            self.client = None  # it holds this receiver: no cycle left behind
+            client.receive_ended(self, error)
+        elif self.on_end is not None:
             self.on_end(error)
         return 0
 
@@ -941,9 +983,17 @@ cdef class Receiver(Request):
         Returns the kind chosen, as ``delivery`` does."""
         if methods is None:
             methods = delivery_methods(protocol)
+        self.deliver_to(methods)
+        return methods[0]
+
+    cdef int deliver_to(self, tuple methods) except -1:
+        """set_protocol_delivery with what delivery_methods returned."""
         kind, method, updated = methods
         if kind == "views":
-            self.on_data = method
+            if not callable(method):
+                raise TypeError(f"on_data must be callable or None, not {method!r}")
+            self.data_callback = method
+            self.delivery_kind = DELIVER_VIEWS
         else:
             self.data_callback = None
             self.delivery_kind = DELIVER_BYTES if kind == "bytes" else DELIVER_BUFFERED
@@ -958,7 +1008,7 @@ cdef class Receiver(Request):
                 self.run_bytes_cap = min(self.run_bytes_cap, self.queue.max_run_bytes)
             if self.run_count:
                 self.limit_run()
-        return kind
+        return 0
 
     @property
     def delivery(self):
@@ -988,6 +1038,8 @@ cdef class Receiver(Request):
         no limit; NaN or negative: ValueError)."""
         self.check_made()
         self.queue.ring.check_thread()
+        if self.chunks is None:
+            self.chunks = _deque()
         chunks = self.chunks
         if not chunks and not self.finished:
             if self.starved and not self.throttled:
@@ -1035,13 +1087,15 @@ cdef class Receiver(Request):
             if forked_copy(self.queue.ring):
                 # The receive is the parent's: only this copy's views go.
                 self.discarding = True
-                self.chunks.clear()
+                if self.chunks is not None:
+                    self.chunks.clear()
                 return
             self.queue.ring.check_thread()
         self.discarding = True
         self.flush_run()
         self.cancel()
-        self.chunks.clear()
+        if self.chunks is not None:
+            self.chunks.clear()
 
     def __repr__(self):
         state = ("finished" if self.finished else "starved" if self.starved

@@ -14,7 +14,7 @@ cimport cython
 from cpython.exc cimport PyErr_SetFromErrno
 
 from iouzcrx._abi cimport IOUZ_CQE_F_MORE
-from iouzcrx._receive cimport AcceptedFd
+from iouzcrx._receive cimport AcceptedFd, ReceiveClient, Receiver, ReceiveQueue
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -127,7 +127,7 @@ def _set_result_unless_cancelled(fut):
 
 
 @cython.final
-cdef class TransportCore:
+cdef class TransportCore(ReceiveClient):
     """What one connection of a ``ZcrxTransport`` is and does (see the
     module's docstring); the transport's public methods call it. Made by
     ``ZcrxTransport``, never by the program."""
@@ -143,7 +143,7 @@ cdef class TransportCore:
     # The queue's ring takes the connection's sends too: its closing then
     # tells that no operation names the socket any more.
     cdef object _ring
-    cdef object _queue
+    cdef ReceiveQueue _queue
     cdef object _sock
     cdef object _protocol
     # Looked up once: the receiver is given them when reading starts.
@@ -160,8 +160,6 @@ cdef class TransportCore:
     # or detaches the socket object.
     cdef bint _by_readiness
     cdef bint _readiness_fits
-    # Bumps when a receiver is retired (pause, close).
-    cdef Py_ssize_t _generation
     cdef bint _paused
     # Views held while paused, and writes the socket did not take at once:
     # made when first needed.
@@ -378,19 +376,14 @@ cdef class TransportCore:
         if self._prefer_readiness and self._by_readiness and self._readiness_fits:
             self._start_readiness()
             return
-        generation = self._generation
         # While reading normally the receiver calls the protocol's own methods
         # (no Python frame of ours per delivery; bytes and buffered protocols
         # get copies made straight from the area); an exception the protocol
-        # raises comes back through on_error.  Pausing redirects the receiver
-        # to _on_view, which holds the data back.
-        receiver = self._queue.recv_multishot(
-            self._sock,
-            on_end=functools.partial(self._receive_ended, generation),
-            on_error=self._on_protocol_error,
-            account=self._pins,
-        )
-        receiver.set_protocol_delivery(self._protocol, self._methods)
+        # raises comes back through delivery_failed, the end through
+        # receive_ended.  Pausing redirects the receiver to _on_view, which
+        # holds the data back.
+        cdef Receiver receiver = self._queue.receive_for(self._sock, self._pins, self)
+        receiver.deliver_to(self._methods)
         self._receiver = receiver
         self._ops_on_socket += 1
         if not in_drain:
@@ -404,7 +397,7 @@ cdef class TransportCore:
         """A write on a connection the multishot receive reads: after
         _EXCHANGES_TO_MOVE small requests answered in a row, the receive is
         cancelled, and reading by readiness starts once its last completion
-        came (_receive_ended), so that no data is read out of order."""
+        came (receive_ended), so that no data is read out of order."""
         if not self._readiness_fits:
             return  # a zero-copy protocol's views stay over the area
         deliveries = receiver.deliveries
@@ -430,7 +423,7 @@ cdef class TransportCore:
             and threading.get_ident() == self._reactor.thread
             and not self._reactor.inherited
         ):
-            # Set first: _receive_ended reads it when the end comes.
+            # Set first: receive_ended reads it when the end comes.
             self._prefer_readiness = True
             try:
                 receiver.cancel()
@@ -620,27 +613,26 @@ cdef class TransportCore:
     def _on_protocol_error(self, exc):
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
-    def _receive_ended(self, generation, error):
+    cdef int delivery_failed(self, Receiver receiver, object exc) except -1:
+        self._fatal_error(exc, "Fatal error: protocol failed to take received data")
+        return 0
+
+    cdef int receive_ended(self, Receiver receiver, object error) except -1:
         # Every connection ends here, usually at EOF.
         try:
-            if generation != self._generation:
-                return  # a receiver retired by pause_reading() or close()
+            if receiver is not self._receiver:
+                return 0  # a receiver retired by pause_reading() or close()
             self._unwatch_socket()
-            receiver, self._receiver = self._receiver, None
+            self._receiver = None
             if error is not None:
                 self._fatal_error(error, "Fatal read error on zcrx transport")
             elif self._closing:
-                return
-            elif receiver is not None and receiver.eof:
+                return 0
+            elif receiver.eof:
                 self._eof_seen = True
                 if not self._paused and not self._backlog:
                     self._deliver_eof()
-            elif (
-                receiver is not None
-                and receiver.cancelling
-                and self._prefer_readiness
-                and not self._ring.closed
-            ):
+            elif receiver.cancelling and self._prefer_readiness and not self._ring.closed:
                 # Cancelled to read by readiness (_note_exchange): the last
                 # of its data came before this.
                 try:
@@ -656,6 +648,7 @@ cdef class TransportCore:
                 self._force_close(ConnectionAbortedError("the io_uring ring was closed"))
         finally:
             self._op_on_socket_done()
+        return 0
 
     cdef _deliver_eof(self):
         try:
@@ -711,7 +704,6 @@ cdef class TransportCore:
             self._stop_readiness()
         self._unwatch_socket()
         receiver, self._receiver = self._receiver, None
-        self._generation += 1
         if receiver is None or receiver.finished:
             return
         if discard:
