@@ -1016,8 +1016,9 @@ class ZcrxTransport(asyncio.Transport):
     and resumes as they are released.
     """
 
-    # No instance dict: the server makes one of these per connection.
-    __slots__ = ("_core", "__weakref__")
+    # The core in a slot, and the instance dict made only if a program sets
+    # an attribute of its own: the server makes one of these per connection.
+    __slots__ = ("_core", "__dict__", "__weakref__")
 
     def __init__(
         self, reactor, queue, sock, protocol, extra=None, waiter=None, on_closed=None, *, start=True
@@ -1216,7 +1217,7 @@ cdef class Acceptor:
             self._server._accept_ended(self, res)
 
     cdef int serve(self, int fd) except -1:
-        cdef TransportCore core
+        cdef TransportCore core = None
         cdef int one = 1
         # The fd alone, in a small object that owns it: no socket.socket
         # (and its getsockname) unless the program asks for one.
@@ -1240,6 +1241,8 @@ cdef class Acceptor:
             raise
         except BaseException as exc:
             conn.close()
+            if core is not None:
+                core.transport = None  # the pair is freed now, not by the cyclic GC
             self._server._report_refused_connection(exc)
             return 0
         self._connections.add(transport)

@@ -90,13 +90,13 @@ class ZcrxServer(asyncio.AbstractServer):
         # and reuse key, the router that finds a connection's RX queue, and
         # what it decided.
         self._routes: dict[int, tuple[ModeSelection, tuple[Any, ...]]] = {}
-        self._router: QueueRouter | None = None
+        self._queue_router: QueueRouter | None = None
         self._routed: dict[int, int] = {}
         self._unrouted = 0
         # Called with each connection the ring accepted; True when it took
         # the socket (a supervised worker handing it to the worker that
         # owns its RX queue).
-        self._steer: Callable[[socket.socket], bool] | None = None
+        self._steer_callable: Callable[[socket.socket], bool] | None = None
         if self.mode == "socket":
             selection.backend.on_available = functools.partial(
                 loop.call_soon_threadsafe, self._resume_starved
@@ -271,18 +271,41 @@ class ZcrxServer(asyncio.AbstractServer):
                 self._connections,
                 ZcrxTransport,
             )
-        acceptor.direct = self._steer is None and self._router is None
+        acceptor.direct = self._steer_callable is None and self._queue_router is None
         # On the reactor's ring without DEFER_TASKRUN: the kernel accepts and
         # posts the completion itself, with no work for a socket hint to run.
         self._accepts[sock] = ring.accept(sock, multishot=True, callback=acceptor)
         self._reactor.schedule()
 
-    def _steer_with(self, steer: Callable[[socket.socket], bool] | None) -> None:
-        """Have ``steer`` see each connection the ring accepts first (None:
-        none does)."""
-        self._steer = steer
+    # The router and the steer are properties so that the accept completions
+    # learn of them whenever they are set: until one is, each connection is
+    # served in C (Acceptor.direct).
+
+    @property
+    def _router(self) -> QueueRouter | None:
+        """Finds the RX queue of a connection (many queues), or None."""
+        return self._queue_router
+
+    @_router.setter
+    def _router(self, router: QueueRouter | None) -> None:
+        self._queue_router = router
+        self._tell_acceptors()
+
+    @property
+    def _steer(self) -> Callable[[socket.socket], bool] | None:
+        """Sees each connection the ring accepts first, and is true when it
+        took the socket (a worker handing it to its queue's owner), or None."""
+        return self._steer_callable
+
+    @_steer.setter
+    def _steer(self, steer: Callable[[socket.socket], bool] | None) -> None:
+        self._steer_callable = steer
+        self._tell_acceptors()
+
+    def _tell_acceptors(self) -> None:
+        direct = self._steer_callable is None and self._queue_router is None
         for acceptor in self._acceptors.values():
-            acceptor.direct = steer is None and self._router is None
+            acceptor.direct = direct
 
     def _accept_ended(self, acceptor: Acceptor, res: int) -> None:
         """The last completion of ``acceptor``'s multishot accept."""
@@ -407,8 +430,11 @@ class ZcrxServer(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        # Each accept still in the ring keeps its acceptor (and through it
+        # this server) until its last completion; the server holds none.
         for acceptor in self._acceptors.values():
             acceptor.closed = True
+        self._acceptors.clear()
         for connection in self._connections:
             if type(connection) is ZcrxTransport:
                 connection._core.replace_on_closed(self._detach)

@@ -1223,7 +1223,7 @@ class _Worker:
         self.outboxes = [outbox for _inbox, outbox in supervisor._inboxes]
         self.inbox.setblocking(False)
         loop.add_reader(self.inbox.fileno(), self.adopt)
-        self.server._steer_with(self.steer)
+        self.server._steer = self.steer
         self.adopt()  # handed over while this worker was down
 
     def stop_steering(self, loop: asyncio.AbstractEventLoop) -> None:

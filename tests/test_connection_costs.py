@@ -102,6 +102,61 @@ async def test_an_ended_connection_is_freed_by_reference_counting_alone(mode):
 
 
 @each_mode
+async def test_a_closed_server_is_freed_by_reference_counting_alone(mode):
+    """Its accept completions hold the server while an accept is in the
+    ring; once closed, nothing holds it in a cycle."""
+    seen: list[Held] = []
+    gc.collect()
+    gc.disable()
+    try:
+        server = await asyncio.get_running_loop().create_zcrx_server(
+            lambda: Held(seen), "127.0.0.1", 0, mode=mode
+        )
+        server.close()
+        await server.wait_closed()
+        for _ in range(5):  # the accept's cancellation completes
+            await asyncio.sleep(0.01)
+        freed = weakref.ref(server)
+        del server
+        assert freed() is None, "the server waits for the cyclic GC"
+    finally:
+        gc.enable()
+
+
+@each_mode
+async def test_a_connection_refused_at_set_up_is_freed_by_reference_counting_alone(mode):
+    """A protocol the transport cannot deliver to (no data method): the
+    connection is closed and reported, and its protocol, transport and core
+    go at once."""
+    alive: weakref.WeakSet[Any] = weakref.WeakSet()
+    reported: list[dict[str, Any]] = []
+
+    class NoDataMethod:
+        def __init__(self) -> None:
+            alive.add(self)
+
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    gc.collect()
+    gc.disable()
+    try:
+        server = await loop.create_zcrx_server(NoDataMethod, "127.0.0.1", 0, mode=mode)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # closed
+                writer.close()
+        assert len(reported) == 3 and all(
+            isinstance(context["exception"], TypeError) for context in reported
+        )
+        assert len(alive) == 0, "refused protocols wait for the cyclic GC"
+    finally:
+        gc.enable()
+        loop.set_exception_handler(None)
+
+
+@each_mode
 async def test_the_sockets_the_server_accepts_are_known_to_be_connected_streams(mode):
     seen: list[Held] = []
     assert await serve_one(mode, seen) == 64 << 10

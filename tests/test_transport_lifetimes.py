@@ -683,3 +683,58 @@ async def test_a_connection_cannot_be_started_twice():
             await asyncio.sleep(0.05)
             assert len(made) == 1
             made[0].close()
+
+
+@pytest.mark.asyncio
+async def test_a_program_may_keep_its_own_attributes_on_a_transport():
+    """As on asyncio's transports: an attribute the program sets stays (the
+    transport keeps its own state in a slot, so the dict is made only then)."""
+    made: list[Any] = []
+
+    class Tags(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            made.append(transport)
+            transport.tag = "mine"
+
+    server = await iouzcrx.create_zcrx_server(Tags, "127.0.0.1", 0, mode="bufring")
+    async with server:
+        client = socket.create_connection(("127.0.0.1", port_of(server)))
+        with client:
+            while not made:
+                await asyncio.sleep(0.01)
+            assert made[0].tag == "mine" and vars(made[0]) == {"tag": "mine"}
+            made[0].close()
+
+
+@pytest.mark.asyncio
+async def test_a_steer_set_while_the_server_serves_sees_the_next_connection():
+    """The accept completions serve each connection in C until a steer (or
+    a router) is set; set later, it is asked about the next one."""
+    steered: list[socket.socket] = []
+
+    def steer(sock: socket.socket) -> bool:
+        steered.append(sock)  # taken: this test closes it
+        return True
+
+    made: list[Any] = []
+
+    class Made(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            made.append(transport)
+            transport.close()
+
+    server = await iouzcrx.create_zcrx_server(Made, "127.0.0.1", 0, mode="bufring")
+    async with server:
+        port = port_of(server)
+        with socket.create_connection(("127.0.0.1", port)):
+            while not made:
+                await asyncio.sleep(0.01)
+        server._steer = steer  # type: ignore[attr-defined]
+        with socket.create_connection(("127.0.0.1", port)):
+            for _ in range(3000):
+                if steered:
+                    break
+                await asyncio.sleep(0.01)
+        assert len(steered) == 1 and len(made) == 1
+        for sock in steered:
+            sock.close()
