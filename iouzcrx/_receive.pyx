@@ -1114,22 +1114,28 @@ cdef extern from "<sys/socket.h>" nogil:
     int getpeername(int fd, sockaddr *addr, socklen_t *length)
 
 
-def socket_addresses(int fd):
+def socket_addresses(int fd, bytes local=None):
     """``(family, local, peer)``: the address family of the socket ``fd``
     (-1 if the kernel will not say) and its local and peer addresses as the
     kernel gives them (``struct sockaddr`` bytes), each None where it
     refuses (a peer gone already).  A transport keeps them, as asyncio's do, so that
     they are known after its socket is closed; made into Python addresses
-    only if asked for, which most connections never are."""
-    cdef sockaddr_storage local
+    only if asked for, which most connections never are.  ``local``: the
+    local address, known already (a listener's own, bound to one address,
+    is every accepted socket's), which the kernel is then not asked."""
+    cdef sockaddr_storage own
     cdef sockaddr_storage peer
-    cdef socklen_t local_length = sizeof(local)
+    cdef socklen_t own_length = sizeof(own)
     cdef socklen_t peer_length = sizeof(peer)
-    cdef bint has_local = getsockname(fd, <sockaddr *>&local, &local_length) == 0
+    cdef int family = -1
+    if local is None:
+        if getsockname(fd, <sockaddr *>&own, &own_length) == 0:
+            family = own.ss_family
+            local = PyBytes_FromStringAndSize(<char *>&own, min(own_length, sizeof(own)))
+    elif len(local) >= 2:
+        family = (<unsigned short *><char *>local)[0]
     cdef bint has_peer = getpeername(fd, <sockaddr *>&peer, &peer_length) == 0
-    return (local.ss_family if has_local else -1,
-            PyBytes_FromStringAndSize(<char *>&local, min(local_length, sizeof(local)))
-            if has_local else None,
+    return (family, local,
             PyBytes_FromStringAndSize(<char *>&peer, min(peer_length, sizeof(peer)))
             if has_peer else None)
 

@@ -386,6 +386,59 @@ async def test_the_addresses_are_the_socket_module_s_and_known_after_close(mode,
             client.close()
 
 
+@each_mode
+@pytest.mark.parametrize(
+    "listen, connect",
+    [
+        ("0.0.0.0", "127.0.0.1"),
+        ("127.0.0.1", "127.0.0.1"),
+        pytest.param(
+            "::",
+            "::1",
+            marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback address here"),
+        ),
+    ],
+)
+async def test_each_accepted_connection_knows_its_own_local_address_and_has_no_delay(
+    mode, listen, connect
+):
+    """A listener on a wildcard address accepts connections to several
+    local addresses: each is asked for its own. Every accepted socket, the
+    first and the later ones, has TCP_NODELAY, as asyncio sets it."""
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.BaseTransport] = []
+
+    class Keeps(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transports.append(transport)
+
+    server = await iouzcrx.create_zcrx_server(Keeps, listen, 0, mode=mode)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        family = socket.AF_INET6 if ":" in connect else socket.AF_INET
+        clients = []
+        try:
+            for count in range(1, 4):
+                client = socket.socket(family, socket.SOCK_STREAM)
+                clients.append(client)
+                client.setblocking(False)
+                await loop.sock_connect(client, (connect, port))
+                for _ in range(3000):
+                    if len(transports) == count:
+                        break
+                    await asyncio.sleep(0.01)
+                transport = transports[-1]
+                assert transport.get_extra_info("sockname") == client.getpeername()
+                assert transport.get_extra_info("peername") == client.getsockname()
+                sock = transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            for client in clients:
+                client.close()
+            for transport in transports:
+                transport.close()
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_benchmarks_connections_counts_no_socket_probe_per_accepted_connection(tmp_path):
     """benchmarks/connections.py runs, and its system call counts show what
@@ -402,8 +455,11 @@ def test_benchmarks_connections_counts_no_socket_probe_per_accepted_connection(t
     assert calls.get("close", 0) >= 1, calls  # each connection was served and closed
     for probe in ("getsockopt", "fstat", "newfstatat"):
         assert probe not in calls, calls
-    # The transport's own read of the addresses; no socket object's check.
-    assert calls.get("getsockname", 0) <= 1, calls
+    # The listener is bound to one address, every accepted socket's: the
+    # kernel is asked only for the peer's. Accepted sockets have the
+    # listener's TCP_NODELAY (one getsockopt, on the first, checks it).
+    assert "getsockname" not in calls and "setsockopt" not in calls, calls
+    assert calls.get("getpeername") == 1, calls
 
 
 class Asking(Sequence):
