@@ -492,6 +492,7 @@ cdef class BufferOwner(RingClient):
 
 
 @cython.final
+@cython.freelist(16)  # one per connection: made and dropped with it
 cdef class PinAccount:
     """How many area buffers the views of one connection pin, and how many it
     may pin (``limit``) before its receive pauses.  A receive that pauses

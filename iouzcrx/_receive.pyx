@@ -1165,6 +1165,7 @@ cdef inline object os_error(int number):
     return OSError(number, _os.strerror(number))
 
 
+@cython.freelist(16)  # one per accepted connection
 cdef class AcceptedFd:
     """A connection the server's ring accepted, held as its fd alone: most
     connections are served, written to and closed without anyone asking
