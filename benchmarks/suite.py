@@ -460,7 +460,10 @@ def instruction_counts(args: argparse.Namespace) -> Any:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, str(script), "--json", out.name]
         if args.quick:
-            cmd += ["--mib", "4"]
+            # Not less: a phase's count moves by some 50k instructions from
+            # run to run (how completions batch), which over 4 MiB could
+            # even make the per-chunk figure negative.
+            cmd += ["--mib", "8"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             return {"error": done.stderr.strip()[-2000:]}
