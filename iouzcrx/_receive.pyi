@@ -170,12 +170,11 @@ class Receiver(Request):
 def delivery_methods(
     protocol: Any,
 ) -> tuple[str, Callable[..., Any], Callable[..., Any] | None]: ...
-def socket_addresses(fd: int, local: bytes | None = None) -> tuple[int, bytes | None, bytes | None]:
+def socket_addresses(fd: int) -> tuple[int, bytes | None, bytes | None]:
     """``(family, local, peer)``: the address family of the socket ``fd``
     (-1 if the kernel will not say) and its local and peer addresses as the
     kernel gives them (``struct sockaddr`` bytes), each None where it
-    refuses. ``local``: the local address, known already (the kernel is
-    then not asked)."""
+    refuses."""
 
 class AcceptedFd:
     """A connection the server's ring accepted, held as its fd alone;

@@ -605,6 +605,8 @@ cdef class ReceiveQueue(BufferOwner):
         """recv_multishot for a transport's core: on the socket the server
         accepted, counted in the connection's pin account, and ``client``
         told of the end and of the delivery's exceptions."""
+        if sock is None:
+            raise TypeError("receive_for() needs the connection's AcceptedFd, not None")
         if self.closed or self.ring is None:
             raise ValueError(f"the {self.mode} receive queue is closed")
         self.ring.check_owner()
@@ -983,6 +985,7 @@ cdef class Receiver(Request):
         Returns the kind chosen, as ``delivery`` does."""
         if methods is None:
             methods = delivery_methods(protocol)
+        methods = tuple(methods)
         self.deliver_to(methods)
         return methods[0]
 
@@ -990,10 +993,9 @@ cdef class Receiver(Request):
         """set_protocol_delivery with what delivery_methods returned."""
         kind, method, updated = methods
         if kind == "views":
-            if not callable(method):
-                raise TypeError(f"on_data must be callable or None, not {method!r}")
-            self.data_callback = method
-            self.delivery_kind = DELIVER_VIEWS
+            # The setter: views, and what copies needed let go of (the
+            # protocol a copy went to, the copies' smaller runs).
+            self.on_data = method
         else:
             self.data_callback = None
             self.delivery_kind = DELIVER_BYTES if kind == "bytes" else DELIVER_BUFFERED
@@ -1114,28 +1116,22 @@ cdef extern from "<sys/socket.h>" nogil:
     int getpeername(int fd, sockaddr *addr, socklen_t *length)
 
 
-def socket_addresses(int fd, bytes local=None):
+def socket_addresses(int fd):
     """``(family, local, peer)``: the address family of the socket ``fd``
     (-1 if the kernel will not say) and its local and peer addresses as the
     kernel gives them (``struct sockaddr`` bytes), each None where it
     refuses (a peer gone already).  A transport keeps them, as asyncio's do, so that
     they are known after its socket is closed; made into Python addresses
-    only if asked for, which most connections never are.  ``local``: the
-    local address, known already (a listener's own, bound to one address,
-    is every accepted socket's), which the kernel is then not asked."""
-    cdef sockaddr_storage own
+    only if asked for, which most connections never are."""
+    cdef sockaddr_storage local
     cdef sockaddr_storage peer
-    cdef socklen_t own_length = sizeof(own)
+    cdef socklen_t local_length = sizeof(local)
     cdef socklen_t peer_length = sizeof(peer)
-    cdef int family = -1
-    if local is None:
-        if getsockname(fd, <sockaddr *>&own, &own_length) == 0:
-            family = own.ss_family
-            local = PyBytes_FromStringAndSize(<char *>&own, min(own_length, sizeof(own)))
-    elif len(local) >= 2:
-        family = (<unsigned short *><char *>local)[0]
+    cdef bint has_local = getsockname(fd, <sockaddr *>&local, &local_length) == 0
     cdef bint has_peer = getpeername(fd, <sockaddr *>&peer, &peer_length) == 0
-    return (family, local,
+    return (local.ss_family if has_local else -1,
+            PyBytes_FromStringAndSize(<char *>&local, min(local_length, sizeof(local)))
+            if has_local else None,
             PyBytes_FromStringAndSize(<char *>&peer, min(peer_length, sizeof(peer)))
             if has_peer else None)
 

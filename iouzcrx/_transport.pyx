@@ -20,8 +20,6 @@ from iouzcrx._receive cimport AcceptedFd, ReceiveClient, Receiver, ReceiveQueue
 cdef extern from "<sys/socket.h>" nogil:
     int c_setsockopt "setsockopt"(int fd, int level, int name, const void *value,
                                   unsigned int length)
-    int c_getsockopt "getsockopt"(int fd, int level, int name, void *value,
-                                  unsigned int *length)
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:
@@ -145,7 +143,7 @@ cdef class TransportCore(ReceiveClient):
     # The queue's ring takes the connection's sends too: its closing then
     # tells that no operation names the socket any more.
     cdef object _ring
-    cdef ReceiveQueue _queue
+    cdef object _queue
     cdef object _sock
     cdef object _protocol
     # Looked up once: the receiver is given them when reading starts.
@@ -212,8 +210,7 @@ cdef class TransportCore(ReceiveClient):
         self.setup(transport, reactor, queue, sock, protocol, extra, waiter, on_closed, start)
 
     cdef int setup(
-        self, transport, reactor, queue, sock, protocol, extra, waiter, on_closed, bint start,
-        bytes local=None,
+        self, transport, reactor, queue, sock, protocol, extra, waiter, on_closed, bint start
     ) except -1:
         # Fields not set here start as None, 0 or False.
         self.transport = transport
@@ -242,8 +239,7 @@ cdef class TransportCore(ReceiveClient):
         # objects only when asked for (get_extra_info), as uvloop does: most
         # connections never are, and making them costs more than the two
         # system calls. The queue's names are looked up when asked for too.
-        # ``local``: the address, known already (Acceptor).
-        family, sockname, peername = socket_addresses(sock.fileno(), local)
+        family, sockname, peername = socket_addresses(sock.fileno())
         self._addresses = (None, None)
         if family == _AF_INET or family == _AF_INET6:
             self._addresses = (sockname, peername)
@@ -386,7 +382,11 @@ cdef class TransportCore(ReceiveClient):
         # raises comes back through delivery_failed, the end through
         # receive_ended.  Pausing redirects the receiver to _on_view, which
         # holds the data back.
-        cdef Receiver receiver = self._queue.receive_for(self._sock, self._pins, self)
+        queue = self._queue
+        if not isinstance(queue, ReceiveQueue):
+            # Only a core made by TransportCore.__new__ and never set up.
+            raise TypeError(f"this transport has no receive queue ({queue!r})")
+        cdef Receiver receiver = (<ReceiveQueue>queue).receive_for(self._sock, self._pins, self)
         receiver.deliver_to(self._methods)
         self._receiver = receiver
         self._ops_on_socket += 1
@@ -1149,30 +1149,6 @@ class ZcrxTransport(asyncio.Transport):
 
 cdef object _new_object = object.__new__
 
-cdef enum:
-    _NODELAY_EACH = 0        # set on each accepted socket
-    _NODELAY_UNKNOWN = 1     # set on the listener: the first accepted socket tells
-    _NODELAY_INHERITED = 2   # accepted sockets have it from the listener
-
-
-cdef bytes _specific_address(listener):
-    """The raw local address of ``listener`` if every socket it accepts has
-    it (bound to one IPv4 or IPv6 address), else None (a wildcard)."""
-    try:
-        family, local, _peer = socket_addresses(listener.fileno())
-    except OSError:
-        return None
-    if local is None:
-        return None
-    if family == _AF_INET and len(local) >= 8 and local[4:8] != bytes(4):
-        return local
-    if family == _AF_INET6 and len(local) >= 24:
-        host = local[8:24]
-        # :: and ::ffff:0.0.0.0 take connections to any address.
-        if host != bytes(16) and host != bytes(10) + b"\xff\xff" + bytes(4):
-            return local
-    return None
-
 
 @cython.final
 cdef class Acceptor:
@@ -1195,12 +1171,6 @@ cdef class Acceptor:
     cdef object _transport_type
     cdef set _connections
     cdef object _leave
-    # The listener's address where it is every accepted socket's (bound to
-    # one address, not a wildcard): the kernel is not asked again.
-    cdef bytes _local
-    # Whether accepted sockets get TCP_NODELAY from the listener (see
-    # __init__): _NODELAY_UNKNOWN until the first one says.
-    cdef int _nodelay
     # Set by the server: once it closed, each connection accepted still is
     # closed at once (refused).
     cdef public bint closed
@@ -1232,18 +1202,6 @@ cdef class Acceptor:
         # connections still open the server's _detach, which wakes
         # wait_closed() after the last).
         self._leave = connections.discard
-        self._nodelay = _NODELAY_EACH
-        if self._tcp:
-            self._local = _specific_address(listener)
-            # Linux gives an accepted TCP socket its listener's TCP_NODELAY:
-            # set there once, it saves a system call per connection (the
-            # first connection checks it).
-            try:
-                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            else:
-                self._nodelay = _NODELAY_UNKNOWN
 
     def __call__(self, int res, unsigned int flags):
         if res >= 0:
@@ -1262,27 +1220,15 @@ cdef class Acceptor:
         if not flags & IOUZ_CQE_F_MORE:
             self._server._accept_ended(self, res)
 
-    cdef int set_nodelay(self, int fd) except -1:
-        cdef int one = 1
-        cdef int value = 0
-        cdef unsigned int length = sizeof(value)
-        if self._nodelay == _NODELAY_UNKNOWN:
-            if c_getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &value, &length) == 0 and value:
-                self._nodelay = _NODELAY_INHERITED
-                return 0
-            self._nodelay = _NODELAY_EACH
-        if c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0:
-            PyErr_SetFromErrno(OSError)
-        return 0
-
     cdef int serve(self, int fd) except -1:
         cdef TransportCore core = None
+        cdef int one = 1
         # The fd alone, in a small object that owns it: no socket.socket
         # (and its getsockname) unless the program asks for one.
         conn = AcceptedFd(self._family, self._kind, self._proto, fd)
         try:
-            if self._tcp and self._nodelay != _NODELAY_INHERITED:
-                self.set_nodelay(fd)
+            if self._tcp and c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0:
+                PyErr_SetFromErrno(OSError)
             protocol = self._factory()
             # What ZcrxTransport() does, without its argument parsing.
             core = TransportCore.__new__(TransportCore)
@@ -1292,7 +1238,7 @@ cdef class Acceptor:
             transport._core = core
             core.setup(
                 transport, self._reactor, self._queue, conn, protocol, extra, None, self._leave,
-                False, self._local,
+                False,
             )
         except (SystemExit, KeyboardInterrupt):
             conn.close()

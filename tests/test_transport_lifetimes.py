@@ -738,3 +738,94 @@ async def test_a_steer_set_while_the_server_serves_sees_the_next_connection():
         assert len(steered) == 1 and len(made) == 1
         for sock in steered:
             sock.close()
+
+
+def test_a_core_given_a_wrong_queue_refuses_instead_of_crashing():
+    """A TransportCore made with something that is not a receive queue, or
+    made by __new__ and never set up: starting it reports TypeError (the
+    loop's handler) instead of C code reading a queue that is not one. In a
+    child: a crash is its exit."""
+    from isolation import run_python
+
+    lines = run_python(
+        """
+        import asyncio, socket
+        from iouzcrx.reactor import Reactor
+        from iouzcrx._transport import TransportCore
+
+        class NotAQueue:
+            mode = "bufring"
+
+            def __init__(self, ring):
+                self.ring = ring
+
+            def pin_account(self):
+                return None
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(
+                lambda _loop, context: print(type(context["exception"]).__name__))
+            reactor = Reactor.for_loop(loop)
+            ours, peer = socket.socketpair()
+            core = TransportCore(None, reactor, NotAQueue(reactor.ring), ours,
+                                 asyncio.Protocol(), {}, None, None, False)
+            core.start_accepted()
+            bare = TransportCore.__new__(TransportCore)
+            for call in (bare.start_accepted, lambda: bare.get_extra_info("zcrx_mode")):
+                try:
+                    call()
+                except Exception as exc:
+                    print(type(exc).__name__)
+            peer.close()
+
+        asyncio.run(main())
+        """
+    )
+    assert lines == ["TypeError", "AttributeError", "AttributeError"], lines
+
+
+@pytest.mark.asyncio
+async def test_a_protocol_switched_to_views_is_no_longer_held_by_the_receive():
+    """set_protocol() from a bytes protocol to a zero-copy one mid-stream:
+    the receive lets go of the old protocol's data_received at once, and
+    every byte arrives, in order, at one or the other."""
+    import gc
+    import weakref
+
+    got = bytearray()
+    done = asyncio.get_running_loop().create_future()
+
+    class Views(iouzcrx.ZeroCopyProtocol):
+        def view_received(self, view: memoryview) -> None:
+            got.extend(view)
+
+        def eof_received(self) -> None:
+            done.set_result(None)
+
+    class Bytes(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            got.extend(data)
+            if len(got) >= 1 << 20 and isinstance(self.transport.get_protocol(), Bytes):
+                self.transport.set_protocol(Views())
+                old.append(weakref.ref(self))
+
+    old: list[Any] = []
+    server = await iouzcrx.create_zcrx_server(Bytes, "127.0.0.1", 0, mode="bufring")
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        total = 8 << 20
+        for chunk in Pattern(3).chunks(total, 1 << 20):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        await asyncio.wait_for(done, TIMEOUT)
+        verifier = Verifier(3)
+        verifier.feed(memoryview(got))
+        assert len(got) == total
+        gc.collect()
+        assert old and old[0]() is None, "the receive still holds the old protocol"
+        writer.close()
