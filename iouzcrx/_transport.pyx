@@ -618,7 +618,7 @@ cdef class TransportCore(ReceiveClient):
         self._fatal_error(exc, "Fatal error: protocol failed to take received data")
 
     cdef int delivery_failed(self, Receiver receiver, object exc) except -1:
-        self._fatal_error(exc, "Fatal error: protocol failed to take received data")
+        self._on_protocol_error(exc)
         return 0
 
     cdef int receive_ended(self, Receiver receiver, object error) except -1:

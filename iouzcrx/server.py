@@ -271,7 +271,7 @@ class ZcrxServer(asyncio.AbstractServer):
                 self._connections,
                 ZcrxTransport,
             )
-        acceptor.direct = self._steer_callable is None and self._queue_router is None
+        acceptor.direct = self._serves_in_c()
         # On the reactor's ring without DEFER_TASKRUN: the kernel accepts and
         # posts the completion itself, with no work for a socket hint to run.
         self._accepts[sock] = ring.accept(sock, multishot=True, callback=acceptor)
@@ -302,10 +302,12 @@ class ZcrxServer(asyncio.AbstractServer):
         self._steer_callable = steer
         self._tell_acceptors()
 
+    def _serves_in_c(self) -> bool:
+        return self._steer_callable is None and self._queue_router is None
+
     def _tell_acceptors(self) -> None:
-        direct = self._steer_callable is None and self._queue_router is None
         for acceptor in self._acceptors.values():
-            acceptor.direct = direct
+            acceptor.direct = self._serves_in_c()
 
     def _accept_ended(self, acceptor: Acceptor, res: int) -> None:
         """The last completion of ``acceptor``'s multishot accept."""

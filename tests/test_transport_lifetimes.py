@@ -42,6 +42,14 @@ def port_of(server: iouzcrx.ZcrxServer) -> int:
     return int(server.sockets[0].getsockname()[1])
 
 
+async def until(ready: Any) -> None:
+    """Wait, up to TIMEOUT, until ``ready()`` is true."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not ready():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
 async def echo_client(port: int, seed: int, total: int) -> int:
     """Sends ``total`` pattern bytes, half-closes, and checks the echo is
     exactly what was sent; returns the bytes echoed."""
@@ -676,8 +684,7 @@ async def test_a_connection_cannot_be_started_twice():
     async with server:
         client = socket.create_connection(("127.0.0.1", port_of(server)))
         with client:
-            while not made:
-                await asyncio.sleep(0.01)
+            await until(lambda: made)
             with pytest.raises(RuntimeError, match="started already"):
                 made[0].start_accepted()
             await asyncio.sleep(0.05)
@@ -700,8 +707,7 @@ async def test_a_program_may_keep_its_own_attributes_on_a_transport():
     async with server:
         client = socket.create_connection(("127.0.0.1", port_of(server)))
         with client:
-            while not made:
-                await asyncio.sleep(0.01)
+            await until(lambda: made)
             assert made[0].tag == "mine" and vars(made[0]) == {"tag": "mine"}
             made[0].close()
 
@@ -727,14 +733,10 @@ async def test_a_steer_set_while_the_server_serves_sees_the_next_connection():
     async with server:
         port = port_of(server)
         with socket.create_connection(("127.0.0.1", port)):
-            while not made:
-                await asyncio.sleep(0.01)
+            await until(lambda: made)
         server._steer = steer  # type: ignore[attr-defined]
         with socket.create_connection(("127.0.0.1", port)):
-            for _ in range(3000):
-                if steered:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: steered)
         assert len(steered) == 1 and len(made) == 1
         for sock in steered:
             sock.close()
